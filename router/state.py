@@ -1,0 +1,90 @@
+"""What the router knows about each replica, as plain mutable records.
+
+Background loops (discovery, health checks, metrics scraping) write these records; the proxy
+reads a snapshot of them and hands it to the balancer. Nothing here does I/O, so the whole
+decision path can be tested with hand-built states.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+class Breaker(enum.Enum):
+    """Circuit-breaker position of one replica.
+
+    CLOSED: traffic flows. OPEN: ejected, no traffic until a probe succeeds after a cool-down.
+    HALF_OPEN: one probe allowed; its outcome closes or re-opens the breaker.
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass
+class ReplicaState:
+    """One upstream vLLM server as the router sees it."""
+
+    url: str
+    #: Relative capacity (1.0 = one ordinary replica). A TP-4 replica or one with a larger
+    #: max_num_seqs can take more; loads are divided by it so replicas compare fairly.
+    capacity: float = 1.0
+    #: Admitted by the health checker and the breaker; the balancer only sees healthy replicas.
+    healthy: bool = False
+    breaker: Breaker = Breaker.CLOSED
+    consecutive_failures: int = 0
+    #: monotonic time the breaker opened (for the cool-down before the half-open probe).
+    opened_at: float = 0.0
+    ejections: int = 0
+    #: Requests this router has sent and not yet finished: known instantly, unlike scraped gauges.
+    in_flight: int = 0
+    #: Engine gauges from the last /metrics scrape (vllm:num_requests_*, vllm:kv_cache_usage_perc).
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_cache_usage: float = 0.0
+    #: monotonic time of the last successful scrape; 0 when never scraped.
+    scraped_at: float = 0.0
+    #: Model ids from GET /v1/models (served names and aliases).
+    models: frozenset[str] = frozenset()
+    #: Total requests the router finished on this replica (for /fleet/replicas and tests).
+    served: int = 0
+
+
+@dataclass
+class Fleet:
+    """The set of replicas the router currently knows, keyed by base URL."""
+
+    replicas: dict[str, ReplicaState] = field(default_factory=dict)
+
+    def set_backends(self, urls: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Make the known set equal to ``urls``; keep state of replicas that stay.
+
+        Returns (added, removed) so the caller can log the change.
+        """
+        wanted = list(dict.fromkeys(u.rstrip("/") for u in urls))
+        added = [u for u in wanted if u not in self.replicas]
+        removed = [u for u in self.replicas if u not in wanted]
+        for url in removed:
+            del self.replicas[url]
+        for url in added:
+            self.replicas[url] = ReplicaState(url=url)
+        return added, removed
+
+    def healthy(self) -> list[ReplicaState]:
+        return [r for r in self.replicas.values() if r.healthy]
+
+    def candidates(self, model: str | None, exclude: Iterable[str] = ()) -> list[ReplicaState]:
+        """Healthy replicas that serve ``model`` (any model when None), minus ``exclude``."""
+        skip = set(exclude)
+        return [
+            r
+            for r in self.replicas.values()
+            if r.healthy and r.url not in skip and (model is None or model in r.models)
+        ]
+
+    def served_models(self) -> list[str]:
+        """Union of model ids over healthy replicas, sorted for stable output."""
+        return sorted({m for r in self.healthy() for m in r.models})
