@@ -1,0 +1,19 @@
+# Developer shortcuts; the README's two commands work without make.
+VENV := .venv/bin
+
+.PHONY: install demo test lint bench
+
+install:
+	bash .ci/install
+
+demo: install
+	$(VENV)/vllm-fleet demo
+
+test: install
+	$(VENV)/python -m pytest
+
+lint: install
+	$(VENV)/ruff check . && $(VENV)/ruff format --check . && $(VENV)/python -m mypy
+
+bench: install
+	$(VENV)/python -m bench
