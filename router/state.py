@@ -51,6 +51,24 @@ class ReplicaState:
     models: frozenset[str] = frozenset()
     #: Total requests the router finished on this replica (for /fleet/replicas and tests).
     served: int = 0
+    #: Outcome of the last active health check (GET /health). ``healthy`` is kept equal to
+    #: ``breaker is CLOSED and check_ok`` by router.health.
+    check_ok: bool = False
+    #: True once the replica has passed a health check: failures before that mean "still
+    #: starting" (loading weights can take minutes) and do not trip the breaker.
+    ever_healthy: bool = False
+    #: Active health checks run so far (the model list is refreshed every few checks).
+    health_checks: int = 0
+    #: Consecutive re-openings without a stable CLOSED period; doubles the cool-down.
+    open_streak: int = 0
+    #: Cool-down (seconds) that applies to the current OPEN period.
+    cooldown_s: float = 0.0
+    #: monotonic time the breaker last closed (to tell a flapping replica from a stable one).
+    closed_at: float = 0.0
+    #: Engine counter vllm:generation_tokens_total from the last scrape (None when not exported).
+    generation_tokens_total: float | None = None
+    #: Why the last /metrics scrape failed; empty when it succeeded (logged on change only).
+    scrape_error: str = ""
 
 
 @dataclass

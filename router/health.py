@@ -1,0 +1,283 @@
+"""Is a replica fit for traffic: active checks, passive outcomes and a circuit breaker.
+
+Two signals feed one record per replica:
+
+- the active check (this module's loop) GETs /health every second; its last outcome is
+  ``check_ok``. A failed check takes the replica out of rotation at once and a passing check
+  puts it back at once, so a replica that is starting or restarting joins as soon as it is up;
+- passive outcomes of real traffic (the proxy calls record_success / record_failure).
+
+Both kinds of failure count toward the breaker. After ``failure_threshold`` consecutive
+failures (or one refused connection: nothing listens there, the process is gone) the breaker
+OPENs and the replica is ejected even if /health still passes, which catches replicas whose
+/health is fine but whose completions fail. After the cool-down the next active check is the
+one HALF_OPEN probe: success closes the breaker, failure re-opens it with a doubled cool-down
+(capped), so a flapping replica is retried less and less often.
+
+``healthy`` is kept equal to ``breaker is CLOSED and check_ok`` by every transition here.
+The transitions are pure functions of (state, outcome, now) so they are tested with explicit
+times; the only I/O is check_replica and the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from router.state import Breaker, Fleet, ReplicaState
+
+log = logging.getLogger("vllm_fleet.router")
+
+#: Refresh the model list every this many successful checks (aliases / LoRA adapters change).
+MODELS_REFRESH_EVERY = 30
+#: Cap on the /v1/models body: it lists a handful of ids, never megabytes.
+MAX_MODELS_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When to eject a replica and when to try it again."""
+
+    #: Consecutive failures (active or passive) that open the breaker.
+    failure_threshold: int = 3
+    #: First OPEN -> HALF_OPEN cool-down; doubles on every re-open without a stable period.
+    cooldown_s: float = 5.0
+    #: Upper bound on the doubled cool-down.
+    max_cooldown_s: float = 60.0
+    #: A replica that stayed CLOSED this long and then fails starts again from cooldown_s.
+    stable_s: float = 60.0
+    #: A refused connection (nothing listening) opens the breaker at once.
+    eject_on_refused: bool = True
+
+
+def _sync_healthy(r: ReplicaState) -> None:
+    r.healthy = r.breaker is Breaker.CLOSED and r.check_ok
+
+
+def _open(r: ReplicaState, now: float, policy: BreakerPolicy, *, streak: int) -> None:
+    r.breaker = Breaker.OPEN
+    r.opened_at = now
+    r.open_streak = streak
+    r.cooldown_s = min(policy.cooldown_s * (2.0**streak), policy.max_cooldown_s)
+    _sync_healthy(r)
+
+
+def record_success(r: ReplicaState, now: float) -> None:
+    """A request (or the HALF_OPEN probe) succeeded on ``r``.
+
+    Resets the consecutive-failure count. In HALF_OPEN the success closes the breaker. In OPEN
+    it changes nothing: it is a request sent before the ejection finishing late, and only the
+    probe after the cool-down may re-admit the replica.
+    """
+    if r.breaker is Breaker.OPEN:
+        return
+    r.consecutive_failures = 0
+    if r.breaker is Breaker.HALF_OPEN:
+        r.breaker = Breaker.CLOSED
+        r.closed_at = now
+        log.info("replica breaker closed url=%s ejections=%d", r.url, r.ejections)
+    _sync_healthy(r)
+
+
+def record_failure(
+    r: ReplicaState, now: float, policy: BreakerPolicy, *, refused: bool = False
+) -> bool:
+    """A request (or check) failed on ``r``; returns True when this failure ejected it.
+
+    ``refused`` marks a refused connection: with ``policy.eject_on_refused`` it ejects at once,
+    because nothing is listening and retrying the same replica is pointless.
+    An ejection is a CLOSED -> OPEN transition and increments ``r.ejections``. A failed
+    HALF_OPEN probe re-opens the breaker with a doubled cool-down; it is not a new ejection
+    (the replica was not in rotation). Failures while OPEN are late results and are ignored.
+    """
+    if r.breaker is Breaker.OPEN:
+        return False
+    r.consecutive_failures += 1
+    if r.breaker is Breaker.HALF_OPEN:
+        _open(r, now, policy, streak=r.open_streak + 1)
+        log.warning("replica probe failed url=%s cooldown_s=%.1f", r.url, r.cooldown_s)
+        return False
+    if r.consecutive_failures < policy.failure_threshold and not (
+        refused and policy.eject_on_refused
+    ):
+        return False
+    recently_closed = r.closed_at > 0.0 and now - r.closed_at < policy.stable_s
+    _open(r, now, policy, streak=r.open_streak + 1 if recently_closed else 0)
+    r.ejections += 1
+    log.warning(
+        "replica ejected url=%s failures=%d refused=%s cooldown_s=%.1f ejections=%d",
+        r.url,
+        r.consecutive_failures,
+        refused,
+        r.cooldown_s,
+        r.ejections,
+    )
+    return True
+
+
+def probe_due(r: ReplicaState, now: float) -> bool:
+    """Should the active checker check ``r`` now? Not while OPEN and cooling down."""
+    if r.breaker is Breaker.OPEN:
+        return now - r.opened_at >= r.cooldown_s
+    return True
+
+
+def begin_check(r: ReplicaState, now: float) -> None:
+    """Move an OPEN breaker whose cool-down has passed to HALF_OPEN: this check is the probe."""
+    if r.breaker is Breaker.OPEN and now - r.opened_at >= r.cooldown_s:
+        r.breaker = Breaker.HALF_OPEN
+        _sync_healthy(r)
+
+
+def apply_check(
+    r: ReplicaState, ok: bool, now: float, policy: BreakerPolicy, *, refused: bool = False
+) -> None:
+    """Apply one active check outcome (after begin_check) to the replica's state.
+
+    A pass in CLOSED does not reset ``consecutive_failures``: /health passing says nothing
+    about completions failing, and resetting on every 1 s check would hide passive failures.
+    Failures before the replica ever passed a check mean "still starting" and do not count.
+    """
+    r.check_ok = ok
+    if ok:
+        if not r.ever_healthy:
+            r.ever_healthy = True
+            r.closed_at = now
+        if r.breaker is Breaker.HALF_OPEN:
+            record_success(r, now)
+    elif r.ever_healthy:
+        record_failure(r, now, policy, refused=refused)
+    _sync_healthy(r)
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """Result of one active check: whether it passed, and how it failed (for the breaker)."""
+
+    ok: bool
+    refused: bool = False
+    detail: str = ""
+
+
+async def _get_json(
+    session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout
+) -> Any:
+    async with session.get(url, timeout=timeout) as resp:
+        if resp.status != 200:
+            raise _BadStatus(resp.status)
+        body = await resp.content.read(MAX_MODELS_BYTES + 1)
+        if len(body) > MAX_MODELS_BYTES:
+            raise ValueError(f"{url} body exceeds {MAX_MODELS_BYTES} bytes")
+        return json.loads(body)
+
+
+class _BadStatus(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def _model_ids(payload: Any) -> frozenset[str]:
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("/v1/models: expected an object with a 'data' list")
+    ids = [m.get("id") for m in data if isinstance(m, dict)]
+    return frozenset(i for i in ids if isinstance(i, str) and i)
+
+
+async def _probe(
+    session: aiohttp.ClientSession, r: ReplicaState, timeout: aiohttp.ClientTimeout
+) -> CheckOutcome:
+    async with session.get(f"{r.url}/health", timeout=timeout) as resp:
+        await resp.content.read(MAX_MODELS_BYTES)
+        if resp.status != 200:
+            return CheckOutcome(False, detail=f"/health HTTP {resp.status}")
+    r.health_checks += 1
+    if not r.models or r.health_checks % MODELS_REFRESH_EVERY == 0:
+        models = _model_ids(await _get_json(session, f"{r.url}/v1/models", timeout))
+        if not models:
+            return CheckOutcome(False, detail="/v1/models lists no models")
+        if models != r.models:
+            log.info("replica models url=%s models=%s", r.url, ",".join(sorted(models)))
+        r.models = models
+    return CheckOutcome(True)
+
+
+async def probe_replica(
+    session: aiohttp.ClientSession, r: ReplicaState, timeout_s: float
+) -> CheckOutcome:
+    """GET /health (and /v1/models when due); never raises except on cancellation.
+
+    The model list is fetched when unknown and every MODELS_REFRESH_EVERY checks; failing to
+    fetch it fails the check, since a replica that cannot list its models cannot be routed to.
+    Each request is bounded by ``timeout_s`` and the whole check by twice that.
+    """
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        return await asyncio.wait_for(_probe(session, r, timeout), timeout_s * 2)
+    except aiohttp.ClientConnectorError as exc:
+        refused = isinstance(exc.os_error, ConnectionRefusedError)
+        return CheckOutcome(False, refused=refused, detail=f"connect: {exc.os_error}")
+    except asyncio.TimeoutError:
+        return CheckOutcome(False, detail=f"timeout after {timeout_s:g}s")
+    except _BadStatus as exc:
+        return CheckOutcome(False, detail=f"/v1/models {exc}")
+    except (aiohttp.ClientError, ValueError) as exc:
+        return CheckOutcome(False, detail=f"{type(exc).__name__}: {exc}")
+
+
+async def check_replica(session: aiohttp.ClientSession, r: ReplicaState, timeout_s: float) -> bool:
+    """One active check of ``r``: True when /health (and /v1/models when due) answered 200."""
+    return (await probe_replica(session, r, timeout_s)).ok
+
+
+async def check_round(
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    *,
+    timeout_s: float,
+    breaker: BreakerPolicy,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Check every due replica concurrently and apply the outcomes (one health_loop round)."""
+    now = clock()
+    due = [r for r in list(fleet.replicas.values()) if probe_due(r, now)]
+    for r in due:
+        begin_check(r, now)
+    outcomes = await asyncio.gather(*(probe_replica(session, r, timeout_s) for r in due))
+    now = clock()
+    for r, outcome in zip(due, outcomes, strict=True):
+        if fleet.replicas.get(r.url) is not r:
+            continue  # removed by discovery while we were checking
+        was_healthy = r.healthy
+        apply_check(r, outcome.ok, now, breaker, refused=outcome.refused)
+        if was_healthy and not r.healthy:
+            log.warning("replica unhealthy url=%s reason=%s", r.url, outcome.detail)
+        elif r.healthy and not was_healthy:
+            log.info("replica healthy url=%s models=%s", r.url, ",".join(sorted(r.models)))
+
+
+async def health_loop(
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    *,
+    interval_s: float = 1.0,
+    timeout_s: float = 1.0,
+    breaker: BreakerPolicy = BreakerPolicy(),
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Check all replicas every ``interval_s`` forever; cancel the task to stop it."""
+    while True:
+        started = clock()
+        try:
+            await check_round(fleet, session, timeout_s=timeout_s, breaker=breaker, clock=clock)
+        except Exception:  # a bug in one round must not stop health checking for good
+            log.exception("health check round failed")
+        await asyncio.sleep(max(0.0, interval_s - (clock() - started)))

@@ -1,0 +1,191 @@
+"""Engine load gauges from each replica's Prometheus /metrics endpoint.
+
+The router's own in-flight count misses load from other clients and lags nothing; the engine's
+gauges see everything but are ~1 s old. The balancer combines both (router.balancer.load_score).
+A failed scrape keeps the last values: their age (``scraped_at``) already makes the balancer
+trust them less, and ejecting is the health checker's job, not ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.state import Fleet, ReplicaState
+
+log = logging.getLogger("vllm_fleet.router")
+
+#: Largest /metrics body we parse. vLLM's is ~100 KB with all histograms; anything far bigger
+#: is not a vLLM engine, and the parser is pure Python, so a cap keeps a round short.
+MAX_METRICS_BYTES = 4 << 20
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+#: vLLM V1 name first, then the V0 name it replaced (both are fractions in [0, 1]).
+KV_CACHE_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+#: Counter family (the parser strips ``_total``; the sample keeps it).
+GENERATION_TOKENS = "vllm:generation_tokens"
+PROMPT_TOKENS = "vllm:prompt_tokens"
+PREEMPTIONS = "vllm:num_preemptions"
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """The engine gauges the router uses, summed over label sets (model_name, engine)."""
+
+    running: float
+    waiting: float
+    #: Fullest engine's KV-cache usage in [0, 1] (max, not sum, over label sets: a fraction).
+    kv_cache_usage: float
+    generation_tokens_total: float | None = None
+    prompt_tokens_total: float | None = None
+    num_preemptions_total: float | None = None
+
+
+def _sample_values(families: dict[str, list[float]], name: str) -> list[float] | None:
+    return families.get(name)
+
+
+def parse_vllm_metrics(text: str) -> EngineMetrics:
+    """Parse vLLM's text exposition; raise ValueError when it is not usable vLLM metrics.
+
+    Requires vllm:num_requests_running and vllm:num_requests_waiting; KV-cache usage defaults
+    to 0 when neither name is exported. Non-finite or negative gauge values are rejected rather
+    than fed to the balancer.
+    """
+    if len(text) > MAX_METRICS_BYTES:
+        raise ValueError(f"metrics text is {len(text)} bytes, over the {MAX_METRICS_BYTES} cap")
+    wanted = {RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, PREEMPTIONS, *KV_CACHE_USAGE}
+    values: dict[str, list[float]] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name not in wanted:
+                continue
+            for sample in family.samples:
+                # Counters also expose <name>_created; only the value sample counts.
+                if sample.name.endswith("_created"):
+                    continue
+                values.setdefault(family.name, []).append(float(sample.value))
+    except ValueError as exc:
+        raise ValueError(f"not Prometheus text format: {exc}") from exc
+    except (TypeError, IndexError, KeyError) as exc:  # the parser's other failure modes
+        raise ValueError(f"not Prometheus text format: {type(exc).__name__}: {exc}") from exc
+    for name, vals in values.items():
+        if any(not math.isfinite(v) or v < 0 for v in vals):
+            raise ValueError(f"{name}: non-finite or negative value in {vals}")
+    running = _sample_values(values, RUNNING)
+    waiting = _sample_values(values, WAITING)
+    if running is None or waiting is None:
+        raise ValueError(f"no {RUNNING} / {WAITING} gauges: not a vLLM /metrics endpoint")
+    kv = next((values[n] for n in KV_CACHE_USAGE if n in values), [0.0])
+
+    def total(name: str) -> float | None:
+        vals = values.get(name)
+        return sum(vals) if vals is not None else None
+
+    return EngineMetrics(
+        running=sum(running),
+        waiting=sum(waiting),
+        kv_cache_usage=min(1.0, max(kv)),
+        generation_tokens_total=total(GENERATION_TOKENS),
+        prompt_tokens_total=total(PROMPT_TOKENS),
+        num_preemptions_total=total(PREEMPTIONS),
+    )
+
+
+def apply_metrics(r: ReplicaState, m: EngineMetrics, now: float) -> None:
+    """Store one successful scrape on the replica record."""
+    r.running = m.running
+    r.waiting = m.waiting
+    r.kv_cache_usage = m.kv_cache_usage
+    r.generation_tokens_total = m.generation_tokens_total
+    r.scraped_at = now
+
+
+async def fetch_metrics_text(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
+    """GET ``url`` and return the body, refusing bodies over MAX_METRICS_BYTES."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with session.get(url, timeout=timeout) as resp:
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}")
+        if resp.content_length is not None and resp.content_length > MAX_METRICS_BYTES:
+            raise ValueError(f"body of {resp.content_length} bytes over the cap")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(64 << 10):
+            size += len(chunk)
+            if size > MAX_METRICS_BYTES:
+                raise ValueError(f"body over the {MAX_METRICS_BYTES}-byte cap")
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+async def scrape_replica(
+    session: aiohttp.ClientSession,
+    r: ReplicaState,
+    timeout_s: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Scrape ``r``'s /metrics into its record; on failure keep the old values, never raise.
+
+    Failures are logged once when they start and once when they stop, not every second.
+    """
+    try:
+        text = await asyncio.wait_for(
+            fetch_metrics_text(session, f"{r.url}/metrics", timeout_s), timeout_s + 0.5
+        )
+        metrics = parse_vllm_metrics(text)
+    except asyncio.TimeoutError:
+        _scrape_failed(r, f"timeout after {timeout_s:g}s")
+        return
+    except (aiohttp.ClientError, ValueError) as exc:
+        _scrape_failed(r, f"{type(exc).__name__}: {exc}"[:200])
+        return
+    apply_metrics(r, metrics, clock())
+    if r.scrape_error:
+        log.info("replica metrics scrape recovered url=%s", r.url)
+        r.scrape_error = ""
+
+
+def _scrape_failed(r: ReplicaState, reason: str) -> None:
+    if not r.scrape_error:
+        log.warning("replica metrics scrape failed url=%s reason=%s", r.url, reason)
+    r.scrape_error = reason
+
+
+async def scrape_round(
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    *,
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Scrape, concurrently, every replica the health checker last found reachable."""
+    targets = [r for r in list(fleet.replicas.values()) if r.check_ok]
+    await asyncio.gather(*(scrape_replica(session, r, timeout_s, clock=clock) for r in targets))
+
+
+async def scrape_loop(
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    *,
+    interval_s: float = 1.0,
+    timeout_s: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Scrape all reachable replicas every ``interval_s`` forever; cancel the task to stop."""
+    while True:
+        started = clock()
+        try:
+            await scrape_round(fleet, session, timeout_s=timeout_s, clock=clock)
+        except Exception:  # one bad round must not stop scraping for good
+            log.exception("metrics scrape round failed")
+        await asyncio.sleep(max(0.0, interval_s - (clock() - started)))
