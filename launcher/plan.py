@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GIB = 1024**3
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -22,6 +24,8 @@ class Gpu:
     pci_bus_id: str = ""
     #: indices of GPUs reachable over NVLink / P2P from this one.
     nvlink_peers: frozenset[int] = frozenset()
+    #: "GPU-..." id, so a CUDA_VISIBLE_DEVICES given as UUIDs can be honoured.
+    uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class Inventory:
     gpus: tuple[Gpu, ...]
     #: where the inventory came from: "nvml", "nvidia-smi", "declared", "none".
     source: str = "declared"
+    #: what detection noticed on the way (CUDA_VISIBLE_DEVICES filtering, missing topology).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,10 @@ class ModelSize:
     max_model_len: int
     dtype: str = "bfloat16"
     num_params: int = 0
+    #: where the numbers came from ("config.json + index", "--params 70B (...)"), for the report.
+    source: str = ""
+    #: caveats of the sizing (estimates, quantization, MoE), printed by `vllm-fleet plan`.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,30 @@ class ReplicaSpec:
 
 
 @dataclass(frozen=True)
+class FitCheck:
+    """One tensor-parallel size tried on one kind of GPU: the per-GPU memory budget.
+
+    Kept in the plan so `vllm-fleet plan` can say why smaller TP sizes were rejected.
+    """
+
+    gpu_name: str
+    tensor_parallel_size: int
+    usable_bytes: int
+    weight_bytes: int
+    overhead_bytes: int
+    #: KV cache this plan wants on each GPU (target tokens x per-GPU bytes per token).
+    kv_bytes: int
+    #: tokens the KV cache wants to hold (one full sequence, or the concurrency target).
+    kv_tokens: int
+    #: tokens of KV cache that fit in what is left after weights and overhead (<= 0: none).
+    capacity_tokens: int
+    max_model_len: int
+    fits: bool
+    #: why it was rejected when it does not fit ("" when it fits or was not a candidate).
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Plan:
     model: ModelSize | None
     inventory: Inventory
@@ -71,3 +105,12 @@ class Plan:
     replicas: tuple[ReplicaSpec, ...]
     #: human-readable reasons, printed by `vllm-fleet plan`.
     notes: tuple[str, ...] = ()
+    engine: str = "vllm"
+    #: context length every replica is started with (None: left to the engine).
+    max_model_len: int | None = None
+    #: tokens of KV cache each replica should hold at the chosen layout (0 when not sized).
+    kv_cache_tokens: int = 0
+    #: GPU indices no replica uses.
+    leftover_gpus: tuple[int, ...] = ()
+    #: the budgets that decided the tensor-parallel size, smallest TP first.
+    fit_checks: tuple[FitCheck, ...] = ()
