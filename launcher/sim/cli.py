@@ -1,8 +1,82 @@
-"""Placeholder: replaced by the module's owner."""
+"""`vllm-fleet sim`: run one simulated vLLM OpenAI server (for tests, demos and benchmarks)."""
+
+from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from aiohttp import web
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    pass
+from launcher.sim.config import SimConfig
+from launcher.sim.server import make_sim_app
+
+#: Optional flags: (flag, type, help). Each maps to the SimConfig field of the same name.
+_TUNING_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--host", str, "address to bind"),
+    ("--max-num-seqs", int, "requests decoded together per step"),
+    ("--step-ms", float, "milliseconds per decode step with an empty batch"),
+    ("--batch-slowdown", float, "step time grows by this fraction per running request"),
+    ("--prefill-ms-per-token", float, "extra step milliseconds per prompt token admitted"),
+    ("--speed", float, "throughput multiplier; 0.5 = half speed"),
+    ("--fail-rate", float, "fraction of requests answered 500"),
+    ("--startup-delay", float, "seconds /health answers 503 as if loading"),
+    ("--max-model-len", int, "context length; prompt + max_tokens above it get a 400"),
+    ("--kv-cache-tokens", int, "KV-cache size in tokens, for vllm:kv_cache_usage_perc"),
+    ("--seed", int, "seed for the --fail-rate draws"),
+)
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser(
+        "sim",
+        help="run a simulated vLLM server (no GPU, no model)",
+        description=(
+            "Serve vLLM's OpenAI API (completions, chat, embeddings, /health, /metrics) from a "
+            "continuous-batching model: filler text, realistic batching latency, fault knobs "
+            "(POST /sim/control) and counters (GET /sim/stats)."
+        ),
+    )
+    parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    parser.add_argument("--model", required=True, help="served model name (others get a 404)")
+    defaults = SimConfig()
+    for flag, kind, text in _TUNING_FLAGS:
+        field = flag.removeprefix("--").replace("-", "_")
+        parser.add_argument(
+            flag, type=kind, default=getattr(defaults, field), help=f"{text} (default %(default)s)"
+        )
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        max_num_seqs=args.max_num_seqs,
+        step_ms=args.step_ms,
+        batch_slowdown=args.batch_slowdown,
+        prefill_ms_per_token=args.prefill_ms_per_token,
+        speed=args.speed,
+        fail_rate=args.fail_rate,
+        startup_delay=args.startup_delay,
+        max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    web.run_app(
+        make_sim_app(config),
+        host=config.host,
+        port=config.port,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=1.0,
+        print=lambda _: print(
+            f"vllm-fleet sim: serving {config.model} on http://{config.host}:{config.port}",
+            flush=True,
+        ),
+    )
+    return 0

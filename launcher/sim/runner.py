@@ -1,0 +1,110 @@
+"""Drives the engine in real time: one ticking asyncio loop per server, tokens handed to handlers.
+
+One loop for the whole server (not a sleep per request or per token) keeps the CPU cost per
+token flat as concurrency grows and makes timing a property of the batch, as in vLLM. The loop
+awaits an event while nothing runs, so an idle simulator costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from launcher.sim.config import SimKnobs
+from launcher.sim.engine import Sequence, SimEngine, TokenEvent
+from launcher.sim.metrics import SimMetrics
+
+
+@dataclass
+class Generation:
+    """A handler's view of one request: its engine sequence and the tokens as they arrive."""
+
+    seq: Sequence
+    #: Streaming requests get every token; others only the last one (saves a wake-up per token).
+    stream: bool
+    queue: asyncio.Queue[TokenEvent] = field(default_factory=asyncio.Queue)
+
+    async def tokens(self) -> AsyncIterator[TokenEvent]:
+        """Yield token events until the last one (finished=True)."""
+        while True:
+            event = await self.queue.get()
+            yield event
+            if event.finished:
+                return
+
+    async def finished(self) -> TokenEvent:
+        """Wait for the last token."""
+        async for event in self.tokens():
+            if event.finished:
+                return event
+        raise RuntimeError("token stream ended without a finished event")
+
+
+class SimRunner:
+    """Owns the engine's clock and the hand-off queues; `run()` is the app's background loop."""
+
+    def __init__(self, engine: SimEngine, metrics: SimMetrics, knobs: SimKnobs) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.knobs = knobs
+        self._wake = asyncio.Event()
+        self._unhung = asyncio.Event()
+        self._unhung.set()
+        self._generations: dict[str, Generation] = {}
+        self._ids = itertools.count(1)
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def knobs_changed(self) -> None:
+        """Apply a new `hang` value: stall or release the loop and the held handlers."""
+        if self.knobs.hang:
+            self._unhung.clear()
+        else:
+            self._unhung.set()
+
+    async def wait_while_hung(self) -> None:
+        await self._unhung.wait()
+
+    def next_request_id(self) -> str:
+        return f"sim-{next(self._ids)}"
+
+    @asynccontextmanager
+    async def generate(
+        self, request_id: str, prompt_tokens: int, max_tokens: int, *, stream: bool
+    ) -> AsyncIterator[Generation]:
+        """Queue a request; leaving the block early (cancel, write error) aborts it at once."""
+        seq = self.engine.add(request_id, prompt_tokens, max_tokens, self.now())
+        generation = Generation(seq, stream)
+        self._generations[request_id] = generation
+        self._wake.set()
+        try:
+            yield generation
+        finally:
+            del self._generations[request_id]
+            aborted = self.engine.abort(request_id, self.now())
+            if aborted is not None:
+                self.metrics.record_finished(aborted)
+
+    async def run(self) -> None:
+        """The ticking loop: one engine step per iteration, idle while there is no work."""
+        engine = self.engine
+        while True:
+            if not engine.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+            await self._unhung.wait()
+            plan = engine.begin_step(self.now(), self.knobs.speed)
+            try:
+                await asyncio.sleep(plan.duration)
+            finally:
+                events = engine.end_step(self.now())
+            self.metrics.record_step(plan, events)
+            generations = self._generations
+            for event in events:
+                generation = generations.get(event.seq.request_id)
+                if generation is not None and (generation.stream or event.finished):
+                    generation.queue.put_nowait(event)

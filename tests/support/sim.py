@@ -1,0 +1,270 @@
+"""Simulated vLLM servers for tests: in-process (`running_sim`) or a child (`start_sim_process`).
+
+Every server listens on a free 127.0.0.1 port, is healthy before it is handed out, and is
+stopped when the context exits, whatever happens in the test.
+
+    async with running_sim(max_num_seqs=4) as sim:
+        client = AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="x")
+        ...
+        await sim.control(speed=0.5)
+        assert sim.stats().aborted == 1
+        await sim.stop()          # crash: socket closed, in-flight connections cut
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+from aiohttp import web
+
+from launcher.sim.config import SimConfig
+from launcher.sim.engine import EngineStats, SimEngine
+from launcher.sim.server import SIM_STATE, SimState, make_sim_app
+
+#: Default model name of test simulators.
+SIM_MODEL = "sim-model"
+#: Test defaults: a quick step so token streams finish in tens of milliseconds.
+TEST_DEFAULTS: dict[str, Any] = {"model": SIM_MODEL, "step_ms": 5.0}
+#: How long a simulator may take to report healthy before the test fails.
+HEALTH_DEADLINE_S = 10.0
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1 (for servers that cannot bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_healthy(url: str, deadline_s: float = HEALTH_DEADLINE_S) -> None:
+    """Poll `GET {url}/health` until it answers 200; TimeoutError after `deadline_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(f"{url}/health") as response:
+                    if response.status == 200:
+                        return
+            if loop.time() > deadline:
+                raise TimeoutError(f"{url}/health not 200 within {deadline_s}s")
+            await asyncio.sleep(0.02)
+
+
+async def post_control(url: str, **knobs: float | bool) -> dict[str, Any]:
+    """`POST /sim/control`; returns the knobs now in force."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session,
+        session.post(f"{url}/sim/control", json=knobs) as response,
+    ):
+        response.raise_for_status()
+        result: dict[str, Any] = await response.json()
+        return result
+
+
+async def get_stats(url: str) -> dict[str, int]:
+    """`GET /sim/stats` (works for subprocess simulators too)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session,
+        session.get(f"{url}/sim/stats") as response,
+    ):
+        response.raise_for_status()
+        result: dict[str, int] = await response.json()
+        return result
+
+
+@dataclass
+class SimHandle:
+    """A simulator running in this process."""
+
+    url: str
+    config: SimConfig
+    app: web.Application
+    _runner: web.AppRunner
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def state(self) -> SimState:
+        return self.app[SIM_STATE]
+
+    @property
+    def engine(self) -> SimEngine:
+        return self.state.engine
+
+    def stats(self) -> EngineStats:
+        """Live engine counters (received, finished, aborted, failed, tokens_generated...)."""
+        return self.engine.stats
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.engine.waiting)
+
+    async def control(self, **knobs: float | bool) -> dict[str, Any]:
+        """Change speed / fail_rate / hang / healthy through the real HTTP endpoint."""
+        return await post_control(self.url, **knobs)
+
+    async def stop(self) -> None:
+        """Crash: close the listening socket and cut every open connection at once. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        server = self._runner.server
+        for site in list(self._runner.sites):
+            await site.stop()
+        if server is not None:
+            for connection in server.connections:
+                if connection.transport is not None:
+                    connection.transport.abort()
+        await self._runner.cleanup()
+
+
+def sim_config(**overrides: Any) -> SimConfig:
+    """A test SimConfig: TEST_DEFAULTS, then the overrides (any SimConfig field)."""
+    return replace(SimConfig(), **{**TEST_DEFAULTS, "port": 0, **overrides})
+
+
+@asynccontextmanager
+async def running_sim(**config_overrides: Any) -> AsyncIterator[SimHandle]:
+    """Start a simulator in-process on a free port, wait until healthy, always clean up.
+
+    `config_overrides` are SimConfig fields (max_num_seqs=4, step_ms=2, startup_delay=...).
+    With a `startup_delay`, the handle is yielded once the delay is over.
+    """
+    config = sim_config(**config_overrides)
+    app = make_sim_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    handle: SimHandle | None = None
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=1.0)
+        await site.start()
+        port = _bound_port(runner)
+        handle = SimHandle(f"http://127.0.0.1:{port}", config, app, runner)
+        await wait_healthy(handle.url, HEALTH_DEADLINE_S + config.startup_delay)
+        yield handle
+    finally:
+        if handle is not None:
+            await handle.stop()
+        else:
+            await runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    addresses = runner.addresses
+    if not addresses:
+        raise RuntimeError("simulator site bound no address")
+    port: int = addresses[0][1]
+    return port
+
+
+@asynccontextmanager
+async def running_sims(n: int, **config_overrides: Any) -> AsyncIterator[list[SimHandle]]:
+    """`n` simulators with the same settings, all healthy, all stopped on exit."""
+    async with AsyncExitStack() as stack:
+        handles = await asyncio.gather(
+            *(stack.enter_async_context(running_sim(**config_overrides)) for _ in range(n))
+        )
+        yield list(handles)
+
+
+@dataclass
+class SimProcess:
+    """A simulator in its own process (`python -m launcher.cli sim ...`), for kill tests."""
+
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        """SIGKILL and reap: the replica dies without closing anything. Idempotent."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM (graceful), then SIGKILL if it does not exit within `timeout_s`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    async def control(self, **knobs: float | bool) -> dict[str, Any]:
+        return await post_control(self.url, **knobs)
+
+    async def stats(self) -> dict[str, int]:
+        return await get_stats(self.url)
+
+
+def _flag_args(flags: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+@asynccontextmanager
+async def start_sim_process(port: int | None = None, **flags: Any) -> AsyncIterator[SimProcess]:
+    """Run `vllm-fleet sim` as a child process; healthy on entry, killed on exit.
+
+    `flags` are CLI flags with underscores (max_num_seqs=4 -> --max-num-seqs 4); `model`
+    defaults to SIM_MODEL and `step_ms` to the test default. `port` defaults to a free port.
+    """
+    port = port or free_port()
+    flags = {"model": SIM_MODEL, "step_ms": TEST_DEFAULTS["step_ms"], **flags}
+    command = [sys.executable, "-m", "launcher.cli", "sim", "--port", str(port), *_flag_args(flags)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    # A file, not a pipe: a chatty child can never block on a full pipe.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        handle = SimProcess(f"http://127.0.0.1:{port}", port, process)
+        try:
+            startup = float(flags.get("startup_delay", 0.0))
+            await _wait_process_healthy(handle, HEALTH_DEADLINE_S + startup, log)
+            yield handle
+        finally:
+            handle.kill()
+
+
+async def _wait_process_healthy(handle: SimProcess, deadline_s: float, log: IO[bytes]) -> None:
+    waiter = asyncio.create_task(wait_healthy(handle.url, deadline_s))
+    try:
+        while not waiter.done():
+            if handle.process.poll() is not None:
+                log.seek(0)
+                output = log.read().decode(errors="replace").strip()[-2000:]
+                raise RuntimeError(f"sim process exited early: {output}")
+            await asyncio.wait({waiter}, timeout=0.05)
+        waiter.result()
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await waiter
