@@ -147,9 +147,7 @@ def apply_check(
     """
     r.check_ok = ok
     if ok:
-        if not r.ever_healthy:
-            r.ever_healthy = True
-            r.closed_at = now
+        r.ever_healthy = True
         if r.breaker is Breaker.HALF_OPEN:
             record_success(r, now)
     elif r.ever_healthy:

@@ -1,6 +1,6 @@
 """Engine load gauges from each replica's Prometheus /metrics endpoint.
 
-The router's own in-flight count misses load from other clients and lags nothing; the engine's
+The router's own in-flight count is instant but misses load from other clients; the engine's
 gauges see everything but are ~1 s old. The balancer combines both (router.balancer.load_score).
 A failed scrape keeps the last values: their age (``scraped_at``) already makes the balancer
 trust them less, and ejecting is the health checker's job, not ours.
@@ -22,9 +22,13 @@ from router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
 
-#: Largest /metrics body we parse. vLLM's is ~100 KB with all histograms; anything far bigger
-#: is not a vLLM engine, and the parser is pure Python, so a cap keeps a round short.
+#: Largest /metrics body we accept. vLLM's is ~100 KB per engine with all histograms; anything
+#: far bigger is not a vLLM engine, and reading it would only waste memory and time.
 MAX_METRICS_BYTES = 4 << 20
+
+#: vLLM exports a handful of lines per wanted family per engine; far more means a hostile or
+#: broken endpoint, and parsing them would stall the event loop.
+MAX_RELEVANT_LINES = 2048
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -49,30 +53,48 @@ class EngineMetrics:
     num_preemptions_total: float | None = None
 
 
-def _sample_values(families: dict[str, list[float]], name: str) -> list[float] | None:
-    return families.get(name)
+#: Families the router reads; lines of any other family are dropped before parsing.
+WANTED = (RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, PREEMPTIONS, *KV_CACHE_USAGE)
+
+
+def _relevant_lines(text: str) -> str:
+    """Only the sample, HELP and TYPE lines of WANTED families.
+
+    prometheus_client's parser is pure Python and takes seconds for a few MB; vLLM exports
+    ~100 KB of histograms we do not need. Dropping lines by prefix first keeps the parse to a
+    few dozen lines, so a scrape never stalls the event loop, whatever the replica sends.
+    """
+    kept: list[str] = []
+    for line in text.splitlines():
+        body = line[7:] if line.startswith(("# HELP ", "# TYPE ")) else line
+        if body.startswith(WANTED):
+            kept.append(line)
+            if len(kept) > MAX_RELEVANT_LINES:
+                raise ValueError(f"over {MAX_RELEVANT_LINES} lines of load gauges: not vLLM")
+    return "\n".join(kept) + "\n"
 
 
 def parse_vllm_metrics(text: str) -> EngineMetrics:
     """Parse vLLM's text exposition; raise ValueError when it is not usable vLLM metrics.
 
     Requires vllm:num_requests_running and vllm:num_requests_waiting; KV-cache usage defaults
-    to 0 when neither name is exported. Non-finite or negative gauge values are rejected rather
-    than fed to the balancer.
+    to 0 when neither name is exported. Non-finite or negative values are rejected rather than
+    fed to the balancer. Input over MAX_METRICS_BYTES is refused without parsing.
     """
     if len(text) > MAX_METRICS_BYTES:
         raise ValueError(f"metrics text is {len(text)} bytes, over the {MAX_METRICS_BYTES} cap")
-    wanted = {RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, PREEMPTIONS, *KV_CACHE_USAGE}
+    relevant = _relevant_lines(text)
     values: dict[str, list[float]] = {}
     try:
-        for family in text_string_to_metric_families(text):
-            if family.name not in wanted:
-                continue
+        for family in text_string_to_metric_families(relevant):
+            # Typed counters come as family "x" with sample "x_total"; untyped ones as "x_total".
+            name = family.name[: -len("_total")] if family.name.endswith("_total") else family.name
+            if name not in WANTED:
+                continue  # e.g. vllm:num_requests_waiting_by_reason shares the prefix
             for sample in family.samples:
-                # Counters also expose <name>_created; only the value sample counts.
-                if sample.name.endswith("_created"):
+                if sample.name.endswith("_created"):  # counters' creation timestamps
                     continue
-                values.setdefault(family.name, []).append(float(sample.value))
+                values.setdefault(name, []).append(float(sample.value))
     except ValueError as exc:
         raise ValueError(f"not Prometheus text format: {exc}") from exc
     except (TypeError, IndexError, KeyError) as exc:  # the parser's other failure modes
@@ -80,8 +102,8 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     for name, vals in values.items():
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise ValueError(f"{name}: non-finite or negative value in {vals}")
-    running = _sample_values(values, RUNNING)
-    waiting = _sample_values(values, WAITING)
+    running = values.get(RUNNING)
+    waiting = values.get(WAITING)
     if running is None or waiting is None:
         raise ValueError(f"no {RUNNING} / {WAITING} gauges: not a vLLM /metrics endpoint")
     kv = next((values[n] for n in KV_CACHE_USAGE if n in values), [0.0])

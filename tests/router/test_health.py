@@ -1,0 +1,372 @@
+"""Circuit-breaker transitions (explicit clock) and active checks against small test servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from router.health import (
+    MODELS_REFRESH_EVERY,
+    BreakerPolicy,
+    apply_check,
+    begin_check,
+    check_replica,
+    health_loop,
+    probe_due,
+    probe_replica,
+    record_failure,
+    record_success,
+)
+from router.state import Breaker, Fleet, ReplicaState
+
+POLICY = BreakerPolicy(failure_threshold=3, cooldown_s=5.0, max_cooldown_s=40.0, stable_s=60.0)
+DEADLINE_S = 10.0
+
+
+def admitted(url: str = "http://a:1", now: float = 100.0) -> ReplicaState:
+    """A replica that passed its first health check at ``now``."""
+    r = ReplicaState(url=url)
+    apply_check(r, True, now, POLICY)
+    assert r.healthy
+    return r
+
+
+# --- pure transitions ------------------------------------------------------------------------
+
+
+def test_consecutive_failures_eject_at_threshold() -> None:
+    r = admitted()
+    assert record_failure(r, 101.0, POLICY) is False
+    assert record_failure(r, 102.0, POLICY) is False
+    assert r.healthy and r.breaker is Breaker.CLOSED
+    assert record_failure(r, 103.0, POLICY) is True
+    assert (r.breaker, r.healthy, r.ejections) == (Breaker.OPEN, False, 1)
+    assert (r.opened_at, r.cooldown_s) == (103.0, 5.0)
+
+
+def test_success_resets_the_consecutive_count() -> None:
+    r = admitted()
+    for t in range(10):
+        record_failure(r, 101.0 + t, POLICY)
+        record_failure(r, 101.5 + t, POLICY)
+        record_success(r, 101.7 + t)
+    assert (r.breaker, r.ejections, r.consecutive_failures) == (Breaker.CLOSED, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("eject_on_refused", "ejected"), [pytest.param(True, True), pytest.param(False, False)]
+)
+def test_refused_connection_ejects_at_once(eject_on_refused: bool, ejected: bool) -> None:
+    r = admitted()
+    policy = BreakerPolicy(eject_on_refused=eject_on_refused)
+    assert record_failure(r, 101.0, policy, refused=True) is ejected
+    assert r.healthy is not ejected
+
+
+def test_open_ignores_late_results_and_waits_for_cooldown() -> None:
+    r = admitted()
+    record_failure(r, 101.0, POLICY, refused=True)
+    # requests sent before the ejection finish late: neither outcome changes anything
+    assert record_failure(r, 102.0, POLICY) is False
+    record_success(r, 102.5)
+    assert (r.breaker, r.ejections, r.consecutive_failures) == (Breaker.OPEN, 1, 1)
+    assert not probe_due(r, 105.9)
+    begin_check(r, 105.9)
+    assert r.breaker is Breaker.OPEN
+    assert probe_due(r, 106.0)
+
+
+def test_half_open_probe_success_closes() -> None:
+    r = admitted()
+    record_failure(r, 101.0, POLICY, refused=True)
+    begin_check(r, 106.0)
+    assert (r.breaker, r.healthy) == (Breaker.HALF_OPEN, False)
+    apply_check(r, True, 106.1, POLICY)
+    assert (r.breaker, r.healthy, r.consecutive_failures) == (Breaker.CLOSED, True, 0)
+    assert r.ejections == 1
+
+
+def test_half_open_probe_failure_reopens_with_doubled_capped_cooldown() -> None:
+    r = admitted()
+    record_failure(r, 101.0, POLICY, refused=True)
+    now, cooldowns = 101.0, []
+    for _ in range(6):
+        now += r.cooldown_s
+        assert probe_due(r, now)
+        begin_check(r, now)
+        apply_check(r, False, now, POLICY)
+        assert r.breaker is Breaker.OPEN and not r.healthy
+        cooldowns.append(r.cooldown_s)
+    assert cooldowns == [10.0, 20.0, 40.0, 40.0, 40.0, 40.0]
+    assert r.ejections == 1  # failed probes are not new ejections
+
+
+def test_flapping_replica_gets_longer_cooldowns_stable_one_starts_over() -> None:
+    r = admitted()
+    record_failure(r, 101.0, POLICY, refused=True)
+    begin_check(r, 106.0)
+    apply_check(r, True, 106.0, POLICY)
+    # fails again soon after recovering: doubled cool-down
+    assert record_failure(r, 110.0, POLICY, refused=True)
+    assert (r.cooldown_s, r.ejections) == (10.0, 2)
+    begin_check(r, 120.0)
+    apply_check(r, True, 120.0, POLICY)
+    # stays up longer than stable_s: the next ejection starts from the base cool-down
+    assert record_failure(r, 200.0, POLICY, refused=True)
+    assert (r.cooldown_s, r.ejections) == (5.0, 3)
+
+
+def test_active_check_failure_removes_at_once_and_pass_restores() -> None:
+    r = admitted()
+    apply_check(r, False, 101.0, POLICY)
+    assert (r.healthy, r.breaker, r.consecutive_failures) == (False, Breaker.CLOSED, 1)
+    apply_check(r, True, 102.0, POLICY)
+    assert r.healthy
+
+
+def test_failing_checks_eject_a_replica_that_was_up() -> None:
+    r = admitted()
+    for t in (101.0, 102.0, 103.0):
+        apply_check(r, False, t, POLICY)
+    assert (r.breaker, r.ejections) == (Breaker.OPEN, 1)
+    # /health passing again does not bypass the cool-down
+    apply_check(r, True, 104.0, POLICY)
+    assert not r.healthy
+
+
+def test_starting_replica_is_not_ejected() -> None:
+    r = ReplicaState(url="http://a:1")
+    for t in range(100):
+        apply_check(r, False, float(t), POLICY, refused=True)
+    assert (r.breaker, r.ejections, r.healthy) == (Breaker.CLOSED, 0, False)
+    apply_check(r, True, 100.0, POLICY)
+    assert r.healthy
+
+
+def test_passing_checks_do_not_hide_passive_failures() -> None:
+    r = admitted()
+    # /health is fine but completions fail: the breaker must still open
+    for t in (101.0, 102.0, 103.0):
+        record_failure(r, t, POLICY)
+        apply_check(r, True, t + 0.5, POLICY)
+    assert (r.breaker, r.healthy, r.ejections) == (Breaker.OPEN, False, 1)
+
+
+# --- active checks against test servers -------------------------------------------------------
+
+
+@dataclass
+class FakeVllm:
+    """Serves /health and /v1/models; ``mode`` switches between ok, error (500) and hang."""
+
+    models: list[str] = field(default_factory=lambda: ["m"])
+    mode: str = "ok"
+    models_body: bytes | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    health_hits: int = 0
+    models_hits: int = 0
+
+    async def _misbehave(self) -> web.Response | None:
+        if self.mode == "hang":
+            await asyncio.wait_for(self.release.wait(), 30)
+        if self.mode == "error":
+            return web.Response(status=500, text="engine dead")
+        return None
+
+    async def health(self, request: web.Request) -> web.Response:
+        self.health_hits += 1
+        return await self._misbehave() or web.Response(text="")
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        self.models_hits += 1
+        if self.models_body is not None:
+            return web.Response(body=self.models_body, content_type="application/json")
+        data = [{"id": m, "object": "model", "owned_by": "vllm"} for m in self.models]
+        return await self._misbehave() or web.json_response({"object": "list", "data": data})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.list_models)
+        return app
+
+
+StartFake = Callable[..., Awaitable[tuple[FakeVllm, str]]]
+
+
+@pytest.fixture
+async def start_fake() -> AsyncIterator[StartFake]:
+    servers: list[tuple[FakeVllm, TestServer]] = []
+
+    async def start(**kwargs: object) -> tuple[FakeVllm, str]:
+        fake = FakeVllm(**kwargs)  # type: ignore[arg-type]
+        server = TestServer(fake.app(), host="127.0.0.1")
+        await server.start_server()
+        servers.append((fake, server))
+        return fake, str(server.make_url("")).rstrip("/")
+
+    yield start
+    for fake, server in servers:
+        fake.release.set()
+        await server.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def refused_url() -> str:
+    """A 127.0.0.1 port with nothing listening (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_check_passes_and_learns_models(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await start_fake(models=["m", "m-alias"])
+    r = ReplicaState(url=url)
+    assert await check_replica(session, r, 1.0)
+    assert r.models == frozenset({"m", "m-alias"})
+    assert fake.models_hits == 1
+    # models are known now: the next checks only hit /health until the refresh is due
+    assert await check_replica(session, r, 1.0)
+    assert fake.models_hits == 1
+    r.health_checks = MODELS_REFRESH_EVERY - 1
+    fake.models = ["m2"]
+    assert await check_replica(session, r, 1.0)
+    assert (fake.models_hits, r.models) == (2, frozenset({"m2"}))
+
+
+@pytest.mark.parametrize(
+    "models_body",
+    [
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b'{"data": []}', id="no-models"),
+        pytest.param(b'{"object": "list"}', id="no-data"),
+    ],
+)
+async def test_check_fails_on_bad_model_list(
+    start_fake: StartFake, session: aiohttp.ClientSession, models_body: bytes
+) -> None:
+    _, url = await start_fake(models_body=models_body)
+    assert not await check_replica(session, ReplicaState(url=url), 1.0)
+
+
+async def test_check_fails_on_500(start_fake: StartFake, session: aiohttp.ClientSession) -> None:
+    _, url = await start_fake(mode="error")
+    outcome = await probe_replica(session, ReplicaState(url=url), 1.0)
+    assert not outcome.ok and not outcome.refused
+    assert "500" in outcome.detail
+
+
+async def test_check_respects_timeout_on_hanging_server(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    _, url = await start_fake(mode="hang")
+    started = time.monotonic()
+    outcome = await probe_replica(session, ReplicaState(url=url), 0.2)
+    assert not outcome.ok
+    assert "timeout" in outcome.detail
+    assert time.monotonic() - started < 2.0
+
+
+async def test_check_reports_refused_connection(session: aiohttp.ClientSession) -> None:
+    outcome = await probe_replica(session, ReplicaState(url=refused_url()), 1.0)
+    assert not outcome.ok and outcome.refused
+
+
+async def test_health_loop_sorts_good_from_bad(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    good_fake, good = await start_fake()
+    _, hanging = await start_fake(mode="hang")
+    _, failing = await start_fake(mode="error")
+    down = refused_url()
+    fleet = Fleet()
+    fleet.set_backends([good, hanging, failing, down])
+    task = asyncio.create_task(
+        health_loop(fleet, session, interval_s=0.05, timeout_s=0.2, breaker=POLICY)
+    )
+    try:
+        await wait_until(lambda: good_fake.health_hits >= 3, "three check rounds")
+        assert [r.url for r in fleet.healthy()] == [good]
+        assert fleet.served_models() == ["m"]
+        for url in (hanging, failing, down):
+            r = fleet.replicas[url]
+            # never up: "still starting", not ejected
+            assert (r.check_ok, r.breaker, r.ejections) == (False, Breaker.CLOSED, 0)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_health_loop_ejects_failing_replica_and_readmits_after_cooldown(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await start_fake()
+    fleet = Fleet()
+    fleet.set_backends([url])
+    policy = BreakerPolicy(failure_threshold=2, cooldown_s=0.3, max_cooldown_s=0.3)
+    task = asyncio.create_task(
+        health_loop(fleet, session, interval_s=0.02, timeout_s=0.2, breaker=policy)
+    )
+    try:
+        r = fleet.replicas[url]
+        await wait_until(lambda: r.healthy, "replica admitted")
+        fake.mode = "error"
+        await wait_until(lambda: r.breaker is Breaker.OPEN, "replica ejected")
+        assert r.ejections == 1 and not r.healthy
+        hits_when_opened = fake.health_hits
+        fake.mode = "ok"
+        await wait_until(lambda: r.healthy, "replica re-admitted")
+        assert r.breaker is Breaker.CLOSED
+        # while OPEN the checker waited for the cool-down (~15 rounds) instead of polling
+        assert fake.health_hits - hits_when_opened <= 3
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_health_loop_follows_fleet_membership(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    first_fake, first = await start_fake()
+    second_fake, second = await start_fake()
+    fleet = Fleet()
+    fleet.set_backends([first])
+    task = asyncio.create_task(health_loop(fleet, session, interval_s=0.02, timeout_s=0.2))
+    try:
+        await wait_until(lambda: fleet.replicas[first].healthy, "first admitted")
+        fleet.set_backends([second])
+        await wait_until(lambda: fleet.replicas[second].healthy, "second admitted")
+        hits = first_fake.health_hits
+        await wait_until(lambda: second_fake.health_hits >= 5, "more rounds")
+        assert first_fake.health_hits <= hits + 1  # at most the round in progress
+        assert list(fleet.replicas) == [second]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

