@@ -1,0 +1,166 @@
+"""The router's aiohttp application: routes, middlewares, the upstream session, the loops.
+
+make_app is the one place that wires the pieces together; tests build their router with it
+too, so what they exercise is what production runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from router.auth import make_auth_middleware
+from router.balancer import make_policy
+from router.config import RouterConfig
+from router.context import ROUTER, RouterContext
+from router.discovery import (
+    Discovery,
+    DnsDiscovery,
+    FileDiscovery,
+    StaticDiscovery,
+    discovery_loop,
+    refresh_once,
+)
+from router.endpoints import fleet_replicas, health, list_models, metrics, ready
+from router.health import BreakerPolicy, health_loop
+from router.middleware import make_outer_middleware
+from router.proxy import proxy_handler
+from router.scrape import scrape_loop
+from router.state import Fleet
+from router.telemetry import Telemetry
+
+log = logging.getLogger("vllm_fleet.router")
+
+#: Idle upstream connections are dropped before this many seconds. Below uvicorn's (and so
+#: vLLM's) 5 s keep-alive, so we never reuse a connection the replica is closing right then,
+#: which would fail a request on a healthy replica.
+UPSTREAM_KEEPALIVE_S = 4.0
+
+
+def discovery_sources(config: RouterConfig) -> list[Discovery]:
+    sources: list[Discovery] = []
+    if config.backends:
+        sources.append(StaticDiscovery(config.backends))
+    if config.backends_file:
+        sources.append(FileDiscovery(config.backends_file))
+    if config.discover_dns:
+        name, port = config.discover_dns
+        sources.append(DnsDiscovery(name, port))
+    return sources
+
+
+def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
+    """One pooled session for every upstream call (requests, health checks, scrapes).
+
+    No connection limit: vLLM batches hundreds of concurrent requests and queues the rest
+    itself. No decompression: bodies are relayed as bytes, and no Accept-Encoding is sent, so
+    replicas answer uncompressed.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=config.connect_timeout_s,
+        sock_read=config.first_byte_timeout_s,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding",),
+    )
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    ctx = app[ROUTER]
+    ctx._session = upstream_session(ctx.config)
+    yield
+    await ctx.session.close()
+    ctx._session = None
+
+
+async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Discovery, health checks and scrapes run for the app's lifetime."""
+    ctx = app[ROUTER]
+    config = ctx.config
+    sources = discovery_sources(config)
+    await refresh_once(ctx.fleet, sources)
+    tasks = [
+        asyncio.create_task(
+            discovery_loop(ctx.fleet, sources, interval_s=config.discovery_interval_s),
+            name="discovery",
+        ),
+        asyncio.create_task(
+            health_loop(
+                ctx.fleet,
+                ctx.session,
+                interval_s=config.health_interval_s,
+                timeout_s=config.health_timeout_s,
+                breaker=ctx.breaker,
+            ),
+            name="health",
+        ),
+        asyncio.create_task(
+            scrape_loop(
+                ctx.fleet,
+                ctx.session,
+                interval_s=config.scrape_interval_s,
+                timeout_s=config.health_timeout_s,
+            ),
+            name="scrape",
+        ),
+    ]
+    log.info(
+        "router started replicas=%d policy=%s auth=%s",
+        len(ctx.fleet.replicas),
+        config.policy,
+        "on" if config.api_keys else "off",
+    )
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[ROUTER].draining = True
+    in_flight = sum(r.in_flight for r in app[ROUTER].fleet.replicas.values())
+    log.info("router draining in_flight=%d", in_flight)
+
+
+def make_app(config: RouterConfig) -> web.Application:
+    fleet = Fleet()
+    telemetry = Telemetry(fleet)
+    ctx = RouterContext(
+        config=config,
+        fleet=fleet,
+        policy=make_policy(config.policy),
+        breaker=BreakerPolicy(
+            failure_threshold=config.failure_threshold, cooldown_s=config.breaker_cooldown_s
+        ),
+        telemetry=telemetry,
+    )
+    middlewares = [make_outer_middleware(telemetry)]
+    if config.api_keys:
+        middlewares.append(make_auth_middleware(config.api_keys))
+    # +1: aiohttp rejects a body whose size *reaches* client_max_size.
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)
+    app[ROUTER] = ctx
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/fleet/replicas", fleet_replicas)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/{tail:.+}", proxy_handler)
+    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_loops_ctx)
+    app.on_shutdown.append(_start_draining)
+    return app

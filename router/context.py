@@ -1,0 +1,43 @@
+"""What one router app shares between its handlers and background loops, under typed AppKeys.
+
+It lives apart from app.py so the proxy and the middleware can read it without importing the
+app factory that wires them together.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from router.balancer import Policy
+from router.config import RouterConfig
+from router.health import BreakerPolicy
+from router.state import Fleet
+from router.telemetry import Telemetry
+
+
+@dataclass
+class RouterContext:
+    config: RouterConfig
+    fleet: Fleet
+    policy: Policy
+    breaker: BreakerPolicy
+    telemetry: Telemetry
+    #: Unix time the app was built: the ``created`` field of /v1/models entries.
+    created: int = field(default_factory=lambda: int(time.time()))
+    #: Set on shutdown: /ready answers 503 so load balancers stop sending while streams drain.
+    draining: bool = False
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared upstream session; exists between app startup and cleanup."""
+        if self._session is None:
+            raise RuntimeError("the upstream session exists only while the app is running")
+        return self._session
+
+
+ROUTER: web.AppKey[RouterContext] = web.AppKey("router", RouterContext)

@@ -1,0 +1,76 @@
+"""The router's own endpoints: liveness, readiness, metrics, the fleet view and /v1/models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.context import ROUTER
+from router.openai_errors import error_response
+from router.proxy import RETRY_AFTER_S
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Says nothing about the replicas (that is /ready)."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 while at least one replica takes traffic and we are not shutting down."""
+    ctx = request.app[ROUTER]
+    healthy = len(ctx.fleet.healthy())
+    if ctx.draining:
+        return error_response(
+            503, "The router is shutting down.", code="shutting_down",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )  # fmt: skip
+    if healthy == 0:
+        return error_response(
+            503,
+            f"No healthy replica (0 of {len(ctx.fleet.replicas)}).",
+            code="no_healthy_replica",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    return web.json_response(
+        {"status": "ready", "healthy": healthy, "replicas": len(ctx.fleet.replicas)}
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[ROUTER].telemetry.registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def fleet_replicas(request: web.Request) -> web.Response:
+    """Every known replica as the router sees it (for operators and tests)."""
+    rows: list[dict[str, Any]] = [
+        {
+            "url": r.url,
+            "healthy": r.healthy,
+            "breaker": r.breaker.value,
+            "in_flight": r.in_flight,
+            "waiting": r.waiting,
+            "running": r.running,
+            "kv_cache_usage": r.kv_cache_usage,
+            "models": sorted(r.models),
+            "served": r.served,
+            "ejections": r.ejections,
+            "capacity": r.capacity,
+        }
+        for r in request.app[ROUTER].fleet.replicas.values()
+    ]
+    return web.json_response(rows)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the union of the healthy replicas' models, in OpenAI's list format."""
+    ctx = request.app[ROUTER]
+    data = [
+        {"id": model, "object": "model", "created": ctx.created, "owned_by": "vllm-fleet"}
+        for model in ctx.fleet.served_models()
+    ]
+    return web.json_response({"object": "list", "data": data})

@@ -1,0 +1,481 @@
+"""Forwarding one API request: parse, pick a replica, send with failover, relay, record.
+
+The rule that shapes this module: a request may be retried on another replica only while
+nothing has reached the client. Non-streaming answers are read whole before anything is sent,
+so any failure up to the last byte is retryable; a stream is committed when its headers are
+relayed, and a failure after that ends the stream with an SSE error event instead.
+
+Hot-path care: the request body is parsed once (model, stream, max_tokens) and forwarded as the
+original bytes; stream chunks are relayed as they arrive without being parsed or buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_none,
+)
+
+from router.balancer import RequestInfo
+from router.context import ROUTER, RouterContext
+from router.health import record_failure, record_success
+from router.middleware import CLIENT_CLOSED, REQUEST_ID, Exchange, exchange_of
+from router.openai_errors import ApiError, error_response, sse_error_event
+from router.state import Fleet, ReplicaState
+
+log = logging.getLogger("vllm_fleet.router")
+
+#: RFC 9110 hop-by-hop headers: they describe one connection, never the end-to-end message.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Also not forwarded upstream: the client's credentials (replaced by --upstream-api-key), the
+#: framing and host of the client's connection, and Accept-Encoding (chunks are relayed as they
+#: come, uncompressed, so the stream is never held back by a compressor).
+_DROP_UPSTREAM = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "accept-encoding",
+    "expect",
+    "x-request-id",
+}
+_DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length", "date", "server", "x-request-id"}
+#: Path under /v1/ that may be forwarded: plain segments, no "." / ".." and no encoded tricks.
+_SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._~\-]+"
+_TAIL_RE = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+#: Rough bytes per prompt token, to estimate the prompt size without a tokenizer.
+BYTES_PER_TOKEN = 4
+#: Retry-After (seconds) sent with 503: about one health-check interval.
+RETRY_AFTER_S = "1"
+
+
+class UpstreamFailure(Exception):
+    """One attempt failed before any byte reached the client, so another replica may take it.
+
+    ``reason`` is one of telemetry.REASONS. For a 5xx answer the status and body are kept so
+    that, when every attempt fails, the client gets the replica's own error.
+    """
+
+    def __init__(
+        self,
+        replica: str,
+        reason: str,
+        detail: str,
+        *,
+        refused: bool = False,
+        status: int = 0,
+        body: bytes = b"",
+        content_type: str = "application/json",
+    ) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.replica = replica
+        self.reason = reason
+        self.detail = detail
+        self.refused = refused
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class ReplicasExhausted(Exception):
+    """Every candidate replica was tried (fewer candidates than --max-attempts)."""
+
+    def __init__(self, last: UpstreamFailure) -> None:
+        super().__init__(str(last))
+        self.last = last
+
+
+@dataclass(slots=True)
+class Reply:
+    """A replica's answer we committed to. ``body`` is None for a stream still to relay."""
+
+    replica: ReplicaState
+    response: aiohttp.ClientResponse
+    body: bytes | None
+
+
+# -- parse -----------------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"Request body is larger than the router's limit of {limit} bytes "
+        "(raise it with --max-body-bytes).",
+        code="request_too_large",
+    )
+
+
+def parse_request(body: bytes, content_type: str) -> RequestInfo:
+    """What the balancer needs from the body; the body itself is forwarded untouched.
+
+    Multipart bodies (audio uploads) are not parsed: they go to any healthy replica.
+    """
+    prompt_tokens = len(body) // BYTES_PER_TOKEN
+    if content_type.startswith("multipart/"):
+        return RequestInfo(model=None, prompt_tokens=prompt_tokens)
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
+        ) from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(
+            400, "You must provide a model parameter (a non-empty string).", param="model"
+        )
+    max_tokens = payload.get("max_tokens", payload.get("max_completion_tokens"))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+        max_tokens = None
+    return RequestInfo(
+        model=model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        stream=payload.get("stream") is True,
+    )
+
+
+def forward_path(request: web.Request) -> str:
+    """``/v1/<tail>[?query]`` to send upstream; anything but plain path segments is a 404."""
+    tail = request.match_info["tail"]
+    if not _TAIL_RE.fullmatch(tail):
+        raise ApiError(404, f"Unknown API path {request.path!r}.", code="not_found")
+    query = request.rel_url.raw_query_string
+    return f"/v1/{tail}?{query}" if query else f"/v1/{tail}"
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Extra hop-by-hop names listed in the Connection header (RFC 9110 section 7.6.1)."""
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], request_id: str, api_key: str | None
+) -> CIMultiDict[str]:
+    drop = _DROP_UPSTREAM | _connection_tokens(incoming)
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in incoming.items() if name.lower() not in drop
+    )
+    headers[REQUEST_ID] = request_id
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def downstream_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    drop = _DROP_DOWNSTREAM | _connection_tokens(upstream)
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in upstream.items() if name.lower() not in drop
+    )
+    headers[REQUEST_ID] = request_id
+    return headers
+
+
+# -- pick ------------------------------------------------------------------------------------
+
+
+def no_replica_error(fleet: Fleet, model: str | None) -> ApiError:
+    """404 when no known replica serves ``model`` (and some are up to say so), else 503."""
+    known = model is None or any(model in r.models for r in fleet.replicas.values())
+    if not known and fleet.healthy():
+        served = ", ".join(fleet.served_models())
+        return ApiError(
+            404,
+            f"The model `{model}` does not exist. Served models: {served}.",
+            param="model",
+            code="model_not_found",
+        )
+    what = f"serving model `{model}`" if model is not None else ""
+    return ApiError(
+        503,
+        f"No healthy replica {what} is available right now; retry shortly.".replace("  ", " "),
+        code="no_healthy_replica",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
+# -- forward ---------------------------------------------------------------------------------
+
+
+def _failure_of(replica: str, exc: BaseException) -> UpstreamFailure:
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return UpstreamFailure(replica, "timeout", str(exc) or "no answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        refused = isinstance(exc.os_error, ConnectionRefusedError)
+        return UpstreamFailure(replica, "connect", str(exc.os_error), refused=refused)
+    return UpstreamFailure(replica, "disconnect", f"{type(exc).__name__}: {exc}")
+
+
+async def _exchange(
+    session: aiohttp.ClientSession, replica: ReplicaState, url: str, headers: CIMultiDict[str],
+    body: bytes,
+) -> Reply:  # fmt: skip
+    response = await session.post(url, data=body, headers=headers)
+    try:
+        if response.status >= 500:
+            data = await response.read()
+            raise UpstreamFailure(
+                replica.url,
+                "status",
+                f"HTTP {response.status}",
+                status=response.status,
+                body=data,
+                content_type=response.headers.get("Content-Type", "application/json"),
+            )
+        if response.content_type == "text/event-stream":
+            return Reply(replica, response, None)
+        return Reply(replica, response, await response.read())
+    except BaseException:
+        response.close()
+        raise
+
+
+async def send_once(
+    ctx: RouterContext, replica: ReplicaState, path: str, headers: CIMultiDict[str], body: bytes
+) -> Reply:
+    """One attempt on ``replica``. On success its in_flight stays counted until finish()."""
+    replica.in_flight += 1
+    try:
+        return await _exchange(ctx.session, replica, replica.url + path, headers, body)
+    except UpstreamFailure as exc:
+        failure = exc
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        failure = _failure_of(replica.url, exc)
+    except BaseException:
+        replica.in_flight -= 1
+        raise
+    replica.in_flight -= 1
+    _note_failure(ctx, replica, failure)
+    raise failure
+
+
+def _note_failure(ctx: RouterContext, replica: ReplicaState, failure: UpstreamFailure) -> None:
+    ejected = record_failure(replica, time.monotonic(), ctx.breaker, refused=failure.refused)
+    log.warning(
+        "upstream failed replica=%s reason=%s detail=%s ejected=%s",
+        replica.url,
+        failure.reason,
+        failure.detail,
+        ejected,
+    )
+
+
+async def send_with_failover(
+    ctx: RouterContext,
+    exchange: Exchange,
+    info: RequestInfo,
+    path: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+) -> Reply:
+    """Try up to --max-attempts different replicas; raise the last failure if all fail."""
+    tried: list[str] = []
+    last: UpstreamFailure | None = None
+
+    def count_retry(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        reason = failure.reason if isinstance(failure, UpstreamFailure) else "disconnect"
+        ctx.telemetry.retries.labels(reason).inc()
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(ctx.config.max_attempts),
+        retry=retry_if_exception_type(UpstreamFailure),
+        wait=wait_none(),
+        before_sleep=count_retry,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            candidates = ctx.fleet.candidates(info.model, tried)
+            if not candidates:
+                if last is None:
+                    raise no_replica_error(ctx.fleet, info.model)
+                raise ReplicasExhausted(last)
+            replica = ctx.policy.pick(candidates, info)
+            tried.append(replica.url)
+            exchange.replica = replica.url
+            exchange.attempts = len(tried)
+            try:
+                return await send_once(ctx, replica, path, headers, body)
+            except UpstreamFailure as failure:
+                last = failure
+                raise
+    raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+
+def failure_response(failure: UpstreamFailure, attempts: int) -> web.Response:
+    """What the client gets when every attempt failed before answering."""
+    if failure.reason == "status":
+        return web.Response(
+            status=failure.status, body=failure.body, headers={"Content-Type": failure.content_type}
+        )
+    if failure.reason == "timeout":
+        return error_response(
+            504,
+            f"No replica answered in time ({attempts} attempt(s)); "
+            "the router's --first-byte-timeout bounds the wait.",
+            code="upstream_timeout",
+        )
+    return error_response(
+        502,
+        f"Could not get an answer from a replica ({attempts} attempt(s); last: {failure.reason}).",
+        code="upstream_unavailable",
+    )
+
+
+# -- relay -----------------------------------------------------------------------------------
+
+
+async def relay_stream(
+    request: web.Request, reply: Reply, exchange: Exchange, ctx: RouterContext
+) -> tuple[web.StreamResponse, bool]:
+    """Pass the upstream stream through chunk by chunk; returns (response, completed).
+
+    Headers go out as soon as the upstream's arrived. A client that goes away raises out of
+    write() (or cancels this task); the caller then closes the upstream response, which makes
+    vLLM abort the request.
+    """
+    upstream = reply.response
+    response = web.StreamResponse(
+        status=upstream.status, headers=downstream_headers(upstream.headers, exchange.request_id)
+    )
+    await response.prepare(request)
+    content = upstream.content
+    first = True
+    try:
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = _failure_of(reply.replica.url, exc)
+                await _stream_broke(response, reply, exchange, ctx, failure)
+                return response, False
+            if not chunk:
+                break
+            if first:
+                first = False
+                elapsed = asyncio.get_running_loop().time() - exchange.started
+                ctx.telemetry.ttfb.labels(reply.replica.url).observe(elapsed)
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away: not the replica's fault
+        exchange.status = CLIENT_CLOSED
+        return response, False
+    return response, True
+
+
+async def _stream_broke(
+    response: web.StreamResponse,
+    reply: Reply,
+    exchange: Exchange,
+    ctx: RouterContext,
+    failure: UpstreamFailure,
+) -> None:
+    ctx.telemetry.stream_errors.labels(failure.reason).inc()
+    _note_failure(ctx, reply.replica, failure)
+    exchange.status = 502
+    event = sse_error_event(
+        502, f"The replica failed mid-stream ({failure.reason}); the response is incomplete."
+    )
+    try:
+        await response.write(event)
+        await response.write_eof()
+    except ConnectionResetError:
+        exchange.status = CLIENT_CLOSED
+
+
+def buffered_response(reply: Reply, exchange: Exchange, ctx: RouterContext) -> web.Response:
+    elapsed = asyncio.get_running_loop().time() - exchange.started
+    ctx.telemetry.ttfb.labels(reply.replica.url).observe(elapsed)
+    upstream = reply.response
+    return web.Response(
+        status=upstream.status,
+        body=reply.body,
+        headers=downstream_headers(upstream.headers, exchange.request_id),
+    )
+
+
+def finish(reply: Reply, succeeded: bool) -> None:
+    """Release the replica: in_flight back down, and a success for the breaker if it was one.
+
+    An upstream response not read to the end (client gone, stream broken) is closed, not
+    returned to the pool: closing the connection is what makes vLLM abort the request.
+    """
+    replica = reply.replica
+    replica.in_flight -= 1
+    replica.served += 1
+    if reply.response.content.is_eof():
+        reply.response.release()
+    else:
+        reply.response.close()
+    if succeeded:
+        record_success(replica, time.monotonic())
+
+
+# -- handler ---------------------------------------------------------------------------------
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """POST /v1/{tail}: the whole request path, as a sequence of the steps above."""
+    ctx = request.app[ROUTER]
+    exchange = exchange_of(request)
+    path = forward_path(request)
+    body = await read_body(request, ctx.config.max_body_bytes)
+    info = parse_request(body, request.content_type)
+    exchange.model = info.model
+    headers = upstream_headers(request.headers, exchange.request_id, ctx.config.upstream_api_key)
+    try:
+        reply = await send_with_failover(ctx, exchange, info, path, headers, body)
+    except UpstreamFailure as failure:
+        return failure_response(failure, exchange.attempts)
+    except ReplicasExhausted as exhausted:
+        return failure_response(exhausted.last, exchange.attempts)
+    succeeded = False
+    try:
+        if reply.body is not None:
+            succeeded = True
+            return buffered_response(reply, exchange, ctx)
+        response, succeeded = await relay_stream(request, reply, exchange, ctx)
+        return response
+    finally:
+        finish(reply, succeeded)

@@ -1,0 +1,125 @@
+"""The router's Prometheus metrics, in a registry owned by one app (no global default registry).
+
+Per-request series are ordinary counters and histograms updated by the proxy. Per-replica
+state (in flight, healthy, engine gauges, ejections) already lives in the Fleet, so a custom
+collector reads it at scrape time instead of mirroring every change into gauges: nothing to
+keep in sync, and replicas removed by discovery disappear from the output.
+
+Label values are bounded: ``replica`` is a known replica URL (or "none" when the router answered
+itself), ``status`` an HTTP status code, ``reason`` one of a fixed set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.state import Fleet
+
+#: The replica label when no replica was involved (validation errors, 503 before a pick).
+NO_REPLICA = "none"
+#: Failure reasons for retries and stream errors.
+REASONS = ("connect", "timeout", "status", "disconnect")
+
+#: LLM requests last from milliseconds (embeddings) to minutes (long generations).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class FleetCollector(Collector):
+    """Per-replica gauges read from the Fleet when /metrics is scraped."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["replica"]
+        in_flight = GaugeMetricFamily(
+            "vllm_fleet_replica_in_flight",
+            "Requests this router has open on the replica",
+            labels=labels,
+        )
+        healthy = GaugeMetricFamily(
+            "vllm_fleet_replica_healthy", "1 when the replica takes traffic, else 0", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            "vllm_fleet_replica_waiting", "Engine queue length from the last scrape", labels=labels
+        )
+        running = GaugeMetricFamily(
+            "vllm_fleet_replica_running",
+            "Engine running requests from the last scrape",
+            labels=labels,
+        )
+        kv = GaugeMetricFamily(
+            "vllm_fleet_replica_kv_cache_usage",
+            "Engine KV-cache usage (0-1) from the last scrape",
+            labels=labels,
+        )
+        served = CounterMetricFamily(
+            "vllm_fleet_replica_served", "Requests finished on the replica", labels=labels
+        )
+        ejections = CounterMetricFamily(
+            "vllm_fleet_ejections", "Times the circuit breaker ejected the replica", labels=labels
+        )
+        for r in list(self._fleet.replicas.values()):
+            key = [r.url]
+            in_flight.add_metric(key, r.in_flight)
+            healthy.add_metric(key, 1.0 if r.healthy else 0.0)
+            waiting.add_metric(key, r.waiting)
+            running.add_metric(key, r.running)
+            kv.add_metric(key, r.kv_cache_usage)
+            served.add_metric(key, r.served)
+            ejections.add_metric(key, r.ejections)
+        yield from (in_flight, healthy, waiting, running, kv, served, ejections)
+
+
+class Telemetry:
+    """All metrics of one router app."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vllm_fleet_requests",
+            "Requests answered, by replica and HTTP status",
+            ["replica", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vllm_fleet_request_duration_seconds",
+            "Time from request received to response finished (streams: last chunk)",
+            ["replica"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "vllm_fleet_time_to_first_byte_seconds",
+            "Time from request received to the first body byte sent to the client (TTFT "
+            "for streams)",
+            ["replica"],
+            buckets=TTFB_BUCKETS,
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "vllm_fleet_retries",
+            "Attempts that failed before any byte reached the client and were retried",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.stream_errors = Counter(
+            "vllm_fleet_stream_errors",
+            "Streams cut by an upstream failure after bytes reached the client",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.client_disconnects = Counter(
+            "vllm_fleet_client_disconnects",
+            "Requests whose client went away before the response finished",
+            registry=self.registry,
+        )
+        for reason in REASONS:
+            self.retries.labels(reason)
+            self.stream_errors.labels(reason)
+        self.registry.register(FleetCollector(fleet))
