@@ -55,6 +55,8 @@ class SimRunner:
         self._unhung.set()
         self._generations: dict[str, Generation] = {}
         self._ids = itertools.count(1)
+        #: Handlers currently held by `hang` (lets tests see a request arrive at a hung server).
+        self.held = 0
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -67,7 +69,13 @@ class SimRunner:
             self._unhung.set()
 
     async def wait_while_hung(self) -> None:
-        await self._unhung.wait()
+        if self._unhung.is_set():
+            return
+        self.held += 1
+        try:
+            await self._unhung.wait()
+        finally:
+            self.held -= 1
 
     def next_request_id(self) -> str:
         return f"sim-{next(self._ids)}"

@@ -155,6 +155,7 @@ async def stats(request: web.Request) -> web.Response:
             "prompt_tokens": s.prompt_tokens,
             "steps": s.steps,
             "max_running_seen": s.max_running_seen,
+            "held": state.runner.held,
         }
     )
 

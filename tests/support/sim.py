@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +29,8 @@ from typing import IO, Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from launcher.sim.config import SimConfig
 from launcher.sim.engine import EngineStats, SimEngine
@@ -42,6 +44,46 @@ TEST_DEFAULTS: dict[str, Any] = {"model": SIM_MODEL, "step_ms": 5.0}
 HEALTH_DEADLINE_S = 10.0
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float = 5.0,
+    interval_s: float = 0.01,
+    what: str = "condition",
+) -> None:
+    """Poll `condition` (sync or async) until true; AssertionError naming `what` at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s")
+        await asyncio.sleep(interval_s)
+
+
+async def scrape_metrics(url: str) -> list[Sample]:
+    """`GET {url}/metrics`, parsed with prometheus_client (one Sample per exposed line)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session,
+        session.get(f"{url}/metrics") as response,
+    ):
+        response.raise_for_status()
+        text = await response.text()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metric_value(samples: list[Sample], name: str, **labels: str) -> float:
+    """Sum of the samples called `name` (e.g. 'vllm:generation_tokens_total') with `labels`."""
+    return sum(
+        sample.value
+        for sample in samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def free_port() -> int:
@@ -161,7 +203,7 @@ async def running_sim(**config_overrides: Any) -> AsyncIterator[SimHandle]:
     await runner.setup()
     handle: SimHandle | None = None
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = _bound_port(runner)
         handle = SimHandle(f"http://127.0.0.1:{port}", config, app, runner)
