@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from router.replica_tasks import ReplicaTasks
 from router.state import Breaker, Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
@@ -236,30 +237,60 @@ async def check_replica(session: aiohttp.ClientSession, r: ReplicaState, timeout
     return (await probe_replica(session, r, timeout_s)).ok
 
 
-async def check_round(
+async def check_and_apply(
     fleet: Fleet,
     session: aiohttp.ClientSession,
+    r: ReplicaState,
     *,
     timeout_s: float,
     breaker: BreakerPolicy,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Check every due replica concurrently and apply the outcomes (one health_loop round)."""
+    """Probe ``r`` (begin_check already done) and apply the outcome, unless ``r`` was removed.
+
+    Logs the first failure of a streak (not every second) and every admission; ejections are
+    logged by record_failure.
+    """
+    outcome = await probe_replica(session, r, timeout_s)
+    if fleet.replicas.get(r.url) is not r:
+        return  # removed (or replaced) by discovery while we were checking
+    was_healthy = r.healthy
+    apply_check(r, outcome.ok, clock(), breaker, refused=outcome.refused)
+    if not outcome.ok and not r.check_error:
+        log.warning(
+            "replica check failed url=%s reason=%s breaker=%s",
+            r.url,
+            outcome.detail,
+            r.breaker.value,
+        )
+    r.check_error = "" if outcome.ok else outcome.detail
+    if r.healthy and not was_healthy:
+        log.info("replica healthy url=%s models=%s", r.url, ",".join(sorted(r.models)))
+
+
+async def check_round(
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    *,
+    timeout_s: float,
+    breaker: BreakerPolicy = BreakerPolicy(),
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Check every due replica once, concurrently, and return when all are done.
+
+    Useful at startup (after discovery's first refresh) so the router is ready before the
+    first health_loop tick, and in tests.
+    """
     now = clock()
     due = [r for r in list(fleet.replicas.values()) if probe_due(r, now)]
     for r in due:
         begin_check(r, now)
-    outcomes = await asyncio.gather(*(probe_replica(session, r, timeout_s) for r in due))
-    now = clock()
-    for r, outcome in zip(due, outcomes, strict=True):
-        if fleet.replicas.get(r.url) is not r:
-            continue  # removed by discovery while we were checking
-        was_healthy = r.healthy
-        apply_check(r, outcome.ok, now, breaker, refused=outcome.refused)
-        if was_healthy and not r.healthy:
-            log.warning("replica unhealthy url=%s reason=%s", r.url, outcome.detail)
-        elif r.healthy and not was_healthy:
-            log.info("replica healthy url=%s models=%s", r.url, ",".join(sorted(r.models)))
+    await asyncio.gather(
+        *(
+            check_and_apply(fleet, session, r, timeout_s=timeout_s, breaker=breaker, clock=clock)
+            for r in due
+        )
+    )
 
 
 async def health_loop(
@@ -271,11 +302,26 @@ async def health_loop(
     breaker: BreakerPolicy = BreakerPolicy(),
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Check all replicas every ``interval_s`` forever; cancel the task to stop it."""
-    while True:
-        started = clock()
-        try:
-            await check_round(fleet, session, timeout_s=timeout_s, breaker=breaker, clock=clock)
-        except Exception:  # a bug in one round must not stop health checking for good
-            log.exception("health check round failed")
-        await asyncio.sleep(max(0.0, interval_s - (clock() - started)))
+    """Check every replica every ``interval_s`` forever; cancel the task to stop it.
+
+    Each tick starts a check for every due replica that has none in progress, so a hanging
+    replica (its check bounded by 2 x ``timeout_s``) never delays the others' checks. Replicas
+    added or removed between ticks are picked up or dropped at the next tick.
+    """
+    running = ReplicaTasks("health check")
+    try:
+        while True:
+            started = clock()
+            for r in list(fleet.replicas.values()):
+                if running.busy(r.url) or not probe_due(r, started):
+                    continue
+                begin_check(r, started)
+                running.start(
+                    r.url,
+                    check_and_apply(
+                        fleet, session, r, timeout_s=timeout_s, breaker=breaker, clock=clock
+                    ),
+                )
+            await asyncio.sleep(max(0.0, interval_s - (clock() - started)))
+    finally:
+        await running.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.replica_tasks import ReplicaTasks
 from router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
@@ -203,11 +204,19 @@ async def scrape_loop(
     timeout_s: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Scrape all reachable replicas every ``interval_s`` forever; cancel the task to stop."""
-    while True:
-        started = clock()
-        try:
-            await scrape_round(fleet, session, timeout_s=timeout_s, clock=clock)
-        except Exception:  # one bad round must not stop scraping for good
-            log.exception("metrics scrape round failed")
-        await asyncio.sleep(max(0.0, interval_s - (clock() - started)))
+    """Scrape every reachable replica every ``interval_s`` forever; cancel the task to stop.
+
+    Only replicas whose last health check passed (``check_ok``) are scraped: the others are
+    down or starting, and the balancer never sees them anyway. Each tick starts a scrape for
+    every such replica that has none in progress, so a slow replica never delays the others.
+    """
+    running = ReplicaTasks("metrics scrape")
+    try:
+        while True:
+            started = clock()
+            for r in list(fleet.replicas.values()):
+                if r.check_ok and not running.busy(r.url):
+                    running.start(r.url, scrape_replica(session, r, timeout_s, clock=clock))
+            await asyncio.sleep(max(0.0, interval_s - (clock() - started)))
+    finally:
+        await running.close()

@@ -65,6 +65,8 @@ class ReplicaState:
     cooldown_s: float = 0.0
     #: monotonic time the breaker last closed (to tell a flapping replica from a stable one).
     closed_at: float = 0.0
+    #: Why the last active check failed; empty when it passed (logged on change only).
+    check_error: str = ""
     #: Engine counter vllm:generation_tokens_total from the last scrape (None when not exported).
     generation_tokens_total: float | None = None
     #: Why the last /metrics scrape failed; empty when it succeeded (logged on change only).

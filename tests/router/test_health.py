@@ -19,6 +19,7 @@ from router.health import (
     apply_check,
     begin_check,
     check_replica,
+    check_round,
     health_loop,
     probe_due,
     probe_replica,
@@ -300,18 +301,24 @@ async def test_health_loop_sorts_good_from_bad(
     start_fake: StartFake, session: aiohttp.ClientSession
 ) -> None:
     good_fake, good = await start_fake()
-    _, hanging = await start_fake(mode="hang")
+    hanging_fake, hanging = await start_fake(mode="hang")
     _, failing = await start_fake(mode="error")
     down = refused_url()
     fleet = Fleet()
     fleet.set_backends([good, hanging, failing, down])
     task = asyncio.create_task(
-        health_loop(fleet, session, interval_s=0.05, timeout_s=0.2, breaker=POLICY)
+        health_loop(fleet, session, interval_s=0.02, timeout_s=5.0, breaker=POLICY)
     )
     try:
-        await wait_until(lambda: good_fake.health_hits >= 3, "three check rounds")
+        await wait_until(lambda: good_fake.health_hits >= 5, "five checks")
+        # the hanging replica's one check is still pending (5 s timeout) and did not hold the
+        # others back
+        assert hanging_fake.health_hits == 1
+        assert fleet.replicas[hanging].check_error == ""
         assert [r.url for r in fleet.healthy()] == [good]
         assert fleet.served_models() == ["m"]
+        assert "500" in fleet.replicas[failing].check_error
+        assert fleet.replicas[down].check_error.startswith("connect")
         for url in (hanging, failing, down):
             r = fleet.replicas[url]
             # never up: "still starting", not ejected
@@ -370,3 +377,29 @@ async def test_health_loop_follows_fleet_membership(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_check_round_makes_the_fleet_ready_in_one_call(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    _, first = await start_fake(models=["a"])
+    _, second = await start_fake(models=["b"])
+    fleet = Fleet()
+    fleet.set_backends([first, second, refused_url()])
+    await check_round(fleet, session, timeout_s=1.0)
+    assert [r.url for r in fleet.healthy()] == [first, second]
+    assert fleet.served_models() == ["a", "b"]
+
+
+async def test_cancelling_health_loop_cancels_pending_checks(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await start_fake(mode="hang")
+    fleet = Fleet()
+    fleet.set_backends([url])
+    task = asyncio.create_task(health_loop(fleet, session, interval_s=0.02, timeout_s=5.0))
+    await wait_until(lambda: fake.health_hits == 1, "check started")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("health check")]
