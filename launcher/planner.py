@@ -314,7 +314,10 @@ class _Pool:
 
     @property
     def label(self) -> str:
-        return f"{len(self.gpus)}x {self.name} ({gib(self.memory_bytes)})"
+        label = f"{len(self.gpus)}x {self.name}"
+        if f"{round(self.memory_bytes / GIB)}GB" not in self.name.upper():
+            label += f" ({gib(self.memory_bytes)})"
+        return label
 
 
 def _pools(gpus: Sequence[Gpu]) -> list[_Pool]:
@@ -560,7 +563,7 @@ def _plan_gpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
                 f"{', '.join(p.label for p in pools)}"
             )
     else:
-        _validate_tp(model, pools, options)
+        _validate_model_options(model, pools, options)
         max_len, want, choices, context_notes = _choose(model, pools, options)
         checks = [
             _check(model, pool, tp, max_len, options.gpu_memory_utilization, want)
@@ -569,7 +572,7 @@ def _plan_gpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
         ]
         if not choices:
             raise _no_fit_error(model, pools, options, max_len)
-        notes += _why_notes(model, choices, checks, max_len)
+        notes += _why_notes(model, choices, checks, options)
         notes += context_notes
 
     groups: list[tuple[tuple[Gpu, ...], int]] = []
@@ -642,7 +645,12 @@ def _plan_gpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
     )
 
 
-def _validate_tp(model: ModelSize, pools: list[_Pool], options: PlanOptions) -> None:
+def _validate_model_options(model: ModelSize, pools: list[_Pool], options: PlanOptions) -> None:
+    if options.max_model_len is not None and options.max_model_len > model.max_model_len:
+        raise PlanError(
+            f"--max-model-len {options.max_model_len} is longer than {model.name}'s context of "
+            f"{model.max_model_len} tokens; use at most {model.max_model_len} or leave it unset"
+        )
     tp = options.tensor_parallel_size
     if tp is None:
         return
@@ -662,8 +670,9 @@ def _validate_tp(model: ModelSize, pools: list[_Pool], options: PlanOptions) -> 
 
 
 def _why_notes(
-    model: ModelSize, choices: list[_Choice], checks: list[FitCheck], max_len: int
+    model: ModelSize, choices: list[_Choice], checks: list[FitCheck], options: PlanOptions
 ) -> list[str]:
+    """Why this TP: the next smaller one's budget, and what it would take to use it."""
     notes = []
     for choice in choices:
         smaller = [
@@ -671,11 +680,30 @@ def _why_notes(
             for c in checks
             if c.gpu_name == choice.pool.name and c.tensor_parallel_size < choice.tp and not c.fits
         ]
-        why = f"TP{choice.tp} is the smallest tensor-parallel size that fits {model.name} "
-        why += f"with a {max_len}-token context on {choice.pool.name}"
-        if smaller:
-            why += "; " + "; ".join(c.reason for c in smaller)
-        notes.append(why)
+        if options.tensor_parallel_size is not None:
+            why = f"TP{choice.tp} from --tensor-parallel-size"
+        else:
+            why = f"TP{choice.tp} is the smallest tensor-parallel size that fits"
+        why += f" on {choice.pool.label}"
+        if not smaller:
+            notes.append(why)
+            continue
+        rejected = smaller[-1]
+        notes.append(f"{why}: {rejected.reason}")
+        tp, room = rejected.tensor_parallel_size, rejected.capacity_tokens
+        shorter = _round_context(room)
+        if options.max_model_len is None and room >= MIN_KV_TOKENS:
+            count = len(choice.pool.gpus) // tp
+            notes.append(
+                f"TP{tp} would fit with --max-model-len {shorter} "
+                f"({count} replicas instead of {len(choice.pool.gpus) // choice.tp})"
+            )
+        elif room >= CONTEXT_FLOOR:
+            notes.append(
+                f"TP{tp} has KV cache room for only {room} tokens "
+                f"(< {MIN_KV_TOKENS} wanted); force it with --tensor-parallel-size {tp}"
+                + ("" if options.max_model_len else f" (context then {shorter})")
+            )
     return notes
 
 
