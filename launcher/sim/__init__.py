@@ -1,7 +1,19 @@
 """A simulated vLLM OpenAI server (`vllm-fleet sim`) for fast router tests and benchmarks.
 
-`engine` models continuous batching with time passed in; `runner` ticks it in real time;
-`protocol` is the OpenAI wire format; `server` is the aiohttp app; `metrics` the vLLM metrics.
+What it promises (the contract router tests rely on):
+- vLLM's routes and bodies: /health (200, empty body; 503 while loading or forced unhealthy),
+  /version, /v1/models, /v1/completions, /v1/chat/completions (both also streaming, one token
+  per SSE chunk, `[DONE]` last, usage chunk with `stream_options.include_usage`),
+  /v1/embeddings, /metrics (vLLM 0.32 metric names with `model_name` and `engine` labels).
+- `max_tokens` is produced exactly (finish_reason "length"); defaults: 16 for completions, 64 for
+  chat (`launcher.sim.config`). Prompt length is estimated as ceil(characters / 4)
+  (`launcher.sim.protocol`).
+- Errors as vLLM: 404 "The model `X` does not exist.", 400 for bad bodies and context
+  overflow, 500 for the `fail_rate` fraction; always `{"error": {message, type, param, code}}`.
+- Timing from a continuous-batching model (`launcher.sim.engine`), ticked by one loop per server
+  (`launcher.sim.runner`); a disconnected client's request is aborted at once.
+- Test hooks: `GET /sim/stats` (counters) and `POST /sim/control` (speed, fail_rate, hang,
+  healthy). `tests/support/sim.py` wraps all of this for tests.
 """
 
 from launcher.sim.config import SimConfig, SimKnobs

@@ -71,7 +71,8 @@ class SimKnobs:
 
     speed: float = 1.0
     fail_rate: float = 0.0
-    #: Accept connections but answer nothing (health and metrics included) and stall the engine.
+    #: Accept connections but answer nothing (health and metrics included) and stall the engine
+    #: until the hang is lifted; held requests then proceed (clients usually time out first).
     hang: bool = False
     #: False forces `/health` to 503 while requests are still served.
     healthy: bool = True

@@ -73,7 +73,9 @@ class StepPlan:
 class EngineStats:
     """Lifetime counters, served as JSON by `GET /sim/stats`.
 
-    Invariant: received == finished + aborted + failed + running + waiting.
+    Invariant: received == finished + aborted + failed + running + waiting. `failed` counts
+    requests answered 500 by `fail_rate` (embeddings included); only completions and chat
+    requests enter the engine.
     """
 
     received: int = 0

@@ -98,16 +98,28 @@ class SimRunner:
                 self.metrics.record_finished(aborted)
 
     async def run(self) -> None:
-        """The ticking loop: one engine step per iteration, idle while there is no work."""
+        """The ticking loop: one engine step per iteration, idle while there is no work.
+
+        Steps are scheduled on a fixed cadence (each one ends `duration` after the previous
+        one's end), so timer lateness and token hand-off time do not slow the simulated GPU
+        down; after a stall longer than a step the cadence restarts from now instead of
+        bursting to catch up.
+        """
         engine = self.engine
+        cadence: float | None = None
         while True:
             if not engine.has_work():
                 self._wake.clear()
                 await self._wake.wait()
+                cadence = None
             await self._unhung.wait()
-            plan = engine.begin_step(self.now(), self.knobs.speed)
+            now = self.now()
+            plan = engine.begin_step(now, self.knobs.speed)
+            if cadence is None or now - cadence > plan.duration:
+                cadence = now
+            cadence += plan.duration
             try:
-                await asyncio.sleep(plan.duration)
+                await asyncio.sleep(max(0.0, cadence - self.now()))
             finally:
                 events = engine.end_step(self.now())
             self.metrics.record_step(plan, events)

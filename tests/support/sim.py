@@ -186,7 +186,7 @@ class SimHandle:
 
 
 def sim_config(**overrides: Any) -> SimConfig:
-    """A test SimConfig: TEST_DEFAULTS, then the overrides (any SimConfig field)."""
+    """A test SimConfig: TEST_DEFAULTS and port 0 (any free port), then the overrides."""
     return replace(SimConfig(), **{**TEST_DEFAULTS, "port": 0, **overrides})
 
 
@@ -195,7 +195,8 @@ async def running_sim(**config_overrides: Any) -> AsyncIterator[SimHandle]:
     """Start a simulator in-process on a free port, wait until healthy, always clean up.
 
     `config_overrides` are SimConfig fields (max_num_seqs=4, step_ms=2, startup_delay=...).
-    With a `startup_delay`, the handle is yielded once the delay is over.
+    With a `startup_delay`, the handle is yielded once the delay is over. Pass `port=old.port`
+    to bring a stopped simulator back on the same address (a replica that recovers).
     """
     config = sim_config(**config_overrides)
     app = make_sim_app(config)
@@ -203,7 +204,7 @@ async def running_sim(**config_overrides: Any) -> AsyncIterator[SimHandle]:
     await runner.setup()
     handle: SimHandle | None = None
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", config.port)
         await site.start()
         port = _bound_port(runner)
         handle = SimHandle(f"http://127.0.0.1:{port}", config, app, runner)

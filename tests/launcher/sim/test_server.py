@@ -410,3 +410,13 @@ async def test_several_sims_are_independent() -> None:
         assert [s.stats().finished for s in sims] == [1, 0, 0]
         samples = await scrape_metrics(sims[1].url)
         assert metric_value(samples, "vllm:generation_tokens_total") == 0
+
+
+async def test_a_stopped_sim_comes_back_on_the_same_port() -> None:
+    async with running_sim() as sim:
+        await stream_tokens(sim.url, 2)
+        await sim.stop()
+        async with running_sim(port=sim.port) as revived:
+            assert revived.url == sim.url
+            assert await stream_tokens(revived.url, 3) == 3
+            assert revived.stats().finished == 1
