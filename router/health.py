@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from router.bounded_read import read_capped
 from router.replica_tasks import ReplicaTasks
 from router.state import Breaker, Fleet, ReplicaState
 
@@ -40,6 +41,11 @@ log = logging.getLogger("vllm_fleet.router")
 MODELS_REFRESH_EVERY = 30
 #: Cap on the /v1/models body: it lists a handful of ids, never megabytes.
 MAX_MODELS_BYTES = 1 << 20
+#: Cap on the /health body (vLLM's is empty).
+MAX_HEALTH_BYTES = 64 << 10
+#: Exponent cap for the doubling cool-down: a replica dead for days re-opens thousands of
+#: times, and 2.0**1024 overflows. max_cooldown_s caps the value long before this matters.
+MAX_STREAK_EXPONENT = 32
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ def _open(r: ReplicaState, now: float, policy: BreakerPolicy, *, streak: int) ->
     r.breaker = Breaker.OPEN
     r.opened_at = now
     r.open_streak = streak
-    r.cooldown_s = min(policy.cooldown_s * (2.0**streak), policy.max_cooldown_s)
+    cap = max(policy.max_cooldown_s, policy.cooldown_s)
+    r.cooldown_s = min(policy.cooldown_s * 2.0 ** min(streak, MAX_STREAK_EXPONENT), cap)
     _sync_healthy(r)
 
 
@@ -171,10 +178,7 @@ async def _get_json(
     async with session.get(url, timeout=timeout) as resp:
         if resp.status != 200:
             raise _BadStatus(resp.status)
-        body = await resp.content.read(MAX_MODELS_BYTES + 1)
-        if len(body) > MAX_MODELS_BYTES:
-            raise ValueError(f"{url} body exceeds {MAX_MODELS_BYTES} bytes")
-        return json.loads(body)
+        return json.loads(await read_capped(resp, MAX_MODELS_BYTES))
 
 
 class _BadStatus(Exception):
@@ -195,7 +199,7 @@ async def _probe(
     session: aiohttp.ClientSession, r: ReplicaState, timeout: aiohttp.ClientTimeout
 ) -> CheckOutcome:
     async with session.get(f"{r.url}/health", timeout=timeout) as resp:
-        await resp.content.read(MAX_MODELS_BYTES)
+        await read_capped(resp, MAX_HEALTH_BYTES)
         if resp.status != 200:
             return CheckOutcome(False, detail=f"/health HTTP {resp.status}")
     r.health_checks += 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.bounded_read import read_capped
 from router.replica_tasks import ReplicaTasks
 from router.state import Fleet, ReplicaState
 
@@ -138,16 +139,8 @@ async def fetch_metrics_text(session: aiohttp.ClientSession, url: str, timeout_s
     async with session.get(url, timeout=timeout) as resp:
         if resp.status != 200:
             raise ValueError(f"HTTP {resp.status}")
-        if resp.content_length is not None and resp.content_length > MAX_METRICS_BYTES:
-            raise ValueError(f"body of {resp.content_length} bytes over the cap")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(64 << 10):
-            size += len(chunk)
-            if size > MAX_METRICS_BYTES:
-                raise ValueError(f"body over the {MAX_METRICS_BYTES}-byte cap")
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", errors="replace")
+        body = await read_capped(resp, MAX_METRICS_BYTES)
+    return body.decode("utf-8", errors="replace")
 
 
 async def scrape_replica(

@@ -403,3 +403,22 @@ async def test_cancelling_health_loop_cancels_pending_checks(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("health check")]
+
+
+def test_cooldown_stays_finite_for_a_replica_dead_for_days() -> None:
+    r = admitted()
+    record_failure(r, 101.0, POLICY, refused=True)
+    now = 101.0
+    for _ in range(5000):
+        now += r.cooldown_s
+        begin_check(r, now)
+        apply_check(r, False, now, POLICY, refused=True)
+    assert r.cooldown_s == POLICY.max_cooldown_s
+    assert (r.breaker, r.ejections) == (Breaker.OPEN, 1)
+
+
+def test_cooldown_above_the_default_cap_is_honoured() -> None:
+    r = admitted()
+    policy = BreakerPolicy(cooldown_s=120.0)  # larger than the default max_cooldown_s
+    record_failure(r, 101.0, policy, refused=True)
+    assert r.cooldown_s == 120.0

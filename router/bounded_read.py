@@ -1,0 +1,30 @@
+"""Read an upstream response body with a size cap.
+
+Health checks and scrapes talk to replicas we do not control; a broken or hostile one must not
+make the router buffer gigabytes. ``StreamReader.read(n)`` returns whatever is buffered (often a
+partial body), so the cap is enforced over the whole stream instead.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+CHUNK_BYTES = 64 << 10
+
+
+class BodyTooLarge(ValueError):
+    """The body exceeded the cap; raised before reading more than the cap (plus one chunk)."""
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body of ``resp``, or BodyTooLarge once it exceeds ``cap`` bytes."""
+    if resp.content_length is not None and resp.content_length > cap:
+        raise BodyTooLarge(f"body of {resp.content_length} bytes is over the {cap}-byte cap")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+        size += len(chunk)
+        if size > cap:
+            raise BodyTooLarge(f"body is over the {cap}-byte cap")
+        chunks.append(chunk)
+    return b"".join(chunks)
