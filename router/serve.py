@@ -13,6 +13,7 @@ import asyncio
 import errno
 import importlib
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -34,6 +35,18 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def server_options(config: RouterConfig) -> dict[str, Any]:
+    """AppRunner / run_app settings, shared with the tests' router so they run the same way."""
+    return {
+        "shutdown_timeout": config.shutdown_grace_s,
+        # A client that disconnects cancels its handler, which closes the upstream request at
+        # once so vLLM stops generating for nobody.
+        "handler_cancellation": True,
+        # The proxy logs one line per request itself, with the replica and attempts.
+        "access_log": None,
+    }
+
+
 def serve(config: RouterConfig) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(config.log_level, config.log_format)
@@ -44,13 +57,9 @@ def serve(config: RouterConfig) -> int:
             app,
             host=config.host,
             port=config.port,
-            shutdown_timeout=config.shutdown_grace_s,
-            # A client that disconnects cancels its handler, which closes the upstream
-            # request at once so vLLM stops generating for nobody.
-            handler_cancellation=True,
-            access_log=None,
             print=None,
             loop=new_event_loop(),
+            **server_options(config),
         )
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):

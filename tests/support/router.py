@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from openai import AsyncOpenAI
 
 from router.app import make_app
@@ -166,10 +167,10 @@ async def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int
 
 async def post_raw(
     url: str, body: bytes, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """POST bytes as-is; returns (status, headers, body)."""
+) -> tuple[int, CIMultiDict[str], bytes]:
+    """POST bytes as-is; returns (status, headers (case-insensitive), body)."""
     async with (
         aiohttp.ClientSession() as session,
         session.post(url, data=body, headers=headers) as resp,
     ):
-        return resp.status, dict(resp.headers), await resp.read()
+        return resp.status, CIMultiDict(resp.headers), await resp.read()
