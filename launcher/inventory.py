@@ -366,14 +366,16 @@ def _load_nvml() -> ModuleType | None:
 
 def detect_inventory(
     env: Mapping[str, str] | None = None,
-    nvml: Any = None,
-    run: Runner | None = None,
+    load_nvml: Callable[[], Any] = _load_nvml,
+    run: Runner = _run,
     numa_of: Callable[[str], int] = sysfs_numa_node,
 ) -> Inventory:
-    """NVML, then nvidia-smi, then no GPU; honours ``CUDA_VISIBLE_DEVICES`` from ``env``."""
+    """NVML, then nvidia-smi, then no GPU; honours ``CUDA_VISIBLE_DEVICES`` from ``env``.
+
+    ``load_nvml`` returns the pynvml module (or a stand-in), None when it is not installed.
+    """
     env = os.environ if env is None else env
-    nvml = _load_nvml() if nvml is None else nvml
-    run = _run if run is None else run
+    nvml = load_nvml()
     notes: list[str] = []
     if nvml is not None:
         try:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from launcher.model_size import normalize_dtype
 from launcher.plan import GIB, FitCheck, Gpu, Inventory, ModelSize, Plan, ReplicaSpec
 from router.errors import ConfigError
 
@@ -120,6 +121,10 @@ def _validate_options(options: PlanOptions) -> None:
     ):
         if value is not None and value < 1:
             raise PlanError(f"{name} {value} must be a positive integer")
+    try:
+        normalize_dtype(options.dtype)
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
     if not 1 <= options.base_port <= 65535:
         raise PlanError(f"--base-port {options.base_port} must be a TCP port (1-65535)")
     for arg in options.extra_args:
@@ -162,8 +167,9 @@ def _vllm_command(
     ]
     if options.served_model_name:
         argv += ["--served-model-name", options.served_model_name]
-    if options.dtype != "auto":
-        argv += ["--dtype", options.dtype]
+    dtype = normalize_dtype(options.dtype)
+    if dtype != "auto":
+        argv += ["--dtype", dtype]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if on_gpu:
