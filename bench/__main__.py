@@ -1,0 +1,131 @@
+"""`python -m bench [--quick] [--scenarios 1,5] [--peers ours-lb,nginx-lc]`.
+
+Runs from its own venv (bench/.env, made by bench/setup.sh): the first start installs it and
+re-executes this module there, so the Rust routers and matplotlib never enter the project's venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+ENV_PYTHON = BENCH_DIR / ".env" / "bin" / "python"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Compare vllm-fleet's router with nginx, HAProxy, vllm-router, "
+        "sglang-router and client-side baselines; write docs/benchmarks.md.",
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs, fewer routers")
+    parser.add_argument("--scenarios", default="", help="comma-separated, e.g. 1,5 (default all)")
+    parser.add_argument("--peers", default="", help="comma-separated peer keys (default: each "
+                        "scenario's line-up); see bench/peers.py PEER_KEYS")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-setup", action="store_true", help="skip bench/setup.sh")
+    parser.add_argument("--output", type=Path, help="markdown file to write")
+    return parser.parse_args(argv)
+
+
+def ensure_env(args: argparse.Namespace, argv: list[str]) -> None:
+    """Install bench/.env if needed and re-run there (once)."""
+    if Path(sys.prefix).resolve() == (BENCH_DIR / ".env").resolve():
+        return
+    if not args.no_setup:
+        subprocess.run(["bash", str(BENCH_DIR / "setup.sh")], check=False)
+    if ENV_PYTHON.exists():
+        os.execv(str(ENV_PYTHON), [str(ENV_PYTHON), "-m", "bench", *argv])
+    print("bench: bench/.env is missing; running from this interpreter", file=sys.stderr)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally: children get stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    os.chdir(REPO)
+    ensure_env(args, argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    # Imported here: only the bench venv is sure to have matplotlib.
+    from bench import report
+    from bench.scenarios import SCENARIOS, Options, Section, finish
+
+    keys = [k.strip() for k in args.scenarios.split(",") if k.strip()] or list(SCENARIOS)
+    unknown = [k for k in keys if k not in SCENARIOS]
+    if unknown:
+        print(f"bench: unknown scenario {unknown}; use {','.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    mode = "quick" if args.quick else "full"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = BENCH_DIR / ".work" / stamp
+    if args.quick:
+        results, images = BENCH_DIR / ".work" / "results-quick", BENCH_DIR / ".work" / "img"
+        output = args.output or BENCH_DIR / ".work" / "benchmarks-quick.md"
+    else:
+        results, images = BENCH_DIR / "results", REPO / "docs" / "img"
+        output = args.output or REPO / "docs" / "benchmarks.md"
+    opts = Options(
+        quick=args.quick,
+        workdir=workdir,
+        python=sys.executable,
+        seed=args.seed,
+        peers=tuple(p for p in args.peers.split(",") if p) or None,
+    )
+    started = time.monotonic()
+    for key in keys:
+        print(f"bench: scenario {key} ({mode})", flush=True)
+        t = time.monotonic()
+        try:
+            section = finish(asyncio.run(SCENARIOS[key](opts)))
+        except KeyboardInterrupt:
+            print("bench: interrupted; every started process was stopped", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            traceback.print_exc()
+            section = Section(key, f"(failed: {type(exc).__name__})", [f"The run failed: {exc}"])
+        section.seconds = time.monotonic() - t
+        for plot in section.plots:
+            report.draw(plot, images)
+        report.save_section(section, results)
+        write_page(results, output, images, mode, args.seed)
+        print(f"bench: scenario {key} done in {section.seconds:.0f} s", flush=True)
+    print(f"bench: wrote {output} in {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+def write_page(results: Path, output: Path, images: Path, mode: str, seed: int) -> None:
+    from bench import report as rep
+
+    sections = rep.load_sections(results)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    meta = {
+        "mode": mode,
+        "seed": f"{seed} (arrivals, lengths, prompts; same sequence for every router)",
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "durations": ", ".join(
+            f"scenario {s.key}: {s.seconds:.0f} s" for s in sections if s.seconds
+        ),
+    }
+    prefix = os.path.relpath(images, output.parent) + "/"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(rep.render_page(sections, meta, prefix))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
