@@ -95,7 +95,12 @@ def _float(text: str) -> float:
 
 
 def _words(text: str) -> tuple[str, ...]:
-    return tuple(w.strip() for w in text.split(",") if w.strip())
+    """Comma-separated values. An empty entry is an error, not skipped: ``--api-key "$KEY"``
+    with KEY unset must not quietly turn authentication off."""
+    words = tuple(w.strip() for w in text.split(","))
+    if not all(words):
+        raise ValueError(f"{text!r} has an empty entry; give non-empty values separated by commas")
+    return words
 
 
 def _dns(text: str) -> tuple[str, int]:

@@ -107,6 +107,8 @@ def _report(
     if is_api:
         telemetry.requests.labels(exchange.replica, str(status)).inc()
         telemetry.latency.labels(exchange.replica).observe(elapsed)
+        if status == CLIENT_CLOSED:
+            telemetry.client_disconnects.inc()
     level = logging.INFO if is_api else logging.DEBUG
     if access_log.isEnabledFor(level):
         fields = {

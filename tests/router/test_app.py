@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import openai
@@ -11,8 +12,10 @@ import pytest
 from aiohttp import web
 
 from router.app import make_app
+from router.balancer import RequestInfo
 from router.config import RouterConfig
 from router.context import ROUTER
+from router.state import ReplicaState
 from tests.support.router import (
     RouterHandle,
     eventually,
@@ -69,17 +72,20 @@ async def test_no_healthy_replica_is_503_with_retry_after(
 
 
 async def test_models_are_the_union_over_healthy_replicas() -> None:
-    async with running_sim(model="alpha") as a, running_sim(model="beta") as b:
-        async with running_router([a.url, b.url]) as router:
-            status, body = await get_json(f"{router.url}/v1/models")
-            assert status == 200
-            assert body["object"] == "list"
-            assert [m["id"] for m in body["data"]] == ["alpha", "beta"]
-            assert all(m["object"] == "model" for m in body["data"])
-            await b.control(healthy=False)
-            await eventually(lambda: len(router.fleet.healthy()) == 1, what="beta unhealthy")
-            _, body = await get_json(f"{router.url}/v1/models")
-            assert [m["id"] for m in body["data"]] == ["alpha"]
+    async with (
+        running_sim(model="alpha") as a,
+        running_sim(model="beta") as b,
+        running_router([a.url, b.url]) as router,
+    ):
+        status, body = await get_json(f"{router.url}/v1/models")
+        assert status == 200
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == ["alpha", "beta"]
+        assert all(m["object"] == "model" for m in body["data"])
+        await b.control(healthy=False)
+        await eventually(lambda: len(router.fleet.healthy()) == 1, what="beta unhealthy")
+        _, body = await get_json(f"{router.url}/v1/models")
+        assert [m["id"] for m in body["data"]] == ["alpha"]
 
 
 async def test_fleet_replicas_lists_every_replica(
@@ -240,10 +246,13 @@ async def test_a_request_id_is_generated_when_absent_or_unusable(router: RouterH
 
 
 async def test_unexpected_errors_become_a_500_without_internals(router: RouterHandle) -> None:
-    def explode(*args: object) -> object:
-        raise RuntimeError("secret internal detail")
+    class Exploding:
+        name = "exploding"
 
-    router.ctx.policy.pick = explode  # type: ignore[method-assign]
+        def pick(self, replicas: Sequence[ReplicaState], request: RequestInfo) -> ReplicaState:
+            raise RuntimeError("secret internal detail")
+
+    router.ctx.policy = Exploding()
     status, _, body = await post_raw(
         f"{router.url}/v1/completions", b'{"model": "sim-model", "prompt": "x"}', JSON
     )
