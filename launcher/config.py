@@ -143,27 +143,27 @@ class FleetConfig:
         host = "127.0.0.1" if self.router.host in ("0.0.0.0", "::", "") else self.router.host
         return f"http://{host}:{self.router.port}"
 
-    def with_overrides(self, **values: Any) -> FleetConfig:
-        """Flags win over the file; ``None`` means "flag not given" and keeps the file value."""
-        given = {k: v for k, v in values.items() if v is not None}
-        router_given = {k: v for k, v in given.items() if k.startswith("router_")}
-        top = {k: v for k, v in given.items() if not k.startswith("router_")}
-        merged = dataclasses.replace(self, **top)
-        if router_given:
-            router = dataclasses.replace(
-                merged.router, **{k.removeprefix("router_"): v for k, v in router_given.items()}
-            )
-            merged = dataclasses.replace(merged, router=router)
-        return from_mapping(config_to_mapping(merged), source="command line")
+    def with_overrides(self, values: Mapping[str, Any]) -> FleetConfig:
+        """Flags win over the file. Keys are key paths ("replicas", "router.port"); ``None``
+        means "flag not given" and keeps the file's value."""
+        data = config_to_mapping(self)
+        for key, value in values.items():
+            if value is None:
+                continue
+            section, _, name = key.rpartition(".")
+            target = data[section] if section else data
+            target[name] = list(value) if isinstance(value, tuple) else value
+        return from_mapping(data, source="command line")
 
     def to_plan_options(self) -> PlanOptions:
+        from launcher.model_size import normalize_dtype
         from launcher.planner import PlanOptions
 
         return PlanOptions(
             model=self.model or "",
             engine=self.engine,
             served_model_name=self.served_model_name,
-            dtype=self.dtype,
+            dtype=normalize_dtype(self.dtype, where="dtype:"),
             max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs,
@@ -189,6 +189,42 @@ def config_to_mapping(config: FleetConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = plain(dataclasses.asdict(config))
     return result
+
+
+def parse_flag(key: str, raw: Any, flag: str) -> Any:
+    """A command-line value for fleet key ``key`` ("replicas", "router.port"), typed and checked
+    exactly like the file's, with errors naming the flag (``--replicas: expected ...``)."""
+    cls: type[Any] = FleetConfig
+    section, _, name = key.rpartition(".")
+    if section:
+        cls = typing.get_type_hints(FleetConfig)[section]
+    hint = typing.get_type_hints(cls)[name]
+    value = _from_text(raw, hint) if isinstance(raw, str) else raw
+    try:
+        value = _coerce(value, hint, flag, "command line")
+    except _Mismatch:
+        raise ConfigError(f"{flag}: expected {_describe(hint)}, got {raw!r}") from None
+    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ConfigError(f"{flag}: {problem}, got {raw!r}")
+    return value
+
+
+def _from_text(raw: str, hint: Any) -> Any:
+    """Flags arrive as text; numbers are parsed only where the key wants a number."""
+    options = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (types.UnionType, typing.Union)
+        else (hint,)
+    )
+    for kind in (int, float):
+        if kind in options:
+            try:
+                return kind(raw)
+            except ValueError:
+                continue
+    return raw
 
 
 def load_config(path: str | Path) -> FleetConfig:

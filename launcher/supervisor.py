@@ -200,7 +200,7 @@ class Supervisor:
             await asyncio.to_thread(self.runtime.stop, u.handle, self.settings.stop_timeout_s)
             u.handle = None
         if u.state is not UnitState.FAILED:
-            self._set_state(u, UnitState.STOPPED, "stopped")
+            self._set_state(u, UnitState.STOPPED, "")
 
     async def _supervise(self, u: _Unit) -> None:
         consecutive_failures = 0
@@ -239,12 +239,12 @@ class Supervisor:
             return False, f"could not start: {exc}"
         u.handle = handle
         u.last_log_line = ""
-        self._set_state(u, UnitState.LOADING, f"starting (pid {handle.pid})")
+        self._set_state(u, UnitState.LOADING, f"pid {handle.pid}")
         try:
             problem = await self._wait_healthy(u, handle)
             if problem is not None:
                 return False, problem
-            self._set_state(u, UnitState.HEALTHY, f"healthy at {u.unit.spec.url}")
+            self._set_state(u, UnitState.HEALTHY, u.unit.spec.url)
             u.settled.set()
             return True, await self._watch(u, handle)
         finally:
@@ -289,7 +289,7 @@ class Supervisor:
                 return f"exited with status {status.returncode}"
             if await self._probe(u):
                 if failures:
-                    self._set_state(u, UnitState.HEALTHY, "healthy again")
+                    self._set_state(u, UnitState.HEALTHY, "passing health checks again")
                 failures = 0
                 continue
             failures += 1
@@ -342,5 +342,5 @@ def units_for(replicas: Iterable[ReplicaSpec], router: ReplicaSpec | None) -> li
     return units
 
 
-#: the router answers this as soon as it is serving, whether or not any backend is healthy yet.
-ROUTER_HEALTH_PATH = "/fleet/replicas"
+#: the router's liveness endpoint: it answers while serving, healthy backends or not.
+ROUTER_HEALTH_PATH = "/health"

@@ -11,6 +11,7 @@ from launcher.config import (
     config_to_mapping,
     from_mapping,
     load_config,
+    parse_flag,
 )
 from router.errors import ConfigError
 
@@ -84,7 +85,9 @@ def test_values_are_converted_and_defaults_kept() -> None:
 
 def test_flags_override_the_file_and_none_keeps_it() -> None:
     config = from_mapping({"model": "m", "replicas": 2, "router": {"port": 9000, "policy": None}})
-    merged = config.with_overrides(replicas=3, model=None, router_port=9100, engine="sim")
+    merged = config.with_overrides(
+        {"replicas": 3, "model": None, "router.port": 9100, "engine": "sim"}
+    )
     assert merged.replicas == 3
     assert merged.model == "m"
     assert merged.router.port == 9100
@@ -93,7 +96,38 @@ def test_flags_override_the_file_and_none_keeps_it() -> None:
 
 def test_overrides_are_validated_too() -> None:
     with pytest.raises(ConfigError, match="command line: engine: expected one of"):
-        FleetConfig().with_overrides(engine="tgi")
+        FleetConfig().with_overrides({"engine": "tgi"})
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "flag", "expected"),
+    [
+        ("replicas", "3", "--replicas", 3),
+        ("gpu_memory_utilization", "0.8", "--gpu-memory-utilization", 0.8),
+        ("router.port", "9000", "--port", 9000),
+        ("router.api_keys", ["a", "b"], "--api-key", ("a", "b")),
+        ("extra_args", ["--enforce-eager"], "--engine-arg", ("--enforce-eager",)),
+        ("gpus", "8x80GB", "--gpus", "8x80GB"),
+        ("health_timeout_s", "30", "--health-timeout", 30.0),
+    ],
+)
+def test_flags_are_typed_like_the_file(key: str, raw: Any, flag: str, expected: Any) -> None:
+    assert parse_flag(key, raw, flag) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "flag", "message"),
+    [
+        ("replicas", "two", "--replicas", "--replicas: expected an integer, got 'two'"),
+        ("replicas", "0", "--replicas", "--replicas: must be >= 1, got '0'"),
+        ("engine", "tgi", "--engine", "--engine: expected one of 'vllm', 'sim', got 'tgi'"),
+        ("router.port", "99999", "--port", "--port: must be a TCP port"),
+    ],
+)
+def test_bad_flags_name_the_flag(key: str, raw: str, flag: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_flag(key, raw, flag)
+    assert str(info.value).startswith(message)
 
 
 def test_round_trip_through_plain_data() -> None:

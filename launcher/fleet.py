@@ -1,0 +1,295 @@
+"""Run one fleet in the foreground: replicas + router under the supervisor, until told to stop.
+
+This is the glue shared by ``vllm-fleet up`` and ``vllm-fleet demo``: it wires the supervisor's
+events to the terminal and to ``state.json``, its healthy set to the router's backends file, and
+SIGINT/SIGTERM to an orderly teardown (router first, then replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+
+from launcher.config import FleetConfig
+from launcher.plan import ReplicaSpec
+from launcher.rundir import FleetState, RunDir
+from launcher.runtime.process import ProcessRuntime, process_alive
+from launcher.supervisor import (
+    Supervisor,
+    SupervisorEvent,
+    SupervisorSettings,
+    UnitState,
+    units_for,
+)
+from router.errors import ConfigError
+
+#: how often a loading replica's newest log line is echoed at most (state changes always are).
+LOG_ECHO_INTERVAL_S = 5.0
+#: how long the router may take to list the healthy replicas once they are up.
+ROUTER_READY_TIMEOUT_S = 60.0
+ROUTER_NAME = "router"
+
+#: called once the fleet is ready; returning an int ends the run with that status (demo --smoke).
+AfterReady = Callable[[FleetState], Awaitable[int | None]]
+
+
+def router_spec(config: FleetConfig, backends_file: Path) -> ReplicaSpec:
+    """The router as one more supervised process; API keys travel in its environment so they
+    do not show up in ``ps``."""
+    r = config.router
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "router",
+        "--host",
+        r.host,
+        "--port",
+        str(r.port),
+        "--backends-file",
+        str(backends_file),
+        # the file is local and tiny: re-read it often so a healthy replica gets traffic soon.
+        "--discovery-interval",
+        "0.5",
+    ]
+    if r.policy:
+        command += ["--policy", r.policy]
+    env = {"FLEET_API_KEYS": ",".join(r.api_keys)} if r.api_keys else {}
+    return ReplicaSpec(
+        name=ROUTER_NAME,
+        port=r.port,
+        gpus=(),
+        tensor_parallel_size=1,
+        command=(*command, *r.extra_args),
+        env=env,
+    )
+
+
+def ensure_no_fleet(run_dir: RunDir) -> None:
+    state = run_dir.read_state()
+    if state is not None and process_alive(state.supervisor_pid):
+        raise ConfigError(
+            f"--run-dir {run_dir.path}: a fleet is already running there (supervisor pid "
+            f"{state.supervisor_pid}); stop it with `vllm-fleet down --run-dir {run_dir.path}` "
+            "or pass another --run-dir"
+        )
+
+
+def ensure_ports_free(specs: Sequence[ReplicaSpec], router_host: str) -> None:
+    """Fail before starting anything: a taken port would otherwise become a crash loop."""
+    for spec in specs:
+        host = router_host if spec.name == ROUTER_NAME else "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host if host not in ("", "::") else "0.0.0.0", spec.port))
+            except OSError:
+                flag = "--port" if spec.name == ROUTER_NAME else "--base-port"
+                raise ConfigError(
+                    f"{flag}: port {spec.port} ({spec.name}) is already in use; "
+                    f"pick a free one with {flag}"
+                ) from None
+
+
+class ProgressPrinter:
+    """One line per state change, plus a loading replica's newest log line now and then."""
+
+    def __init__(self, out: TextIO, supervisor: Supervisor | None = None) -> None:
+        self.out = out
+        self.supervisor = supervisor
+        self._echoed_at: dict[str, float] = {}
+
+    def __call__(self, event: SupervisorEvent) -> None:
+        now = time.monotonic()
+        if event.log_only:
+            if now - self._echoed_at.get(event.name, -1e9) < LOG_ECHO_INTERVAL_S:
+                return
+            line = f"{event.name}: {event.state.value} | {_trim(event.last_log_line)}"
+        else:
+            line = f"{event.name}: {event.state.value}"
+            if event.message:
+                line += f" ({event.message})"
+            if event.last_log_line and event.state in (
+                UnitState.RESTARTING,
+                UnitState.FAILED,
+                UnitState.UNHEALTHY,
+            ):
+                line += f" | last log: {_trim(event.last_log_line)}"
+        self._echoed_at[event.name] = now
+        self.print(f"{line}{self._summary()}")
+
+    def print(self, line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", file=self.out, flush=True)
+
+    def _summary(self) -> str:
+        if self.supervisor is None:
+            return ""
+        states = [r.state for r in self.supervisor.records() if r.role == "replica"]
+        counts = {s: states.count(s) for s in dict.fromkeys(states)}
+        return "  [" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "]"
+
+
+def _trim(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class FleetRun:
+    """One fleet's lifetime in this process; ``run()`` returns the exit status."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        replicas: Sequence[ReplicaSpec],
+        run_dir: RunDir,
+        out: TextIO = sys.stdout,
+        model_label: str = "",
+        after_ready: AfterReady | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.replicas = tuple(replicas)
+        self.run_dir = run_dir
+        self.out = out
+        self.model_label = model_label or (config.served_model_name or config.model or "")
+        self.after_ready = after_ready
+        self.handle_signals = handle_signals
+        self.stop_requested = asyncio.Event()
+        self.status = "starting"
+        self.message = ""
+        self.started_at = time.time()
+        self.router = router_spec(config, run_dir.backends_path.resolve())
+        runtime = ProcessRuntime(run_dir.logs_dir)
+        self.printer = ProgressPrinter(out)
+        self.supervisor = Supervisor(
+            runtime,
+            units_for(self.replicas, self.router),
+            SupervisorSettings.from_config(config),
+            on_backends=run_dir.write_backends,
+            on_event=self._on_event,
+        )
+        self.printer.supervisor = self.supervisor
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def state(self) -> FleetState:
+        return FleetState(
+            supervisor_pid=os.getpid(),
+            status=self.status,
+            router_url=self.config.router_url,
+            model=self.model_label,
+            engine=self.config.engine,
+            started_at=self.started_at,
+            units=tuple(self.supervisor.records()),
+            message=self.message,
+            stop_timeout_s=self.config.stop_timeout_s,
+        )
+
+    def _on_event(self, event: SupervisorEvent) -> None:
+        self.printer(event)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        self.run_dir.write_state(self.state())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if self.handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
+        self.run_dir.create()
+        self._write_state()
+        try:
+            await self.supervisor.start()
+            status = await self._until_ready()
+            if status is None and self.after_ready is not None:
+                status = await self._unless_stopped(self.after_ready(self.state()))
+            if status is None:
+                await self.stop_requested.wait()
+                status = 0
+            return status
+        finally:
+            self.status = "stopping"
+            self.printer.print("stopping fleet (router first, then replicas)")
+            self._write_state()
+            await self.supervisor.shutdown()
+            self.run_dir.clear_state()
+            self.printer.print("fleet stopped")
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    async def _unless_stopped(self, work: Awaitable[int | None]) -> int | None:
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.create_task(self.stop_requested.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return 0
+        return task.result()
+
+    async def _until_ready(self) -> int | None:
+        """None when ready; an exit status when the fleet cannot become ready or was stopped."""
+        result = await self._unless_stopped(self._become_ready())
+        return result
+
+    async def _become_ready(self) -> int | None:
+        await self.supervisor.wait_settled()
+        states = self.supervisor.states()
+        replicas = [s.name for s in self.replicas]
+        if states[ROUTER_NAME] is UnitState.FAILED:
+            return self._fail(f"the router failed to start; see {self.run_dir.logs_dir}/router.log")
+        if all(states[n] is UnitState.FAILED for n in replicas):
+            return self._fail(f"no replica became healthy; see the logs in {self.run_dir.logs_dir}")
+        if not await self._router_ready():
+            return self._fail(
+                f"the router at {self.config.router_url} did not report ready within "
+                f"{ROUTER_READY_TIMEOUT_S:g}s; see {self.run_dir.logs_dir}/router.log"
+            )
+        healthy = len(self.supervisor.healthy_urls())
+        self.status = "ready"
+        self.message = f"{healthy}/{len(replicas)} replicas healthy"
+        self._write_state()
+        self.printer.print(
+            f"Fleet ready: {self.config.router_url}/v1 ({healthy}/{len(replicas)} replicas healthy)"
+        )
+        return None
+
+    def _fail(self, message: str) -> int:
+        self.status = "failed"
+        self.message = message
+        self._write_state()
+        self.printer.print(f"Fleet failed: {message}")
+        return 1
+
+    async def _router_ready(self) -> bool:
+        """The router re-reads the backends file on its own clock; wait until it routes."""
+        deadline = time.monotonic() + ROUTER_READY_TIMEOUT_S
+        url = f"{self.config.router_url}/ready"
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    async with session.get(url) as resp:
+                        if resp.status == 200:
+                            return True
+                await asyncio.sleep(0.1)
+        return False
+
+
+def run_foreground(run: FleetRun) -> int:
+    return asyncio.run(run.run())
