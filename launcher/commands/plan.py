@@ -211,8 +211,10 @@ def plan_to_json(layout: Plan) -> dict[str, Any]:
 
 def _gpu_summary(inventory: Inventory) -> str:
     if not inventory.gpus:
+        if inventory.source == "declared":
+            return "GPUs: none (declared)"
         why = "; ".join(inventory.notes)
-        return f"GPUs: none ({inventory.source}{': ' + why if why else ''})"
+        return f"GPUs: none found{f' ({why})' if why else ''}"
     kinds: dict[tuple[str, int], int] = {}
     for gpu in inventory.gpus:
         kinds[(gpu.name, gpu.memory_bytes)] = kinds.get((gpu.name, gpu.memory_bytes), 0) + 1
@@ -229,19 +231,27 @@ def _gpu_summary(inventory: Inventory) -> str:
     return "\n".join([line, *(f"  {n}" for n in inventory.notes)])
 
 
+def _size(n: float) -> str:
+    """GiB for model-sized numbers, smaller units for tiny test models."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale / 10:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _model_summary(model: ModelSize, layout: Plan) -> list[str]:
     lines = [
         f"Model: {model.name}: {human_params(model.num_params)} parameters, {model.dtype}, "
-        f"{gib(model.weight_bytes)} of weights ({model.source})",
+        f"{_size(model.weight_bytes)} of weights ({model.source})",
         f"  KV cache: {model.kv_bytes_per_token / 1024:g} KiB per token; context "
-        f"{model.max_model_len} tokens = {gib(model.kv_bytes_per_token * model.max_model_len)}",
+        f"{model.max_model_len} tokens = {_size(model.kv_bytes_per_token * model.max_model_len)}",
     ]
     if layout.max_model_len and layout.kv_cache_tokens:
         per_seq = layout.kv_cache_tokens / layout.max_model_len
         lines.append(
             f"  planned: max_model_len {layout.max_model_len}; each replica has KV cache room "
             f"for ~{layout.kv_cache_tokens} tokens "
-            f"({gib(layout.kv_cache_tokens * model.kv_bytes_per_token)}, "
+            f"({_size(layout.kv_cache_tokens * model.kv_bytes_per_token)}, "
             f"{per_seq:.1f} full-length sequences)"
         )
     lines += [f"  {note}" for note in model.notes]
@@ -253,19 +263,18 @@ def _fit_table(checks: Sequence[FitCheck], chosen: set[tuple[str, int]]) -> list
         return []
     first = checks[0]
     lines = [
-        f"Memory per GPU (usable {gib(first.usable_bytes)}, fixed overhead "
-        f"{gib(first.overhead_bytes)}, KV for {first.kv_tokens} tokens):"
+        f"Memory per GPU, GiB: weights/TP + {first.overhead_bytes / GIB:.1f} overhead + KV cache "
+        f"for {first.kv_tokens} tokens/TP, against gpu_memory_utilization x GPU memory:"
     ]
     several = len({c.gpu_name for c in checks}) > 1
     for c in checks:
         total = c.weight_bytes + c.overhead_bytes + c.kv_bytes
-        verdict = "fits" if c.fits else f"does not fit ({gib(c.usable_bytes)} usable)"
+        verdict = "fits" if c.fits else "does not fit"
         mark = "  <- chosen" if (c.gpu_name, c.tensor_parallel_size) in chosen else ""
         lines.append(
             f"  {c.gpu_name + ' ' if several else ''}TP{c.tensor_parallel_size}: "
-            f"{c.weight_bytes / GIB:.1f} weights "
-            f"+ {c.overhead_bytes / GIB:.1f} overhead + {c.kv_bytes / GIB:.1f} KV "
-            f"= {gib(total)}  {verdict}{mark}"
+            f"{c.weight_bytes / GIB:.1f} + {c.overhead_bytes / GIB:.1f} + {c.kv_bytes / GIB:.1f} "
+            f"= {gib(total)} of {gib(c.usable_bytes)}  {verdict}{mark}"
         )
     return lines
 
@@ -281,14 +290,19 @@ def render(layout: Plan, options: PlanOptions) -> str:
     engine = "simulated " if layout.engine == "sim" else ""
     where = "CPU" if not layout.inventory.gpus and layout.engine == "vllm" else ""
     head = f"Plan: {count} {engine}replica{'s' if count != 1 else ''}"
-    head += f" x TP{layout.tensor_parallel_size}" if layout.engine == "vllm" else ""
+    sizes = [r.tensor_parallel_size for r in layout.replicas]
+    if layout.engine == "vllm" and len(set(sizes)) > 1:
+        head += " (" + " + ".join(f"{sizes.count(t)}x TP{t}" for t in sorted(set(sizes))) + ")"
+    elif layout.engine == "vllm":
+        head += f" x TP{layout.tensor_parallel_size}"
     head += f" on {where}" if where else ""
     if layout.max_model_len:
         head += f", max_model_len {layout.max_model_len}"
     lines.append(head)
     for r in layout.replicas:
         gpus = "GPUs " + ",".join(map(str, r.gpus)) if r.gpus else "no GPU"
-        lines.append(f"  {r.name}  {gpus}  port {r.port}")
+        tp = f"  TP{r.tensor_parallel_size}" if len(set(sizes)) > 1 else ""
+        lines.append(f"  {r.name}  {gpus}  port {r.port}{tp}")
     if layout.inventory.gpus:
         left = ",".join(map(str, layout.leftover_gpus)) or "none"
         lines.append(f"Leftover GPUs: {left}")

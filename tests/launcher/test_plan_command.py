@@ -31,8 +31,8 @@ def test_text_output_explains_the_layout(capsys: pytest.CaptureFixture[str]) -> 
     assert "GPUs: 8x 80GB, declared" in out
     assert "Llama-3.1-70B: 70.6B parameters, bfloat16, 131.4 GiB of weights" in out
     assert "KV cache: 320 KiB per token" in out
-    assert "TP2: 65.7 weights + 2.0 overhead + 20.0 KV = 87.7 GiB  does not fit" in out
-    assert "TP4: 32.9 weights + 2.0 overhead + 10.0 KV = 44.9 GiB  fits  <- chosen" in out
+    assert "TP2: 65.7 + 2.0 + 20.0 = 87.7 GiB of 72.0 GiB  does not fit" in out
+    assert "TP4: 32.9 + 2.0 + 10.0 = 44.9 GiB of 72.0 GiB  fits  <- chosen" in out
     assert "Plan: 2 replicas x TP4, max_model_len 131072" in out
     assert "replica-0  GPUs 0,1,2,3  port 8001" in out
     assert "replica-1  GPUs 4,5,6,7  port 8002" in out
@@ -86,6 +86,18 @@ def test_cpu_plan(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Plan: 2 replicas x TP1 on CPU, max_model_len 8192" in out
     assert "no GPU found: using vLLM's CPU engine" in out
     assert "VLLM_CPU_KVCACHE_SPACE=1" in out
+
+
+def test_mixed_tp_sizes_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(MODELS / "Mixtral-8x7B-v0.1")
+
+    status = main(["plan", "--model", model, "--gpus", "4xA100-80GB+4xA100-40GB"])
+
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "Plan: 3 replicas (2x TP2 + 1x TP4), max_model_len 32768" in out
+    assert "replica-2  GPUs 4,5,6,7  port 8003  TP4" in out
+    assert "A100-40GB TP2: 43.5 + 2.0 + 2.0 = 47.5 GiB of 36.0 GiB  does not fit" in out
 
 
 def test_cpu_plan_of_an_unsizable_model_still_plans(capsys: pytest.CaptureFixture[str]) -> None:
