@@ -23,7 +23,7 @@ import aiohttp
 from launcher.config import FleetConfig
 from launcher.plan import ReplicaSpec
 from launcher.rundir import FleetState, RunDir
-from launcher.runtime.process import ProcessRuntime, process_alive
+from launcher.runtime.process import ProcessRuntime, group_members, process_alive
 from launcher.supervisor import (
     Supervisor,
     SupervisorEvent,
@@ -76,28 +76,36 @@ def router_spec(config: FleetConfig, backends_file: Path) -> ReplicaSpec:
 
 
 def ensure_no_fleet(run_dir: RunDir) -> None:
+    """One fleet per run directory, and none over the leftovers of a crashed one."""
     state = run_dir.read_state()
-    if state is not None and process_alive(state.supervisor_pid):
+    if state is None:
+        return
+    flag = f"--run-dir {run_dir.path}"
+    if process_alive(state.supervisor_pid):
         raise ConfigError(
-            f"--run-dir {run_dir.path}: a fleet is already running there (supervisor pid "
-            f"{state.supervisor_pid}); stop it with `vllm-fleet down --run-dir {run_dir.path}` "
-            "or pass another --run-dir"
+            f"{flag}: a fleet is already running there (supervisor pid {state.supervisor_pid}); "
+            f"stop it with `vllm-fleet down {flag}` or pass another --run-dir"
+        )
+    leftovers = [f"{u.name} pid {u.pid}" for u in state.units if u.pid and group_members(u.pid)]
+    if leftovers:
+        raise ConfigError(
+            f"{flag}: processes of a fleet whose supervisor died are still running "
+            f"({', '.join(leftovers)}); clean up with `vllm-fleet down {flag}`"
         )
 
 
-def ensure_ports_free(specs: Sequence[ReplicaSpec], router_host: str) -> None:
+def ensure_ports_free(replicas: Sequence[ReplicaSpec], config: FleetConfig) -> None:
     """Fail before starting anything: a taken port would otherwise become a crash loop."""
-    for spec in specs:
-        host = router_host if spec.name == ROUTER_NAME else "127.0.0.1"
+    wanted = [(spec.name, config.host, spec.port, "--base-port") for spec in replicas]
+    wanted.append((ROUTER_NAME, config.router.host, config.router.port, "--port"))
+    for name, host, port, flag in wanted:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((host if host not in ("", "::") else "0.0.0.0", spec.port))
+                sock.bind((host if host not in ("", "::") else "0.0.0.0", port))
             except OSError:
-                flag = "--port" if spec.name == ROUTER_NAME else "--base-port"
                 raise ConfigError(
-                    f"{flag}: port {spec.port} ({spec.name}) is already in use; "
-                    f"pick a free one with {flag}"
+                    f"{flag}: port {port} ({name}) is already in use; pick a free one with {flag}"
                 ) from None
 
 

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from launcher.config import FleetConfig, RestartConfig, RouterConfig
-from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, router_spec
+from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
 from launcher.plan import Inventory, ReplicaSpec
 from launcher.rundir import FleetState, RunDir
 from router.errors import ConfigError
@@ -65,7 +65,7 @@ def run_demo(args: argparse.Namespace) -> int:
     config, replicas = demo_fleet(args)
     run_dir = RunDir(Path(args.run_dir))
     ensure_no_fleet(run_dir)
-    ensure_ports_free([*replicas, router_spec(config, run_dir.backends_path)], config.router.host)
+    ensure_ports_free(replicas, config)
     out = sys.stdout
     print(f"vllm-fleet demo: {len(replicas)} {args.engine} replica(s) of "
           f"{config.served_model_name} behind http://127.0.0.1:{args.port}/v1",

@@ -25,10 +25,11 @@ from typing import Any, TextIO
 import aiohttp
 import yaml
 
-from launcher.commands.plan import add_plan_arguments
+from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
 from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
-from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, router_spec
-from launcher.plan import ReplicaSpec
+from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
+from launcher.plan import Plan, ReplicaSpec
+from launcher.planner import PlanOptions, plan
 from launcher.rundir import FleetState, RunDir, UnitRecord, atomic_write_text
 from launcher.runtime.process import group_members, process_alive, stop_process_group
 from router.errors import ConfigError
@@ -99,8 +100,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_dir_argument(parser)
     add("--detach", action="store_true",
         help="run the supervisor in the background and return once the fleet is ready")  # fmt: skip
-    # internal: the background supervisor started by --detach runs exactly the parent's plan.
-    add("--foreground-child", action="store_true", help=argparse.SUPPRESS)
+    # internal: the background supervisor started by --detach runs exactly the parent's plan
+    # (already checked and printed by the parent).
     add("--plan-file", default=None, help=argparse.SUPPRESS)
 
 
@@ -146,20 +147,10 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     return config
 
 
-def plan_replicas(config: FleetConfig, params: str | None = None) -> tuple[ReplicaSpec, ...]:
-    from launcher.commands.plan import load_plan_inputs
-    from launcher.planner import plan
-
+def plan_fleet(config: FleetConfig, params: str | None = None) -> tuple[Plan, PlanOptions]:
     options = config.to_plan_options()
     inventory, size = load_plan_inputs(options, config.gpus, params)
-    return plan(inventory, size, options).replicas
-
-
-def describe_plan(replicas: Sequence[ReplicaSpec], out: TextIO) -> None:
-    for spec in replicas:
-        gpus = ",".join(str(g) for g in spec.gpus) or "-"
-        print(f"  {spec.name}: port {spec.port}, GPUs {gpus}, TP {spec.tensor_parallel_size}",
-              file=out, flush=True)  # fmt: skip
+    return plan(inventory, size, options), options
 
 
 def write_plan_file(path: Path, model_label: str, replicas: Sequence[ReplicaSpec]) -> None:
@@ -196,14 +187,11 @@ def run_up(args: argparse.Namespace) -> int:
     if args.plan_file:
         model_label, replicas = read_plan_file(Path(args.plan_file))
     else:
-        replicas = plan_replicas(config, getattr(args, "params", None))
-    if not args.foreground_child:
+        layout, options = plan_fleet(config, getattr(args, "params", None))
+        replicas = layout.replicas
         ensure_no_fleet(run_dir)
-        ensure_ports_free(
-            [*replicas, router_spec(config, run_dir.backends_path)], config.router.host
-        )
-        print(f"vllm-fleet: {len(replicas)} replica(s) of {model_label} ({config.engine}):")
-        describe_plan(replicas, sys.stdout)
+        ensure_ports_free(replicas, config)
+        print(render(layout, options), flush=True)
     if args.detach:
         return detach(config, model_label, replicas, run_dir, sys.stdout)
     run = FleetRun(config, replicas, run_dir, out=sys.stdout, model_label=model_label)
@@ -225,7 +213,7 @@ def detach(
     atomic_write_text(config_path, yaml.safe_dump(config_to_mapping(config), sort_keys=False))
     write_plan_file(plan_path, model_label, replicas)
     command = [
-        sys.executable, "-m", "launcher.cli", "up", "--foreground-child",
+        sys.executable, "-m", "launcher.cli", "up",
         "--config", str(config_path), "--plan-file", str(plan_path), "--run-dir", str(base),
     ]  # fmt: skip
     log_path = run_dir.supervisor_log_path

@@ -211,6 +211,9 @@ def test_down_kills_leftovers_when_the_supervisor_died(fleet_files: Fleet) -> No
     os.kill(state.supervisor_pid, signal.SIGKILL)
     wait_for(lambda: not process_alive(state.supervisor_pid), "the supervisor to die")
     assert all(process_alive(p) for p in state.pids())
+    again = cli("up", "--config", str(fleet_files.config), *fleet_files.args)
+    assert again.returncode == 2
+    assert "processes of a fleet whose supervisor died are still running" in again.stderr
 
     result = cli("down", *fleet_files.args)
 
