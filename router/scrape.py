@@ -124,8 +124,15 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     )
 
 
-def apply_metrics(r: ReplicaState, m: EngineMetrics, now: float) -> None:
-    """Store one successful scrape on the replica record."""
+def apply_metrics(
+    r: ReplicaState, m: EngineMetrics, now: float, in_flight_at_scrape: int | None = None
+) -> None:
+    """Store one successful scrape on the replica record.
+
+    ``in_flight_at_scrape`` is the router's in-flight count for ``r`` when the engine produced
+    the numbers (default: now); the balancer subtracts it to see only other clients' load.
+    """
+    r.in_flight_at_scrape = r.in_flight if in_flight_at_scrape is None else in_flight_at_scrape
     r.running = m.running
     r.waiting = m.waiting
     r.kv_cache_usage = m.kv_cache_usage
@@ -154,6 +161,9 @@ async def scrape_replica(
 
     Failures are logged once when they start and once when they stop, not every second.
     """
+    # The engine renders its gauges somewhere between sending and receiving; taking the larger
+    # of our two counts errs toward "that load was ours", never toward phantom external load.
+    in_flight_before = r.in_flight
     try:
         text = await asyncio.wait_for(
             fetch_metrics_text(session, f"{r.url}/metrics", timeout_s), timeout_s + 0.5
@@ -165,7 +175,7 @@ async def scrape_replica(
     except (aiohttp.ClientError, ValueError) as exc:
         _scrape_failed(r, f"{type(exc).__name__}: {exc}"[:200])
         return
-    apply_metrics(r, metrics, clock())
+    apply_metrics(r, metrics, clock(), max(in_flight_before, r.in_flight))
     if r.scrape_error:
         log.info("replica metrics scrape recovered url=%s", r.url)
         r.scrape_error = ""

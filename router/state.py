@@ -47,6 +47,9 @@ class ReplicaState:
     kv_cache_usage: float = 0.0
     #: monotonic time of the last successful scrape; 0 when never scraped.
     scraped_at: float = 0.0
+    #: ``in_flight`` when that scrape was taken: the engine's counts include these requests,
+    #: so the balancer subtracts them to see only other clients' load.
+    in_flight_at_scrape: int = 0
     #: Model ids from GET /v1/models (served names and aliases).
     models: frozenset[str] = frozenset()
     #: Total requests the router finished on this replica (for /fleet/replicas and tests).

@@ -29,6 +29,7 @@ def replica(
     url: str = "http://a:1",
     *,
     in_flight: int = 0,
+    ours_at_scrape: int = 0,
     running: float = 0.0,
     waiting: float = 0.0,
     kv: float = 0.0,
@@ -40,6 +41,7 @@ def replica(
         url=url,
         healthy=True,
         in_flight=in_flight,
+        in_flight_at_scrape=ours_at_scrape,
         running=running,
         waiting=waiting,
         kv_cache_usage=kv,
@@ -54,10 +56,22 @@ def replica(
         pytest.param(replica(), 0.0, id="idle"),
         pytest.param(replica(in_flight=3), 3.0, id="in-flight-only"),
         pytest.param(replica(running=4), 4.0, id="engine-running-from-other-clients"),
-        # our 2 in-flight are among the engine's 2 running: not counted twice
-        pytest.param(replica(in_flight=2, running=2), 2.0, id="no-double-count"),
+        # our 2 in-flight are the engine's 2 running: not counted twice
+        pytest.param(replica(in_flight=2, ours_at_scrape=2, running=2), 2.0, id="no-double-count"),
         # sent since the last scrape: the engine does not know about them yet
-        pytest.param(replica(in_flight=5, running=2), 5.0, id="in-flight-ahead-of-scrape"),
+        pytest.param(
+            replica(in_flight=5, ours_at_scrape=2, running=2), 5.0, id="in-flight-ahead-of-scrape"
+        ),
+        # ours finished since the scrape: the stale engine count must not hold a floor
+        pytest.param(
+            replica(in_flight=0, ours_at_scrape=3, running=3), 0.0, id="finished-since-scrape"
+        ),
+        # 3 of ours + 2 from another router
+        pytest.param(replica(in_flight=3, ours_at_scrape=3, running=5), 5.0, id="ours-plus-others"),
+        # a request in transit at scrape time is not in the engine yet: no negative load
+        pytest.param(
+            replica(in_flight=1, ours_at_scrape=1, running=0), 1.0, id="in-transit-clamped"
+        ),
         # busy = 2 + 1, plus 1 extra for the queued one
         pytest.param(replica(running=2, waiting=1), 4.0, id="waiting-weighs-double"),
         pytest.param(replica(running=2, kv=0.8), 2.0, id="kv-at-knee-no-penalty"),
@@ -65,6 +79,7 @@ def replica(
         pytest.param(replica(running=2, kv=1.0), 4.0, id="kv-full-doubles"),
         pytest.param(replica(running=4, capacity=2.0), 2.0, id="capacity-normalises"),
         pytest.param(replica(in_flight=1, running=9, age=STALE_S + 1), 1.0, id="stale-ignored"),
+        pytest.param(replica(in_flight=1, running=9, kv=1.0, age=STALE_S), 1.0, id="stale-kv"),
         pytest.param(replica(in_flight=1, running=9, age=None), 1.0, id="never-scraped"),
         pytest.param(
             replica(running=6, age=(FRESH_S + STALE_S) / 2), 3.0, id="half-stale-half-weight"
@@ -111,10 +126,28 @@ def test_freshness_fades_linearly_between_fresh_and_stale() -> None:
         pytest.param(
             [
                 replica("http://a:1", in_flight=1, running=20, age=STALE_S * 2),
-                replica("http://b:1", in_flight=2, running=2),
+                replica("http://b:1", in_flight=2, ours_at_scrape=2, running=2),
             ],
             "http://a:1",
             id="stale-gauges-ignored",
+        ),
+        pytest.param(
+            [
+                # a fast replica that finished its requests since the scrape ...
+                replica("http://fast:1", in_flight=0, ours_at_scrape=2, running=2),
+                # ... beats a slow one still working on them
+                replica("http://slow:1", in_flight=2, ours_at_scrape=2, running=2),
+            ],
+            "http://fast:1",
+            id="fresher-own-count-wins",
+        ),
+        pytest.param(
+            [
+                replica("http://a:1", in_flight=1, ours_at_scrape=1, running=6),
+                replica("http://b:1", in_flight=2, ours_at_scrape=2, running=2),
+            ],
+            "http://b:1",
+            id="other-clients-load-counts",
         ),
     ],
 )

@@ -223,9 +223,10 @@ async def test_scrape_updates_the_replica(
     start_fake: StartFake, session: aiohttp.ClientSession
 ) -> None:
     _, url = await start_fake(body=REAL_VLLM)
-    r = ReplicaState(url=url)
+    r = ReplicaState(url=url, in_flight=3)
     await scrape_replica(session, r, 1.0, clock=lambda: 42.0)
     assert (r.running, r.waiting, r.kv_cache_usage, r.scraped_at) == (4.0, 2.0, 0.9, 42.0)
+    assert r.in_flight_at_scrape == 3
     assert r.generation_tokens_total == 57.0
     assert r.scrape_error == ""
 
