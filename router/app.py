@@ -26,7 +26,7 @@ from router.discovery import (
     discovery_loop,
     refresh_once,
 )
-from router.endpoints import fleet_replicas, health, list_models, metrics, ready
+from router.endpoints import fleet_replicas, get_model, health, list_models, metrics, ready
 from router.health import BreakerPolicy, health_loop
 from router.middleware import make_outer_middleware
 from router.proxy import proxy_handler
@@ -59,8 +59,10 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
 
     No connection limit: vLLM batches hundreds of concurrent requests and queues the rest
     itself. No decompression: bodies are relayed as bytes, and no Accept-Encoding is sent, so
-    replicas answer uncompressed.
+    replicas answer uncompressed. The upstream key is a session default header so health
+    checks and scrapes carry it too (vLLM's --api-key also guards /v1/models).
     """
+    headers = {"Authorization": f"Bearer {key}"} if (key := config.upstream_api_key) else None
     connector = aiohttp.TCPConnector(
         limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S
     )
@@ -74,6 +76,7 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
         timeout=timeout,
         auto_decompress=False,
         skip_auto_headers=("Accept-Encoding",),
+        headers=headers,
     )
 
 
@@ -159,6 +162,7 @@ def make_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/fleet/replicas", fleet_replicas)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/{tail:.+}", proxy_handler)
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_loops_ctx)

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.context import ROUTER
 from router.openai_errors import error_response
-from router.proxy import RETRY_AFTER_S
+from router.proxy import RETRY_AFTER_S, no_replica_error
 
 
 async def health(request: web.Request) -> web.Response:
@@ -66,11 +66,22 @@ async def fleet_replicas(request: web.Request) -> web.Response:
     return web.json_response(rows)
 
 
+def _model_card(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "vllm-fleet"}
+
+
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the union of the healthy replicas' models, in OpenAI's list format."""
     ctx = request.app[ROUTER]
-    data = [
-        {"id": model, "object": "model", "created": ctx.created, "owned_by": "vllm-fleet"}
-        for model in ctx.fleet.served_models()
-    ]
+    data = [_model_card(model, ctx.created) for model in ctx.fleet.served_models()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model} (``client.models.retrieve``): one card, or 404."""
+    ctx = request.app[ROUTER]
+    model = request.match_info["model"]
+    served = ctx.fleet.served_models()
+    if model not in served:
+        raise no_replica_error(ctx.fleet, model)
+    return web.json_response(_model_card(model, ctx.created))

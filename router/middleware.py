@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
+import secrets
 from dataclasses import dataclass
 from typing import cast
 
@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from router.openai_errors import ApiError, error_response
-from router.telemetry import NO_REPLICA, Telemetry
+from router.telemetry import CLIENT_CLOSED, NO_REPLICA, Telemetry
 
 log = logging.getLogger("vllm_fleet.router")
 access_log = logging.getLogger("vllm_fleet.access")
@@ -26,8 +26,6 @@ access_log = logging.getLogger("vllm_fleet.access")
 REQUEST_ID = "X-Request-Id"
 #: A client's request id is reused only if it is short and plain (it lands in logs verbatim).
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-#: Status logged when the client went away before the response finished (nginx's convention).
-CLIENT_CLOSED = 499
 _EXCHANGE = "vllm_fleet.exchange"
 
 
@@ -53,7 +51,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID)
     if given and _REQUEST_ID_RE.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def _http_exception_response(exc: web.HTTPException) -> web.Response:
@@ -105,10 +103,7 @@ def _report(
 ) -> None:
     is_api = request.path.startswith("/v1/")
     if is_api:
-        telemetry.requests.labels(exchange.replica, str(status)).inc()
-        telemetry.latency.labels(exchange.replica).observe(elapsed)
-        if status == CLIENT_CLOSED:
-            telemetry.client_disconnects.inc()
+        telemetry.observe_request(exchange.replica, status, elapsed)
     level = logging.INFO if is_api else logging.DEBUG
     if access_log.isEnabledFor(level):
         fields = {

@@ -130,6 +130,10 @@ async def test_unknown_model_via_the_openai_client(router: RouterHandle) -> None
     async with router.openai() as client:
         with pytest.raises(openai.NotFoundError, match=SIM_MODEL):
             await client.completions.create(model="gpt-unknown", prompt="x")
+        card = await client.models.retrieve(SIM_MODEL)
+        assert card.id == SIM_MODEL
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("gpt-unknown")
 
 
 async def test_body_over_the_limit_is_413(sims: list[SimHandle]) -> None:

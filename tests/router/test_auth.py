@@ -86,6 +86,8 @@ async def test_client_key_is_replaced_by_the_upstream_key() -> None:
         assert status == 200
         (sent,) = rec.requests
         assert sent.headers["Authorization"] == "Bearer replica-key"
+        assert rec.model_list_headers  # health checks list the models with the key too
+        assert all(h["Authorization"] == "Bearer replica-key" for h in rec.model_list_headers)
 
 
 async def test_client_key_is_not_forwarded_without_an_upstream_key() -> None:

@@ -214,3 +214,28 @@ async def test_requests_route_by_model() -> None:
         assert sorted(m.id for m in listed.data) == ["alpha", "beta"]
         assert b.stats().finished == 3
         assert a.stats().received == 0
+
+
+async def test_failover_tries_each_replica_at_most_once_up_to_max_attempts() -> None:
+    async with running_sims(3) as handles:
+        bad1, bad2, good = handles
+        for h in (bad1, bad2):
+            await h.control(fail_rate=1.0)
+        urls = [h.url for h in handles]
+        async with running_router(urls, max_attempts=3) as router, router.openai() as client:
+            for _ in range(5):
+                await client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=1)
+        assert good.stats().finished == 5
+        async with running_router(urls, max_attempts=1, failure_threshold=100) as router:
+            async with router.openai() as client:
+                outcomes = await asyncio.gather(
+                    *(
+                        client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=1)
+                        for _ in range(12)
+                    ),
+                    return_exceptions=True,
+                )
+            failed = [o for o in outcomes if isinstance(o, openai.InternalServerError)]
+            assert failed  # without failover, requests sent to a failing replica fail
+            assert len(failed) + good.stats().finished - 5 == 12
+            assert router.ctx.telemetry.retries.labels("status")._value.get() == 0

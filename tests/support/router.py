@@ -119,6 +119,8 @@ class Recorder:
     url: str = ""
     model: str = "rec-model"
     requests: list[Recorded] = field(default_factory=list)
+    #: Headers of every GET /v1/models (the router's health checks).
+    model_list_headers: list[dict[str, str]] = field(default_factory=list)
     #: What POST /v1/* answers: status, body, extra headers.
     status: int = 200
     body: bytes = b'{"ok": true}'
@@ -133,6 +135,7 @@ async def running_recorder(model: str = "rec-model") -> AsyncIterator[Recorder]:
         return web.Response(status=200)
 
     async def models(request: web.Request) -> web.Response:
+        recorder.model_list_headers.append(dict(request.headers))
         return web.json_response({"object": "list", "data": [{"id": recorder.model}]})
 
     async def metrics(request: web.Request) -> web.Response:
