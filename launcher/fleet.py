@@ -219,7 +219,7 @@ class FleetRun:
         self._write_state()
         try:
             await self.supervisor.start()
-            status = await self._until_ready()
+            status = await self._unless_stopped(self._become_ready())
             if status is None and self.after_ready is not None:
                 status = await self._unless_stopped(self.after_ready(self.state()))
             if status is None:
@@ -250,12 +250,8 @@ class FleetRun:
             return 0
         return task.result()
 
-    async def _until_ready(self) -> int | None:
-        """None when ready; an exit status when the fleet cannot become ready or was stopped."""
-        result = await self._unless_stopped(self._become_ready())
-        return result
-
     async def _become_ready(self) -> int | None:
+        """None when ready; an exit status when the fleet cannot become ready."""
         await self.supervisor.wait_settled()
         states = self.supervisor.states()
         replicas = [s.name for s in self.replicas]
@@ -297,7 +293,3 @@ class FleetRun:
                             return True
                 await asyncio.sleep(0.1)
         return False
-
-
-def run_foreground(run: FleetRun) -> int:
-    return asyncio.run(run.run())
