@@ -77,41 +77,43 @@ def _open(r: ReplicaState, now: float, policy: BreakerPolicy, *, streak: int) ->
     _sync_healthy(r)
 
 
-def record_success(r: ReplicaState, now: float) -> None:
-    """A request (or the HALF_OPEN probe) succeeded on ``r``.
-
-    Resets the consecutive-failure count. In HALF_OPEN the success closes the breaker. In OPEN
-    it changes nothing: it is a request sent before the ejection finishing late, and only the
-    probe after the cool-down may re-admit the replica.
-    """
-    if r.breaker is Breaker.OPEN:
-        return
+def _close(r: ReplicaState, now: float) -> None:
+    r.breaker = Breaker.CLOSED
+    r.closed_at = now
     r.consecutive_failures = 0
-    if r.breaker is Breaker.HALF_OPEN:
-        r.breaker = Breaker.CLOSED
-        r.closed_at = now
-        log.info("replica breaker closed url=%s ejections=%d", r.url, r.ejections)
     _sync_healthy(r)
+    log.info("replica breaker closed url=%s ejections=%d", r.url, r.ejections)
+
+
+def record_success(r: ReplicaState, now: float) -> None:
+    """A request succeeded on ``r``: the consecutive-failure count starts over.
+
+    Only counts while CLOSED. In OPEN or HALF_OPEN it is a request sent before the ejection
+    finishing late; only the probe after the cool-down (apply_check) may re-admit the replica.
+    """
+    if r.breaker is Breaker.CLOSED:
+        r.consecutive_failures = 0
+        r.last_failure_at = 0.0
 
 
 def record_failure(
     r: ReplicaState, now: float, policy: BreakerPolicy, *, refused: bool = False
 ) -> bool:
-    """A request (or check) failed on ``r``; returns True when this failure ejected it.
+    """A request (or a check of a replica that was up) failed; True when this ejected ``r``.
 
+    Failures count as consecutive unless the previous one is more than ``policy.stable_s``
+    old: two failures an hour apart with no traffic in between are not a streak.
     ``refused`` marks a refused connection: with ``policy.eject_on_refused`` it ejects at once,
     because nothing is listening and retrying the same replica is pointless.
-    An ejection is a CLOSED -> OPEN transition and increments ``r.ejections``. A failed
-    HALF_OPEN probe re-opens the breaker with a doubled cool-down; it is not a new ejection
-    (the replica was not in rotation). Failures while OPEN are late results and are ignored.
+    An ejection is a CLOSED -> OPEN transition and increments ``r.ejections``. In OPEN or
+    HALF_OPEN the failure is a late result of a request sent before the ejection: ignored.
     """
-    if r.breaker is Breaker.OPEN:
+    if r.breaker is not Breaker.CLOSED:
         return False
+    if r.last_failure_at > 0.0 and now - r.last_failure_at > policy.stable_s:
+        r.consecutive_failures = 0
     r.consecutive_failures += 1
-    if r.breaker is Breaker.HALF_OPEN:
-        _open(r, now, policy, streak=r.open_streak + 1)
-        log.warning("replica probe failed url=%s cooldown_s=%.1f", r.url, r.cooldown_s)
-        return False
+    r.last_failure_at = now
     if r.consecutive_failures < policy.failure_threshold and not (
         refused and policy.eject_on_refused
     ):
@@ -149,6 +151,8 @@ def apply_check(
 ) -> None:
     """Apply one active check outcome (after begin_check) to the replica's state.
 
+    In HALF_OPEN the check is the probe: a pass closes the breaker, a failure re-opens it with
+    a doubled cool-down (not a new ejection: the replica was not in rotation).
     A pass in CLOSED does not reset ``consecutive_failures``: /health passing says nothing
     about completions failing, and resetting on every 1 s check would hide passive failures.
     Failures before the replica ever passed a check mean "still starting" and do not count.
@@ -156,9 +160,13 @@ def apply_check(
     r.check_ok = ok
     if ok:
         r.ever_healthy = True
-        if r.breaker is Breaker.HALF_OPEN:
-            record_success(r, now)
-    elif r.ever_healthy:
+    if r.breaker is Breaker.HALF_OPEN:  # this check was the one probe
+        if ok:
+            _close(r, now)
+        else:
+            _open(r, now, policy, streak=r.open_streak + 1)
+            log.warning("replica probe failed url=%s cooldown_s=%.1f", r.url, r.cooldown_s)
+    elif not ok and r.ever_healthy:
         record_failure(r, now, policy, refused=refused)
     _sync_healthy(r)
 

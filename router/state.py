@@ -36,6 +36,8 @@ class ReplicaState:
     healthy: bool = False
     breaker: Breaker = Breaker.CLOSED
     consecutive_failures: int = 0
+    #: monotonic time of the last counted failure (old failures do not make a streak).
+    last_failure_at: float = 0.0
     #: monotonic time the breaker opened (for the cool-down before the half-open probe).
     opened_at: float = 0.0
     ejections: int = 0

@@ -95,6 +95,29 @@ def test_half_open_probe_success_closes() -> None:
     assert r.ejections == 1
 
 
+def test_late_passive_results_do_not_decide_the_probe() -> None:
+    r = admitted()
+    record_failure(r, 101.0, POLICY, refused=True)
+    begin_check(r, 106.0)
+    record_success(r, 106.1)  # a request from before the ejection, finishing late
+    assert r.breaker is Breaker.HALF_OPEN
+    assert record_failure(r, 106.2, POLICY) is False
+    assert r.breaker is Breaker.HALF_OPEN
+    apply_check(r, True, 106.3, POLICY)
+    assert (r.breaker, r.healthy) == (Breaker.CLOSED, True)
+
+
+def test_failures_far_apart_are_not_a_streak() -> None:
+    r = admitted()
+    record_failure(r, 101.0, POLICY)
+    record_failure(r, 102.0, POLICY)
+    # an hour without traffic: the third failure starts a new streak
+    assert record_failure(r, 3700.0, POLICY) is False
+    assert r.consecutive_failures == 1
+    assert record_failure(r, 3701.0, POLICY) is False
+    assert record_failure(r, 3702.0, POLICY) is True
+
+
 def test_half_open_probe_failure_reopens_with_doubled_capped_cooldown() -> None:
     r = admitted()
     record_failure(r, 101.0, POLICY, refused=True)
