@@ -172,6 +172,7 @@ class FleetRun:
         self.after_ready = after_ready
         self.handle_signals = handle_signals
         self.stop_requested = asyncio.Event()
+        self._kill_task: asyncio.Future[None] | None = None
         self.status = "starting"
         self.message = ""
         self.started_at = time.time()
@@ -188,7 +189,12 @@ class FleetRun:
         self.printer.supervisor = self.supervisor
 
     def request_stop(self) -> None:
-        self.stop_requested.set()
+        """First signal: orderly stop. Another one while stopping: kill everything now."""
+        if not self.stop_requested.is_set():
+            self.stop_requested.set()
+        elif self.status == "stopping" and self._kill_task is None:
+            self.printer.print("stop requested again: killing the remaining processes")
+            self._kill_task = asyncio.ensure_future(self.supervisor.kill_now())
 
     def state(self) -> FleetState:
         return FleetState(
@@ -231,6 +237,8 @@ class FleetRun:
             self.printer.print("stopping fleet (router first, then replicas)")
             self._write_state()
             await self.supervisor.shutdown()
+            if self._kill_task is not None:
+                await self._kill_task
             self.run_dir.clear_state()
             self.printer.print("fleet stopped")
             for sig in signals:

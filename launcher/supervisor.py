@@ -154,6 +154,12 @@ class Supervisor:
             await self._session.close()
             self._session = None
 
+    async def kill_now(self) -> None:
+        """Skip the grace period: the user asked twice. Stops already waiting see the groups
+        vanish and return at once."""
+        handles = [u.handle for u in self._units if u.handle is not None]
+        await asyncio.gather(*(asyncio.to_thread(self.runtime.stop, h, 0.0) for h in handles))
+
     async def __aenter__(self) -> Supervisor:
         await self.start()
         return self

@@ -303,3 +303,27 @@ async def test_a_command_that_cannot_start_is_failed_not_raised(tmp_path: Path) 
         await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
         assert h.supervisor.states()["replica-0"] is UnitState.FAILED
         assert "could not start" in h.events[-1].message
+
+
+async def test_kill_now_cuts_the_grace_period_short(tmp_path: Path) -> None:
+    port = free_port()
+    spec = ReplicaSpec(
+        name="stubborn",
+        port=port,
+        gpus=(),
+        tensor_parallel_size=1,
+        command=(sys.executable, "-c", textwrap.dedent(SERVES_HEALTH_IGNORING_SIGTERM), str(port)),
+    )
+    settings = SupervisorSettings(
+        health_timeout_s=10.0, health_interval_s=0.1, stop_timeout_s=60.0, request_timeout_s=1.0
+    )
+    async with supervised(tmp_path, [SupervisedUnit(spec)], settings) as h:
+        await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
+        pid = h.handle_of("stubborn").pid
+        shutdown = asyncio.create_task(h.supervisor.shutdown())
+        await until(lambda: h.runtime.stop_order == ["stubborn"], "the graceful stop to begin")
+
+        await h.supervisor.kill_now()
+
+        await asyncio.wait_for(shutdown, 10.0)  # far less than the 60 s grace
+        assert not process_alive(pid)
