@@ -58,15 +58,20 @@ def validate_backend_url(url: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise ConfigError(f"backend URL {url!r} must start with http:// or https://; {hint}")
+    if any(c.isspace() for c in text):
+        raise ConfigError(f"backend URL {url!r} contains whitespace; {hint}")
     if not parts.hostname:
         raise ConfigError(f"backend URL {url!r} has no host; {hint}")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"backend URL {url!r} must not contain credentials; {hint}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text:
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
         raise ConfigError(f"backend URL {url!r} must not have a path or query; {hint}")
     if port == 0:
         raise ConfigError(f"backend URL {url!r} has port 0; {hint}")
-    return f"{scheme}://{parts.netloc}"
+    # Rebuilt from parts so equal backends compare equal: host lower-cased, no empty port.
+    host = parts.hostname  # lower-cased by urlsplit, IPv6 without brackets
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{netloc}" if port is None else f"{scheme}://{netloc}:{port}"
 
 
 def url_for_address(address: str, port: int, scheme: str = "http") -> str:

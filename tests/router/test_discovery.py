@@ -37,6 +37,9 @@ DEADLINE_S = 10.0
         ("HTTPS://vllm-0.internal", "https://vllm-0.internal"),
         ("http://[::1]:8000", "http://[::1]:8000"),
         ("  http://host:9000  ", "http://host:9000"),
+        ("http://VLLM-0.Internal:8000", "http://vllm-0.internal:8000"),
+        ("http://host:", "http://host"),
+        ("http://[FD00::1]:80/", "http://[fd00::1]:80"),
     ],
 )
 def test_validate_backend_url_accepts(raw: str, normalised: str) -> None:
@@ -54,6 +57,9 @@ def test_validate_backend_url_accepts(raw: str, normalised: str) -> None:
         "http://host:8000/v1",
         "http://host:8000/?x=1",
         "http://host:8000#frag",
+        "http://host:8000#",
+        "http://host:8000?",
+        "http://ho st:8000",
         "http://user:pw@host:8000",
         "http://host:99999",
         "http://host:0",

@@ -19,6 +19,7 @@ from router.scrape import (
     parse_vllm_metrics,
     scrape_loop,
     scrape_replica,
+    scrape_round,
 )
 from router.state import Fleet, ReplicaState
 
@@ -292,3 +293,19 @@ async def test_scrape_loop_scrapes_reachable_replicas_concurrently(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_scrape_round_fills_every_reachable_replica_once(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    _, first = await start_fake(body=gauges(1, 0, 0.1))
+    _, second = await start_fake(body=gauges(4, 2, 0.3))
+    fleet = Fleet()
+    fleet.set_backends([first, second])
+    for r in fleet.replicas.values():
+        r.check_ok = True
+    await scrape_round(fleet, session, timeout_s=1.0, clock=lambda: 7.0)
+    assert [(r.running, r.waiting, r.scraped_at) for r in fleet.replicas.values()] == [
+        (1.0, 0.0, 7.0),
+        (4.0, 2.0, 7.0),
+    ]
