@@ -31,7 +31,12 @@ from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
 from launcher.plan import Plan, ReplicaSpec
 from launcher.planner import PlanOptions, plan
 from launcher.rundir import FleetState, RunDir, UnitRecord, atomic_write_text
-from launcher.runtime.process import group_members, process_alive, stop_process_group
+from launcher.runtime.process import (
+    group_members,
+    process_alive,
+    rotate_log,
+    stop_process_group,
+)
 from router.errors import ConfigError
 
 #: model name the sim engine serves when none is given.
@@ -217,8 +222,8 @@ def detach(
         "--config", str(config_path), "--plan-file", str(plan_path), "--run-dir", str(base),
     ]  # fmt: skip
     log_path = run_dir.supervisor_log_path
+    rotate_log(log_path, backups=3)
     with open(log_path, "ab") as log:
-        offset = log.tell()
         child = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -227,7 +232,7 @@ def detach(
             start_new_session=True,
         )
     try:
-        status = _follow_child(child, run_dir, log_path, offset, _detach_deadline(config), out)
+        status = _follow_child(child, run_dir, log_path, _detach_deadline(config), out)
     except KeyboardInterrupt:
         print("interrupted: stopping the background fleet", file=out, flush=True)
         child.send_signal(signal.SIGTERM)
@@ -256,13 +261,11 @@ def _follow_child(
     child: subprocess.Popen[bytes],
     run_dir: RunDir,
     log_path: Path,
-    offset: int,
     deadline_s: float,
     out: TextIO,
 ) -> int:
     deadline = time.monotonic() + deadline_s
     with open(log_path, "rb") as log:
-        log.seek(offset)
         while True:
             chunk = log.read()
             if chunk:
