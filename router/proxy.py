@@ -224,10 +224,10 @@ def no_replica_error(fleet: Fleet, model: str | None) -> ApiError:
             param="model",
             code="model_not_found",
         )
-    what = f"serving model `{model}`" if model is not None else ""
+    what = f"No healthy replica serving model `{model}`" if model else "No healthy replica"
     return ApiError(
         503,
-        f"No healthy replica {what} is available right now; retry shortly.".replace("  ", " "),
+        f"{what} is available right now; retry shortly.",
         code="no_healthy_replica",
         headers={"Retry-After": RETRY_AFTER_S},
     )
@@ -246,9 +246,14 @@ def _failure_of(replica: str, exc: BaseException) -> UpstreamFailure:
 
 
 async def _exchange(
-    session: aiohttp.ClientSession, replica: ReplicaState, url: str, headers: CIMultiDict[str],
+    session: aiohttp.ClientSession,
+    replica: ReplicaState,
+    url: str,
+    headers: CIMultiDict[str],
     body: bytes,
-) -> Reply:  # fmt: skip
+) -> Reply:
+    """POST to the replica; a 5xx is a failure, any other answer a Reply (read whole unless
+    it is an event stream)."""
     response = await session.post(url, data=body, headers=headers)
     try:
         if response.status >= 500:
@@ -390,10 +395,10 @@ async def relay_stream(
     response = web.StreamResponse(
         status=upstream.status, headers=downstream_headers(upstream.headers, exchange.request_id)
     )
-    await response.prepare(request)
     content = upstream.content
     first = True
     try:
+        await response.prepare(request)
         while True:
             try:
                 chunk = await content.readany()

@@ -57,6 +57,13 @@ async def test_health_is_always_ok_and_ready_follows_the_replicas(
     assert (status, body) == (200, {"status": "ok"})
 
 
+async def test_ready_turns_503_while_draining(router: RouterHandle) -> None:
+    await router.app.shutdown()  # the on_shutdown hooks the runner calls on SIGTERM
+    status, body = await get_json(f"{router.url}/ready")
+    assert status == 503
+    assert body["error"]["code"] == "shutting_down"
+
+
 async def test_no_healthy_replica_is_503_with_retry_after(
     sims: list[SimHandle], router: RouterHandle
 ) -> None:
