@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
+from bench.procs import machine_busy_seconds, own_cpu_seconds
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 ENV_PYTHON = BENCH_DIR / ".env" / "bin" / "python"
@@ -28,7 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Compare vllm-fleet's router with nginx, HAProxy, vllm-router, "
         "sglang-router and client-side baselines; write docs/benchmarks.md.",
     )
-    parser.add_argument("--quick", action="store_true", help="short runs, fewer routers")
+    parser.add_argument(
+        "--quick", action="store_true", help="short runs, fewer routers (default scenarios 1,5)"
+    )
     parser.add_argument("--scenarios", default="", help="comma-separated, e.g. 1,5 (default all)")
     parser.add_argument("--peers", default="", help="comma-separated peer keys (default: each "
                         "scenario's line-up); see bench/peers.py PEER_KEYS")  # fmt: skip
@@ -61,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     # Imported here: only the bench venv is sure to have matplotlib.
     from bench import report
-    from bench.scenarios import SCENARIOS, Options, Section, finish
+    from bench.scenarios import QUICK_DEFAULT, SCENARIOS, Options, Section, finish
 
-    keys = [k.strip() for k in args.scenarios.split(",") if k.strip()] or list(SCENARIOS)
+    default = list(QUICK_DEFAULT if args.quick else SCENARIOS)
+    keys = [k.strip() for k in args.scenarios.split(",") if k.strip()] or default
     unknown = [k for k in keys if k not in SCENARIOS]
     if unknown:
         print(f"bench: unknown scenario {unknown}; use {','.join(SCENARIOS)}", file=sys.stderr)
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         print(f"bench: scenario {key} ({mode})", flush=True)
         t = time.monotonic()
+        busy, own = machine_busy_seconds(), own_cpu_seconds()
         try:
             section = finish(asyncio.run(SCENARIOS[key](opts)))
         except KeyboardInterrupt:
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             section = Section(key, f"(failed: {type(exc).__name__})", [f"The run failed: {exc}"])
         section.seconds = time.monotonic() - t
+        section.text.append(contention(section.seconds, busy, own))
         for plot in section.plots:
             report.draw(plot, images)
         report.save_section(section, results)
@@ -104,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: scenario {key} done in {section.seconds:.0f} s", flush=True)
     print(f"bench: wrote {output} in {time.monotonic() - started:.0f} s", flush=True)
     return 0
+
+
+def contention(seconds: float, busy_before: float, own_before: float) -> str:
+    """How much of the machine the benchmark had: other programs' CPU skews every number."""
+    capacity = seconds * (os.cpu_count() or 1)
+    own = own_cpu_seconds() - own_before
+    other = max(0.0, machine_busy_seconds() - busy_before - own)
+    return (
+        f"While this scenario ran ({seconds:.0f} s), the benchmark's processes used "
+        f"{own / capacity:.0%} of the machine's CPU and other programs {other / capacity:.0%}."
+    )
 
 
 def write_page(results: Path, output: Path, images: Path, mode: str, seed: int) -> None:
@@ -124,7 +142,9 @@ def write_page(results: Path, output: Path, images: Path, mode: str, seed: int) 
     }
     prefix = os.path.relpath(images, output.parent) + "/"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(rep.render_page(sections, meta, prefix))
+    findings = BENCH_DIR / "findings.md"
+    text = findings.read_text() if findings.exists() and mode == "full" else ""
+    output.write_text(rep.render_page(sections, meta, prefix, text))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,24 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def own_cpu_seconds() -> float:
+    """CPU of this process plus every child it has reaped (and theirs): the benchmark's own."""
+    stat = Path("/proc/self/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (
+        sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+        + tree_cpu_seconds(os.getpid())
+        - (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    )
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat), to see what else ran."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
 async def wait_http(
     url: str,
     deadline_s: float,

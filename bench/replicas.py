@@ -7,11 +7,17 @@ it from a real deployment, and a crash is a real crash (SIGKILL, port closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
+import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import ChildProcess, free_port, wait_http
 
@@ -124,3 +130,146 @@ class SimFleet:
                 if busy == 0:
                     return
                 await asyncio.sleep(0.1)
+
+
+# -- real vLLM on the CPU -------------------------------------------------------------------
+
+#: Served name of launcher.tiny_model's model.
+TINY_MODEL = "tiny-llama"
+
+
+def vllm_python_candidates(repo: Path) -> list[str]:
+    """Interpreters that may have vLLM: $BENCH_VLLM_PYTHON, the project's .venv, /work/venv."""
+    found = [os.environ.get("BENCH_VLLM_PYTHON", ""), str(repo / ".venv" / "bin" / "python")]
+    found.append("/work/venv/bin/python")
+    return [p for p in found if p and Path(p).exists()]
+
+
+def find_vllm_python(repo: Path) -> str:
+    """The first interpreter that imports vllm, or "" when none does."""
+    for python in vllm_python_candidates(repo):
+        check = subprocess.run(
+            [python, "-c", "import vllm"], capture_output=True, timeout=120, check=False
+        )
+        if check.returncode == 0:
+            return python
+    return ""
+
+
+def cpu_engine_settings(index: int) -> tuple[dict[str, str], list[str]]:
+    """Environment and flags for a vLLM CPU replica: launcher.vllm_cpu's when it exists.
+
+    Each replica gets its own core (`VLLM_CPU_OMP_THREADS_BIND`) so two engines do not fight
+    over the same OpenMP threads.
+    """
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
+    with contextlib.suppress(ImportError, AttributeError):
+        vllm_cpu = importlib.import_module("launcher.vllm_cpu")
+        env = dict(vllm_cpu.cpu_engine_env())
+        args = list(vllm_cpu.cpu_engine_args())
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(index % (os.cpu_count() or 1)))
+    return env, args
+
+
+@dataclass
+class VllmReplica:
+    """`python -m vllm.entrypoints.openai.api_server` serving the tiny model on the CPU."""
+
+    model_dir: Path
+    python: str
+    index: int
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    child: ChildProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, deadline_s: float = 300.0) -> None:
+        env, args = cpu_engine_settings(self.index)
+        argv = [
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir), "--served-model-name", TINY_MODEL,
+            "--host", "127.0.0.1", "--port", str(self.port), *args,
+        ]  # fmt: skip
+        log = self.workdir / f"vllm-{self.port}.log"
+        self.child = ChildProcess(argv, log, env={**os.environ, **env})
+        await wait_http(f"{self.url}/health", deadline_s, self.child)
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop(grace=10.0)
+
+
+@dataclass
+class VllmFleet:
+    """Real vLLM replicas; counters come from their Prometheus /metrics."""
+
+    replicas: list[VllmReplica]
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+    async def start(self) -> None:
+        # One at a time: two engines compiling and profiling at once on two cores take longer
+        # than one after the other.
+        for replica in self.replicas:
+            await replica.start()
+
+    def stop(self) -> None:
+        for replica in self.replicas:
+            replica.stop()
+
+    async def _gauges(self, names: tuple[str, ...]) -> list[float]:
+        out = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            for replica in self.replicas:
+                try:
+                    async with session.get(f"{replica.url}/metrics") as response:
+                        text = await response.text()
+                except (aiohttp.ClientError, TimeoutError):
+                    out.append(-1.0)
+                    continue
+                out.append(metric_sum(text, names))
+        return out
+
+    async def received(self) -> list[int]:
+        totals = await self._gauges(
+            ("vllm:request_success", "vllm:num_requests_running", "vllm:num_requests_waiting")
+        )
+        return [int(t) for t in totals]
+
+    async def wait_idle(self, deadline_s: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        while loop.time() < deadline:
+            busy = await self._gauges(("vllm:num_requests_running", "vllm:num_requests_waiting"))
+            if all(b <= 0 for b in busy):
+                return
+            await asyncio.sleep(0.2)
+
+
+def metric_sum(text: str, names: tuple[str, ...]) -> float:
+    """Sum of every sample of the metric families `names` in a Prometheus text exposition.
+
+    Counters count from the family name (prometheus_client strips `_total`).
+    """
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name in names:
+            total += sum(s.value for s in family.samples if not s.name.endswith("_created"))
+    return total
+
+
+class Fleet(Protocol):
+    """What a scenario needs from its replicas, simulated or real."""
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    async def received(self) -> list[int]: ...
+
+    async def wait_idle(self, deadline_s: float = ...) -> None: ...

@@ -165,7 +165,9 @@ def machine() -> list[str]:
     ]
 
 
-def render_page(sections: Sequence[Section], meta: dict[str, str], image_prefix: str) -> str:
+def render_page(
+    sections: Sequence[Section], meta: dict[str, str], image_prefix: str, findings: str = ""
+) -> str:
     by_key = {s.key: s for s in sections}
     out = [
         "# Benchmarks: vllm-fleet's router against the routers people use today",
@@ -187,6 +189,8 @@ def render_page(sections: Sequence[Section], meta: dict[str, str], image_prefix:
         out += ["", markdown_table(headline(by_key.get("1"), by_key.get("5"))), ""]
     else:
         out += ["Scenarios 1 and 5 have not been run yet.", ""]
+    if findings.strip():
+        out += [findings.strip(), ""]
     for section in sections:
         out += [f"## Scenario {section.key}: {section.title}", ""]
         for paragraph in section.text[:1]:

@@ -22,13 +22,22 @@ from bench.load import (
     RequestMix,
     RequestRecord,
     RequestSpec,
+    RoundRobinTarget,
     Target,
     make_schedule,
     run_closed_loop,
     run_open_loop,
 )
 from bench.peers import Peer, PeerUnavailable, make_peer
-from bench.replicas import SimFleet, SimSettings
+from bench.replicas import (
+    TINY_MODEL,
+    Fleet,
+    SimFleet,
+    SimSettings,
+    VllmFleet,
+    VllmReplica,
+    find_vllm_python,
+)
 from bench.stats import (
     Summary,
     latency_series,
@@ -53,8 +62,10 @@ class Options:
     seed: int = 1
     #: restrict every scenario to these peer keys (None = each scenario's own line-up).
     peers: tuple[str, ...] | None = None
-    #: interpreter with vLLM installed (scenario 7); "" = not available.
+    #: interpreter with vLLM installed (scenario 7); "" = look for one.
     vllm_python: str = ""
+    #: runs one scenario can reuse from another in the same invocation: (peer key, load).
+    reuse: dict[tuple[str, float], PeerRun] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,7 +171,7 @@ def base_mix(
     """Scenario 1's traffic at `fraction` of the heterogeneous fleet's capacity."""
     mix = RequestMix(
         rate=1.0,
-        duration=duration or (10.0 if opts.quick else 30.0),
+        duration=duration or (8.0 if opts.quick else 15.0),
         seed=opts.seed,
         omit_max_tokens_fraction=omit_max_tokens_fraction,
     )
@@ -178,7 +189,7 @@ def _line_up(opts: Options, default: Sequence[str], quick: Sequence[str]) -> lis
     return list(quick if opts.quick else default)
 
 
-async def measure(key: str, opts: Options, fleet: SimFleet, run: RunLoad) -> PeerRun:
+async def measure(key: str, opts: Options, fleet: Fleet, run: RunLoad) -> PeerRun:
     """Start one peer in front of `fleet`, run the load through it, stop it (always)."""
     peer = make_peer(key, opts.workdir / "peers", opts.python)
     result = PeerRun(key, peer.name, peer.settings, peer.version(), replica_urls=fleet.urls)
@@ -208,18 +219,18 @@ async def measure(key: str, opts: Options, fleet: SimFleet, run: RunLoad) -> Pee
     return result
 
 
-def open_loop(schedule: list[RequestSpec]) -> RunLoad:
+def open_loop(schedule: list[RequestSpec], model: str = MODEL) -> RunLoad:
     async def run(target: Target, peer: Peer) -> list[RequestRecord]:
-        return await run_open_loop(target, schedule, MODEL)
+        return await run_open_loop(target, schedule, model)
 
     return run
 
 
 @contextlib.asynccontextmanager
-async def started(fleet: SimFleet) -> AsyncIterator[SimFleet]:
+async def started(fleet: SimFleet | VllmFleet) -> AsyncIterator[None]:
     try:
         await fleet.start()
-        yield fleet
+        yield
     finally:
         fleet.stop()
 
@@ -312,7 +323,7 @@ S1_PEERS = (
     "ideal", "direct-rr", "ours-lb", "ours-rr", "nginx-lc", "nginx-rr", "haproxy-lc",
     "haproxy-rr", "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
 )  # fmt: skip
-S1_QUICK = ("ideal", "direct-rr", "ours-lb", "ours-rr", "nginx-lc")
+S1_QUICK = ("ideal", "ours-lb", "ours-rr", "nginx-lc")
 
 
 async def scenario_1(opts: Options) -> Section:
@@ -323,7 +334,9 @@ async def scenario_1(opts: Options) -> Section:
     fleet = SimFleet.of(HETEROGENEOUS, opts.workdir / "s1", opts.python)
     async with started(fleet):
         for key in _line_up(opts, S1_PEERS, S1_QUICK):
-            section.runs.append(await measure(key, opts, fleet, open_loop(schedule)))
+            run = await measure(key, opts, fleet, open_loop(schedule))
+            section.runs.append(run)
+            opts.reuse[(key, LOAD)] = run
     section.tables.append(latency_table(section.runs, HETERO_LABELS))
     section.text.append(
         "Latency is send to last byte of successful requests; TTFT is send to first content "
@@ -351,8 +364,8 @@ async def scenario_1(opts: Options) -> Section:
 
 # -- scenario 2 -----------------------------------------------------------------------------
 
-S2_PEERS = ("ideal", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-p2", "sglang-ca")
-S2_QUICK = ("ideal", "ours-lb", "ours-rr")
+S2_PEERS = ("ours-lb", "ours-rr", "nginx-lc")
+S2_QUICK = ("ours-lb", "ours-rr")
 
 
 async def scenario_2(opts: Options) -> Section:
@@ -455,8 +468,8 @@ def _attributed_share(records: Sequence[RequestRecord], run: PeerRun, index: int
 
 # -- scenario 3 -----------------------------------------------------------------------------
 
-S3_PEERS = ("ideal", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-p2", "sglang-ca")
-S3_QUICK = ("ideal", "ours-lb", "ours-rr")
+S3_PEERS = ("ours-lb", "ours-rr")
+S3_QUICK = ("ours-lb", "ours-rr")
 
 
 async def scenario_3(opts: Options) -> Section:
@@ -479,21 +492,21 @@ async def scenario_3(opts: Options) -> Section:
 
 # -- scenario 4 -----------------------------------------------------------------------------
 
-S4_PEERS = ("ideal", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-p2", "sglang-ca")
-S4_QUICK = ("ideal", "ours-lb", "ours-rr")
-S4_LOADS = (0.4, 0.7, 0.9)
+S4_PEERS = ("ideal", "ours-lb", "ours-rr", "nginx-lc")
+S4_QUICK = ("ours-lb", "ours-rr")
+S4_LOADS = (0.4, LOAD, 0.95)
 S4_LOADS_QUICK = (0.5, 0.9)
 
 
 async def scenario_4(opts: Options) -> Section:
     loads = S4_LOADS_QUICK if opts.quick else S4_LOADS
-    duration = 8.0 if opts.quick else 20.0
     section = Section("4", "Load sweep: throughput and p99 against offered load")
-    mix0 = base_mix(opts, duration=duration)
+    mix0 = base_mix(opts)
     section.text.append(
         setting_text(mix0, HETEROGENEOUS).split(" Poisson")[0]
         + f" Offered load {', '.join(f'{x:.0%}' for x in loads)} of the calibrated capacity, "
-        f"{duration:g} s each, otherwise scenario 1's traffic (same seed at every load)."
+        f"{mix0.duration:g} s each, otherwise scenario 1's traffic (same seed at every load). "
+        "A router's point at scenario 1's load is its scenario 1 run when both ran together."
     )
     fleet = SimFleet.of(HETEROGENEOUS, opts.workdir / "s4", opts.python)
     throughput: dict[str, list[tuple[float, float]]] = {}
@@ -505,8 +518,9 @@ async def scenario_4(opts: Options) -> Section:
             row: list[str] = []
             name = key
             for load in loads:
-                mix = base_mix(opts, load, duration=duration)
-                run = await measure(key, opts, fleet, open_loop(make_schedule(mix)))
+                run = opts.reuse.get((key, load)) or await measure(
+                    key, opts, fleet, open_loop(make_schedule(base_mix(opts, load)))
+                )
                 name = run.name
                 section.runs.append(run)
                 if run.unavailable:
@@ -539,7 +553,7 @@ S5_PEERS = (
     "direct-rr", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-rr", "vllm-p2",
     "sglang-rr", "sglang-ca",
 )  # fmt: skip
-S5_QUICK = ("direct-rr", "ours-lb", "ours-rr", "nginx-lc")
+S5_QUICK = ("direct-rr", "ours-lb", "nginx-lc")
 S5_CONCURRENCY = (1, 64)
 #: Replicas that answer at once: a step of 0.1 ms that does not grow with the batch.
 INSTANT = SimSettings(model=MODEL, max_num_seqs=256, step_ms=0.1, batch_slowdown=0.0)
@@ -553,7 +567,7 @@ def overhead_spec(index: int) -> RequestSpec:
 
 
 async def scenario_5(opts: Options) -> Section:
-    duration = 4.0 if opts.quick else 10.0
+    duration = 3.0 if opts.quick else 8.0
     section = Section("5", "Router overhead (replicas that answer at once)")
     section.text.append(
         "2 simulated replicas with a 0.1 ms step that does not grow with the batch (256 "
@@ -632,7 +646,7 @@ def _added(value: float, base: float) -> str:
 
 # -- scenario 6 -----------------------------------------------------------------------------
 
-S6_PEERS = ("ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-p2", "sglang-ca")
+S6_PEERS = ("ours-lb", "nginx-lc", "haproxy-lc")
 S6_QUICK = ("ours-lb", "nginx-lc")
 #: Replica that dies (index into HETEROGENEOUS: a full-speed one).
 VICTIM = 1
@@ -753,10 +767,77 @@ def _tried(label: str, urls: Sequence[str], index: int) -> bool:
     return any(replica_index(part, urls) == index for part in label.split(","))
 
 
+# -- scenario 7 -----------------------------------------------------------------------------
+
+S7_PEERS = ("direct-rr", "ours-lb", "nginx-lc", "vllm-ca")
+S7_QUICK = ("direct-rr", "ours-lb", "nginx-lc", "vllm-ca")
+#: Small requests: the tiny model's context is 1024 tokens and a CPU decodes slowly.
+S7_MIX = RequestMix(
+    rate=1.0, duration=20.0, short_tokens=(8, 32), long_tokens=(64, 128), prompt_words=(8, 64)
+)
+
+
+async def scenario_7(opts: Options) -> Section:
+    section = Section("7", "Real vLLM on the CPU: two replicas of the tiny model")
+    python = opts.vllm_python or find_vllm_python(Path.cwd())
+    if not python:
+        section.text.append(
+            "Not run: no interpreter with vLLM found (set BENCH_VLLM_PYTHON, or install the "
+            "project's .venv with `bash .ci/install`)."
+        )
+        return section
+    model_dir = opts.workdir / "tiny-model"
+    # Built by the vLLM interpreter: it has the model builder's dependencies (tokenizers,
+    # safetensors), which the bench venv does not need.
+    build = await asyncio.create_subprocess_exec(
+        python, "-m", "launcher.tiny_model", str(model_dir), stdout=asyncio.subprocess.DEVNULL
+    )
+    if await build.wait() != 0:
+        section.text.append(f"Not run: `{python} -m launcher.tiny_model` failed.")
+        return section
+    workdir = opts.workdir / "s7"
+    fleet = VllmFleet([VllmReplica(model_dir, python, i, workdir) for i in range(2)])
+    duration = 10.0 if opts.quick else S7_MIX.duration
+    async with started(fleet):
+        capacity = await _probe_capacity(fleet, duration=5.0)
+        mix = replace(
+            S7_MIX, seed=opts.seed, duration=duration,
+            rate=max(0.2, 0.6 * capacity / S7_MIX.mean_tokens(S7_MIX.short_tokens[1])),
+        )  # fmt: skip
+        schedule = make_schedule(mix)
+        section.text.append(
+            f"2 real vLLM CPU replicas ({python}) of launcher.tiny_model's random-weight Llama, "
+            f"one core each. A 5 s probe at 8 in flight measured {capacity:.0f} output tok/s "
+            f"for the pair; Poisson arrivals at {mix.rate:.2f} req/s (about 60% of that) for "
+            f"{mix.duration:g} s, seed {mix.seed}; {1 - mix.long_fraction:.0%} of requests want "
+            f"{mix.short_tokens[0]}-{mix.short_tokens[1]} tokens, {mix.long_fraction:.0%} "
+            f"{mix.long_tokens[0]}-{mix.long_tokens[1]}; prompts {mix.prompt_words[0]}-"
+            f"{mix.prompt_words[1]} words; 90% streamed. The random model may stop early (EOS), "
+            "so tokens/s counts what it produced."
+        )
+        for key in _line_up(opts, S7_PEERS, S7_QUICK):
+            section.runs.append(await measure(key, opts, fleet, open_loop(schedule, TINY_MODEL)))
+    section.tables.append(latency_table(section.runs, ["r1", "r2"]))
+    return section
+
+
+async def _probe_capacity(fleet: VllmFleet, duration: float) -> float:
+    """Output tokens/s the replicas reach together at 8 requests in flight (round robin)."""
+
+    def spec(index: int) -> RequestSpec:
+        return RequestSpec(index, 0.0, f"probe {index}: tell a story", 64, stream=True)
+
+    records = await run_closed_loop(
+        RoundRobinTarget(fleet.urls), spec, TINY_MODEL, concurrency=8, duration=duration
+    )
+    return summarize(records).tokens_per_s
+
+
 # -- registry -------------------------------------------------------------------------------
 
 Scenario = Callable[[Options], Coroutine[Any, Any, Section]]
 
+#: Every scenario by its key on the command line; --quick runs QUICK_DEFAULT unless told.
 SCENARIOS: dict[str, Scenario] = {
     "1": scenario_1,
     "2": scenario_2,
@@ -764,6 +845,7 @@ SCENARIOS: dict[str, Scenario] = {
     "4": scenario_4,
     "5": scenario_5,
     "6": scenario_6,
+    "7": scenario_7,
 }
 
 
@@ -858,3 +940,6 @@ def _added_pair(run: dict[str, float] | None, base: dict[str, float] | None) -> 
         f"{_added(run['latency_p50'], base['latency_p50'])} / "
         f"{_added(run['latency_p99'], base['latency_p99'])}"
     )
+
+
+QUICK_DEFAULT = ("1", "5")
