@@ -43,7 +43,7 @@ async def test_equal_replicas_share_the_traffic(router: RouterHandle) -> None:
     async with router.openai() as client:
         await asyncio.gather(
             *(
-                client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=8)
+                client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=20)
                 for _ in range(20)
             )
         )
@@ -55,15 +55,19 @@ async def test_equal_replicas_share_the_traffic(router: RouterHandle) -> None:
 async def test_least_busy_sends_more_to_the_faster_replica() -> None:
     async with running_sims(2) as (slow, fast), running_router([slow.url, fast.url]) as router:
         await slow.control(speed=0.1)
+        remaining = 24
 
         async def worker(client: openai.AsyncOpenAI) -> None:
-            for _ in range(6):
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
                 await client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=10)
 
         async with router.openai() as client:
             await asyncio.gather(*(worker(client) for _ in range(4)))
         served = router.served()
         assert served[slow.url] + served[fast.url] == 24
+        # Round-robin would split 12/12; least-busy keeps the slow replica's share small.
         assert served[fast.url] >= 3 * served[slow.url], served
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -119,7 +120,9 @@ async def test_sigterm_lets_a_running_stream_finish_and_refuses_new_connections(
 async def test_the_grace_period_bounds_the_wait() -> None:
     async with (
         running_sim(step_ms=40.0) as sim,
-        router_process("--backend", sim.url, "--shutdown-grace", "0.5") as router,
+        router_process(
+            "--backend", sim.url, "--shutdown-grace", "0.5", "--log-format", "json"
+        ) as router,
     ):
         client = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key="x", max_retries=0)
         async with client:
@@ -138,3 +141,7 @@ async def test_the_grace_period_bounds_the_wait() -> None:
             while sim.stats().aborted != 1:
                 await asyncio.sleep(0.02)
         assert sim.stats().finished == 0
+        lines = [json.loads(line) for line in router.output().splitlines() if line.strip()]
+        (access,) = [entry for entry in lines if entry["logger"] == "vllm_fleet.access"]
+        assert access["status"] == 499  # cut by the end of the grace period
+        assert access["replica"] == sim.url
