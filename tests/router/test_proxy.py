@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from router.state import Breaker
 from tests.support.router import RouterHandle, eventually, running_recorder, running_router
@@ -243,3 +245,47 @@ async def test_failover_tries_each_replica_at_most_once_up_to_max_attempts() -> 
             assert failed  # without failover, requests sent to a failing replica fail
             assert len(failed) + good.stats().finished - 5 == 12
             assert router.ctx.telemetry.retries.labels("status")._value.get() == 0
+
+
+async def test_stream_headers_reach_the_client_before_any_chunk() -> None:
+    """The upstream sends its SSE headers, then holds the body: the client sees 200 already."""
+    release = asyncio.Event()
+
+    async def held_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await release.wait()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "held"}]})
+
+    upstream = web.Application()
+    upstream.router.add_get("/health", health)
+    upstream.router.add_get("/v1/models", models)
+    upstream.router.add_post("/v1/completions", held_stream)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with (
+            running_router([url]) as router,
+            aiohttp.ClientSession() as session,
+            asyncio.timeout(5),
+            session.post(
+                f"{router.url}/v1/completions", json={"model": "held", "stream": True}
+            ) as resp,
+        ):
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            release.set()
+            assert await resp.read() == b"data: [DONE]\n\n"
+    finally:
+        release.set()
+        await runner.cleanup()
