@@ -41,6 +41,8 @@ log = logging.getLogger("vllm_fleet.router")
 #: which would fail a request on a healthy replica.
 UPSTREAM_KEEPALIVE_S = 4.0
 
+SOURCES: web.AppKey[list[Discovery]] = web.AppKey("discovery_sources", list)
+
 
 def discovery_sources(config: RouterConfig) -> list[Discovery]:
     sources: list[Discovery] = []
@@ -92,7 +94,7 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
     """Discovery, health checks and scrapes run for the app's lifetime."""
     ctx = app[ROUTER]
     config = ctx.config
-    sources = discovery_sources(config)
+    sources = app[SOURCES]
     await refresh_once(ctx.fleet, sources)
     tasks = [
         asyncio.create_task(
@@ -140,6 +142,8 @@ async def _start_draining(app: web.Application) -> None:
 
 
 def make_app(config: RouterConfig) -> web.Application:
+    """The router for ``config``; raises ConfigError for settings only checkable here."""
+    sources = discovery_sources(config)  # bad DNS names etc. fail now, not at startup
     fleet = Fleet()
     telemetry = Telemetry(fleet)
     ctx = RouterContext(
@@ -157,6 +161,7 @@ def make_app(config: RouterConfig) -> web.Application:
     # +1: aiohttp rejects a body whose size *reaches* client_max_size.
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)
     app[ROUTER] = ctx
+    app[SOURCES] = sources
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

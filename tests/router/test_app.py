@@ -15,6 +15,7 @@ from router.app import make_app
 from router.balancer import RequestInfo
 from router.config import RouterConfig
 from router.context import ROUTER
+from router.errors import ConfigError
 from router.state import ReplicaState
 from tests.support.router import (
     RouterHandle,
@@ -300,3 +301,8 @@ async def test_app_lifecycle_starts_and_stops_loops_and_session(sims: list[SimHa
     assert not {"discovery", "health", "scrape"} & after
     with pytest.raises(RuntimeError):
         _ = ctx.session
+
+
+def test_make_app_rejects_a_bad_dns_name_up_front() -> None:
+    with pytest.raises(ConfigError, match="DNS name"):
+        make_app(RouterConfig(discover_dns=("not/a/host", 8000)))
