@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib
 import importlib.util
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +21,7 @@ import aiohttp
 
 from launcher.config import FleetConfig, RestartConfig, RouterConfig
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
-from launcher.plan import Inventory, ReplicaSpec
+from launcher.plan import Inventory, ModelSize, ReplicaSpec
 from launcher.rundir import FleetState, RunDir
 from router.errors import ConfigError
 
@@ -106,7 +106,7 @@ def demo_fleet(args: argparse.Namespace) -> tuple[FleetConfig, tuple[ReplicaSpec
         config = FleetConfig(
             model=SERVED_MODEL_NAME, health_timeout_s=SIM_HEALTH_TIMEOUT_S, **common
         )
-        size = None
+        size: ModelSize | None = None
     else:
         config = FleetConfig(health_timeout_s=VLLM_HEALTH_TIMEOUT_S, **common)
         config, size = _vllm_cpu_setup(config)
@@ -115,15 +115,47 @@ def demo_fleet(args: argparse.Namespace) -> tuple[FleetConfig, tuple[ReplicaSpec
     return config, result.replicas
 
 
-def _vllm_cpu_setup(config: FleetConfig) -> tuple[FleetConfig, Any]:
+#: flags the planner sets from the fleet config; stripped from vllm_cpu's argument list.
+_PLANNER_FLAGS = frozenset(
+    {
+        "--model",
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--dtype",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--tensor-parallel-size",
+        "--gpu-memory-utilization",
+    }
+)
+#: float32 runs on every x86 CPU; 1024 tokens is plenty for the demo and keeps the KV small.
+DEMO_DTYPE = "float32"
+DEMO_MAX_MODEL_LEN = 1024
+
+
+def engine_only_args(args: Sequence[str]) -> tuple[str, ...]:
+    """Drop the flags (and their values) the planner owns, keep the engine tuning flags."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in _PLANNER_FLAGS:
+            skip_value = "=" not in arg
+            continue
+        kept.append(arg)
+    return tuple(kept)
+
+
+def _vllm_cpu_setup(config: FleetConfig) -> tuple[FleetConfig, ModelSize]:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(INSTALL_HINT.format(python=sys.executable))
     from launcher.model_size import size_model
     from launcher.tiny_model import build_tiny_model, default_tiny_model_dir
-
-    # the vLLM engineer's module; looked up at run time until it lands (see the report).
-    vllm_cpu = importlib.import_module("launcher.vllm_cpu")
-    cpu_engine_env, cpu_engine_args = vllm_cpu.cpu_engine_env, vllm_cpu.cpu_engine_args
+    from launcher.vllm_cpu import cpu_engine_env, cpu_server_args
 
     model_dir = default_tiny_model_dir()
     print(f"vllm-fleet demo: tiny model in {model_dir}", flush=True)
@@ -131,10 +163,12 @@ def _vllm_cpu_setup(config: FleetConfig) -> tuple[FleetConfig, Any]:
     config = dataclasses.replace(
         config,
         model=str(model_dir),
-        env=dict(cpu_engine_env()),
-        extra_args=tuple(cpu_engine_args()),
+        dtype=DEMO_DTYPE,
+        max_model_len=DEMO_MAX_MODEL_LEN,
+        env=cpu_engine_env(replicas=config.replicas or 1),
+        extra_args=engine_only_args(cpu_server_args(model_dir, port=0)),
     )
-    return config, size_model(str(model_dir), fetch=None)
+    return config, size_model(str(model_dir), dtype=DEMO_DTYPE, fetch=None)
 
 
 async def check_fleet(state: FleetState, model: str, out: TextIO, engine: str = "vllm") -> bool:
