@@ -37,7 +37,19 @@ LEADER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 CASES: dict[str, dict[str, Any]] = {
     "defaults": with_model(),
     "tp1-x8": with_model({"engine": {"replicas": 8, "tensorParallelSize": 1}}),
-    "tp4-x2": with_model({"engine": {"replicas": 2, "tensorParallelSize": 4, "maxModelLen": 8192}}),
+    # Large numbers too: Helm holds values as float64 and prints 1048576 as 1.048576e+06 unless
+    # the template converts it.
+    "tp4-x2": with_model(
+        {
+            "engine": {
+                "replicas": 2,
+                "tensorParallelSize": 4,
+                "maxModelLen": 1048576,
+                "progressDeadlineSeconds": 10000000,
+            },
+            "router": {"config": {"maxBodyBytes": 104857600, "firstByteTimeoutSeconds": 1200}},
+        }
+    ),
     "multi-node": with_model(
         {
             "engine": {

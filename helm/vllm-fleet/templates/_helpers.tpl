@@ -191,20 +191,20 @@ name: {{ include "vllm-fleet.engine.name" . }}
 - --host
 - "0.0.0.0"
 - --port
-- {{ .Values.engine.port | quote }}
+- {{ .Values.engine.port | int | quote }}
 - --served-model-name
 - {{ include "vllm-fleet.servedModelName" . | quote }}
 - --tensor-parallel-size
-- {{ .Values.engine.tensorParallelSize | quote }}
+- {{ .Values.engine.tensorParallelSize | int | quote }}
 {{- if .Values.engine.multiNode.enabled }}
 - --pipeline-parallel-size
-- {{ .Values.engine.multiNode.pipelineParallelSize | quote }}
+- {{ .Values.engine.multiNode.pipelineParallelSize | int | quote }}
 - --distributed-executor-backend
 - ray
 {{- end }}
 {{- if .Values.engine.maxModelLen }}
 - --max-model-len
-- {{ .Values.engine.maxModelLen | quote }}
+- {{ .Values.engine.maxModelLen | int | quote }}
 {{- end }}
 {{- if .Values.engine.gpuMemoryUtilization }}
 - --gpu-memory-utilization
@@ -306,7 +306,7 @@ runtimeClassName: {{ . }}
 {{- with .Values.engine.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
-terminationGracePeriodSeconds: {{ .Values.engine.terminationGracePeriodSeconds }}
+terminationGracePeriodSeconds: {{ .Values.engine.terminationGracePeriodSeconds | int }}
 {{- with .Values.engine.podSecurityContext }}
 securityContext:
   {{- toYaml . | nindent 2 }}
@@ -333,7 +333,7 @@ Call with (list $topologySpreadValues $selectorLabelsYaml).
 {{- $spread := index . 0 -}}
 {{- if $spread.enabled -}}
 topologySpreadConstraints:
-  - maxSkew: {{ $spread.maxSkew }}
+  - maxSkew: {{ $spread.maxSkew | int }}
     topologyKey: {{ $spread.topologyKey }}
     whenUnsatisfiable: {{ $spread.whenUnsatisfiable }}
     labelSelector:
@@ -351,23 +351,23 @@ startupProbe:
   httpGet:
     path: /health
     port: http
-  periodSeconds: {{ $p.startup.periodSeconds }}
-  failureThreshold: {{ $p.startup.failureThreshold }}
-  timeoutSeconds: {{ $p.startup.timeoutSeconds }}
+  periodSeconds: {{ $p.startup.periodSeconds | int }}
+  failureThreshold: {{ $p.startup.failureThreshold | int }}
+  timeoutSeconds: {{ $p.startup.timeoutSeconds | int }}
 readinessProbe:
   httpGet:
     path: /health
     port: http
-  periodSeconds: {{ $p.readiness.periodSeconds }}
-  failureThreshold: {{ $p.readiness.failureThreshold }}
-  timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
+  periodSeconds: {{ $p.readiness.periodSeconds | int }}
+  failureThreshold: {{ $p.readiness.failureThreshold | int }}
+  timeoutSeconds: {{ $p.readiness.timeoutSeconds | int }}
 livenessProbe:
   httpGet:
     path: /health
     port: http
-  periodSeconds: {{ $p.liveness.periodSeconds }}
-  failureThreshold: {{ $p.liveness.failureThreshold }}
-  timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
+  periodSeconds: {{ $p.liveness.periodSeconds | int }}
+  failureThreshold: {{ $p.liveness.failureThreshold | int }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds | int }}
 {{- end }}
 
 {{/*
