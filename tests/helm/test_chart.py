@@ -46,6 +46,7 @@ CASES: dict[str, dict[str, Any]] = {
                 "tensorParallelSize": 4,
                 "maxModelLen": 1048576,
                 "progressDeadlineSeconds": 10000000,
+                "extraArgs": ["--max-num-batched-tokens", 2097152, "--kv-cache-memory", 0.5],
             },
             "router": {"config": {"maxBodyBytes": 104857600, "firstByteTimeoutSeconds": 1200}},
         }
@@ -329,6 +330,8 @@ def test_engine_serves_the_model_with_values_args(rendered: dict[str, Rendered],
     assert arg_after(args, "--served-model-name") == MODEL
     assert arg_after(args, "--port") == str(port_named(container, "http"))
     assert arg_after(args, "--host") == "0.0.0.0"
+    extra = [str(a) for a in engine_value(case, "extraArgs", [])]
+    assert args[len(args) - len(extra) :] == extra
     max_len = engine_value(case, "maxModelLen", 0)
     assert ("--max-model-len" in args) == bool(max_len)
     if max_len:

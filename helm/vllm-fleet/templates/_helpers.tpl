@@ -211,7 +211,11 @@ name: {{ include "vllm-fleet.engine.name" . }}
 - {{ .Values.engine.gpuMemoryUtilization | quote }}
 {{- end }}
 {{- range .Values.engine.extraArgs }}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
+- {{ int64 . | quote }}
+{{- else }}
 - {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
