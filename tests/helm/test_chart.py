@@ -683,5 +683,7 @@ def test_notes_tell_how_to_reach_the_endpoint(rendered: dict[str, Rendered]) -> 
     service = router_service(rendered["defaults"])["metadata"]["name"]
     assert f"kubectl -n {NAMESPACE} port-forward svc/{service} 8000:8000" in notes
     assert '"model": "meta-llama/Llama-3.1-8B-Instruct"' in notes
-    assert "https://llm.example.local/v1" in rendered["ingress"].notes
+    assert "curl https://llm.example.local/v1/chat/completions" in rendered["ingress"].notes
+    assert "curl http://llm.example.com/v1/chat/completions" in rendered["gateway"].notes
+    assert "curl http://<EXTERNAL-IP>:8000/v1/" in rendered["load-balancer"].notes
     assert "Authorization: Bearer" in rendered["created-secrets"].notes
