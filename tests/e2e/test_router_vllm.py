@@ -152,7 +152,7 @@ async def test_router_keeps_up_with_an_even_client_side_split(
     Rounds alternate so background load hits both sides alike; the best round of each side
     is compared, because on a shared machine noise only ever adds time.
     """
-    requests, max_tokens, rounds = 48, 32, 3
+    requests, max_tokens, rounds = 64, 48, 4
     even = [vllm_pair[i % 2].url for i in range(requests)]
     routed = [router.url] * requests
     await _complete_all(even, max_tokens)  # warm both replicas' caches and connections
