@@ -7,8 +7,6 @@ it from a real deployment, and a crash is a real crash (SIGKILL, port closed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import os
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import ChildProcess, free_port, wait_http
+from launcher.vllm_cpu import cpu_engine_env, cpu_server_args, cpu_server_command
 
 
 @dataclass(frozen=True)
@@ -156,29 +155,14 @@ def find_vllm_python(repo: Path) -> str:
     return ""
 
 
-def cpu_engine_settings(index: int) -> tuple[dict[str, str], list[str]]:
-    """Environment and flags for a vLLM CPU replica: launcher.vllm_cpu's when it exists.
-
-    Each replica gets its own core (`VLLM_CPU_OMP_THREADS_BIND`) so two engines do not fight
-    over the same OpenMP threads.
-    """
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
-    with contextlib.suppress(ImportError, AttributeError):
-        vllm_cpu = importlib.import_module("launcher.vllm_cpu")
-        env = dict(vllm_cpu.cpu_engine_env())
-        args = list(vllm_cpu.cpu_engine_args())
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(index % (os.cpu_count() or 1)))
-    return env, args
-
-
 @dataclass
 class VllmReplica:
     """`python -m vllm.entrypoints.openai.api_server` serving the tiny model on the CPU."""
 
     model_dir: Path
     python: str
-    index: int
+    #: how many replicas share the machine (sizes each one's OpenMP threads).
+    replicas: int
     workdir: Path
     port: int = field(default_factory=free_port)
     child: ChildProcess | None = None
@@ -188,12 +172,10 @@ class VllmReplica:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, deadline_s: float = 300.0) -> None:
-        env, args = cpu_engine_settings(self.index)
-        argv = [
-            self.python, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", TINY_MODEL,
-            "--host", "127.0.0.1", "--port", str(self.port), *args,
-        ]  # fmt: skip
+        """Start with the project's measured CPU settings (launcher.vllm_cpu)."""
+        env = cpu_engine_env(replicas=self.replicas)
+        args = cpu_server_args(self.model_dir, self.port, served_model_name=TINY_MODEL)
+        argv = cpu_server_command(args, self.python)
         log = self.workdir / f"vllm-{self.port}.log"
         self.child = ChildProcess(argv, log, env={**os.environ, **env})
         await wait_http(f"{self.url}/health", deadline_s, self.child)

@@ -382,12 +382,14 @@ async def scenario_2(opts: Options) -> Section:
 
     def slow_down_midway(target: Target, peer: Peer) -> Awaitable[list[RequestRecord]]:
         async def run() -> list[RequestRecord]:
+            counts = [await fleet.received()]
             t0 = time.perf_counter()
 
             async def change() -> None:
                 await asyncio.sleep(change_at)
                 async with aiohttp.ClientSession() as session:
                     await fleet.replicas[0].control(session, speed=0.5)
+                counts.append(await fleet.received())
 
             task = asyncio.create_task(change())
             try:
@@ -396,10 +398,19 @@ async def scenario_2(opts: Options) -> Section:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                counts.append(await fleet.received())
+                if len(counts) == 3:
+                    # Shares from the replicas' own counters: works for every router.
+                    r1_share[peer.name] = (
+                        shares(counts[0], counts[1])[0],
+                        shares(counts[1], counts[2])[0],
+                    )
                 await fleet.wait_idle()
                 await fleet.reset_speeds()
 
         return run()
+
+    r1_share: dict[str, tuple[float, float]] = {}
 
     async with started(fleet):
         for key in _line_up(opts, S2_PEERS, S2_QUICK):
@@ -432,16 +443,16 @@ async def scenario_2(opts: Options) -> Section:
                 fmt_s(sb.latency_p99),
                 fmt_s(sa.latency_p50),
                 fmt_s(sa.latency_p99),
-                _attributed_share(before, run, 0),
-                _attributed_share(after, run, 0),
+                fmt_pct(r1_share.get(run.name, (math.nan, math.nan))[0]),
+                fmt_pct(r1_share.get(run.name, (math.nan, math.nan))[1]),
             ]
         )
         series[run.name] = latency_series(run.records, bin_s=2.0, q=90)
     section.tables.append(Table(headers, rows))
     section.text.append(
-        '"after" starts 2 s after the change. Shares before/after need per-request '
-        "attribution (a response header naming the replica, or the client choosing it); "
-        "- where the router gives none."
+        'Latency "after" counts requests sent from 2 s after the change on. The shares of r1 '
+        "are the fractions of requests r1's own counter received before and after the change "
+        "(the ideal share after the change is about 1/6: r1 and r4 at half speed, two at full)."
     )
     section.plots.append(
         Plot(
@@ -455,15 +466,6 @@ async def scenario_2(opts: Options) -> Section:
         )
     )
     return section
-
-
-def _attributed_share(records: Sequence[RequestRecord], run: PeerRun, index: int) -> str:
-    """Share of `records` that went to replica `index`, when the records say where they went."""
-    indices = [replica_index(r.replica, run.replica_urls) for r in records]
-    known = [i for i in indices if i is not None]
-    if not known or len(known) < len(records) // 2:
-        return "-"
-    return fmt_pct(sum(1 for i in known if i == index) / len(known))
 
 
 # -- scenario 3 -----------------------------------------------------------------------------
@@ -696,6 +698,7 @@ async def scenario_6(opts: Options) -> Section:
                         await task
                 if victim.child is None or not victim.child.alive():
                     await victim.start()
+            marks["end"] = time.perf_counter() - t0
             failover_runs[peer.name] = marks
             return records
 
@@ -746,7 +749,10 @@ async def scenario_6(opts: Options) -> Section:
                 fmt_s(last_dead)
                 if attributed and tried_dead
                 else ("none seen" if attributed else "n/a (no attribution)"),
-                fmt_s(used_again) if not math.isnan(used_again) else "not within the run",
+                fmt_s(used_again)
+                if not math.isnan(used_again)
+                else f"> {marks.get('end', math.nan) - marks.get('back', math.nan):.1f} "
+                "(not before the run ended)",
                 fmt_s(run.summary.latency_p99),
             ]
         )
@@ -796,7 +802,7 @@ async def scenario_7(opts: Options) -> Section:
         section.text.append(f"Not run: `{python} -m launcher.tiny_model` failed.")
         return section
     workdir = opts.workdir / "s7"
-    fleet = VllmFleet([VllmReplica(model_dir, python, i, workdir) for i in range(2)])
+    fleet = VllmFleet([VllmReplica(model_dir, python, 2, workdir) for _ in range(2)])
     duration = 10.0 if opts.quick else S7_MIX.duration
     async with started(fleet):
         capacity = await _probe_capacity(fleet, duration=5.0)
@@ -807,7 +813,8 @@ async def scenario_7(opts: Options) -> Section:
         schedule = make_schedule(mix)
         section.text.append(
             f"2 real vLLM CPU replicas ({python}) of launcher.tiny_model's random-weight Llama, "
-            f"one core each. A 5 s probe at 8 in flight measured {capacity:.0f} output tok/s "
+            "started with launcher.vllm_cpu's settings. A 5 s probe at 8 in flight measured "
+            f"{capacity:.0f} output tok/s "
             f"for the pair; Poisson arrivals at {mix.rate:.2f} req/s (about 60% of that) for "
             f"{mix.duration:g} s, seed {mix.seed}; {1 - mix.long_fraction:.0%} of requests want "
             f"{mix.short_tokens[0]}-{mix.short_tokens[1]} tokens, {mix.long_fraction:.0%} "
