@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "launcher.commands.plan",
     "launcher.commands.up",
     "launcher.commands.demo",
+    "launcher.commands.compose",
     "router.cli",
     "launcher.sim.cli",
 )
