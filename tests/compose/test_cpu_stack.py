@@ -1,0 +1,220 @@
+"""compose/docker-compose.cpu.yml for real: two vLLM CPU replicas and the router in containers.
+
+One project serves the whole module (a vLLM CPU replica needs a minute or two to load), under a
+unique project name and router port, and is always taken down. The tests run in file order:
+requests, then a crashed replica coming back, then `down -v` leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import pytest
+from openai import AsyncOpenAI, OpenAI, OpenAIError
+
+from tests.compose.support import (
+    COMPOSE_DIR,
+    ENGINE_CPU_IMAGE,
+    ENGINE_READY_S,
+    ROUTER_IMAGE,
+    TINY_MODEL,
+    ComposeProject,
+    compose_up,
+    container_ip,
+    crash,
+    docker_client,
+    free_port,
+    get_json,
+    leftovers,
+    poll,
+    require_images,
+    unique_name,
+)
+
+pytestmark = pytest.mark.e2e
+
+CPU_FILE = COMPOSE_DIR / "docker-compose.cpu.yml"
+REPLICAS = ("replica-0", "replica-1")
+
+
+class Stack:
+    def __init__(self, project: ComposeProject, client: docker.DockerClient, port: int) -> None:
+        self.project = project
+        self.client = client
+        self.url = f"http://127.0.0.1:{port}"
+
+    def openai(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60.0)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """The router's view: one row per replica it discovered (URL, health, served count)."""
+        rows = get_json(f"{self.url}/fleet/replicas")
+        assert isinstance(rows, list)
+        return rows
+
+    def served(self) -> dict[str, int]:
+        return {row["url"]: int(row["served"]) for row in self.replicas()}
+
+    def replica_url(self, service: str) -> str:
+        (container,) = self.project.containers(self.client, service)
+        return f"http://{container_ip(container)}:8000"
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    client = docker_client()
+    require_images(client, ROUTER_IMAGE, ENGINE_CPU_IMAGE)
+    port = free_port()
+    project = ComposeProject(
+        unique_name("vftest-cpu"),
+        (CPU_FILE,),
+        env=(("ROUTER_PORT", str(port)), ("ROUTER_BIND", "127.0.0.1")),
+    )
+    with compose_up(project, client) as up:
+        stack = Stack(up, client, port)
+        # `--wait` saw every container healthy; the router also has to have discovered both.
+        poll(
+            lambda: len([r for r in stack.replicas() if r["healthy"]]) == 2,
+            "the router to list both replicas as healthy",
+            deadline_s=60,
+        )
+        yield stack
+
+
+def test_router_port_is_published_on_loopback_only(stack: Stack) -> None:
+    (router,) = stack.project.containers(stack.client, "router")
+    bindings = router.attrs["HostConfig"]["PortBindings"]["8000/tcp"]
+    assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
+
+
+def test_chat_completion_through_the_router(stack: Stack) -> None:
+    with stack.openai() as client:
+        reply = client.chat.completions.create(
+            model=TINY_MODEL,
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+            temperature=0.0,
+        )
+    assert reply.model == TINY_MODEL
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_completion_through_the_router(stack: Stack) -> None:
+    with stack.openai() as client:
+        reply = client.completions.create(
+            model=TINY_MODEL, prompt="Once upon a time", max_tokens=8, temperature=0.0
+        )
+    assert reply.choices[0].text
+    assert reply.usage is not None and reply.usage.completion_tokens == 8
+
+
+def test_streaming_chat_through_the_router(stack: Stack) -> None:
+    with stack.openai() as client:
+        stream = client.chat.completions.create(
+            model=TINY_MODEL,
+            messages=[{"role": "user", "content": "Count to five."}],
+            max_tokens=12,
+            temperature=0.0,
+            stream=True,
+        )
+        chunks = list(stream)
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) >= 2, f"expected a token stream, got {len(pieces)} content chunk(s)"
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def _concurrent_chats(url: str, count: int) -> list[str]:
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120.0)
+    try:
+        replies = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=TINY_MODEL,
+                    messages=[{"role": "user", "content": f"Request {i}"}],
+                    max_tokens=8,
+                )
+                for i in range(count)
+            )
+        )
+    finally:
+        await client.close()
+    return [r.choices[0].message.content or "" for r in replies]
+
+
+def test_both_replicas_serve(stack: Stack) -> None:
+    before = stack.served()
+    answers = asyncio.run(_concurrent_chats(stack.url, 12))
+    assert all(answers)
+
+    def both_served() -> dict[str, int] | None:
+        after = stack.served()
+        gained = {url: after.get(url, 0) - before.get(url, 0) for url in after}
+        return gained if sum(gained.values()) >= 12 else None
+
+    gained = poll(both_served, "the router to count the 12 requests", deadline_s=10)
+    replica_urls = {stack.replica_url(s) for s in REPLICAS}
+    assert set(gained) == replica_urls
+    assert all(n > 0 for n in gained.values()), f"one replica served nothing: {gained}"
+
+
+def test_crashed_replica_restarts_and_rejoins(stack: Stack) -> None:
+    (victim,) = stack.project.containers(stack.client, "replica-0")
+    restarts_before = int(victim.attrs["RestartCount"])
+    crash(victim)
+
+    # Requests keep succeeding while replica-0 is down and loading again: the router fails
+    # over to replica-1 and ejects replica-0 until it answers its health checks.
+    failures = []
+    with stack.openai() as client:
+        deadline = time.monotonic() + ENGINE_READY_S
+        ok = 0
+        while time.monotonic() < deadline:
+            try:
+                reply = client.chat.completions.create(
+                    model=TINY_MODEL, messages=[{"role": "user", "content": "ping"}], max_tokens=4
+                )
+                assert reply.choices[0].message.content is not None
+                ok += 1
+            except OpenAIError as exc:
+                failures.append(repr(exc))
+            victim.reload()
+            health = victim.attrs["State"].get("Health", {}).get("Status")
+            if int(victim.attrs["RestartCount"]) > restarts_before and health == "healthy":
+                break
+        else:
+            raise AssertionError(
+                f"replica-0 did not come back healthy within {ENGINE_READY_S:g}s:\n"
+                f"{stack.project.logs()}"
+            )
+    assert not failures, f"{len(failures)} request(s) failed during the crash: {failures[:3]}"
+    assert ok > 0
+    assert victim.attrs["State"]["Running"]
+
+    # It rejoins: the router finds it again (its address may have changed) and sends it work.
+    url = stack.replica_url("replica-0")
+    poll(
+        lambda: any(r["url"] == url and r["healthy"] for r in stack.replicas()),
+        f"the router to list the restarted replica-0 ({url}) as healthy",
+        deadline_s=60,
+    )
+    before = stack.served().get(url, 0)
+
+    def served_by_restarted() -> bool:
+        asyncio.run(_concurrent_chats(stack.url, 6))
+        return stack.served().get(url, 0) > before
+
+    poll(served_by_restarted, "the restarted replica-0 to serve requests again", deadline_s=60)
+
+
+def test_down_leaves_nothing_behind(stack: Stack) -> None:
+    stack.project.run("down", "-v", "--timeout", "5", timeout=180)
+    assert leftovers(stack.client, stack.project.name) == []
+    with pytest.raises(OSError):
+        stack.replicas()
