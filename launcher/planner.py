@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from launcher.model_size import normalize_dtype
 from launcher.plan import GIB, FitCheck, Gpu, Inventory, ModelSize, Plan, ReplicaSpec
+from launcher.vllm_cpu import cpu_engine_env
 from router.errors import ConfigError
 
 #: tensor-parallel sizes tried, smallest first (more GPUs per replica = fewer replicas).
@@ -84,6 +85,8 @@ class PlanOptions:
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     python: str = "python3"
+    #: CPUs the CPU engine's replicas share (threads per replica follow from it); None = detect.
+    cpus: int | None = None
 
 
 def gib(n: float) -> str:
@@ -179,6 +182,14 @@ def _vllm_command(
     return (*argv, *options.extra_args)
 
 
+def _cpu_command(options: PlanOptions, port: int, max_model_len: int | None) -> tuple[str, ...]:
+    """The vLLM command on the CPU: eager mode skips a ~30 s compile warm-up (launcher.vllm_cpu)."""
+    argv = _vllm_command(options, port, 1, max_model_len, on_gpu=False)
+    if "--enforce-eager" in options.extra_args:
+        return argv
+    return (*argv, "--enforce-eager")
+
+
 def _sim_command(options: PlanOptions, port: int) -> tuple[str, ...]:
     argv = [
         options.python,
@@ -252,8 +263,13 @@ def _plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
             "found; the CPU engine runs tensor-parallel size 1 (leave it unset)"
         )
     space = _cpu_kv_space_gib(options)
-    env = dict(options.env)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(space))
+    count = options.replicas or 1
+    # Measured settings that let several CPU replicas share a small machine (launcher.vllm_cpu);
+    # the user's env wins. Offline mode only when the user asks: a hub model must download.
+    env = {
+        **cpu_engine_env(count, options.cpus, kv_cache_gib=space, offline=False),
+        **options.env,
+    }
     notes = [
         "no GPU found: using vLLM's CPU engine "
         f"(KV cache {space} GiB per replica, set VLLM_CPU_KVCACHE_SPACE to change)"
@@ -283,14 +299,13 @@ def _plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
             )
         elif options.max_model_len is None and target != model.max_model_len:
             max_len = target
-    count = options.replicas or 1
     replicas = tuple(
         ReplicaSpec(
             name=f"replica-{i}",
             port=port,
             gpus=(),
             tensor_parallel_size=1,
-            command=_vllm_command(options, port, 1, max_len, on_gpu=False),
+            command=_cpu_command(options, port, max_len),
             env=dict(env),
         )
         for i, port in enumerate(_ports(options, count))

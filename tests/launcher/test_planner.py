@@ -313,16 +313,25 @@ def test_replica_command_and_env() -> None:
 
 
 def test_cpu_plan_uses_the_cpu_engine() -> None:
-    options = PlanOptions(model="tiny", replicas=2, python="py")
+    options = PlanOptions(model="tiny", replicas=2, python="py", cpus=8, env={"HF_HOME": "/hf"})
 
     result = plan(Inventory(gpus=(), source="none"), None, options)
 
     assert [r.port for r in result.replicas] == [8001, 8002]
     assert all(r.gpus == () and r.tensor_parallel_size == 1 for r in result.replicas)
-    assert result.replicas[0].env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    # The measured CPU settings of launcher.vllm_cpu: 8 CPUs, 2 replicas -> (8 - 2) // 2 threads.
+    assert result.replicas[0].env == {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "3",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HOME": "/hf",
+    }
     assert result.replicas[0].command == (
         "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "tiny",
-        "--host", "127.0.0.1", "--port", "8001", "--tensor-parallel-size", "1",
+        "--host", "127.0.0.1", "--port", "8001", "--tensor-parallel-size", "1", "--enforce-eager",
     )  # fmt: skip
     assert any("no GPU found" in n and "CPU engine" in n for n in result.notes)
 
@@ -340,7 +349,7 @@ def test_cpu_plan_fits_context_into_the_kv_space() -> None:
     assert small.max_model_len == 8192
     assert "--max-model-len" in small.replicas[0].command
     assert roomy.max_model_len is None
-    assert roomy.replicas[0].env == {"VLLM_CPU_KVCACHE_SPACE": "40"}
+    assert roomy.replicas[0].env["VLLM_CPU_KVCACHE_SPACE"] == "40"
 
 
 @pytest.mark.parametrize(
