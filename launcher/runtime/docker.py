@@ -100,8 +100,8 @@ class ContainerConfig:
     cap_add: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def run_kwargs(self) -> dict[str, Any]:
-        """Arguments of ``client.containers.run`` (the SDK objects are made only here)."""
+    def create_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``client.containers.create`` (the SDK objects are made only here)."""
         kwargs: dict[str, Any] = {
             "image": self.image,
             "name": self.name,
@@ -110,7 +110,6 @@ class ContainerConfig:
             "environment": dict(self.environment),
             "labels": dict(self.labels),
             "ports": dict(self.ports),
-            "detach": True,
             "init": True,
             "shm_size": self.shm_size,
             "restart_policy": {"Name": "no"},
@@ -228,6 +227,23 @@ class DockerRuntime:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
+    def check_images(self, specs: Iterable[ReplicaSpec]) -> None:
+        """Before anything starts: every image these replicas need is present locally."""
+        needed = sorted({container_config(s, self.settings).image for s in specs})
+        missing = []
+        for image in needed:
+            try:
+                self.client.images.get(image)
+            except docker.errors.ImageNotFound:
+                missing.append(image)
+            except docker.errors.DockerException as exc:
+                raise ConfigError(f"--runtime docker: cannot list images ({exc})") from None
+        if missing:
+            raise ConfigError(
+                f"--runtime docker: image {', '.join(missing)} not found locally; "
+                + "; ".join(_image_hint(image) for image in missing)
+            )
+
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
         config = container_config(spec, self.settings, host_env=os.environ)
         self._remove_stale(config.name)
@@ -241,15 +257,23 @@ class DockerRuntime:
             encoding="utf-8",
         )
         try:
-            container = self.client.containers.run(**config.run_kwargs())
-            container.reload()
-        except docker.errors.ImageNotFound as exc:
-            raise DockerRuntimeError(
-                f"image {config.image} not found ({exc.explanation}); build it with "
-                "compose/build-images.sh or pull it"
-            ) from None
+            # create + start, never an implicit pull: pulling a multi-GB engine image here would
+            # stall the supervisor; check_images tells the user up front instead.
+            container = self.client.containers.create(**config.create_kwargs())
+        except docker.errors.ImageNotFound:
+            hint = _image_hint(config.image)
+            raise DockerRuntimeError(f"image {config.image} not found; {hint}") from None
         except docker.errors.DockerException as exc:
-            raise DockerRuntimeError(f"docker run {config.name}: {exc}") from None
+            raise DockerRuntimeError(f"docker create {config.name}: {exc}") from None
+        try:
+            container.start()
+            container.reload()
+        except docker.errors.DockerException as exc:
+            # e.g. the host port is taken: the supervisor gets no handle, so nothing may remain.
+            self._save_logs(container, path)
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True)
+            raise DockerRuntimeError(f"docker start {config.name}: {exc}") from None
         self._containers[spec.name] = container
         pid = int(container.attrs.get("State", {}).get("Pid") or 0)
         return ReplicaHandle(spec=spec, pid=pid, log_path=path, started_at=time.monotonic())
@@ -334,6 +358,12 @@ class DockerRuntime:
                 f"{self.settings.fleet}; remove it (docker rm -f {name})"
             )
         self._remove(old)
+
+
+def _image_hint(image: str) -> str:
+    if image.startswith("vllm-fleet-"):
+        return f"build it with `bash compose/build-images.sh` ({image})"
+    return f"pull it first: `docker pull {image}`"
 
 
 def _exit_code(state: Mapping[str, Any]) -> int | None:

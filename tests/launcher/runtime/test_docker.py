@@ -1,0 +1,344 @@
+"""The Docker runtime: the spec-to-container translation (pure), then real containers.
+
+The real-container tests run the vllm-fleet simulator inside the router image (it carries the
+whole vllm-fleet package), so they take seconds; the vLLM engine image is exercised by
+tests/compose/test_up_docker.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import docker.errors
+import pytest
+
+from launcher.config import RestartConfig
+from launcher.plan import ReplicaSpec
+from launcher.runtime.base import ReplicaHandle, ReplicaStatus
+from launcher.runtime.docker import (
+    DEFAULT_CPU_IMAGE,
+    DEFAULT_GPU_IMAGE,
+    LABEL_FLEET,
+    LABEL_REPLICA,
+    DockerRuntime,
+    DockerRuntimeError,
+    DockerSettings,
+    SplitRuntime,
+    container_config,
+    fleet_containers,
+    fleet_name_for,
+    remove_fleet_containers,
+)
+from launcher.runtime.process import ProcessRuntime
+from launcher.supervisor import Supervisor, SupervisorSettings, UnitState, units_for
+from router.errors import ConfigError
+from tests.compose.support import ROUTER_IMAGE, docker_client, free_port, poll, require_images
+
+VLLM = ("/opt/venv/bin/python3.11", "-m", "vllm.entrypoints.openai.api_server")
+
+
+def vllm_spec(gpus: tuple[int, ...] = (), *extra: str, **env: str) -> ReplicaSpec:
+    return ReplicaSpec(
+        name="replica-0",
+        port=8001,
+        gpus=gpus,
+        tensor_parallel_size=max(1, len(gpus)),
+        command=(*VLLM, "--model", "/models/m", "--host", "127.0.0.1", "--port", "8001", *extra),
+        env=dict(env),
+    )
+
+
+SETTINGS = DockerSettings(fleet="test")
+
+
+# --------------------------------------------------------------------------- translation
+
+
+def test_gpu_replica_gets_exactly_its_gpus_and_the_gpu_image() -> None:
+    config = container_config(vllm_spec((2, 3), CUDA_VISIBLE_DEVICES="2,3"), SETTINGS)
+    assert config.image == DEFAULT_GPU_IMAGE
+    assert config.device_ids == ("2", "3")
+    # inside the container the two GPUs are 0 and 1: the host numbering must not leak in.
+    assert "CUDA_VISIBLE_DEVICES" not in config.environment
+    (request,) = config.create_kwargs()["device_requests"]
+    assert request["Driver"] == "nvidia"
+    assert request["DeviceIDs"] == ["2", "3"]
+    assert request["Capabilities"] == [["gpu"]]
+
+
+def test_cpu_replica_has_no_device_request_and_the_cpu_image() -> None:
+    config = container_config(vllm_spec(), SETTINGS)
+    assert config.image == DEFAULT_CPU_IMAGE
+    assert "device_requests" not in config.create_kwargs()
+
+
+def test_server_listens_on_all_container_interfaces_and_is_published_on_the_planned_host() -> None:
+    config = container_config(vllm_spec(), SETTINGS)
+    argv = list(config.entrypoint)
+    assert argv[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert argv[argv.index("--port") + 1] == "8001"
+    assert config.ports == {"8001/tcp": ("127.0.0.1", 8001)}
+
+    spec = ReplicaSpec("r", 9000, (), 1, ("python", "-m", "x", "--host=10.0.0.5", "--port=9000"))
+    config = container_config(spec, SETTINGS)
+    assert "--host=0.0.0.0" in config.entrypoint
+    assert config.ports == {"9000/tcp": ("10.0.0.5", 9000)}
+
+
+def test_labels_and_name_identify_fleet_and_replica() -> None:
+    config = container_config(vllm_spec(), SETTINGS)
+    assert config.labels == {LABEL_FLEET: "test", LABEL_REPLICA: "replica-0"}
+    assert config.name == "vllm-fleet-test-replica-0"
+    kwargs = config.create_kwargs()
+    assert kwargs["restart_policy"] == {"Name": "no"}  # the supervisor restarts, not Docker
+    assert kwargs["init"] is True
+
+
+def test_local_model_directory_is_mounted_read_only_at_the_same_path() -> None:
+    config = container_config(vllm_spec(), SETTINGS, is_dir=lambda p: p == "/models/m")
+    assert config.binds == (("/models/m", "/models/m", True),)
+    assert "/models/m:/models/m:ro" in config.create_kwargs()["volumes"]
+    hub = container_config(vllm_spec(), SETTINGS, is_dir=lambda p: False)
+    assert hub.binds == ()
+
+
+def test_environment_is_the_specs_plus_the_hugging_face_token_only() -> None:
+    host = {"HF_TOKEN": "hf_x", "PATH": "/host/bin", "HOME": "/root"}
+    config = container_config(vllm_spec((), VLLM_CPU_KVCACHE_SPACE="1"), SETTINGS, host_env=host)
+    assert config.environment == {
+        "PYTHONUNBUFFERED": "1",
+        "HF_TOKEN": "hf_x",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+
+
+@pytest.mark.parametrize("fleet", ["", "has space", "-leading", "a/b"])
+def test_bad_fleet_name_is_a_config_error(fleet: str) -> None:
+    with pytest.raises(ConfigError, match="fleet"):
+        container_config(vllm_spec(), DockerSettings(fleet=fleet))
+
+
+def test_fleet_name_is_stable_per_run_dir_and_differs_between_dirs(tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / ".fleet", tmp_path / "b" / ".fleet"
+    assert fleet_name_for(a) == fleet_name_for(a)
+    assert fleet_name_for(a) != fleet_name_for(b)
+    assert fleet_name_for(a).startswith("a-")
+
+
+# --------------------------------------------------------------------------- real containers
+
+
+@pytest.fixture(scope="module")
+def client() -> docker.DockerClient:
+    client = docker_client()
+    require_images(client, ROUTER_IMAGE)
+    return client
+
+
+@pytest.fixture
+def fleet(client: docker.DockerClient) -> Iterator[str]:
+    """A fleet name of its own per test; whatever the test leaves is removed."""
+    name = f"t{time.monotonic_ns() % 10**9}"
+    yield name
+    remove_fleet_containers(name, client=client, timeout=1)
+
+
+def sim_spec(name: str, port: int) -> ReplicaSpec:
+    command = (sys.executable, "-m", "launcher.cli", "sim", "--host", "127.0.0.1",
+               "--port", str(port), "--model", "sim-model")  # fmt: skip
+    return ReplicaSpec(name=name, port=port, gpus=(), tensor_parallel_size=1, command=command)
+
+
+def script_spec(name: str, code: str) -> ReplicaSpec:
+    return ReplicaSpec(name, free_port(), (), 1, ("python3", "-c", code))
+
+
+def make_runtime(client: docker.DockerClient, fleet: str, tmp_path: Path) -> DockerRuntime:
+    settings = DockerSettings(fleet=fleet, cpu_image=ROUTER_IMAGE, shm_size="64m")
+    return DockerRuntime(settings, tmp_path / "logs", client=client)
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def test_replica_serves_on_its_planned_port_and_stop_removes_it(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    runtime = make_runtime(client, fleet, tmp_path)
+    spec = sim_spec("replica-0", free_port())
+    handle = runtime.start(spec)
+    assert handle.pid > 0
+    (container,) = fleet_containers(client, fleet)
+    assert container.labels[LABEL_REPLICA] == "replica-0"
+    assert runtime.status(handle).running
+    poll(lambda: healthy(spec.url), f"the simulator at {spec.url}", deadline_s=30)
+    poll(lambda: runtime.last_log_line(handle), "a log line", deadline_s=10)
+
+    status = runtime.stop(handle, timeout=5)
+    assert not status.running
+    assert fleet_containers(client, fleet) == []
+    assert not healthy(spec.url)
+    log = handle.log_path.read_text()
+    assert "docker container vllm-fleet-" in log.splitlines()[0]
+    assert len(log.splitlines()) > 2, "the container's output was not kept in the log file"
+
+
+def test_exit_is_reported_with_its_status_and_output(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    runtime = make_runtime(client, fleet, tmp_path)
+    handle = runtime.start(script_spec("crasher", "import sys; print('bye'); sys.exit(3)"))
+
+    def exited() -> ReplicaStatus | None:
+        status = runtime.status(handle)
+        return None if status.running else status
+
+    status = poll(exited, "the container to exit", deadline_s=30)
+    assert status.returncode == 3
+    assert runtime.last_log_line(handle) == "bye"
+    runtime.stop(handle, timeout=1)
+    assert "bye" in handle.log_path.read_text()
+
+
+def test_stale_container_of_the_same_fleet_is_replaced(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    sleeper = "import time; time.sleep(600)"
+    first = make_runtime(client, fleet, tmp_path)
+    first.start(script_spec("replica-0", sleeper))
+    # a new supervisor (after a crash of the old one) starts the same replica again
+    second = make_runtime(client, fleet, tmp_path)
+    handle = second.start(script_spec("replica-0", sleeper))
+    (container,) = fleet_containers(client, fleet)
+    assert container.attrs["State"]["Pid"] == handle.pid
+    second.stop(handle, timeout=1)
+
+
+def test_container_of_another_owner_is_never_touched(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    foreign = client.containers.create(
+        ROUTER_IMAGE, name=f"vllm-fleet-{fleet}-replica-0", entrypoint=["true"]
+    )
+    try:
+        runtime = make_runtime(client, fleet, tmp_path)
+        with pytest.raises(DockerRuntimeError, match="does not belong to fleet"):
+            runtime.start(script_spec("replica-0", "pass"))
+        foreign.reload()  # still there
+    finally:
+        foreign.remove(force=True)
+
+
+def test_remove_fleet_containers_removes_exactly_that_fleet(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    other = f"{fleet}-other"
+    sleeper = "import time; time.sleep(600)"
+    mine = make_runtime(client, fleet, tmp_path)
+    theirs = make_runtime(client, other, tmp_path / "other")
+    mine.start(script_spec("replica-0", sleeper))
+    mine.start(script_spec("replica-1", sleeper))
+    kept = theirs.start(script_spec("replica-0", sleeper))
+    try:
+        removed = remove_fleet_containers(fleet, client=client, timeout=1)
+        assert sorted(removed) == [f"vllm-fleet-{fleet}-replica-0", f"vllm-fleet-{fleet}-replica-1"]
+        assert fleet_containers(client, fleet) == []
+        assert len(fleet_containers(client, other)) == 1
+    finally:
+        theirs.stop(kept, timeout=1)
+
+
+def test_missing_image_is_named_with_the_fix(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    settings = DockerSettings(fleet=fleet, cpu_image="vllm-fleet-missing:0")
+    runtime = DockerRuntime(settings, tmp_path, client=client)
+    spec = script_spec("replica-0", "pass")
+    with pytest.raises(ConfigError, match=r"vllm-fleet-missing:0 not found.*build-images\.sh"):
+        runtime.check_images([spec])
+    with pytest.raises(DockerRuntimeError, match="not found"):
+        runtime.start(spec)
+    assert fleet_containers(client, fleet) == []
+
+
+def test_split_runtime_keeps_the_router_on_the_host(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    split = SplitRuntime(
+        make_runtime(client, fleet, tmp_path), ProcessRuntime(tmp_path / "host"), ["router"]
+    )
+    router = ReplicaSpec("router", free_port(), (), 1, (sys.executable, "-c", "pass"))
+    host_handle = split.start(router)
+    container_handle = split.start(script_spec("replica-0", "import time; time.sleep(600)"))
+    try:
+        assert [c.labels[LABEL_REPLICA] for c in fleet_containers(client, fleet)] == ["replica-0"]
+        assert host_handle.log_path.parent == tmp_path / "host"
+    finally:
+        split.stop(host_handle, timeout=1)
+        split.stop(container_handle, timeout=1)
+    assert fleet_containers(client, fleet) == []
+
+
+async def test_supervisor_restarts_a_crashed_container(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    runtime = make_runtime(client, fleet, tmp_path)
+    spec = sim_spec("replica-0", free_port())
+    settings = SupervisorSettings(
+        health_timeout_s=60,
+        health_interval_s=0.2,
+        stop_timeout_s=2,
+        restart=RestartConfig(max_restarts=3, backoff_initial_s=0.1, backoff_max_s=0.5),
+    )
+    published: list[list[str]] = []
+    supervisor = Supervisor(
+        runtime, units_for([spec], None), settings, on_backends=published.append
+    )
+    async with supervisor:
+        await asyncio.wait_for(supervisor.wait_settled(), 60)
+        assert supervisor.states() == {"replica-0": UnitState.HEALTHY}
+        (container,) = fleet_containers(client, fleet)
+        first_pid = int(container.attrs["State"]["Pid"])
+
+        # crash: the container's init dies (as after an OOM kill); Docker must not restart it
+        # (restart policy "no"), the supervisor does, with the same port.
+        os.kill(first_pid, signal.SIGKILL)
+
+        def restarted() -> bool:
+            records = {r.name: r for r in supervisor.records()}
+            r = records["replica-0"]
+            return r.restarts == 1 and r.state == "healthy" and r.pid not in (None, first_pid)
+
+        deadline = time.monotonic() + 60
+        while not restarted():
+            assert time.monotonic() < deadline, f"not restarted: {supervisor.records()}"
+            await asyncio.sleep(0.1)
+        assert [spec.url] in published
+        assert len(fleet_containers(client, fleet)) == 1
+        assert await asyncio.to_thread(healthy, spec.url)
+    assert fleet_containers(client, fleet) == []
+
+
+def test_handle_of_an_unknown_container_is_not_running(
+    client: docker.DockerClient, fleet: str, tmp_path: Path
+) -> None:
+    runtime = make_runtime(client, fleet, tmp_path)
+    handle = ReplicaHandle(
+        sim_spec("ghost", 1), pid=0, log_path=tmp_path / "ghost.log", started_at=0
+    )
+    assert not runtime.status(handle).running
+    assert not runtime.stop(handle, timeout=1).running
