@@ -110,9 +110,22 @@ def demo_fleet(args: argparse.Namespace) -> tuple[FleetConfig, tuple[ReplicaSpec
     else:
         config = FleetConfig(health_timeout_s=VLLM_HEALTH_TIMEOUT_S, **common)
         config, size = _vllm_cpu_setup(config)
-    # always the CPU engine, even on a GPU machine: the demo must behave the same everywhere.
-    result = plan(Inventory(gpus=(), source="none"), size, config.to_plan_options())
+    inventory = demo_inventory(args.engine)
+    if inventory.gpus:
+        # one tiny replica per GPU at most: the planner refuses more replicas than GPUs.
+        config = dataclasses.replace(config, replicas=min(args.replicas, len(inventory.gpus)))
+    result = plan(inventory, size, config.to_plan_options())
     return config, result.replicas
+
+
+def demo_inventory(engine: str) -> Inventory:
+    """The GPUs of this machine for real vLLM, so a GPU box runs the demo on its GPUs (the GPU
+    build of vLLM cannot run on the CPU); no GPU, or the simulator, plans CPU replicas."""
+    if engine != "vllm":
+        return Inventory(gpus=(), source="none")
+    from launcher.inventory import detect_inventory
+
+    return detect_inventory()
 
 
 #: flags the planner sets from the fleet config; stripped from vllm_cpu's argument list.
