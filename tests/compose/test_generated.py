@@ -1,0 +1,66 @@
+"""A file written by `vllm-fleet compose` runs: the sim engine (in the router image) keeps it
+fast, and the same file layout serves GPU plans (validated in test_compose_config.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from tests.compose.support import (
+    REPO_ROOT,
+    ROUTER_IMAGE,
+    ComposeProject,
+    compose_up,
+    docker_client,
+    free_port,
+    get_json,
+    leftovers,
+    poll,
+    require_images,
+    unique_name,
+)
+
+
+def test_generated_sim_fleet_serves_through_its_router(tmp_path: Path) -> None:
+    client = docker_client()
+    require_images(client, ROUTER_IMAGE)
+    port = free_port()
+    out = tmp_path / "generated.yml"
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "compose", "--engine", "sim", "--replicas", "2",
+         "--port", str(port), "-o", str(out)],
+        cwd=REPO_ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    project = ComposeProject(unique_name("vftest-gen"), (out,))
+    with compose_up(project, client):
+        router = f"http://127.0.0.1:{port}"
+        poll(
+            lambda: all(r["healthy"] for r in get_json(f"{router}/fleet/replicas")),
+            "both simulated replicas healthy in the router",
+            deadline_s=30,
+        )
+        with OpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0) as openai:
+            for i in range(10):
+                reply = openai.chat.completions.create(
+                    model="sim-model", messages=[{"role": "user", "content": f"{i}"}], max_tokens=4
+                )
+                assert reply.choices[0].message.content
+        served = {r["url"]: r["served"] for r in get_json(f"{router}/fleet/replicas")}
+        assert sorted(served) == ["http://replica-0:8001", "http://replica-1:8002"]
+        assert sum(served.values()) == 10
+    assert leftovers(client, project.name) == []
+
+
+@pytest.mark.parametrize("bad", [["--replicas", "0"], ["--engine", "nope"]])
+def test_bad_flags_are_one_line_errors(bad: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "compose", "--model", "m", *bad],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("vllm-fleet compose: error:")
+    assert "Traceback" not in result.stderr
