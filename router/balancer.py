@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.errors import ConfigError
+from router.speed import B_PRIOR, SpeedEstimate
 from router.state import ReplicaState
 
 #: Scraped engine gauges younger than this count fully (a few scrape intervals of 1 s).
@@ -106,15 +107,25 @@ def load_score(replica: ReplicaState, now: float | None = None) -> float:
     """
     if now is None:
         now = time.monotonic()
+    busy, w, pressure = engine_load(replica, now)
+    queue = WAITING_WEIGHT * w * max(0.0, replica.waiting)
+    capacity = replica.capacity if replica.capacity > 0 and math.isfinite(replica.capacity) else 1.0
+    return (busy + queue) / capacity * (1.0 + KV_WEIGHT * w * pressure)
+
+
+def engine_load(replica: ReplicaState, now: float) -> tuple[float, float, float]:
+    """(requests on the replica, freshness w of its gauges, KV pressure in [0, 1]).
+
+    Requests = our in-flight count plus, weighted by w, the other clients' requests the last
+    scrape saw (see load_score for why this combination).
+    """
     w = freshness(replica, now)
     running = max(0.0, replica.running)
     waiting = max(0.0, replica.waiting)
     external = max(0.0, running + waiting - replica.in_flight_at_scrape)
     busy = max(0, replica.in_flight) + w * external
-    queue = WAITING_WEIGHT * w * waiting
     pressure = min(1.0, max(0.0, (replica.kv_cache_usage - KV_KNEE) / (1.0 - KV_KNEE)))
-    capacity = replica.capacity if replica.capacity > 0 and math.isfinite(replica.capacity) else 1.0
-    return (busy + queue) / capacity * (1.0 + KV_WEIGHT * w * pressure)
+    return busy, w, pressure
 
 
 class LeastBusy:
@@ -168,9 +179,170 @@ class RoundRobin:
         return chosen
 
 
-#: Policy name -> factory(rng). New policies (e.g. "cost") register here.
+#: Tokens assumed for a request without max_tokens until the replicas' counters say how long
+#: requests are (generated tokens per finished request; it only scales the estimate).
+DEFAULT_TOKENS = 256.0
+#: Finished requests (exponentially forgotten, summed over candidates) before the learned mean
+#: request length replaces DEFAULT_TOKENS.
+MIN_FINISHED_FOR_MEAN = 4.0
+#: Price of one place in a replica's queue, in mean requests run on a full batch (see
+#: request_cost).
+QUEUE_PLACE_REQUESTS = 2.0
+#: Costs within this relative distance of the best are ties, broken at random.
+COST_TIE = 1e-9
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The speed numbers the cost formula uses for one replica (learned or filled in)."""
+
+    token_s: float
+    batch_slowdown: float
+    batch_limit: float
+    prefill_s_per_token: float
+
+
+def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
+    """(speed assumed for a replica not measured yet, typical tokens per request).
+
+    An unmeasured replica (just joined, or never scraped) is assumed to be an average one: the
+    mean of the measured replicas' numbers, batch limit included (replicas of one fleet mostly
+    share max_num_seqs; one that never queued yet is assumed to queue where the others do).
+    With none measured every replica gets the same speed and the cost orders replicas by their
+    load, like least-busy. The typical length is pooled over the candidates: generated tokens
+    / finished requests, both recent.
+    """
+    known = [r.speed for r in replicas if r.speed.token_s is not None]
+    if known:
+        token_s = sum(e.token_s or 0.0 for e in known) / len(known)
+        slowdown = sum(e.batch_slowdown for e in known) / len(known)
+        prefill = sum(e.prefill_s_per_token for e in known) / len(known)
+    else:
+        token_s, slowdown, prefill = 1.0, B_PRIOR, 0.0
+    limits = [r.speed.batch_limit for r in replicas if r.speed.batch_limit is not None]
+    limit = sum(limits) / len(limits) if limits else math.inf
+    finished = sum(r.speed.recent_finished for r in replicas)
+    tokens = sum(r.speed.recent_tokens for r in replicas)
+    typical = tokens / finished if finished >= MIN_FINISHED_FOR_MEAN else DEFAULT_TOKENS
+    return Speed(token_s, slowdown, limit, prefill), max(1.0, typical)
+
+
+def replica_speed(estimate: SpeedEstimate, default: Speed) -> Speed:
+    """The replica's learned numbers, each filled in from ``default`` where not learned yet."""
+    if estimate.token_s is None:
+        token_s, slowdown, prefill = (
+            default.token_s,
+            default.batch_slowdown,
+            default.prefill_s_per_token,
+        )
+    else:
+        token_s, slowdown, prefill = (
+            estimate.token_s,
+            estimate.batch_slowdown,
+            estimate.prefill_s_per_token,
+        )
+    if estimate.batch_limit is not None:
+        limit = estimate.batch_limit
+    elif math.isfinite(default.batch_limit):  # the fleet's, unless it already ran more
+        limit = max(default.batch_limit, estimate.peak_running)
+    else:  # no replica has queued yet: going past what it has been seen running is a risk
+        limit = max(1.0, estimate.peak_running)
+    return Speed(token_s, slowdown, limit, prefill)
+
+
+def request_cost(
+    replica: ReplicaState, request: RequestInfo, speed: Speed, typical_tokens: float, now: float
+) -> float:
+    """Seconds this request costs the fleet on ``replica``: its own expected latency there plus
+    the delay it adds to the requests already running there. Lower is better.
+
+    With ``a, b`` = the replica's learned empty-batch step time and batch slowdown (one decode
+    step takes ``a * (1 + b * n)`` with n requests running), ``C`` its learned batch limit (inf
+    until seen), ``p`` its prefill seconds per prompt token (0 unless exported), ``D`` the
+    learned mean tokens per request, ``w`` the freshness of its last scrape (see freshness)::
+
+        T      = max_tokens, or D when the request gives none
+        P      = prompt tokens (body bytes / 4: no tokenizer in the router)
+        N      = in_flight + w * other clients' running + waiting     (as in load_score)
+        n      = min(N + 1, C)                          batch size while this request runs
+        queue  = max(0, N + 1 - C) * a * (1 + b * C) * D
+        own    = queue + P * p + T * a * (1 + b * n)
+        impose = min(N, C) * (a * b * min(T, D) + P * p)
+        cost   = (own + impose) * (1 + KV_WEIGHT * w * kv_pressure)     (kv_pressure: load_score)
+
+    Why this shape (measured on the simulated fleet of docs/benchmarks.md, 4 replicas, one at
+    half speed, 70% load, against join-shortest-queue with exact counts):
+
+    - ``own`` alone is "remaining work / speed" for this one request: it sends long requests
+      to fast replicas, which is where the tail comes from (p99 x0.63), but nothing stops it
+      from stacking short requests on a slow, lightly loaded replica.
+    - ``impose`` is what the request costs the others: each of the ``min(N, C)`` running
+      requests gets ``a * b`` slower per step for as long as both run, at most T steps and
+      typically about a mean request (D). It is what spreads short requests onto the slow
+      replica only while that replica is quiet (TTFT p99 x0.67 instead of x1.05 without it).
+    - ``queue``: once the batch is full a new request waits for others to finish and streams
+      nothing meanwhile. Each place in line is priced at a whole mean request on a full batch
+      (the worst case: the running ones may all be long), not at the average gap between
+      completions (1/C of that). With the average gap, long requests queued on the full fast
+      replicas at 85% load and TTFT p99 went to x5.8; with a whole request it stays x1.1 while
+      mean and p99 keep their gains (x0.95, x0.68).
+    - The prompt costs its own prefill and stalls the running requests for as long.
+    - Speeds are per replica and learned (router.speed); ``capacity`` is not used, the
+      measured speed and batch limit say what it would.
+
+    O(1) per replica: no per-request bookkeeping beyond the in-flight count.
+    """
+    busy, w, pressure = engine_load(replica, now)
+    a, b, limit = speed.token_s, speed.batch_slowdown, speed.batch_limit
+    tokens = float(request.max_tokens) if request.max_tokens is not None else typical_tokens
+    tokens = max(1.0, tokens)
+    prefill = max(0, request.prompt_tokens) * speed.prefill_s_per_token
+    batch = min(busy + 1.0, limit)
+    ahead = max(0.0, busy + 1.0 - limit)
+    # ``ahead`` > 0 only when the limit is finite (0 * inf would be NaN).
+    queue = ahead * QUEUE_PLACE_REQUESTS * a * (1.0 + b * limit) * typical_tokens if ahead else 0.0
+    own = queue + prefill + tokens * a * (1.0 + b * batch)
+    impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + prefill)
+    return (own + impose) * (1.0 + KV_WEIGHT * w * pressure)
+
+
+class CostAware:
+    """Send to the replica where the request costs least (request_cost), ties at random.
+
+    Knows each request's size (max_tokens, prompt) and each replica's learned speed, so long
+    requests go where they finish soonest and short ones fill whichever batch they slow least.
+    Before any speed is learned it behaves like least-busy.
+    """
+
+    name = "cost"
+
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+
+    def pick(self, replicas: Sequence[ReplicaState], request: RequestInfo) -> ReplicaState:
+        if not replicas:
+            raise ValueError("pick() needs at least one candidate replica")
+        now = self._clock()
+        default, typical = fleet_defaults(replicas)
+        costs = [
+            request_cost(r, request, replica_speed(r.speed, default), typical, now)
+            for r in replicas
+        ]
+        best = min(costs)
+        margin = COST_TIE * max(best, 1e-12)
+        tied = [r for r, c in zip(replicas, costs, strict=True) if c - best <= margin]
+        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+
+
+#: Policy name -> factory(rng).
 POLICIES: dict[str, Callable[[random.Random | None], Policy]] = {
     LeastBusy.name: lambda rng: LeastBusy(rng),
+    CostAware.name: lambda rng: CostAware(rng),
     RoundRobin.name: lambda rng: RoundRobin(),
 }
 

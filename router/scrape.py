@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.bounded_read import read_capped
 from router.replica_tasks import ReplicaTasks
+from router.speed import CounterSample
 from router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
@@ -40,11 +41,24 @@ KV_CACHE_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 GENERATION_TOKENS = "vllm:generation_tokens"
 PROMPT_TOKENS = "vllm:prompt_tokens"
 PREEMPTIONS = "vllm:num_preemptions"
+#: Finished requests, one sample per finish reason (summed).
+REQUEST_SUCCESS = "vllm:request_success"
+#: Histograms whose _sum and _count the speed estimator uses (router.speed); buckets are
+#: dropped before parsing. Inter-token latency: current name first, then the older name of the
+#: same per-token histogram.
+INTER_TOKEN_LATENCY = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
+#: Tokens per engine step; its count is the number of steps. The family name ends in _total,
+#: which the parse strips like a counter's.
+ITERATION_TOKENS = "vllm:iteration_tokens"
+PREFILL_TIME = "vllm:request_prefill_time_seconds"
+QUEUE_TIME = "vllm:request_queue_time_seconds"
+REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
 
 
 @dataclass(frozen=True)
 class EngineMetrics:
-    """The engine gauges the router uses, summed over label sets (model_name, engine)."""
+    """The engine gauges and counters the router uses, summed over label sets (model_name,
+    engine, finished_reason); a counter or histogram the replica does not export is None."""
 
     running: float
     waiting: float
@@ -53,27 +67,58 @@ class EngineMetrics:
     generation_tokens_total: float | None = None
     prompt_tokens_total: float | None = None
     num_preemptions_total: float | None = None
+    request_success_total: float | None = None
+    inter_token_latency_sum: float | None = None
+    inter_token_latency_count: float | None = None
+    #: Engine steps so far (count of the vllm:iteration_tokens_total histogram).
+    iterations: float | None = None
+    prefill_time_sum: float | None = None
+    prefill_time_count: float | None = None
+    request_prompt_tokens_sum: float | None = None
+    queue_time_sum: float | None = None
+    queue_time_count: float | None = None
 
 
 #: Families the router reads; lines of any other family are dropped before parsing.
-WANTED = (RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, PREEMPTIONS, *KV_CACHE_USAGE)
+WANTED = (
+    RUNNING,
+    WAITING,
+    GENERATION_TOKENS,
+    PROMPT_TOKENS,
+    PREEMPTIONS,
+    REQUEST_SUCCESS,
+    ITERATION_TOKENS,
+    PREFILL_TIME,
+    QUEUE_TIME,
+    REQUEST_PROMPT_TOKENS,
+    *INTER_TOKEN_LATENCY,
+    *KV_CACHE_USAGE,
+)
 
 
 def _relevant_lines(text: str) -> str:
-    """Only the sample, HELP and TYPE lines of WANTED families.
+    """Only the sample, HELP and TYPE lines of WANTED families, without histogram buckets.
 
     prometheus_client's parser is pure Python and takes seconds for a few MB; vLLM exports
-    ~100 KB of histograms we do not need. Dropping lines by prefix first keeps the parse to a
-    few dozen lines, so a scrape never stalls the event loop, whatever the replica sends.
+    ~100 KB of histograms of which we need a few sums and counts. Dropping lines by prefix
+    first keeps the parse to a few dozen lines, so a scrape never stalls the event loop,
+    whatever the replica sends.
     """
     kept: list[str] = []
     for line in text.splitlines():
         body = line[7:] if line.startswith(("# HELP ", "# TYPE ")) else line
         if body.startswith(WANTED):
+            if body is line and line.split("{", 1)[0].split(" ", 1)[0].endswith("_bucket"):
+                continue
             kept.append(line)
             if len(kept) > MAX_RELEVANT_LINES:
                 raise ValueError(f"over {MAX_RELEVANT_LINES} lines of load gauges: not vLLM")
     return "\n".join(kept) + "\n"
+
+
+def _family_name(name: str) -> str:
+    # Typed counters come as family "x" with sample "x_total"; untyped ones as "x_total".
+    return name[: -len("_total")] if name.endswith("_total") else name
 
 
 def parse_vllm_metrics(text: str) -> EngineMetrics:
@@ -86,34 +131,36 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     if len(text) > MAX_METRICS_BYTES:
         raise ValueError(f"metrics text is {len(text)} bytes, over the {MAX_METRICS_BYTES} cap")
     relevant = _relevant_lines(text)
-    values: dict[str, list[float]] = {}
+    # (family, part) -> values; part is "" for gauges and counters, "sum"/"count" for histograms.
+    values: dict[tuple[str, str], list[float]] = {}
     try:
         for family in text_string_to_metric_families(relevant):
-            # Typed counters come as family "x" with sample "x_total"; untyped ones as "x_total".
-            name = family.name[: -len("_total")] if family.name.endswith("_total") else family.name
+            name = _family_name(family.name)
             if name not in WANTED:
                 continue  # e.g. vllm:num_requests_waiting_by_reason shares the prefix
             for sample in family.samples:
-                if sample.name.endswith("_created"):  # counters' creation timestamps
+                part = _sample_part(sample.name)
+                if part is None:  # creation timestamps, buckets
                     continue
-                values.setdefault(name, []).append(float(sample.value))
+                values.setdefault((name, part), []).append(float(sample.value))
     except ValueError as exc:
         raise ValueError(f"not Prometheus text format: {exc}") from exc
     except (TypeError, IndexError, KeyError) as exc:  # the parser's other failure modes
         raise ValueError(f"not Prometheus text format: {type(exc).__name__}: {exc}") from exc
-    for name, vals in values.items():
+    for (name, _), vals in values.items():
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise ValueError(f"{name}: non-finite or negative value in {vals}")
-    running = values.get(RUNNING)
-    waiting = values.get(WAITING)
+    running = values.get((RUNNING, ""))
+    waiting = values.get((WAITING, ""))
     if running is None or waiting is None:
         raise ValueError(f"no {RUNNING} / {WAITING} gauges: not a vLLM /metrics endpoint")
-    kv = next((values[n] for n in KV_CACHE_USAGE if n in values), [0.0])
+    kv = next((values[(n, "")] for n in KV_CACHE_USAGE if (n, "") in values), [0.0])
 
-    def total(name: str) -> float | None:
-        vals = values.get(name)
+    def total(name: str, part: str = "") -> float | None:
+        vals = values.get((name, part))
         return sum(vals) if vals is not None else None
 
+    itl = next((n for n in INTER_TOKEN_LATENCY if (n, "count") in values), INTER_TOKEN_LATENCY[0])
     return EngineMetrics(
         running=sum(running),
         waiting=sum(waiting),
@@ -121,13 +168,52 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
         generation_tokens_total=total(GENERATION_TOKENS),
         prompt_tokens_total=total(PROMPT_TOKENS),
         num_preemptions_total=total(PREEMPTIONS),
+        request_success_total=total(REQUEST_SUCCESS),
+        inter_token_latency_sum=total(itl, "sum"),
+        inter_token_latency_count=total(itl, "count"),
+        iterations=total(ITERATION_TOKENS, "count"),
+        prefill_time_sum=total(PREFILL_TIME, "sum"),
+        prefill_time_count=total(PREFILL_TIME, "count"),
+        request_prompt_tokens_sum=total(REQUEST_PROMPT_TOKENS, "sum"),
+        queue_time_sum=total(QUEUE_TIME, "sum"),
+        queue_time_count=total(QUEUE_TIME, "count"),
+    )
+
+
+def _sample_part(sample_name: str) -> str | None:
+    """ "sum" / "count" for histogram samples, "" for a gauge's or counter's value, None to skip."""
+    if sample_name.endswith(("_created", "_bucket")):
+        return None
+    if sample_name.endswith("_sum"):
+        return "sum"
+    if sample_name.endswith("_count"):
+        return "count"
+    return ""
+
+
+def counter_sample(m: EngineMetrics, at: float) -> CounterSample:
+    """The part of one scrape the speed estimator learns from."""
+    return CounterSample(
+        at=at,
+        running=m.running,
+        waiting=m.waiting,
+        generation_tokens=m.generation_tokens_total,
+        itl_sum=m.inter_token_latency_sum,
+        itl_count=m.inter_token_latency_count,
+        steps=m.iterations,
+        finished=m.request_success_total,
+        prefill_s=m.prefill_time_sum,
+        prefill_prompt_tokens=m.request_prompt_tokens_sum,
+        prefill_requests=m.prefill_time_count,
+        queue_s=m.queue_time_sum,
+        queued=m.queue_time_count,
     )
 
 
 def apply_metrics(
     r: ReplicaState, m: EngineMetrics, now: float, in_flight_at_scrape: int | None = None
 ) -> None:
-    """Store one successful scrape on the replica record.
+    """Store one successful scrape on the replica record and feed its speed estimate.
 
     ``in_flight_at_scrape`` is the router's in-flight count for ``r`` when the engine produced
     the numbers (default: now); the balancer subtracts it to see only other clients' load.
@@ -138,6 +224,7 @@ def apply_metrics(
     r.kv_cache_usage = m.kv_cache_usage
     r.generation_tokens_total = m.generation_tokens_total
     r.scraped_at = now
+    r.speed.observe(counter_sample(m, now))
 
 
 async def fetch_metrics_text(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:

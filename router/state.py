@@ -11,6 +11,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from router.speed import SpeedEstimate
+
 
 class Breaker(enum.Enum):
     """Circuit-breaker position of one replica.
@@ -76,6 +78,9 @@ class ReplicaState:
     generation_tokens_total: float | None = None
     #: Why the last /metrics scrape failed; empty when it succeeded (logged on change only).
     scrape_error: str = ""
+    #: Decode speed, batch slowdown, batch limit and request sizes learned from the engine's
+    #: counters at every scrape (router.speed); the cost policy reads it.
+    speed: SpeedEstimate = field(default_factory=SpeedEstimate)
 
 
 @dataclass

@@ -1,25 +1,41 @@
-"""The balancing decision over hand-built replica states (no I/O, explicit clock and rng)."""
+"""The balancing decision over hand-built replica states (no I/O, explicit clock and rng),
+and once through a router in front of simulators (the cost policy learning a slowdown)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from router.balancer import (
+    DEFAULT_TOKENS,
     FRESH_S,
+    QUEUE_PLACE_REQUESTS,
     STALE_S,
+    CostAware,
     LeastBusy,
+    Policy,
     RequestInfo,
     RoundRobin,
+    Speed,
+    fleet_defaults,
     freshness,
     load_score,
     make_policy,
     policy_names,
+    replica_speed,
+    request_cost,
 )
 from router.errors import ConfigError
+from router.speed import SpeedEstimate
 from router.state import ReplicaState
+from tests.support.router import RouterHandle, eventually, running_router
+from tests.support.sim import SIM_MODEL, running_sims
 
 NOW = 1000.0
 REQ = RequestInfo(model="m")
@@ -214,7 +230,7 @@ def test_round_robin_ignores_load() -> None:
     assert [policy.pick(replicas, REQ).url for _ in range(2)] == ["http://a:1", "http://b:1"]
 
 
-@pytest.mark.parametrize("name", ["least-busy", "round-robin"])
+@pytest.mark.parametrize("name", ["least-busy", "cost", "round-robin"])
 def test_make_policy_known_names(name: str) -> None:
     assert make_policy(name, random.Random(0)).name == name
     assert name in policy_names()
@@ -228,3 +244,212 @@ def test_make_policy_unknown_name_names_the_flag_and_choices() -> None:
     assert "'fastest'" in message
     assert "least-busy" in message and "round-robin" in message
     assert "\n" not in message
+
+
+# --- cost ---------------------------------------------------------------------------------
+
+
+def measured(
+    url: str,
+    *,
+    token_s: float,
+    in_flight: int = 0,
+    limit: float | None = 16,
+    slowdown: float = 0.05,
+    mean_tokens: float | None = 100.0,
+) -> ReplicaState:
+    """A replica whose speed the estimator has learned (hand-set, as if from its counters)."""
+    r = replica(url, in_flight=in_flight)
+    r.speed = SpeedEstimate(token_s=token_s, batch_slowdown=slowdown, batch_limit=limit)
+    if mean_tokens is not None:
+        r.speed.recent_tokens, r.speed.recent_finished = 10 * mean_tokens, 10.0
+    return r
+
+
+def cost_pick(replicas: list[ReplicaState], request: RequestInfo, seed: int = 0) -> str:
+    return CostAware(random.Random(seed), clock=lambda: NOW).pick(replicas, request).url
+
+
+def sized(max_tokens: int | None, prompt_tokens: int = 0) -> RequestInfo:
+    return RequestInfo(model="m", prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "expected"),
+    [
+        # own 40 * 0.02 * (1 + 0.05 * 4); impose 3 * 0.02 * 0.05 * min(40, 100)
+        pytest.param(3, 40 * 0.02 * 1.2 + 3 * 0.02 * 0.05 * 40, id="free-slot"),
+        # batch full (16 running): one place in line, priced at QUEUE_PLACE_REQUESTS mean
+        # requests on a full batch, then run in a batch of 16 and slow those 16
+        pytest.param(
+            16,
+            QUEUE_PLACE_REQUESTS * 0.02 * 1.8 * 100 + 40 * 0.02 * 1.8 + 16 * 0.02 * 0.05 * 40,
+            id="queued",
+        ),
+    ],
+)
+def test_request_cost_formula(in_flight: int, expected: float) -> None:
+    r = replica(in_flight=in_flight)
+    speed = Speed(token_s=0.02, batch_slowdown=0.05, batch_limit=16, prefill_s_per_token=0.0)
+    assert request_cost(r, sized(40), speed, 100.0, NOW) == pytest.approx(expected)
+
+
+def test_request_cost_counts_prefill_others_load_and_kv_pressure() -> None:
+    speed = Speed(token_s=0.02, batch_slowdown=0.0, batch_limit=math.inf, prefill_s_per_token=1e-4)
+    # 2 of ours + 3 from other clients; prefill 1000 * 1e-4 = 0.1 s, stalling all 5 running
+    r = replica(in_flight=2, ours_at_scrape=2, running=5, kv=0.9)
+    cost = request_cost(r, sized(10, prompt_tokens=1000), speed, 100.0, NOW)
+    assert cost == pytest.approx((0.1 + 10 * 0.02 + 5 * 0.1) * 1.5)
+    # an unknown batch limit (inf) never makes the cost NaN
+    assert math.isfinite(request_cost(replica(), sized(10), speed, 100.0, NOW))
+
+
+def test_cost_sends_long_requests_to_the_fast_replica_and_short_ones_to_the_idle_slow_one() -> None:
+    replicas = [
+        measured("http://fast:1", token_s=0.02, in_flight=12),
+        measured("http://slow:1", token_s=0.04),
+    ]
+    assert cost_pick(replicas, sized(400)) == "http://fast:1"
+    assert cost_pick(replicas, sized(16)) == "http://slow:1"
+    # least-busy sends both to the idle replica
+    assert LeastBusy(random.Random(0), clock=lambda: NOW).pick(replicas, REQ).url == "http://slow:1"
+
+
+def test_cost_does_not_pile_short_requests_past_a_batch_limit() -> None:
+    """Short requests fill the slow replica's free slots, then wait only where waiting is
+    cheapest, never in a line on the slow replica while fast ones still have room."""
+    slow = measured("http://slow:1", token_s=0.04, limit=4)
+    fast = [measured(f"http://fast{i}:1", token_s=0.02, in_flight=12) for i in range(2)]
+    policy = CostAware(random.Random(0), clock=lambda: NOW)
+    for _ in range(14):  # 12 free slots in all, then 2 requests that must wait somewhere
+        chosen = policy.pick([slow, *fast], sized(16))
+        chosen.in_flight += 1  # nothing finishes meanwhile
+        if slow.in_flight > 4:
+            assert all(f.in_flight >= 16 for f in fast), "queued on the slow replica early"
+    assert slow.in_flight == 4  # it took short requests while it had room...
+    # ...and the two that wait, wait on fast replicas (a place there clears twice as fast)
+    assert sum(f.in_flight for f in fast) == 34 and min(f.in_flight for f in fast) >= 16
+
+
+def test_cost_without_max_tokens_uses_the_learned_request_length() -> None:
+    fast = measured("http://fast:1", token_s=0.02, in_flight=16, mean_tokens=300.0)
+    slow = measured("http://slow:1", token_s=0.04, in_flight=2, mean_tokens=100.0)
+    default, typical = fleet_defaults([fast, slow])
+    assert typical == 200.0  # pooled: (3000 + 1000) tokens / 20 finished requests
+    for r in (fast, slow):
+        speed = replica_speed(r.speed, default)
+        unknown = request_cost(r, sized(None), speed, typical, NOW)
+        assert unknown == pytest.approx(request_cost(r, sized(200), speed, typical, NOW))
+    # nothing finished anywhere yet: DEFAULT_TOKENS
+    assert fleet_defaults([replica(), replica()])[1] == DEFAULT_TOKENS
+
+
+def test_cost_breaks_ties_at_random() -> None:
+    tied = [measured(f"http://r{i}:1", token_s=0.02, in_flight=2) for i in range(4)]
+    policy = CostAware(random.Random(99), clock=lambda: NOW)
+    counts = Counter(policy.pick(tied, sized(32)).url for _ in range(4000))
+    for url in (r.url for r in tied):
+        assert abs(counts[url] - 1000) < 150, counts  # binomial sd ~ 27
+
+
+def test_cost_before_any_speed_is_learned_is_least_busy() -> None:
+    replicas = [replica("http://a:1", in_flight=3), replica("http://b:1", in_flight=1)]
+    for request in (sized(4), sized(4000), sized(None)):
+        assert cost_pick(replicas, request) == "http://b:1"
+
+
+def test_an_unmeasured_replica_is_assumed_average() -> None:
+    fast = measured("http://fast:1", token_s=0.02, limit=8)
+    slow = measured("http://slow:1", token_s=0.04, limit=16)
+    new = replica("http://new:1")
+    default, typical = fleet_defaults([fast, slow, new])
+    assert (default.token_s, default.batch_limit, typical) == pytest.approx((0.03, 12, 100.0))
+    assert replica_speed(new.speed, default) == default
+    # a replica that never queued takes the fleet's batch limit, unless it ran more than that
+    new.speed = SpeedEstimate(token_s=0.02, peak_running=20)
+    assert replica_speed(new.speed, default).batch_limit == 20
+
+
+def test_before_any_replica_queued_running_past_its_peak_is_priced_as_a_risk() -> None:
+    """No batch limit known anywhere: each replica is assumed full at the most it has been
+    seen running, so load spreads before one replica is pushed into the unknown."""
+    seen = measured("http://a:1", token_s=0.02, limit=None, in_flight=6)
+    seen.speed.peak_running = 6
+    roomy = measured("http://b:1", token_s=0.02, limit=None, in_flight=6)
+    roomy.speed.peak_running = 9
+    default, _ = fleet_defaults([seen, roomy])
+    assert default.batch_limit == math.inf
+    assert replica_speed(seen.speed, default).batch_limit == 6
+    assert cost_pick([seen, roomy], sized(32)) == "http://b:1"
+    # never scraped while busy: at least one request is not a risk
+    assert replica_speed(SpeedEstimate(token_s=0.02), default).batch_limit == 1
+
+
+# --- through a router ---------------------------------------------------------------------
+
+
+class Recording:
+    """Wraps the router's policy to record (max_tokens, chosen replica) of every pick."""
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.picks: list[tuple[int | None, str]] = []
+
+    def pick(self, replicas: Sequence[ReplicaState], request: RequestInfo) -> ReplicaState:
+        chosen = self.inner.pick(replicas, request)
+        self.picks.append((request.max_tokens, chosen.url))
+        return chosen
+
+
+async def send_wave(router: RouterHandle, sizes: list[int]) -> None:
+    async with router.openai() as client:
+        await asyncio.gather(
+            *(client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=n) for n in sizes)
+        )
+
+
+@pytest.mark.timeout(60)
+async def test_cost_learns_a_slowdown_and_keeps_long_requests_off_that_replica() -> None:
+    async with (
+        running_sims(2) as sims,
+        running_router([s.url for s in sims], policy="cost") as router,
+    ):
+        fast, slow = (router.fleet.replicas[s.url] for s in sims)
+
+        def ratio() -> float:
+            if fast.speed.token_s is None or slow.speed.token_s is None:
+                return 0.0
+            return slow.speed.token_s / fast.speed.token_s
+
+        async def traffic_until(condition: str, predicate: Callable[[], bool]) -> None:
+            """Short requests in waves until ``predicate()`` (bounded by eventually)."""
+            task = asyncio.create_task(_waves(router))
+            try:
+                await eventually(predicate, 15.0, condition)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        await traffic_until("both speeds learned", lambda: 0.5 < ratio() < 2.0)
+        await sims[1].control(speed=0.25)  # a noisy neighbour arrives on the second replica
+        await traffic_until("the slowdown noticed", lambda: ratio() > 2.5)
+
+        recording = Recording(router.ctx.policy)
+        router.ctx.policy = recording
+        rng = random.Random(7)
+        for _ in range(4):  # 4 waves of 4 long and 4 short requests, in random order
+            sizes = [48] * 4 + [4] * 4
+            rng.shuffle(sizes)
+            await send_wave(router, sizes)
+        long_to_slow = sum(1 for n, url in recording.picks if n == 48 and url == slow.url)
+        # least-busy splits them about evenly (8 of 16); the cost policy keeps them on the fast
+        # replica, which finishes a long request four times sooner
+        assert len(recording.picks) == 32
+        assert long_to_slow <= 3, recording.picks
+
+
+async def _waves(router: RouterHandle) -> None:
+    while True:
+        await send_wave(router, [4] * 6)

@@ -13,6 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from launcher.sim.config import SimConfig
+from launcher.sim.engine import SimEngine
+from launcher.sim.metrics import SimMetrics
 from router.scrape import (
     MAX_METRICS_BYTES,
     EngineMetrics,
@@ -72,6 +75,16 @@ def gauges(running: float, waiting: float, kv: float, *, model: str = "m") -> st
                 generation_tokens_total=57.0,
                 prompt_tokens_total=0.0,
                 num_preemptions_total=0.0,
+                # the speed estimator's counters: one engine step so far, nothing finished
+                request_success_total=0.0,
+                inter_token_latency_sum=0.0,
+                inter_token_latency_count=0.0,
+                iterations=1.0,
+                prefill_time_sum=0.0,
+                prefill_time_count=0.0,
+                request_prompt_tokens_sum=0.0,
+                queue_time_sum=0.0,
+                queue_time_count=0.0,
             ),
             id="real-vllm-v1-two-engines",
         ),
@@ -147,6 +160,97 @@ def test_waiting_by_reason_is_not_counted_as_waiting() -> None:
 def test_parse_rejects_garbage_with_value_error(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_vllm_metrics(text)
+
+
+def speed_text(
+    *, itl_count: float = 400, itl_sum: float = 12.5, steps: float = 150, tokens: float = 900
+) -> str:
+    """The histograms and counters the speed estimator reads, as vLLM renders them (buckets
+    and creation times too), on top of gauges(3, 0, 0.2)."""
+    return (
+        gauges(3, 0, 0.2)
+        + f"""\
+# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{{engine="0",le="0.01",model_name="m"}} 0.0
+vllm:inter_token_latency_seconds_bucket{{engine="0",le="+Inf",model_name="m"}} {itl_count}
+vllm:inter_token_latency_seconds_count{{engine="0",model_name="m"}} {itl_count}
+vllm:inter_token_latency_seconds_sum{{engine="0",model_name="m"}} {itl_sum}
+vllm:inter_token_latency_seconds_created{{engine="0",model_name="m"}} 1.7e9
+# HELP vllm:iteration_tokens_total Histogram of number of tokens per engine_step.
+# TYPE vllm:iteration_tokens_total histogram
+vllm:iteration_tokens_total_bucket{{engine="0",le="1.0",model_name="m"}} 3.0
+vllm:iteration_tokens_total_bucket{{engine="0",le="+Inf",model_name="m"}} {steps}
+vllm:iteration_tokens_total_count{{engine="0",model_name="m"}} {steps}
+vllm:iteration_tokens_total_sum{{engine="0",model_name="m"}} {tokens + 5000}
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{{engine="0",model_name="m"}} {tokens}
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{{engine="0",finished_reason="stop",model_name="m"}} 7.0
+vllm:request_success_total{{engine="0",finished_reason="length",model_name="m"}} 5.0
+vllm:request_success_created{{engine="0",finished_reason="stop",model_name="m"}} 1.7e9
+# TYPE vllm:request_time_per_output_token_seconds histogram
+vllm:request_time_per_output_token_seconds_sum{{engine="0",model_name="m"}} 99.0
+vllm:request_time_per_output_token_seconds_count{{engine="0",model_name="m"}} 99.0
+# TYPE vllm:request_prefill_time_seconds histogram
+vllm:request_prefill_time_seconds_count{{engine="0",model_name="m"}} 12.0
+vllm:request_prefill_time_seconds_sum{{engine="0",model_name="m"}} 0.6
+# TYPE vllm:request_prompt_tokens histogram
+vllm:request_prompt_tokens_count{{engine="0",model_name="m"}} 12.0
+vllm:request_prompt_tokens_sum{{engine="0",model_name="m"}} 4800.0
+# TYPE vllm:request_queue_time_seconds histogram
+vllm:request_queue_time_seconds_count{{engine="0",model_name="m"}} 12.0
+vllm:request_queue_time_seconds_sum{{engine="0",model_name="m"}} 0.25
+"""
+    )
+
+
+SPEED_TEXT = speed_text()
+
+
+def test_parse_reads_the_speed_counters_and_skips_buckets() -> None:
+    m = parse_vllm_metrics(SPEED_TEXT)
+    assert (m.inter_token_latency_sum, m.inter_token_latency_count) == (12.5, 400.0)
+    assert m.iterations == 150.0
+    assert m.request_success_total == 12.0  # summed over finish reasons
+    assert (m.prefill_time_sum, m.prefill_time_count) == (0.6, 12.0)
+    assert m.request_prompt_tokens_sum == 4800.0
+    assert (m.queue_time_sum, m.queue_time_count) == (0.25, 12.0)
+    assert m.generation_tokens_total == 900.0
+
+
+def test_parse_falls_back_to_the_older_inter_token_histogram_name() -> None:
+    older = SPEED_TEXT.replace(
+        "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"
+    )
+    m = parse_vllm_metrics(older)
+    assert (m.inter_token_latency_sum, m.inter_token_latency_count) == (12.5, 400.0)
+    # the per-request histogram with a similar name is never taken for it
+    only_per_request = "".join(
+        line + "\n" for line in SPEED_TEXT.splitlines() if "inter_token" not in line
+    )
+    assert parse_vllm_metrics(only_per_request).inter_token_latency_count is None
+
+
+def test_parse_of_the_simulator_exposition_feeds_the_estimator() -> None:
+    """The simulator renders vLLM's names with prometheus_client: every counter is found."""
+    metrics = SimMetrics("sim-model")
+    engine = SimEngine.from_config(SimConfig())
+    for i in range(3):
+        engine.add(str(i), prompt_tokens=10, max_tokens=4, now=0.0)
+    now = 0.0
+    while engine.has_work():
+        plan = engine.begin_step(now)
+        now += plan.duration
+        metrics.record_step(plan, engine.end_step(now))
+    m = parse_vllm_metrics(metrics.render(engine).decode())
+    assert m.generation_tokens_total == 12.0
+    assert m.iterations == 4.0
+    assert m.request_success_total == 3.0
+    assert m.inter_token_latency_count == 9.0  # 3 requests x 3 tokens after the first
+    assert m.inter_token_latency_sum == pytest.approx(9 * 0.020 * (1 + 0.05 * 3))
 
 
 def test_parse_of_huge_input_is_fast() -> None:
@@ -230,6 +334,20 @@ async def test_scrape_updates_the_replica(
     assert r.in_flight_at_scrape == 3
     assert r.generation_tokens_total == 57.0
     assert r.scrape_error == ""
+
+
+async def test_each_scrape_feeds_the_speed_estimate(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await start_fake(body=SPEED_TEXT)
+    r = ReplicaState(url=url)
+    await scrape_replica(session, r, 1.0, clock=lambda: 10.0)
+    assert r.speed.token_s is None  # one scrape is a point, not an interval
+    # a second later: 100 more steps of 3 tokens each, 30 ms between a request's tokens
+    fake.body = speed_text(itl_count=700, itl_sum=12.5 + 300 * 0.030, steps=250, tokens=1200)
+    await scrape_replica(session, r, 1.0, clock=lambda: 11.0)
+    assert r.speed.step_s(3) == pytest.approx(0.030)
+    assert r.speed.observations == 1
 
 
 @pytest.mark.parametrize("mode", ["error", "hang", "garbage"])
