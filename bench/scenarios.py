@@ -320,7 +320,7 @@ def setting_text(mix: RequestMix, fleet: Sequence[SimSettings]) -> str:
 # -- scenario 1 -----------------------------------------------------------------------------
 
 S1_PEERS = (
-    "ideal", "direct-rr", "ours-lb", "ours-rr", "nginx-lc", "nginx-rr", "haproxy-lc",
+    "ideal", "direct-rr", "ours-lb", "ours-cost", "ours-rr", "nginx-lc", "nginx-rr", "haproxy-lc",
     "haproxy-rr", "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
 )  # fmt: skip
 S1_QUICK = ("ideal", "ours-lb", "ours-rr", "nginx-lc")
