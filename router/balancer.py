@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from router.errors import ConfigError
 from router.speed import B_PRIOR, SpeedEstimate
@@ -192,8 +192,7 @@ QUEUE_PLACE_REQUESTS = 2.0
 COST_TIE = 1e-9
 
 
-@dataclass(frozen=True)
-class Speed:
+class Speed(NamedTuple):
     """The speed numbers the cost formula uses for one replica (learned or filled in)."""
 
     token_s: float
@@ -212,23 +211,39 @@ def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
     load, like least-busy. The typical length is pooled over the candidates: generated tokens
     / finished requests, both recent.
     """
-    known = [r.speed for r in replicas if r.speed.token_s is not None]
+    known = 0
+    token_s = slowdown = prefill = tokens = finished = 0.0
+    limits: list[float] = []
+    for r in replicas:
+        e = r.speed
+        if e.token_s is not None:
+            known += 1
+            token_s += e.token_s
+            slowdown += e.batch_slowdown
+            prefill += e.prefill_s_per_token
+        if e.batch_limit is not None:
+            limits.append(e.batch_limit)
+        tokens += e.recent_tokens
+        finished += e.recent_finished
     if known:
-        token_s = sum(e.token_s or 0.0 for e in known) / len(known)
-        slowdown = sum(e.batch_slowdown for e in known) / len(known)
-        prefill = sum(e.prefill_s_per_token for e in known) / len(known)
+        token_s, slowdown, prefill = token_s / known, slowdown / known, prefill / known
     else:
         token_s, slowdown, prefill = 1.0, B_PRIOR, 0.0
-    limits = [r.speed.batch_limit for r in replicas if r.speed.batch_limit is not None]
     limit = sum(limits) / len(limits) if limits else math.inf
-    finished = sum(r.speed.recent_finished for r in replicas)
-    tokens = sum(r.speed.recent_tokens for r in replicas)
     typical = tokens / finished if finished >= MIN_FINISHED_FOR_MEAN else DEFAULT_TOKENS
     return Speed(token_s, slowdown, limit, prefill), max(1.0, typical)
 
 
 def replica_speed(estimate: SpeedEstimate, default: Speed) -> Speed:
-    """The replica's learned numbers, each filled in from ``default`` where not learned yet."""
+    """The replica's learned numbers, each filled in from ``default`` where not learned yet.
+
+    The batch limit is only learned once a replica queues, which a fresh router may not see
+    before its first burst of traffic. Until any replica has queued, each is assumed full at
+    the most it has been seen running: going past that is a risk the cost prices like a
+    queue, so a burst spreads over the fleet instead of stacking on the fast replicas beyond
+    their (unknown) limit. Measured: TTFT p99 at 80% load x2.1 of least-busy without this,
+    x1.1 with it (discrete-event model of the bench fleet, 8 runs of 30 s).
+    """
     if estimate.token_s is None:
         token_s, slowdown, prefill = (
             default.token_s,
@@ -257,37 +272,38 @@ def request_cost(
     the delay it adds to the requests already running there. Lower is better.
 
     With ``a, b`` = the replica's learned empty-batch step time and batch slowdown (one decode
-    step takes ``a * (1 + b * n)`` with n requests running), ``C`` its learned batch limit (inf
-    until seen), ``p`` its prefill seconds per prompt token (0 unless exported), ``D`` the
+    step takes ``a * (1 + b * n)`` with n requests running), ``C`` its batch limit (see
+    replica_speed), ``p`` its prefill seconds per prompt token (0 unless exported), ``D`` the
     learned mean tokens per request, ``w`` the freshness of its last scrape (see freshness)::
 
         T      = max_tokens, or D when the request gives none
         P      = prompt tokens (body bytes / 4: no tokenizer in the router)
         N      = in_flight + w * other clients' running + waiting     (as in load_score)
         n      = min(N + 1, C)                          batch size while this request runs
-        queue  = max(0, N + 1 - C) * a * (1 + b * C) * D
+        queue  = max(0, N + 1 - C) * QUEUE_PLACE_REQUESTS * a * (1 + b * C) * D
         own    = queue + P * p + T * a * (1 + b * n)
         impose = min(N, C) * (a * b * min(T, D) + P * p)
         cost   = (own + impose) * (1 + KV_WEIGHT * w * kv_pressure)     (kv_pressure: load_score)
 
-    Why this shape (measured on the simulated fleet of docs/benchmarks.md, 4 replicas, one at
-    half speed, 70% load, against join-shortest-queue with exact counts):
+    Why this shape (a discrete-event model of the bench's scenario 1 fleet: 4 replicas, one at
+    half speed, 70% load, 8 runs of 30 s, against join-shortest-queue with exact counts; the
+    bench itself agrees on mean and p99, see docs/benchmarks.md):
 
     - ``own`` alone is "remaining work / speed" for this one request: it sends long requests
       to fast replicas, which is where the tail comes from (p99 x0.63), but nothing stops it
-      from stacking short requests on a slow, lightly loaded replica.
+      from stacking short requests on a slow replica.
     - ``impose`` is what the request costs the others: each of the ``min(N, C)`` running
       requests gets ``a * b`` slower per step for as long as both run, at most T steps and
-      typically about a mean request (D). It is what spreads short requests onto the slow
-      replica only while that replica is quiet (TTFT p99 x0.67 instead of x1.05 without it).
+      typically about a mean request (D). Capped at D, it makes a busy fast replica cheaper
+      for long requests than for short ones, which go to a quiet slow replica instead (TTFT
+      p99 x0.67 with it, x0.93 without).
     - ``queue``: once the batch is full a new request waits for others to finish and streams
-      nothing meanwhile. Each place in line is priced at a whole mean request on a full batch
-      (the worst case: the running ones may all be long), not at the average gap between
-      completions (1/C of that). With the average gap, long requests queued on the full fast
-      replicas at 85% load and TTFT p99 went to x5.8; with a whole request it stays x1.1 while
-      mean and p99 keep their gains (x0.95, x0.68).
+      nothing meanwhile. A place in line is priced at QUEUE_PLACE_REQUESTS = 2 mean requests
+      on a full batch, not at the mean gap between completions (1/C of one): with the mean
+      gap, TTFT p99 at 85% load was x5.8; with 1, 2, 3 requests x2.4, x1.9, x1.7 while p99
+      latency went x0.68, x0.68, x0.69 and at 95% load x0.65, x0.66, x0.70.
     - The prompt costs its own prefill and stalls the running requests for as long.
-    - Speeds are per replica and learned (router.speed); ``capacity`` is not used, the
+    - Speeds are per replica and learned (router.speed); ``capacity`` is not used: the
       measured speed and batch limit say what it would.
 
     O(1) per replica: no per-request bookkeeping beyond the in-flight count.
