@@ -29,6 +29,8 @@ from docker.models.containers import Container
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO_ROOT / "compose"
+#: the documented sample settings; passing it keeps a developer's compose/.env out of the tests.
+SAMPLE_ENV = COMPOSE_DIR / ".env.example"
 TAG = "0.1.0"
 ROUTER_IMAGE = f"vllm-fleet-router:{TAG}"
 ENGINE_CPU_IMAGE = f"vllm-fleet-engine-cpu:{TAG}"

@@ -14,11 +14,16 @@ from typing import Any
 import docker
 import pytest
 
-from tests.compose.support import COMPOSE_DIR, REPO_ROOT, ComposeProject, docker_client
+from tests.compose.support import (
+    COMPOSE_DIR,
+    REPO_ROOT,
+    SAMPLE_ENV,
+    ComposeProject,
+    docker_client,
+)
 
 GPU_FILE = COMPOSE_DIR / "docker-compose.yml"
 CPU_FILE = COMPOSE_DIR / "docker-compose.cpu.yml"
-SAMPLE_ENV = COMPOSE_DIR / ".env.example"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def test_eight_replicas_is_the_largest_layout(client: docker.DockerClient, tmp_p
 def test_gpu_file_without_model_is_rejected_naming_the_variable(
     client: docker.DockerClient, tmp_path: Path
 ) -> None:
-    project = ComposeProject("vf-config", (GPU_FILE,))
+    project = ComposeProject("vf-config", (GPU_FILE,), env_files=(Path("/dev/null"),))
     with pytest.raises(AssertionError, match=r"set MODEL in compose/\.env"):
         project.run("config", "--quiet")
 

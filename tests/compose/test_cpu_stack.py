@@ -21,6 +21,7 @@ from tests.compose.support import (
     ENGINE_CPU_IMAGE,
     ENGINE_READY_S,
     ROUTER_IMAGE,
+    SAMPLE_ENV,
     TINY_MODEL,
     ComposeProject,
     compose_up,
@@ -72,6 +73,7 @@ def stack() -> Iterator[Stack]:
     project = ComposeProject(
         unique_name("vftest-cpu"),
         (CPU_FILE,),
+        env_files=(SAMPLE_ENV,),
         env=(("ROUTER_PORT", str(port)), ("ROUTER_BIND", "127.0.0.1")),
     )
     with compose_up(project, client) as up:
