@@ -33,7 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="short runs, fewer routers (default scenarios 1,5)"
     )
-    parser.add_argument("--scenarios", default="", help="comma-separated, e.g. 1,5 (default all)")
+    parser.add_argument(
+        "--scenarios", default="", help="comma-separated, e.g. 1,5 (default 1-6; 7 = real vLLM)"
+    )
     parser.add_argument("--peers", default="", help="comma-separated peer keys (default: each "
                         "scenario's line-up); see bench/peers.py PEER_KEYS")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
@@ -65,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     # Imported here: only the bench venv is sure to have matplotlib.
     from bench import report
-    from bench.scenarios import QUICK_DEFAULT, SCENARIOS, Options, Section, finish
+    from bench.scenarios import FULL_DEFAULT, QUICK_DEFAULT, SCENARIOS, Options, Section, finish
 
-    default = list(QUICK_DEFAULT if args.quick else SCENARIOS)
+    default = list(QUICK_DEFAULT if args.quick else FULL_DEFAULT)
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()] or default
     unknown = [k for k in keys if k not in SCENARIOS]
     if unknown:

@@ -224,7 +224,8 @@ def render_page(
 
 REPRODUCE = """\
 ```
-python -m bench                    # everything (under 25 minutes), rewrites this page
+python -m bench                    # scenarios 1-6 (under 25 minutes), rewrites this page
+python -m bench --scenarios 7      # real vLLM on the CPU (needs an interpreter with vllm)
 python -m bench --quick            # a couple of minutes, writes bench/.work/benchmarks-quick.md
 python -m bench --scenarios 1,5    # only these; the other sections keep their last results
 python -m bench --peers ours-lb,nginx-lc --scenarios 1

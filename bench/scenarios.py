@@ -40,10 +40,11 @@ from bench.replicas import (
 )
 from bench.stats import (
     Summary,
-    latency_series,
+    per_token_series,
     replica_index,
     shares,
     summarize,
+    window_tokens_per_s,
 )
 from launcher.sim.config import DEFAULT_CHAT_MAX_TOKENS
 from launcher.sim.engine import StepTiming
@@ -171,7 +172,7 @@ def base_mix(
     """Scenario 1's traffic at `fraction` of the heterogeneous fleet's capacity."""
     mix = RequestMix(
         rate=1.0,
-        duration=duration or (8.0 if opts.quick else 15.0),
+        duration=duration or (8.0 if opts.quick else 25.0),
         seed=opts.seed,
         omit_max_tokens_fraction=omit_max_tokens_fraction,
     )
@@ -254,7 +255,9 @@ def not_started_row(run: PeerRun, width: int) -> list[str]:
     return [run.name, f"not started: {run.unavailable}"[:160]] + [""] * (width - 2)
 
 
-def latency_table(runs: Sequence[PeerRun], replica_labels: Sequence[str]) -> Table:
+def latency_table(runs: Sequence[PeerRun], replica_labels: Sequence[str], window: float) -> Table:
+    """One row per router; throughput is output tokens delivered during the first `window`
+    seconds (the load window), see bench.stats.window_tokens_per_s."""
     headers = [
         "router",
         "requests",
@@ -262,9 +265,10 @@ def latency_table(runs: Sequence[PeerRun], replica_labels: Sequence[str]) -> Tab
         "latency mean (s)",
         "p50 (s)",
         "p99 (s)",
+        "p99 ms/token",
         "TTFT p50 (ms)",
         "TTFT p99 (ms)",
-        "output tok/s",
+        "output tok/s in load window",
         *[f"share {label}" for label in replica_labels],
         "router CPU ms/req",
     ]
@@ -282,9 +286,10 @@ def latency_table(runs: Sequence[PeerRun], replica_labels: Sequence[str]) -> Tab
                 fmt_s(s.latency_mean),
                 fmt_s(s.latency_p50),
                 fmt_s(s.latency_p99),
+                fmt_ms(s.per_token_p99),
                 fmt_ms(s.ttft_p50),
                 fmt_ms(s.ttft_p99),
-                f"{s.tokens_per_s:.0f}",
+                f"{window_tokens_per_s(run.records, 0.0, window):.0f}",
                 *[fmt_pct(x) for x in run.shares],
                 "-" if run.cpu_s is None else f"{run.cpu_ms_per_request:.2f}",
             ]
@@ -337,10 +342,12 @@ async def scenario_1(opts: Options) -> Section:
             run = await measure(key, opts, fleet, open_loop(schedule))
             section.runs.append(run)
             opts.reuse[(key, LOAD)] = run
-    section.tables.append(latency_table(section.runs, HETERO_LABELS))
+    section.tables.append(latency_table(section.runs, HETERO_LABELS, mix.duration))
     section.text.append(
-        "Latency is send to last byte of successful requests; TTFT is send to first content "
-        "token of streamed ones. Shares come from each replica's own request counter "
+        "Latency is send to last byte of successful requests; ms/token is that latency divided "
+        "by the request's output tokens (length-independent, so it shows queueing and slow "
+        "replicas); TTFT is send to first content token of streamed ones. Throughput counts "
+        "tokens delivered while the load ran. Shares come from each replica's own request counter "
         "(`/sim/stats`). Router CPU is utime+stime of the router's process tree during the "
         "run, divided by the requests sent."
     )
@@ -350,13 +357,13 @@ async def scenario_1(opts: Options) -> Section:
             Plot(
                 "bars",
                 "s1_latency.png",
-                "Scenario 1: latency by router (heterogeneous fleet, 70% load)",
+                "Scenario 1: latency per output token (heterogeneous fleet, 70% load)",
                 {
-                    "p50": [(i, r.summary.latency_p50) for i, r in enumerate(ok)],
-                    "p99": [(i, r.summary.latency_p99) for i, r in enumerate(ok)],
+                    "p50": [(i, 1000 * r.summary.per_token_p50) for i, r in enumerate(ok)],
+                    "p99": [(i, 1000 * r.summary.per_token_p99) for i, r in enumerate(ok)],
                 },
                 xlabel="|".join(r.name for r in ok),
-                ylabel="latency (s)",
+                ylabel="request latency / output tokens (ms)",
             )
         )
     return section
@@ -369,7 +376,7 @@ S2_QUICK = ("ours-lb", "ours-rr")
 
 
 async def scenario_2(opts: Options) -> Section:
-    mix = base_mix(opts)
+    mix = base_mix(opts, duration=None if opts.quick else 20.0)
     schedule = make_schedule(mix)
     change_at = mix.duration / 3
     section = Section("2", "Speed change: a fast replica drops to half speed")
@@ -447,7 +454,7 @@ async def scenario_2(opts: Options) -> Section:
                 fmt_pct(r1_share.get(run.name, (math.nan, math.nan))[1]),
             ]
         )
-        series[run.name] = latency_series(run.records, bin_s=2.0, q=90)
+        series[run.name] = per_token_series(run.records, bin_s=2.0, q=90)
     section.tables.append(Table(headers, rows))
     section.text.append(
         'Latency "after" counts requests sent from 2 s after the change on. The shares of r1 '
@@ -458,10 +465,10 @@ async def scenario_2(opts: Options) -> Section:
         Plot(
             "lines",
             "s2_latency_over_time.png",
-            "Scenario 2: p90 latency of requests sent in each 2 s window",
+            "Scenario 2: p90 latency per output token of requests sent in each 2 s window",
             series,
             xlabel="time since start (s)",
-            ylabel="p90 latency (s)",
+            ylabel="p90 latency / output tokens (ms)",
             markers=[(change_at, "r1 → half speed")],
         )
     )
@@ -475,7 +482,7 @@ S3_QUICK = ("ours-lb", "ours-rr")
 
 
 async def scenario_3(opts: Options) -> Section:
-    mix = base_mix(opts, omit_max_tokens_fraction=0.5)
+    mix = base_mix(opts, duration=None if opts.quick else 20.0, omit_max_tokens_fraction=0.5)
     schedule = make_schedule(mix)
     section = Section("3", "No max_tokens: half the requests omit it")
     section.text.append(
@@ -488,13 +495,13 @@ async def scenario_3(opts: Options) -> Section:
     async with started(fleet):
         for key in _line_up(opts, S3_PEERS, S3_QUICK):
             section.runs.append(await measure(key, opts, fleet, open_loop(schedule)))
-    section.tables.append(latency_table(section.runs, HETERO_LABELS))
+    section.tables.append(latency_table(section.runs, HETERO_LABELS, mix.duration))
     return section
 
 
 # -- scenario 4 -----------------------------------------------------------------------------
 
-S4_PEERS = ("ideal", "ours-lb", "ours-rr", "nginx-lc")
+S4_PEERS = ("ideal", "ours-lb", "ours-rr")
 S4_QUICK = ("ours-lb", "ours-rr")
 S4_LOADS = (0.4, LOAD, 0.95)
 S4_LOADS_QUICK = (0.5, 0.9)
@@ -513,7 +520,7 @@ async def scenario_4(opts: Options) -> Section:
     fleet = SimFleet.of(HETEROGENEOUS, opts.workdir / "s4", opts.python)
     throughput: dict[str, list[tuple[float, float]]] = {}
     p99: dict[str, list[tuple[float, float]]] = {}
-    headers = ["router", *[f"{x:.0%}: tok/s / p99 (s) / err" for x in loads]]
+    headers = ["router", *[f"{x:.0%}: tok/s / p99 (s) / p99 ms/token / errors" for x in loads]]
     rows: list[list[str]] = []
     async with started(fleet):
         for key in _line_up(opts, S4_PEERS, S4_QUICK):
@@ -529,9 +536,13 @@ async def scenario_4(opts: Options) -> Section:
                     row = [f"not started: {run.unavailable}"[:160]] + [""] * (len(loads) - 1)
                     break
                 s = run.summary
-                throughput.setdefault(name, []).append((100 * load, s.tokens_per_s))
-                p99.setdefault(name, []).append((100 * load, s.latency_p99))
-                row.append(f"{s.tokens_per_s:.0f} / {fmt_s(s.latency_p99)} / {s.errors}")
+                delivered = window_tokens_per_s(run.records, 0.0, mix0.duration)
+                throughput.setdefault(name, []).append((100 * load, delivered))
+                p99.setdefault(name, []).append((100 * load, 1000 * s.per_token_p99))
+                row.append(
+                    f"{delivered:.0f} / {fmt_s(s.latency_p99)} / {fmt_ms(s.per_token_p99)} / "
+                    f"{s.errors}"
+                )
             rows.append([name, *row])
     section.tables.append(Table(headers, rows))
     section.plots.append(
@@ -541,9 +552,9 @@ async def scenario_4(opts: Options) -> Section:
             "Scenario 4: load sweep (heterogeneous fleet)",
             throughput,
             xlabel="offered load (% of calibrated capacity)",
-            ylabel="output tokens/s",
+            ylabel="output tokens/s delivered in the load window",
             series2=p99,
-            ylabel2="p99 latency (s)",
+            ylabel2="p99 latency / output tokens (ms)",
         )
     )
     return section
@@ -569,7 +580,7 @@ def overhead_spec(index: int) -> RequestSpec:
 
 
 async def scenario_5(opts: Options) -> Section:
-    duration = 3.0 if opts.quick else 8.0
+    duration = 3.0 if opts.quick else 6.0
     section = Section("5", "Router overhead (replicas that answer at once)")
     section.text.append(
         "2 simulated replicas with a 0.1 ms step that does not grow with the batch (256 "
@@ -655,7 +666,7 @@ VICTIM = 1
 
 
 async def scenario_6(opts: Options) -> Section:
-    mix = base_mix(opts, duration=12.0 if opts.quick else 30.0)
+    mix = base_mix(opts, duration=12.0 if opts.quick else 24.0)
     schedule = make_schedule(mix)
     kill_at, back_at = mix.duration / 3, 2 * mix.duration / 3
     section = Section("6", "Failover: a replica crashes mid-run and comes back")
@@ -824,7 +835,7 @@ async def scenario_7(opts: Options) -> Section:
         )
         for key in _line_up(opts, S7_PEERS, S7_QUICK):
             section.runs.append(await measure(key, opts, fleet, open_loop(schedule, TINY_MODEL)))
-    section.tables.append(latency_table(section.runs, ["r1", "r2"]))
+    section.tables.append(latency_table(section.runs, ["r1", "r2"], duration))
     return section
 
 
@@ -950,3 +961,5 @@ def _added_pair(run: dict[str, float] | None, base: dict[str, float] | None) -> 
 
 
 QUICK_DEFAULT = ("1", "5")
+#: Scenario 7 needs real vLLM and a few minutes more: run it by name (`--scenarios 7`).
+FULL_DEFAULT = ("1", "2", "3", "4", "5", "6")

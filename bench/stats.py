@@ -42,6 +42,10 @@ class Summary:
     requests_per_s: float
     #: seconds from the first send to the last answer.
     span: float
+    #: latency per output token (s/token) of successful requests: length-independent, so it
+    #: shows queueing and slow replicas that plain latency hides behind request lengths.
+    per_token_p50: float
+    per_token_p99: float
 
 
 def summarize(records: Sequence[RequestRecord]) -> Summary:
@@ -50,6 +54,7 @@ def summarize(records: Sequence[RequestRecord]) -> Summary:
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     span = (max(r.end for r in records) - min(r.start for r in records)) if records else 0.0
     tokens = sum(r.tokens for r in ok)
+    per_token = [r.latency / r.tokens for r in ok if r.tokens]
     return Summary(
         requests=len(records),
         errors=len(records) - len(ok),
@@ -62,6 +67,8 @@ def summarize(records: Sequence[RequestRecord]) -> Summary:
         tokens_per_s=tokens / span if span > 0 else math.nan,
         requests_per_s=len(ok) / span if span > 0 else math.nan,
         span=span,
+        per_token_p50=percentile(per_token, 50),
+        per_token_p99=percentile(per_token, 99),
     )
 
 
@@ -72,20 +79,37 @@ def shares(before: Sequence[int], after: Sequence[int]) -> list[float]:
     return [d / total if total else math.nan for d in deltas]
 
 
-def latency_series(
-    records: Sequence[RequestRecord], bin_s: float, q: float = 50
+def window_tokens_per_s(records: Sequence[RequestRecord], start: float, end: float) -> float:
+    """Output tokens delivered per second inside [start, end] (the load window).
+
+    Tokens are taken as spread evenly from a request's first token (its end when not
+    streamed) to its end. Unlike tokens / whole span, one long request finishing late does not
+    decide the number, and work a router left queued past the window counts against it.
+    """
+    delivered = 0.0
+    for r in records:
+        if not r.ok or not r.tokens:
+            continue
+        first = r.start + r.ttft if r.ttft is not None else r.end
+        if r.end <= first:
+            delivered += r.tokens if start <= r.end <= end else 0
+            continue
+        overlap = max(0.0, min(end, r.end) - max(start, first))
+        delivered += r.tokens * overlap / (r.end - first)
+    return delivered / (end - start)
+
+
+def per_token_series(
+    records: Sequence[RequestRecord], bin_s: float, q: float = 90
 ) -> list[tuple[float, float]]:
-    """(bin start, q-th percentile latency of successful requests sent in that bin)."""
+    """(bin start, q-th percentile of ms per output token of requests sent in that bin)."""
     bins: dict[int, list[float]] = {}
     for record in records:
-        if record.ok:
-            bins.setdefault(int(record.start // bin_s), []).append(record.latency)
+        if record.ok and record.tokens:
+            bins.setdefault(int(record.start // bin_s), []).append(
+                1000 * record.latency / record.tokens
+            )
     return [(k * bin_s, percentile(v, q)) for k, v in sorted(bins.items())]
-
-
-def per_token_latency(record: RequestRecord) -> float:
-    """Seconds per output token: compares short and long requests on one scale."""
-    return record.latency / record.tokens if record.tokens else math.nan
 
 
 def replica_index(label: str, urls: Sequence[str]) -> int | None:
