@@ -36,6 +36,7 @@ from tests.compose.support import (
     docker_client,
     free_port,
     get_json,
+    poll,
     require_images,
 )
 from tests.e2e.support import free_port_run
@@ -94,17 +95,34 @@ def test_up_with_the_docker_runtime_runs_labelled_containers_and_leaves_none(
         openai = AsyncOpenAI(base_url=state.endpoint, api_key="unused", max_retries=0, timeout=60)
         try:
             reply = await openai.chat.completions.create(
-                model=TINY_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+                model=TINY_MODEL,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=8,
+                extra_body={"ignore_eos": True},
             )
             stream = await openai.completions.create(
-                model=TINY_MODEL, prompt="Once", max_tokens=8, stream=True
+                model=TINY_MODEL,
+                prompt="Once",
+                max_tokens=8,
+                stream=True,
+                # random weights: without this the first token may well be EOS
+                extra_body={"ignore_eos": True},
             )
             seen.stream_chunks = len([chunk async for chunk in stream])
         finally:
             await openai.close()
         seen.answer = reply.choices[0].message.content or ""
-        rows = await asyncio.to_thread(get_json, f"{state.router_url}/fleet/replicas")
-        seen.router_urls = sorted(str(row["url"]) for row in rows)
+
+        # both replicas were healthy when `up` reported ready; the router re-reads the
+        # backends file on its own clock, so give it a moment to list the second one too.
+        def router_lists_both() -> list[str] | None:
+            rows = get_json(f"{state.router_url}/fleet/replicas")
+            urls = sorted(str(row["url"]) for row in rows if row["healthy"])
+            return urls if len(urls) == 2 else None
+
+        seen.router_urls = await asyncio.to_thread(
+            poll, router_lists_both, "the router to list both containers", 15
+        )
         return 0
 
     out = io.StringIO()
