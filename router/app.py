@@ -156,8 +156,8 @@ def make_app(config: RouterConfig) -> web.Application:
         telemetry=telemetry,
     )
     middlewares = [make_outer_middleware(telemetry)]
-    if config.api_keys:
-        middlewares.append(make_auth_middleware(config.api_keys))
+    if config.api_keys or config.admin_api_keys:
+        middlewares.append(make_auth_middleware(config.api_keys, config.admin_api_keys))
     # +1: aiohttp rejects a body whose size *reaches* client_max_size.
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)
     app[ROUTER] = ctx

@@ -37,10 +37,16 @@ class RouterConfig:
     port: int = 8000
     #: Client keys accepted as ``Authorization: Bearer <key>``; empty = no authentication.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Keys for the admin endpoints (/fleet/*, /metrics); empty = /fleet/* takes the client
+    #: keys and /metrics stays open (Prometheus scrapers seldom carry tokens).
+    admin_api_keys: tuple[str, ...] = field(default=(), repr=False)
     #: Key the router sends to the replicas (vLLM ``--api-key``); None = send none.
     upstream_api_key: str | None = field(default=None, repr=False)
     policy: str = "least-busy"
     max_body_bytes: int = 32 * 1024 * 1024
+    #: Longest a client may take to send its request body (408 after): a client trickling a
+    #: body byte by byte (slowloris) must not hold a connection and a handler forever.
+    body_timeout_s: float = 60.0
     #: Replicas tried per request before giving up (1 = no failover).
     max_attempts: int = 3
     connect_timeout_s: float = 5.0
@@ -201,6 +207,11 @@ OPTIONS: tuple[Option, ...] = (
         "comma-separated)", "KEY", repeatable=True,
     ),
     Option(
+        "admin_api_keys", "--admin-api-key", "FLEET_ADMIN_API_KEYS", _words, _keys,
+        "protect /fleet/* and /metrics with their own keys ('Authorization: Bearer KEY'; "
+        "repeatable; env: comma-separated)", "KEY", repeatable=True,
+    ),
+    Option(
         "upstream_api_key", "--upstream-api-key", "FLEET_UPSTREAM_API_KEY", _text, _nonempty,
         "API key to send to the replicas (their vLLM --api-key)", "KEY",
     ),
@@ -211,6 +222,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_body_bytes", "--max-body-bytes", "FLEET_MAX_BODY_BYTES", _int, _at_least_one,
         "largest request body accepted (413 above it)", "N",
+    ),
+    Option(
+        "body_timeout_s", "--body-timeout", "FLEET_BODY_TIMEOUT", _float, _positive,
+        "seconds a client may take to send its request body (408 after)", "S",
     ),
     Option(
         "max_attempts", "--max-attempts", "FLEET_MAX_ATTEMPTS", _int, _at_least_one,

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
@@ -50,6 +52,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class ClientProtocolErrors(logging.Filter):
+    """Turn aiohttp's ERROR-with-traceback for bytes that are not HTTP into one WARNING line.
+
+    aiohttp logs every request its parser rejects (a 400 to the client) as an error with a
+    traceback: any client could fill the log, and it reads like a router bug. The client's
+    mistake is worth one line, without the stack.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and record.levelno > logging.WARNING:
+            detail = (exc.message or "").strip().splitlines()
+            message = record.getMessage()
+            record.msg = "%s: %s"
+            record.args = (message, detail[0] if detail else type(exc).__name__)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Send every log record to stderr in the chosen format (replaces existing handlers)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -62,3 +84,6 @@ def configure_logging(level: str, fmt: str) -> None:
     # aiohttp's own access log would duplicate ours (and is disabled in serve); keep its
     # server errors.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientProtocolErrors) for f in server.filters):
+        server.addFilter(ClientProtocolErrors())

@@ -15,7 +15,9 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import aiohttp
@@ -122,14 +124,23 @@ class Reply:
 # -- parse -----------------------------------------------------------------------------------
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, within ``limit`` bytes and ``timeout_s`` seconds (--body-timeout)."""
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except asyncio.TimeoutError:
+        raise ApiError(
+            408,
+            f"The request body did not arrive within {timeout_s:g} seconds "
+            "(the router's --body-timeout).",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
 
 
 def _too_large(limit: int) -> ApiError:
@@ -154,6 +165,10 @@ def parse_request(body: bytes, content_type: str) -> RequestInfo:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(
             400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
+        ) from None
+    except RecursionError:  # "[[[[...": the C decoder recurses once per level
+        raise ApiError(
+            400, "The JSON body of your request is nested too deeply.", code="invalid_json"
         ) from None
     if not isinstance(payload, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -251,13 +266,14 @@ async def _exchange(
     url: str,
     headers: CIMultiDict[str],
     body: bytes,
+    idle_s: float,
 ) -> Reply:
     """POST to the replica; a 5xx is a failure, any other answer a Reply (read whole unless
-    it is an event stream)."""
+    it is an event stream). Body reads are bounded by ``idle_s`` (see _read_bounded)."""
     response = await session.post(url, data=body, headers=headers)
     try:
         if response.status >= 500:
-            data = await response.read()
+            data = await _read_bounded(response.read(), idle_s)
             raise UpstreamFailure(
                 replica.url,
                 "status",
@@ -268,10 +284,24 @@ async def _exchange(
             )
         if response.content_type == "text/event-stream":
             return Reply(replica, response, None)
-        return Reply(replica, response, await response.read())
+        return Reply(replica, response, await _read_bounded(response.read(), idle_s))
     except BaseException:
         response.close()
         raise
+
+
+async def _read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:
+    """``await read`` for at most ``idle_s`` seconds (asyncio.TimeoutError after).
+
+    The session's sock_read timeout should already bound every read, but aiohttp's C parser
+    drops it when a replica breaks the chunked framing in the middle of a body: the parser
+    error closes the connection without failing the body's reader, so the read would wait
+    forever (tests/chaos/test_network_faults.py). This timer does not depend on the parser.
+    """
+    if sys.version_info < (3, 11):  # no asyncio.timeout yet; wait_for costs a task per read
+        return await asyncio.wait_for(read, idle_s)
+    async with asyncio.timeout(idle_s):
+        return await read
 
 
 async def send_once(
@@ -280,7 +310,9 @@ async def send_once(
     """One attempt on ``replica``. On success its in_flight stays counted until finish()."""
     replica.in_flight += 1
     try:
-        return await _exchange(ctx.session, replica, replica.url + path, headers, body)
+        return await _exchange(
+            ctx.session, replica, replica.url + path, headers, body, ctx.config.first_byte_timeout_s
+        )
     except UpstreamFailure as exc:
         failure = exc
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -396,12 +428,13 @@ async def relay_stream(
         status=upstream.status, headers=downstream_headers(upstream.headers, exchange.request_id)
     )
     content = upstream.content
+    idle_s = ctx.config.first_byte_timeout_s
     first = True
     try:
         await response.prepare(request)
         while True:
             try:
-                chunk = await content.readany()
+                chunk = await _read_bounded(content.readany(), idle_s)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = _failure_of(reply.replica.url, exc)
                 await _stream_broke(response, reply, exchange, ctx, failure)
@@ -476,7 +509,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     ctx = request.app[ROUTER]
     exchange = exchange_of(request)
     path = forward_path(request)
-    body = await read_body(request, ctx.config.max_body_bytes)
+    body = await read_body(request, ctx.config.max_body_bytes, ctx.config.body_timeout_s)
     info = parse_request(body, request.content_type)
     exchange.model = info.model
     headers = upstream_headers(request.headers, exchange.request_id)
