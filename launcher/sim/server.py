@@ -211,9 +211,10 @@ async def _generate(
                 "X-Request-Id": request_id,
             }
         )
-        await response.prepare(request)
-        # A vanished client ends the stream; leaving the block aborts the request in the engine.
+        # A vanished client ends the stream (even before its headers went out); leaving the
+        # block aborts the request in the engine.
         with contextlib.suppress(ConnectionResetError):
+            await response.prepare(request)
             await _stream_tokens(response, builder, generation)
         return response
 
