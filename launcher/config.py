@@ -25,7 +25,7 @@ if typing.TYPE_CHECKING:
     from launcher.planner import PlanOptions
 
 Engine = Literal["vllm", "sim"]
-RuntimeKind = Literal["process"]
+RuntimeKind = Literal["process", "docker"]
 
 Check = Callable[[Any], str | None]
 
@@ -40,6 +40,12 @@ def _port(v: int) -> str | None:
 
 def _fraction(v: float) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1], e.g. 0.9"
+
+
+def _image(v: str) -> str | None:
+    if v and not any(c.isspace() for c in v):
+        return None
+    return "must be a Docker image reference, e.g. vllm/vllm-openai:v0.32.0"
 
 
 def _opt(check: Check) -> Check:
@@ -117,7 +123,15 @@ class FleetConfig:
         default=None, metadata=_meta("tensor_parallel_size: 2", _opt(_at_least(1)))
     )
     engine: Engine = field(default="vllm", metadata=_meta("engine: vllm"))
-    runtime: RuntimeKind = field(default="process", metadata=_meta("runtime: process"))
+    #: process: each replica is a local process group; docker: each replica is a container
+    #: (launcher.runtime.docker), the router stays a local process.
+    runtime: RuntimeKind = field(default="process", metadata=_meta("runtime: docker"))
+    #: engine image of ``runtime: docker`` replicas; None: the Docker runtime's default for the
+    #: plan (the official vLLM image on GPUs, vllm-fleet-engine-cpu without; the router image,
+    #: which carries the simulator, for the sim engine).
+    image: str | None = field(
+        default=None, metadata=_meta("image: vllm-fleet-engine-cpu:0.1.0", _opt(_image))
+    )
     #: declared inventory ("8x80GB") or one entry per GPU; None detects the GPUs.
     gpus: str | tuple[str, ...] | None = field(default=None, metadata=_meta("gpus: 8x80GB"))
     run_dir: str = field(default=".fleet", metadata=_meta("run_dir: .fleet"))

@@ -14,15 +14,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, cast
 
 import aiohttp
 
 from launcher.config import FleetConfig
 from launcher.plan import ReplicaSpec
 from launcher.rundir import FleetState, RunDir
+from launcher.runtime.base import Runtime
+from launcher.runtime.docker import DockerRuntime, docker_fleet_runtime
 from launcher.runtime.process import ProcessRuntime, group_members, process_alive
 from launcher.supervisor import (
     Supervisor,
@@ -38,6 +40,9 @@ LOG_ECHO_INTERVAL_S = 5.0
 #: how long the router may take to list the healthy replicas once they are up.
 ROUTER_READY_TIMEOUT_S = 60.0
 ROUTER_NAME = "router"
+#: ``runtime: docker`` with the sim engine: the router image carries the whole CLI, simulator
+#: included (the engine images do not); the same default as `vllm-fleet compose --engine sim`.
+SIM_ENGINE_IMAGE = "vllm-fleet-router:0.1.0"
 
 #: called once the fleet is ready; returning an int ends the run with that status (demo --smoke).
 AfterReady = Callable[[FleetState], Awaitable[int | None]]
@@ -109,6 +114,39 @@ def ensure_ports_free(replicas: Sequence[ReplicaSpec], config: FleetConfig) -> N
                 ) from None
 
 
+def docker_image_environ(config: FleetConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment ``docker_fleet_runtime`` reads its engine images from, with the fleet's
+    choice applied: ``image`` (file or --image) beats VLLM_FLEET_{CPU,GPU}_IMAGE, which beat the
+    runtime's defaults; the sim engine defaults to the image that has the simulator."""
+    env = dict(environ)
+    if config.image:
+        env["VLLM_FLEET_CPU_IMAGE"] = env["VLLM_FLEET_GPU_IMAGE"] = config.image
+    elif config.engine == "sim" and not env.get("VLLM_FLEET_CPU_IMAGE"):
+        env["VLLM_FLEET_CPU_IMAGE"] = SIM_ENGINE_IMAGE
+    return env
+
+
+def make_runtime(
+    config: FleetConfig,
+    run_dir: RunDir,
+    replicas: Sequence[ReplicaSpec],
+    environ: Mapping[str, str] | None = None,
+) -> Runtime:
+    """The runtime ``config.runtime`` names, able to start ``replicas``.
+
+    Docker: the engines in containers labelled with the run directory's fleet name, the router
+    a host process. The daemon and every image are checked here, before anything starts: a
+    missing image is one error line, not a replica crash-looping on ``docker create``.
+    """
+    if config.runtime == "process":
+        return ProcessRuntime(run_dir.logs_dir)
+    env = docker_image_environ(config, os.environ if environ is None else environ)
+    runtime = docker_fleet_runtime(run_dir.path, run_dir.logs_dir, environ=env)
+    # docker_fleet_runtime builds the engines' runtime as a DockerRuntime (the router: .host).
+    cast(DockerRuntime, runtime.containers).check_images(replicas)
+    return runtime
+
+
 class ProgressPrinter:
     """One line per state change, plus a loading replica's newest log line now and then."""
 
@@ -163,6 +201,7 @@ class FleetRun:
         model_label: str = "",
         after_ready: AfterReady | None = None,
         handle_signals: bool = True,
+        runtime: Runtime | None = None,
     ) -> None:
         self.config = config
         self.replicas = tuple(replicas)
@@ -177,7 +216,8 @@ class FleetRun:
         self.message = ""
         self.started_at = time.time()
         self.router = router_spec(config, run_dir.backends_path.resolve())
-        runtime = ProcessRuntime(run_dir.logs_dir)
+        if runtime is None:
+            runtime = make_runtime(config, run_dir, self.replicas)
         self.printer = ProgressPrinter(out)
         self.supervisor = Supervisor(
             runtime,
@@ -207,6 +247,7 @@ class FleetRun:
             units=tuple(self.supervisor.records()),
             message=self.message,
             stop_timeout_s=self.config.stop_timeout_s,
+            runtime=self.config.runtime,
         )
 
     def _on_event(self, event: SupervisorEvent) -> None:

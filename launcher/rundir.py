@@ -54,6 +54,9 @@ class FleetState:
     message: str = ""
     #: SIGTERM-to-SIGKILL grace the supervisor uses, so `down` knows how long to wait.
     stop_timeout_s: float = 30.0
+    #: "process" or "docker": `down` removes a docker fleet's leftover containers too, and
+    #: never needs Docker for a process fleet (state files without the key are process fleets).
+    runtime: str = "process"
 
     @property
     def endpoint(self) -> str:

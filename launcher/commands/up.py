@@ -4,6 +4,10 @@
 in a background supervisor started in its own session, returning once the fleet is ready.
 Everything another shell needs is in the run directory, so ``status`` and ``down`` work from
 anywhere that can see it.
+
+``--runtime docker`` runs each engine in a container (``launcher.runtime.docker``); ``down``
+then also removes whatever containers of that fleet a dead supervisor left behind. Only docker
+fleets talk to Docker: a process fleet needs neither the daemon nor the images.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import docker
+import docker.errors
 import yaml
 
 from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
 from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
-from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
+from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
 from launcher.plan import Plan, ReplicaSpec
 from launcher.planner import PlanOptions, plan
 from launcher.rundir import FleetState, RunDir, UnitRecord, atomic_write_text
+from launcher.runtime.docker import fleet_name_for, remove_fleet_containers
 from launcher.runtime.process import (
     group_members,
     process_alive,
@@ -74,7 +81,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="stop a fleet started by `up` (e.g. with --detach)",
         description=(
             "Ask the fleet's supervisor to stop (router first, then replicas), check that "
-            "every process is gone and kill any leftover."
+            "every process is gone and kill any leftover (for a --runtime docker fleet: also "
+            "remove every container of the fleet)."
         ),
     )
     add_run_dir_argument(down)
@@ -102,6 +110,12 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept only clients sending this bearer key (repeatable)")  # fmt: skip
     add("--health-timeout", default=None, metavar="S",
         help="seconds a replica may take to become healthy (default 900)")  # fmt: skip
+    add("--runtime", default=None, metavar="KIND",
+        help="process (default): each replica is a local process group; docker: each "
+        "replica is a container (the router stays a local process)")  # fmt: skip
+    add("--image", default=None, metavar="IMAGE",
+        help="engine image for --runtime docker (default: vllm/vllm-openai:v0.32.0 on GPUs, "
+        "vllm-fleet-engine-cpu:0.1.0 without; sim engine: vllm-fleet-router:0.1.0)")  # fmt: skip
     add_run_dir_argument(parser)
     add("--detach", action="store_true",
         help="run the supervisor in the background and return once the fleet is ready")  # fmt: skip
@@ -133,6 +147,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "policy": ("router.policy", "--policy"),
     "api_key": ("router.api_keys", "--api-key"),
     "health_timeout": ("health_timeout_s", "--health-timeout"),
+    "runtime": ("runtime", "--runtime"),
+    "image": ("image", "--image"),
 }
 
 
@@ -150,6 +166,16 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     if not config.model:
         raise ConfigError("--model: required; pass --model NAME or set model: in --config")
     return config
+
+
+def check_runtime_options(config: FleetConfig) -> None:
+    """An engine image only means something to the Docker runtime: with processes it would be
+    silently ignored, which hides a forgotten --runtime docker."""
+    if config.image and config.runtime != "docker":
+        raise ConfigError(
+            f"--image {config.image}: only used with --runtime docker; add --runtime docker "
+            "(runtime: docker in --config) or drop --image (image: in --config)"
+        )
 
 
 def plan_fleet(config: FleetConfig, params: str | None = None) -> tuple[Plan, PlanOptions]:
@@ -187,8 +213,10 @@ def read_plan_file(path: Path) -> tuple[str, tuple[ReplicaSpec, ...]]:
 
 def run_up(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_runtime_options(config)
     run_dir = RunDir(Path(args.run_dir or config.run_dir))
     model_label = config.served_model_name or config.model or ""
+    runtime = None
     if args.plan_file:
         model_label, replicas = read_plan_file(Path(args.plan_file))
     else:
@@ -196,10 +224,15 @@ def run_up(args: argparse.Namespace) -> int:
         replicas = layout.replicas
         ensure_no_fleet(run_dir)
         ensure_ports_free(replicas, config)
+        # docker: the daemon answers and every image is there, checked here in the user's
+        # terminal rather than in a background supervisor's log.
+        runtime = make_runtime(config, run_dir, replicas)
         print(render(layout, options), flush=True)
     if args.detach:
         return detach(config, model_label, replicas, run_dir, sys.stdout)
-    run = FleetRun(config, replicas, run_dir, out=sys.stdout, model_label=model_label)
+    run = FleetRun(
+        config, replicas, run_dir, out=sys.stdout, model_label=model_label, runtime=runtime
+    )
     return asyncio.run(run.run())
 
 
@@ -364,8 +397,8 @@ def _print_status(
     uptime = _duration(time.time() - state.started_at) if state.started_at else "?"
     print(f"Fleet {state.endpoint}: {state.status} ({healthy}/{len(state.replicas())} "
           f"replicas healthy)", file=out)  # fmt: skip
-    print(f"  model {state.model}, engine {state.engine}, supervisor pid {state.supervisor_pid}, "
-          f"up {uptime}, run dir {run_dir.path}", file=out)  # fmt: skip
+    print(f"  model {state.model}, engine {state.engine}, runtime {state.runtime}, supervisor "
+          f"pid {state.supervisor_pid}, up {uptime}, run dir {run_dir.path}", file=out)  # fmt: skip
     if not alive:
         print(f"  the supervisor (pid {state.supervisor_pid}) is gone: run `vllm-fleet down` "
               "to clean up leftovers", file=out)  # fmt: skip
@@ -433,10 +466,16 @@ def run_down(args: argparse.Namespace) -> int:
             print(f"the supervisor (pid {supervisor}) did not exit; killed it")
     # the supervisor may have restarted units after we read the state: read the latest.
     state = run_dir.read_state() or state
+    grace = min(5.0, state.stop_timeout_s)
+    containers: list[str] = []
+    if state.runtime == "docker":
+        # before clear_state: without the daemon this fails and the state stays for a retry.
+        containers = _remove_containers(run_dir, grace)
     leftovers = []
-    for unit in state.units:
+    host_units = _host_units(state)
+    for unit in host_units:
         if unit.pid is not None and group_members(unit.pid):
-            stop_process_group(unit.pid, timeout=min(5.0, state.stop_timeout_s))
+            stop_process_group(unit.pid, timeout=grace)
             leftovers.append(f"{unit.name} (pid {unit.pid})")
     run_dir.clear_state()
     units = ", ".join(f"{u.name} (pid {u.pid})" for u in state.units if u.pid is not None)
@@ -444,12 +483,37 @@ def run_down(args: argparse.Namespace) -> int:
           + (f", {units}" if units else "") + ".")  # fmt: skip
     if leftovers:
         print(f"Killed leftover processes: {', '.join(leftovers)}.")
-    survivors = [u.name for u in state.units if u.pid is not None and group_members(u.pid)]
+    if containers:
+        print(f"Removed leftover containers: {', '.join(containers)}.")
+    survivors = [u.name for u in host_units if u.pid is not None and group_members(u.pid)]
     if survivors or process_alive(supervisor):
         print(f"vllm-fleet down: still running: {', '.join(survivors) or 'supervisor'}",
               file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def _remove_containers(run_dir: RunDir, timeout: float) -> list[str]:
+    """Every container labelled with this run directory's fleet: none after an orderly stop,
+    whatever a killed supervisor left otherwise."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise ConfigError(
+            f"--run-dir {run_dir.path}: its fleet runs in Docker containers, but the daemon is "
+            f"unreachable ({exc}); start dockerd (check DOCKER_HOST) and run `vllm-fleet down` "
+            "again"
+        ) from None
+    return remove_fleet_containers(fleet_name_for(run_dir.path), client=client, timeout=timeout)
+
+
+def _host_units(state: FleetState) -> list[UnitRecord]:
+    """The units that are host process groups. A docker fleet's replicas are containers (their
+    pid is the container's init): removing the containers stops them, signalling would not."""
+    if state.runtime == "docker":
+        return [u for u in state.units if u.role != "replica"]
+    return list(state.units)
 
 
 def _is_fleet_process(pid: int) -> bool:

@@ -28,7 +28,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "fleet.example.yaml"
         ({"replicas": True}, "replicas: expected an integer, got True"),
         ({"replicas": 0}, "replicas: must be >= 1, got 0"),
         ({"engine": "tgi"}, "engine: expected one of 'vllm', 'sim', got 'tgi'"),
-        ({"runtime": "docker"}, "runtime: expected one of 'process', got 'docker'"),
+        ({"runtime": "podman"}, "runtime: expected one of 'process', 'docker', got 'podman'"),
+        ({"image": "my image"}, "image: must be a Docker image reference"),
+        ({"image": ""}, "image: must be a Docker image reference"),
         ({"router": {"port": 70000}}, "router.port: must be a TCP port"),
         ({"router": {"port": "80"}}, "router.port: expected an integer, got '80'"),
         ({"router": {"policy": "fastest"}}, "router.policy: unknown policy; use one of"),
@@ -83,6 +85,15 @@ def test_values_are_converted_and_defaults_kept() -> None:
     assert config.router_url == "http://127.0.0.1:9000"
 
 
+def test_runtime_docker_and_its_image_are_accepted() -> None:
+    assert FleetConfig().runtime == "process"
+    assert FleetConfig().image is None
+    config = from_mapping({"runtime": "docker", "image": "vllm-fleet-engine-cpu:0.1.0"})
+    assert config.runtime == "docker"
+    assert config.image == "vllm-fleet-engine-cpu:0.1.0"
+    assert from_mapping(config_to_mapping(config)) == config
+
+
 def test_flags_override_the_file_and_none_keeps_it() -> None:
     config = from_mapping({"model": "m", "replicas": 2, "router": {"port": 9000, "policy": None}})
     merged = config.with_overrides(
@@ -109,6 +120,8 @@ def test_overrides_are_validated_too() -> None:
         ("extra_args", ["--enforce-eager"], "--engine-arg", ("--enforce-eager",)),
         ("gpus", "8x80GB", "--gpus", "8x80GB"),
         ("health_timeout_s", "30", "--health-timeout", 30.0),
+        ("runtime", "docker", "--runtime", "docker"),
+        ("image", "vllm/vllm-openai:v0.32.0", "--image", "vllm/vllm-openai:v0.32.0"),
     ],
 )
 def test_flags_are_typed_like_the_file(key: str, raw: Any, flag: str, expected: Any) -> None:
@@ -122,6 +135,7 @@ def test_flags_are_typed_like_the_file(key: str, raw: Any, flag: str, expected: 
         ("replicas", "0", "--replicas", "--replicas: must be >= 1, got '0'"),
         ("engine", "tgi", "--engine", "--engine: expected one of 'vllm', 'sim', got 'tgi'"),
         ("router.port", "99999", "--port", "--port: must be a TCP port"),
+        ("runtime", "k8s", "--runtime", "--runtime: expected one of 'process', 'docker', got"),
     ],
 )
 def test_bad_flags_name_the_flag(key: str, raw: str, flag: str, message: str) -> None:

@@ -18,8 +18,12 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from launcher.rundir import FleetState, RunDir
-from launcher.runtime.process import group_members, process_alive
+from launcher.cli import build_parser
+from launcher.commands.up import config_from_args
+from launcher.config import FleetConfig, from_mapping
+from launcher.fleet import SIM_ENGINE_IMAGE, docker_image_environ, make_runtime
+from launcher.rundir import FleetState, RunDir, UnitRecord
+from launcher.runtime.process import ProcessRuntime, group_members, process_alive
 from tests.support.sim import REPO_ROOT, free_port
 
 DEADLINE_S = 30.0
@@ -33,13 +37,16 @@ def wait_for(predicate: Callable[[], bool], what: str, deadline_s: float = DEADL
         time.sleep(0.05)
 
 
-def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "launcher.cli", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -277,3 +284,121 @@ def test_down_without_a_fleet_says_so(tmp_path: Path) -> None:
     result = cli("down", "--run-dir", str(tmp_path / "nothing"))
     assert result.returncode == 0
     assert "No fleet running" in result.stdout
+
+
+# --------------------------------------------------------------------------- --runtime docker
+
+#: a Docker daemon address that cannot answer: any attempt to talk to Docker fails loudly.
+NO_DOCKER = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+
+
+def up_config(*argv: str) -> FleetConfig:
+    return config_from_args(build_parser().parse_args(["up", *argv]))
+
+
+def test_runtime_and_image_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("engine: sim\nruntime: process\nimage: from-file:1\n")
+    config = up_config("--config", str(path), "--runtime", "docker", "--image", "from-flag:2")
+    assert (config.runtime, config.image) == ("docker", "from-flag:2")
+    assert up_config("--config", str(path)).image == "from-file:1"
+    assert up_config("--engine", "sim").runtime == "process"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--runtime", "podman"],
+            "vllm-fleet up: error: --runtime: expected one of 'process', 'docker', got 'podman'",
+        ),
+        (
+            ["--image", "vllm-fleet-engine-cpu:0.1.0"],
+            "vllm-fleet up: error: --image vllm-fleet-engine-cpu:0.1.0: only used with --runtime "
+            "docker; add --runtime docker (runtime: docker in --config) or drop --image "
+            "(image: in --config)",
+        ),
+    ],
+)
+def test_runtime_mistakes_are_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
+    run = tmp_path / "run"
+    result = cli("up", "--engine", "sim", "--run-dir", str(run), *argv)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "environ", "cpu", "gpu"),
+    [
+        ({}, {}, None, None),  # unset: the Docker runtime's own defaults apply
+        ({"engine": "sim"}, {}, SIM_ENGINE_IMAGE, None),
+        ({"engine": "sim"}, {"VLLM_FLEET_CPU_IMAGE": "env:1"}, "env:1", None),
+        ({"image": "key:2"}, {"VLLM_FLEET_CPU_IMAGE": "env:1"}, "key:2", "key:2"),
+        ({"engine": "sim", "image": "key:2"}, {}, "key:2", "key:2"),
+    ],
+)
+def test_engine_image_precedence(
+    data: dict[str, str], environ: dict[str, str], cpu: str | None, gpu: str | None
+) -> None:
+    config = from_mapping({"runtime": "docker", **data})
+    env = docker_image_environ(config, {"HOME": "/root", **environ})
+    assert env.get("VLLM_FLEET_CPU_IMAGE") == cpu
+    assert env.get("VLLM_FLEET_GPU_IMAGE") == gpu
+    assert env["HOME"] == "/root"
+
+
+def test_process_runtime_is_made_without_docker(tmp_path: Path) -> None:
+    config = from_mapping({"engine": "sim"})
+    runtime = make_runtime(config, RunDir(tmp_path / "run"), (), environ=NO_DOCKER)
+    assert isinstance(runtime, ProcessRuntime)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def write_dead_fleet(run_dir: RunDir, runtime: str | None) -> None:
+    """state.json of a fleet whose supervisor is gone and left nothing running."""
+    state = FleetState(
+        supervisor_pid=dead_pid(),
+        status="ready",
+        router_url="http://127.0.0.1:1",
+        units=(UnitRecord(name="replica-0", role="replica", port=2, url="http://127.0.0.1:2"),),
+    )
+    data = json.loads(state.to_json())
+    if runtime is None:
+        del data["runtime"]  # written before the key existed
+    else:
+        data["runtime"] = runtime
+    run_dir.create()
+    run_dir.state_path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("runtime", ["process", None])
+def test_down_of_a_process_fleet_never_talks_to_docker(tmp_path: Path, runtime: str | None) -> None:
+    run_dir = RunDir(tmp_path / "run")
+    write_dead_fleet(run_dir, runtime)
+
+    result = cli("down", "--run-dir", str(run_dir.path), env=NO_DOCKER)
+
+    assert result.returncode == 0, result.stderr
+    assert "Stopped fleet http://127.0.0.1:1/v1" in result.stdout
+    assert run_dir.read_state() is None
+
+
+def test_down_of_a_docker_fleet_needs_the_daemon_and_keeps_the_state(tmp_path: Path) -> None:
+    run_dir = RunDir(tmp_path / "run")
+    write_dead_fleet(run_dir, "docker")
+
+    result = cli("down", "--run-dir", str(run_dir.path), env=NO_DOCKER)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "its fleet runs in Docker containers, but the daemon is unreachable" in lines[0]
+    assert "start dockerd" in lines[0]
+    state = run_dir.read_state()
+    assert state is not None and state.runtime == "docker"  # kept for a retry
