@@ -75,7 +75,8 @@ async def test_vanishing_clients_abort_their_generations_upstream() -> None:
             "nothing in flight at the router",
         )
         stats = sim.stats()
-        disconnects = router.ctx.telemetry.client_disconnects._value.get()
+        registry = router.ctx.telemetry.registry
+        disconnects = registry.get_sample_value("vllm_fleet_client_disconnects_total")
         assert stats.finished == 0
         assert stats.received == total
         assert disconnects == total

@@ -192,7 +192,9 @@ async def test_a_stream_cut_mid_way_ends_with_an_error_event() -> None:
             assert len(events) == 4, body  # two relayed events, the error, [DONE]
             assert is_openai_error(events[2]) and events[3] == b"[DONE]"
         assert replica(router, cutting).in_flight == 0
-        cut = router.ctx.telemetry.stream_errors.labels("disconnect")._value.get()
+        cut = router.ctx.telemetry.registry.get_sample_value(
+            "vllm_fleet_stream_errors_total", {"reason": "disconnect"}
+        )
         assert cut == 3
 
 
