@@ -1,7 +1,7 @@
 # Developer shortcuts; the README's two commands work without make.
 VENV := .venv/bin
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench chaos
 
 install:
 	bash .ci/install
@@ -17,3 +17,6 @@ lint: install
 
 bench: install
 	$(VENV)/python -m bench
+
+chaos: install
+	CHAOS_REPORT=docs/reliability.md $(VENV)/python -m pytest tests/chaos -q

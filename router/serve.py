@@ -24,6 +24,9 @@ from router.logs import configure_logging
 
 log = logging.getLogger("vllm_fleet.router")
 
+#: seconds an idle client connection stays open (what nginx uses by default).
+KEEPALIVE_TIMEOUT_S = 75.0
+
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed (faster I/O); the standard loop otherwise."""
@@ -44,6 +47,9 @@ def server_options(config: RouterConfig) -> dict[str, Any]:
         "handler_cancellation": True,
         # The proxy logs one line per request itself, with the replica and attempts.
         "access_log": None,
+        # Idle client connections are closed after this many seconds, in production and tests
+        # alike (aiohttp's own default differs between run_app and AppRunner).
+        "keepalive_timeout": KEEPALIVE_TIMEOUT_S,
     }
 
 
