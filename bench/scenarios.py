@@ -172,7 +172,7 @@ def base_mix(
     """Scenario 1's traffic at `fraction` of the heterogeneous fleet's capacity."""
     mix = RequestMix(
         rate=1.0,
-        duration=duration or (8.0 if opts.quick else 25.0),
+        duration=duration or (8.0 if opts.quick else 20.0),
         seed=opts.seed,
         omit_max_tokens_fraction=omit_max_tokens_fraction,
     )
@@ -371,12 +371,12 @@ async def scenario_1(opts: Options) -> Section:
 
 # -- scenario 2 -----------------------------------------------------------------------------
 
-S2_PEERS = ("ours-lb", "ours-rr", "nginx-lc")
+S2_PEERS = ("ours-lb", "ours-cost", "ours-rr", "nginx-lc")
 S2_QUICK = ("ours-lb", "ours-rr")
 
 
 async def scenario_2(opts: Options) -> Section:
-    mix = base_mix(opts, duration=None if opts.quick else 20.0)
+    mix = base_mix(opts, duration=None if opts.quick else 18.0)
     schedule = make_schedule(mix)
     change_at = mix.duration / 3
     section = Section("2", "Speed change: a fast replica drops to half speed")
@@ -477,12 +477,12 @@ async def scenario_2(opts: Options) -> Section:
 
 # -- scenario 3 -----------------------------------------------------------------------------
 
-S3_PEERS = ("ours-lb", "ours-rr")
+S3_PEERS = ("ours-lb", "ours-cost", "ours-rr")
 S3_QUICK = ("ours-lb", "ours-rr")
 
 
 async def scenario_3(opts: Options) -> Section:
-    mix = base_mix(opts, duration=None if opts.quick else 20.0, omit_max_tokens_fraction=0.5)
+    mix = base_mix(opts, duration=None if opts.quick else 18.0, omit_max_tokens_fraction=0.5)
     schedule = make_schedule(mix)
     section = Section("3", "No max_tokens: half the requests omit it")
     section.text.append(
@@ -786,7 +786,7 @@ def _tried(label: str, urls: Sequence[str], index: int) -> bool:
 
 # -- scenario 7 -----------------------------------------------------------------------------
 
-S7_PEERS = ("direct-rr", "ours-lb", "nginx-lc", "vllm-ca")
+S7_PEERS = ("direct-rr", "ours-lb", "ours-cost", "nginx-lc", "vllm-ca")
 S7_QUICK = ("direct-rr", "ours-lb", "nginx-lc", "vllm-ca")
 #: Small requests: the tiny model's context is 1024 tokens and a CPU decodes slowly.
 S7_MIX = RequestMix(
