@@ -41,6 +41,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-setup", action="store_true", help="skip bench/setup.sh")
     parser.add_argument("--output", type=Path, help="markdown file to write")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rebuild the page from stored results (after editing bench/findings.md)",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         peers=tuple(p for p in args.peers.split(",") if p) or None,
     )
+    if args.render_only:
+        write_page(results, output, images, mode, args.seed)
+        print(f"bench: wrote {output} from {results}", flush=True)
+        return 0
     started = time.monotonic()
     for key in keys:
         print(f"bench: scenario {key} ({mode})", flush=True)
@@ -105,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             section = Section(key, f"(failed: {type(exc).__name__})", [f"The run failed: {exc}"])
         section.seconds = time.monotonic() - t
+        section.date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        section.commit = git_commit()
         section.text.append(contention(section.seconds, busy, own))
         for plot in section.plots:
             report.draw(plot, images)
@@ -126,20 +137,22 @@ def contention(seconds: float, busy_before: float, own_before: float) -> str:
     )
 
 
+def git_commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
 def write_page(results: Path, output: Path, images: Path, mode: str, seed: int) -> None:
     from bench import report as rep
 
     sections = rep.load_sections(results)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     meta = {
         "mode": mode,
         "seed": f"{seed} (arrivals, lengths, prompts; same sequence for every router)",
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "durations": ", ".join(
-            f"scenario {s.key}: {s.seconds:.0f} s" for s in sections if s.seconds
+        "runs": "; ".join(
+            f"scenario {s.key}: {s.date or '?'}, commit {s.commit or '?'}, {s.seconds:.0f} s"
+            for s in sections
         ),
     }
     prefix = os.path.relpath(images, output.parent) + "/"

@@ -215,7 +215,7 @@ def render_page(
         out.append(f"| {name} | {version or '-'} | {settings.get(name, '')} |")
     out += ["", "## Machine and run", ""]
     out += [f"- {line}" for line in machine()]
-    for key in ("mode", "seed", "commit", "date", "durations"):
+    for key in ("mode", "seed", "runs"):
         if key in meta:
             out.append(f"- {key}: {meta[key]}")
     out += ["", "## Reproduce", "", REPRODUCE, ""]
@@ -229,6 +229,8 @@ python -m bench --scenarios 7      # real vLLM on the CPU (needs an interpreter 
 python -m bench --quick            # a couple of minutes, writes bench/.work/benchmarks-quick.md
 python -m bench --scenarios 1,5    # only these; the other sections keep their last results
 python -m bench --peers ours-lb,nginx-lc --scenarios 1
+python -m bench --render-only      # rebuild this page from bench/results (after editing
+                                   # bench/findings.md)
 ```
 `python -m bench` first runs `bench/setup.sh` (nginx and HAProxy from Debian; vllm-fleet,
 matplotlib, vllm-router and sglang-router into `bench/.env`), then re-runs itself from that venv.

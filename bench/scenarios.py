@@ -129,8 +129,10 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
     runs: list[PeerRun] = field(default_factory=list)
-    #: how long the scenario took, for the report's footer.
+    #: how long the scenario took, when and at which commit it ran (for the report's footer).
     seconds: float = 0.0
+    date: str = ""
+    commit: str = ""
     #: router name -> headline numbers (kept when the runs are not), for the summary table.
     facts: dict[str, dict[str, float]] = field(default_factory=dict)
     #: router name -> version string and settings, for the report's versions table.
