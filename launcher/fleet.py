@@ -330,15 +330,21 @@ class FleetRun:
         return 1
 
     async def _router_ready(self) -> bool:
-        """The router re-reads the backends file on its own clock; wait until it routes."""
+        """The router re-reads the backends file and checks health on its own clock; wait until
+        it has admitted every replica the supervisor found healthy, so "ready" means a burst of
+        requests right away spreads over all of them (its /ready counts healthy replicas)."""
         deadline = time.monotonic() + ROUTER_READY_TIMEOUT_S
         url = f"{self.config.router_url}/ready"
         timeout = aiohttp.ClientTimeout(total=2.0)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while time.monotonic() < deadline:
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                wanted = len(self.supervisor.healthy_urls())
+                with contextlib.suppress(
+                    aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError
+                ):
                     async with session.get(url) as resp:
-                        if resp.status == 200:
+                        body = await resp.json(content_type=None)
+                        if resp.status == 200 and int(body.get("healthy", 0)) >= wanted:
                             return True
                 await asyncio.sleep(0.1)
         return False
