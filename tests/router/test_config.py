@@ -24,7 +24,7 @@ def test_defaults_need_only_a_backend() -> None:
     config = build(["--backend", B1])
     assert config.backends == (B1,)
     assert config == RouterConfig(backends=(B1,))
-    assert (config.port, config.policy, config.max_attempts) == (8000, "least-busy", 3)
+    assert (config.port, config.policy, config.max_attempts) == (8000, "cost", 3)
 
 
 def test_repeatable_flags_accumulate() -> None:
