@@ -45,7 +45,7 @@ def chart() -> Iterator[helm.Chart]:
         ({"engine": {"modelCache": {"type": "nfs"}}}, "at '/engine/modelCache/type'"),
         ({"engine": {"multiNode": {"pipelineParallelSize": 1}}}, "pipelineParallelSize"),
         ({"router": {"replicas": "2"}}, "at '/router/replicas': got string, want integer"),
-        ({"router": {"config": {"policy": "fastest"}}}, "'least-busy', 'round-robin'"),
+        ({"router": {"config": {"policy": "fastest"}}}, "'cost', 'least-busy', 'round-robin'"),
         ({"router": {"config": {"connectTimeoutSeconds": 0}}}, "connectTimeoutSeconds"),
         ({"router": {"service": {"type": "External"}}}, "at '/router/service/type'"),
         ({"apiKeys": {"keys": ["a,b"]}}, "at '/apiKeys/keys/0'"),
