@@ -62,7 +62,7 @@ class RouterConfig:
     discovery_interval_s: float = 5.0
     #: Consecutive failures that eject a replica, and the first cool-down before a re-probe.
     failure_threshold: int = 3
-    breaker_cooldown_s: float = 5.0
+    breaker_cooldown_s: float = 1.0
     #: On SIGTERM, how long in-flight requests and streams may still run.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"

@@ -11,8 +11,12 @@ Both kinds of failure count toward the breaker. After ``failure_threshold`` cons
 failures (or one refused connection: nothing listens there, the process is gone) the breaker
 OPENs and the replica is ejected even if /health still passes, which catches replicas whose
 /health is fine but whose completions fail. After the cool-down the next active check is the
-one HALF_OPEN probe: success closes the breaker, failure re-opens it with a doubled cool-down
-(capped), so a flapping replica is retried less and less often.
+one HALF_OPEN probe: success closes the breaker, failure re-opens it for the same cool-down.
+A failed probe costs nothing (it is one /health GET, no client traffic), so a replica that is
+down keeps being probed every cool-down and is back in rotation about a second after it
+answers again. Flapping is what the cool-down grows for: a replica ejected again within
+``stable_s`` of its re-admission gets a doubled cool-down (capped), so one that passes /health
+but keeps failing requests is re-admitted less and less often.
 
 ``healthy`` is kept equal to ``breaker is CLOSED and check_ok`` by every transition here.
 The transitions are pure functions of (state, outcome, now) so they are tested with explicit
@@ -54,8 +58,10 @@ class BreakerPolicy:
 
     #: Consecutive failures (active or passive) that open the breaker.
     failure_threshold: int = 3
-    #: First OPEN -> HALF_OPEN cool-down; doubles on every re-open without a stable period.
-    cooldown_s: float = 5.0
+    #: First OPEN -> HALF_OPEN cool-down; doubles on every re-ejection soon after a
+    #: re-admission (flapping), not on failed probes. Short, so a restarted replica is used
+    #: again about a second after it is up.
+    cooldown_s: float = 1.0
     #: Upper bound on the doubled cool-down.
     max_cooldown_s: float = 60.0
     #: A replica that stayed CLOSED this long and then fails starts again from cooldown_s.
@@ -151,8 +157,9 @@ def apply_check(
 ) -> None:
     """Apply one active check outcome (after begin_check) to the replica's state.
 
-    In HALF_OPEN the check is the probe: a pass closes the breaker, a failure re-opens it with
-    a doubled cool-down (not a new ejection: the replica was not in rotation).
+    In HALF_OPEN the check is the probe: a pass closes the breaker, a failure re-opens it for
+    the same cool-down (not a new ejection: the replica was not in rotation, and a replica that
+    is simply down should be re-admitted soon after it is back).
     A pass in CLOSED does not reset ``consecutive_failures``: /health passing says nothing
     about completions failing, and resetting on every 1 s check would hide passive failures.
     Failures before the replica ever passed a check mean "still starting" and do not count.
@@ -164,8 +171,8 @@ def apply_check(
         if ok:
             _close(r, now)
         else:
-            _open(r, now, policy, streak=r.open_streak + 1)
-            log.warning("replica probe failed url=%s cooldown_s=%.1f", r.url, r.cooldown_s)
+            _open(r, now, policy, streak=r.open_streak)
+            log.debug("replica probe failed url=%s cooldown_s=%.1f", r.url, r.cooldown_s)
     elif not ok and r.ever_healthy:
         record_failure(r, now, policy, refused=refused)
     _sync_healthy(r)

@@ -118,7 +118,8 @@ def test_failures_far_apart_are_not_a_streak() -> None:
     assert record_failure(r, 3702.0, POLICY) is True
 
 
-def test_half_open_probe_failure_reopens_with_doubled_capped_cooldown() -> None:
+def test_half_open_probe_failure_reopens_with_the_same_cooldown() -> None:
+    """A replica that is down is probed every cool-down, so it is back soon after it is up."""
     r = admitted()
     record_failure(r, 101.0, POLICY, refused=True)
     now, cooldowns = 101.0, []
@@ -129,8 +130,12 @@ def test_half_open_probe_failure_reopens_with_doubled_capped_cooldown() -> None:
         apply_check(r, False, now, POLICY)
         assert r.breaker is Breaker.OPEN and not r.healthy
         cooldowns.append(r.cooldown_s)
-    assert cooldowns == [10.0, 20.0, 40.0, 40.0, 40.0, 40.0]
+    assert cooldowns == [5.0] * 6
     assert r.ejections == 1  # failed probes are not new ejections
+    now += r.cooldown_s
+    begin_check(r, now)
+    apply_check(r, True, now, POLICY)
+    assert r.healthy and r.breaker is Breaker.CLOSED
 
 
 def test_flapping_replica_gets_longer_cooldowns_stable_one_starts_over() -> None:
@@ -428,16 +433,38 @@ async def test_cancelling_health_loop_cancels_pending_checks(
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("health check")]
 
 
-def test_cooldown_stays_finite_for_a_replica_dead_for_days() -> None:
+def test_cooldown_stays_finite_for_a_replica_flapping_for_days() -> None:
     r = admitted()
-    record_failure(r, 101.0, POLICY, refused=True)
     now = 101.0
     for _ in range(5000):
+        record_failure(r, now, POLICY, refused=True)
         now += r.cooldown_s
         begin_check(r, now)
-        apply_check(r, False, now, POLICY, refused=True)
+        apply_check(r, True, now, POLICY)
+        now += 1.0
     assert r.cooldown_s == POLICY.max_cooldown_s
-    assert (r.breaker, r.ejections) == (Breaker.OPEN, 1)
+    assert (r.breaker, r.ejections) == (Breaker.CLOSED, 5000)
+
+
+def test_default_policy_readmits_a_restarted_replica_within_two_seconds() -> None:
+    """Scenario 6 of docs/benchmarks.md: killed, down for 8 s, back: used again quickly."""
+    policy = BreakerPolicy()
+    r = admitted()
+    assert record_failure(r, 100.0, policy, refused=True)  # killed: ejected at once
+    now = 100.0
+    while now < 108.0:  # down: the 1 s health loop probes whenever the cool-down has passed
+        now += 1.0
+        if probe_due(r, now):
+            begin_check(r, now)
+            apply_check(r, False, now, policy, refused=True)
+        assert not r.healthy
+    back_at = now
+    while not r.healthy:
+        now += 1.0
+        if probe_due(r, now):
+            begin_check(r, now)
+            apply_check(r, True, now, policy)
+    assert now - back_at <= 2.0
 
 
 def test_cooldown_above_the_default_cap_is_honoured() -> None:

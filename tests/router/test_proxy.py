@@ -55,7 +55,10 @@ async def test_equal_replicas_share_the_traffic(router: RouterHandle) -> None:
 
 
 async def test_least_busy_sends_more_to_the_faster_replica() -> None:
-    async with running_sims(2) as (slow, fast), running_router([slow.url, fast.url]) as router:
+    async with (
+        running_sims(2) as (slow, fast),
+        running_router([slow.url, fast.url], policy="least-busy") as router,
+    ):
         await slow.control(speed=0.1)
         remaining = 24
 
