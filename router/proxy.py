@@ -304,6 +304,48 @@ async def _read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:
         return await read
 
 
+class IdleWatchdog:
+    """Fails a stream's pending read once it has waited ``idle_s`` seconds for data.
+
+    The same bound as _read_bounded, for the per-chunk loop of a stream: a timeout scope per
+    chunk costs a timer handle, a heap push and a cancel per chunk, several microseconds at
+    hundreds of chunks per second. Here one timer per stream wakes at most every ``idle_s``
+    (--first-byte-timeout, minutes by default) and the loop only notes when each read started.
+    The read is failed through the reader itself, which also wakes a read that the parser
+    stopped feeding (see _read_bounded). Time spent writing to the client is not counted.
+    """
+
+    __slots__ = ("_content", "_handle", "_idle_s", "_loop", "read_since")
+
+    def __init__(
+        self, content: aiohttp.StreamReader, idle_s: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._content = content
+        self._idle_s = idle_s
+        self._loop = loop
+        #: Loop time the pending read started; None while no read is pending.
+        self.read_since: float | None = None
+        self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + idle_s, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.read_since
+        if since is not None and now - since >= self._idle_s:
+            self._handle = None
+            self._content.set_exception(
+                asyncio.TimeoutError(f"no data from the replica for {self._idle_s:g} s")
+            )
+            return
+        self._handle = self._loop.call_at(
+            (now if since is None else since) + self._idle_s, self._check
+        )
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 async def send_once(
     ctx: RouterContext, replica: ReplicaState, path: str, headers: CIMultiDict[str], body: bytes
 ) -> Reply:
@@ -428,28 +470,33 @@ async def relay_stream(
         status=upstream.status, headers=downstream_headers(upstream.headers, exchange.request_id)
     )
     content = upstream.content
-    idle_s = ctx.config.first_byte_timeout_s
+    loop = asyncio.get_running_loop()
+    watchdog = IdleWatchdog(content, ctx.config.first_byte_timeout_s, loop)
     first = True
     try:
         await response.prepare(request)
         while True:
+            watchdog.read_since = loop.time()
             try:
-                chunk = await _read_bounded(content.readany(), idle_s)
+                chunk = await content.readany()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = _failure_of(reply.replica.url, exc)
                 await _stream_broke(response, reply, exchange, ctx, failure)
                 return response, False
+            watchdog.read_since = None
             if not chunk:
                 break
             if first:
                 first = False
-                elapsed = asyncio.get_running_loop().time() - exchange.started
+                elapsed = loop.time() - exchange.started
                 ctx.telemetry.observe_first_byte(reply.replica.url, elapsed)
             await response.write(chunk)
         await response.write_eof()
     except ConnectionResetError:  # the client went away: not the replica's fault
         exchange.status = CLIENT_CLOSED
         return response, False
+    finally:
+        watchdog.close()
     return response, True
 
 
