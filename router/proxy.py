@@ -197,32 +197,35 @@ def forward_path(request: web.Request) -> str:
     return f"/v1/{tail}?{query}" if query else f"/v1/{tail}"
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Extra hop-by-hop names listed in the Connection header (RFC 9110 section 7.6.1)."""
+def _drop_set(base: frozenset[str], headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """``base`` plus the extra hop-by-hop names listed in the Connection header (RFC 9110
+    section 7.6.1). Most messages have none beyond ``base``: then ``base`` itself, no new set."""
     value = headers.get("Connection")
     if not value:
-        return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+        return base
+    tokens = {t.strip().lower() for t in value.split(",")}
+    tokens.discard("")
+    return base if tokens <= base else base | tokens
+
+
+def _filtered(
+    headers: CIMultiDictProxy[str], drop: frozenset[str], request_id: str
+) -> CIMultiDict[str]:
+    kept: CIMultiDict[str] = CIMultiDict(
+        [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    )
+    kept.add(REQUEST_ID, request_id)  # any X-Request-Id was dropped: add, not replace
+    return kept
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """The client's end-to-end headers minus its credentials; --upstream-api-key, when set, is
     added by the session (router.app.upstream_session)."""
-    drop = _DROP_UPSTREAM | _connection_tokens(incoming)
-    headers: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in incoming.items() if name.lower() not in drop
-    )
-    headers[REQUEST_ID] = request_id
-    return headers
+    return _filtered(incoming, _drop_set(_DROP_UPSTREAM, incoming), request_id)
 
 
 def downstream_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    drop = _DROP_DOWNSTREAM | _connection_tokens(upstream)
-    headers: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream.items() if name.lower() not in drop
-    )
-    headers[REQUEST_ID] = request_id
-    return headers
+    return _filtered(upstream, _drop_set(_DROP_DOWNSTREAM, upstream), request_id)
 
 
 # -- pick ------------------------------------------------------------------------------------
