@@ -128,6 +128,16 @@ def engine_load(replica: ReplicaState, now: float) -> tuple[float, float, float]
     return busy, w, pressure
 
 
+def lowest(
+    replicas: Sequence[ReplicaState], scores: Sequence[float], margin: float, rng: random.Random
+) -> ReplicaState:
+    """The replica with the lowest score; scores within ``margin`` of it tie and one of them is
+    drawn at random, so equal replicas share the load instead of the first taking it all."""
+    best = min(scores)
+    tied = [r for r, s in zip(replicas, scores, strict=True) if s - best <= margin]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
 class LeastBusy:
     """Send to the replica with the lowest load_score; break ties uniformly at random.
 
@@ -151,9 +161,7 @@ class LeastBusy:
             raise ValueError("pick() needs at least one candidate replica")
         now = self._clock()
         scores = [load_score(r, now) for r in replicas]
-        best = min(scores)
-        tied = [r for r, s in zip(replicas, scores, strict=True) if s - best <= TIE_EPSILON]
-        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        return lowest(replicas, scores, TIE_EPSILON, self._rng)
 
 
 class RoundRobin:
@@ -349,10 +357,7 @@ class CostAware:
             request_cost(r, request, replica_speed(r.speed, default), typical, now)
             for r in replicas
         ]
-        best = min(costs)
-        margin = COST_TIE * max(best, 1e-12)
-        tied = [r for r, c in zip(replicas, costs, strict=True) if c - best <= margin]
-        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        return lowest(replicas, costs, COST_TIE * max(min(costs), 1e-12), self._rng)
 
 
 #: Policy name -> factory(rng).
