@@ -138,15 +138,13 @@ def lowest(
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
-class LeastBusy:
-    """Send to the replica with the lowest load_score; break ties uniformly at random.
+def _require(replicas: Sequence[ReplicaState]) -> None:
+    if not replicas:
+        raise ValueError("pick() needs at least one candidate replica")
 
-    Random tie-breaking matters: at low load every replica scores 0, and always taking the first
-    would pile requests onto one replica between scrapes (in_flight breaks most ties, but not
-    for requests that finish quickly).
-    """
 
-    name = "least-busy"
+class _Scored:
+    """Base of the load-aware policies: an injected rng for ties and a clock for freshness."""
 
     def __init__(
         self,
@@ -156,9 +154,19 @@ class LeastBusy:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
 
+
+class LeastBusy(_Scored):
+    """Send to the replica with the lowest load_score; break ties uniformly at random.
+
+    Random tie-breaking matters: at low load every replica scores 0, and always taking the first
+    would pile requests onto one replica between scrapes (in_flight breaks most ties, but not
+    for requests that finish quickly).
+    """
+
+    name = "least-busy"
+
     def pick(self, replicas: Sequence[ReplicaState], request: RequestInfo) -> ReplicaState:
-        if not replicas:
-            raise ValueError("pick() needs at least one candidate replica")
+        _require(replicas)
         now = self._clock()
         scores = [load_score(r, now) for r in replicas]
         return lowest(replicas, scores, TIE_EPSILON, self._rng)
@@ -177,8 +185,7 @@ class RoundRobin:
         self._last: str | None = None
 
     def pick(self, replicas: Sequence[ReplicaState], request: RequestInfo) -> ReplicaState:
-        if not replicas:
-            raise ValueError("pick() needs at least one candidate replica")
+        _require(replicas)
         ordered = sorted(replicas, key=lambda r: r.url)
         chosen = ordered[0]
         if self._last is not None:
@@ -330,7 +337,7 @@ def request_cost(
     return (own + impose) * (1.0 + KV_WEIGHT * w * pressure)
 
 
-class CostAware:
+class CostAware(_Scored):
     """Send to the replica where the request costs least (request_cost), ties at random.
 
     Knows each request's size (max_tokens, prompt) and each replica's learned speed, so long
@@ -340,17 +347,8 @@ class CostAware:
 
     name = "cost"
 
-    def __init__(
-        self,
-        rng: random.Random | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._rng = rng if rng is not None else random.Random()
-        self._clock = clock
-
     def pick(self, replicas: Sequence[ReplicaState], request: RequestInfo) -> ReplicaState:
-        if not replicas:
-            raise ValueError("pick() needs at least one candidate replica")
+        _require(replicas)
         now = self._clock()
         default, typical = fleet_defaults(replicas)
         costs = [
