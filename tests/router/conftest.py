@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.support.router import RouterHandle, running_router
 from tests.support.sim import SimHandle, running_sims
@@ -22,3 +27,37 @@ async def router(sims: list[SimHandle]) -> AsyncIterator[RouterHandle]:
     """A router over the two simulators, both healthy."""
     async with running_router([s.url for s in sims]) as handle:
         yield handle
+
+
+class FakeReplica(Protocol):
+    """A hand-written stand-in for one vLLM endpoint; ``release`` frees requests it holds."""
+
+    release: asyncio.Event
+
+    def app(self) -> web.Application: ...
+
+
+ServeFake = Callable[[FakeReplica], Awaitable[str]]
+
+
+@pytest.fixture
+async def serve_fake() -> AsyncIterator[ServeFake]:
+    """Serve fakes on free ports (returns the base URL); all released and closed at the end."""
+    servers: list[tuple[FakeReplica, TestServer]] = []
+
+    async def serve(fake: FakeReplica) -> str:
+        server = TestServer(fake.app(), host="127.0.0.1")
+        await server.start_server()
+        servers.append((fake, server))
+        return str(server.make_url("")).rstrip("/")
+
+    yield serve
+    for fake, server in servers:
+        fake.release.set()
+        await server.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from router.health import (
     MODELS_REFRESH_EVERY,
@@ -27,6 +26,7 @@ from router.health import (
     record_success,
 )
 from router.state import Breaker, Fleet, ReplicaState
+from tests.router.conftest import ServeFake
 
 POLICY = BreakerPolicy(failure_threshold=3, cooldown_s=5.0, max_cooldown_s=40.0, stable_s=60.0)
 DEADLINE_S = 10.0
@@ -232,26 +232,12 @@ StartFake = Callable[..., Awaitable[tuple[FakeVllm, str]]]
 
 
 @pytest.fixture
-async def start_fake() -> AsyncIterator[StartFake]:
-    servers: list[tuple[FakeVllm, TestServer]] = []
-
+def start_fake(serve_fake: ServeFake) -> StartFake:
     async def start(**kwargs: object) -> tuple[FakeVllm, str]:
         fake = FakeVllm(**kwargs)  # type: ignore[arg-type]
-        server = TestServer(fake.app(), host="127.0.0.1")
-        await server.start_server()
-        servers.append((fake, server))
-        return fake, str(server.make_url("")).rstrip("/")
+        return fake, await serve_fake(fake)
 
-    yield start
-    for fake, server in servers:
-        fake.release.set()
-        await server.close()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
+    return start
 
 
 def refused_url() -> str:

