@@ -12,7 +12,6 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from typing import cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -26,7 +25,6 @@ access_log = logging.getLogger("vllm_fleet.access")
 REQUEST_ID = "X-Request-Id"
 #: A client's request id is reused only if it is short and plain (it lands in logs verbatim).
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_EXCHANGE = "vllm_fleet.exchange"
 
 
 @dataclass(slots=True)
@@ -43,8 +41,11 @@ class Exchange:
     status: int = 0
 
 
+_EXCHANGE = web.RequestKey("vllm_fleet.exchange", Exchange)
+
+
 def exchange_of(request: web.Request) -> Exchange:
-    return cast(Exchange, request[_EXCHANGE])
+    return request[_EXCHANGE]
 
 
 def _request_id(request: web.Request) -> str:

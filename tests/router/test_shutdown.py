@@ -83,7 +83,8 @@ async def _wait_ready(handle: RouterProcess) -> None:
 async def refuses_connections(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # A connect that races the listener's close is reset rather than refused.
         return True
     writer.close()
     return False
