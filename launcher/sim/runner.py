@@ -17,6 +17,10 @@ from launcher.sim.config import SimKnobs
 from launcher.sim.engine import Sequence, SimEngine, TokenEvent
 from launcher.sim.metrics import SimMetrics
 
+#: Lateness (seconds) the cadence absorbs by catching up; a longer stall restarts it.
+#: Several timer ticks, far below any simulated step people configure (5-50 ms).
+STALL_S = 0.005
+
 
 @dataclass
 class Generation:
@@ -102,8 +106,10 @@ class SimRunner:
 
         Steps are scheduled on a fixed cadence (each one ends `duration` after the previous
         one's end), so timer lateness and token hand-off time do not slow the simulated GPU
-        down; after a stall longer than a step the cadence restarts from now instead of
-        bursting to catch up.
+        down. The event loop's timers fire in whole milliseconds, so a step shorter than that
+        always ends late; those steps catch up (the next ones do not sleep) and keep their
+        average rate. Only after a real stall, longer than a step and than `STALL_S`, does
+        the cadence restart from now instead of bursting to catch up.
         """
         engine = self.engine
         cadence: float | None = None
@@ -115,7 +121,7 @@ class SimRunner:
             await self._unhung.wait()
             now = self.now()
             plan = engine.begin_step(now, self.knobs.speed)
-            if cadence is None or now - cadence > plan.duration:
+            if cadence is None or now - cadence > max(plan.duration, STALL_S):
                 cadence = now
             cadence += plan.duration
             try:

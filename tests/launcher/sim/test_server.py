@@ -354,6 +354,25 @@ async def test_speed_knob_changes_the_token_rate() -> None:
     assert slow > 1.5 * nominal
 
 
+async def test_steps_shorter_than_a_timer_tick_keep_their_rate() -> None:
+    """Timers fire in whole milliseconds; 0.1 ms steps must still average 0.1 ms.
+
+    1,000 tokens are 0.1 s of simulated time; sleeping a timer tick per step would take
+    over 1 s (the benchmark's "instant" replicas answered in ~19 ms instead of ~2 ms).
+    """
+    async with running_sim(step_ms=0.1, batch_slowdown=0.0, max_model_len=4096) as sim:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, body = await post(
+            f"{sim.url}/v1/completions", {"model": SIM_MODEL, "prompt": "x", "max_tokens": 1000}
+        )
+        elapsed = loop.time() - started
+    assert status == 200
+    assert body["usage"]["completion_tokens"] == 1000
+    assert elapsed >= 0.1
+    assert elapsed < 0.6
+
+
 async def test_bad_control_is_a_400(sim: SimHandle) -> None:
     status, body = await post(f"{sim.url}/sim/control", {"speed": -1})
     assert status == 400
