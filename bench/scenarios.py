@@ -373,7 +373,8 @@ async def scenario_1(opts: Options) -> Section:
 
 # -- scenario 2 -----------------------------------------------------------------------------
 
-S2_PEERS = ("ours-lb", "ours-cost", "ours-rr", "nginx-lc")
+#: Every load-aware peer (round robin cannot react to a speed change; scenario 1 shows it).
+S2_PEERS = ("ours-cost", "ours-lb", "nginx-lc", "haproxy-lc", "vllm-ca", "sglang-ca")
 S2_QUICK = ("ours-lb", "ours-rr")
 
 
@@ -565,7 +566,7 @@ async def scenario_4(opts: Options) -> Section:
 # -- scenario 5 -----------------------------------------------------------------------------
 
 S5_PEERS = (
-    "direct-rr", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-rr", "vllm-p2",
+    "direct-rr", "ours-cost", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-rr", "vllm-p2",
     "sglang-rr", "sglang-ca",
 )  # fmt: skip
 S5_QUICK = ("direct-rr", "ours-lb", "nginx-lc")
@@ -899,9 +900,9 @@ def finish(section: Section) -> Section:
 HEADLINE_ROUTERS = (
     ("ideal (client JSQ)", "ideal: client-side least-busy, no proxy"),
     ("direct round-robin", "client-side round robin, no proxy"),
+    ("ours cost", "ours, cost (the default)"),
     ("ours least-busy", "ours, least-busy"),
     ("ours round-robin", "ours, round-robin"),
-    ("ours cost", "ours, cost"),
 )
 
 
