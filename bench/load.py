@@ -217,8 +217,10 @@ async def _read_stream(
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
+            # Read on to the end of the body, as the openai client does, so the connection
+            # goes back to the pool instead of being closed (and re-opened per request).
             done = True
-            break
+            continue
         chunk = json.loads(data)
         if "error" in chunk:
             return ttft, content_chunks, f"error event: {str(chunk['error'])[:120]}"

@@ -28,7 +28,7 @@ from bench.load import (
     run_closed_loop,
     run_open_loop,
 )
-from bench.peers import Peer, PeerUnavailable, make_peer
+from bench.peers import OursPeer, Peer, PeerUnavailable, make_peer
 from bench.replicas import (
     TINY_MODEL,
     Fleet,
@@ -662,8 +662,8 @@ def _added(value: float, base: float) -> str:
 
 # -- scenario 6 -----------------------------------------------------------------------------
 
-S6_PEERS = ("ours-lb", "nginx-lc", "haproxy-lc")
-S6_QUICK = ("ours-lb", "nginx-lc")
+S6_PEERS = ("ours-cost", "nginx-lc", "haproxy-lc")
+S6_QUICK = ("ours-cost", "nginx-lc")
 #: Replica that dies (index into HETEROGENEOUS: a full-speed one).
 VICTIM = 1
 
@@ -702,14 +702,24 @@ async def scenario_6(opts: Options) -> Section:
                         await asyncio.sleep(0.05)
 
             task = asyncio.create_task(crash_and_return())
+            sends: list[float] = []
+            watch = (
+                asyncio.create_task(_watch_failed_sends(peer.url, victim.url, t0, sends))
+                if isinstance(peer, OursPeer)
+                else None
+            )
             try:
                 records = await run_open_loop(target, schedule, MODEL, t0=t0)
             finally:
-                if not task.done():
-                    # The run ended before the replica was used again (or before it was back).
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                for pending in (task, watch):
+                    if pending is not None and not pending.done():
+                        # The run ended before the replica was used again (or before it was
+                        # back); the watcher runs until the end.
+                        pending.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await pending
+            if sends:
+                marks["last_dead_send"] = max(sends)
                 if victim.child is None or not victim.child.alive():
                     await victim.start()
             marks["end"] = time.perf_counter() - t0
@@ -752,6 +762,13 @@ async def scenario_6(opts: Options) -> Section:
         ]
         last_dead = (max(tried_dead) - killed) if tried_dead else math.nan
         attributed = any(r.replica for r in run.records)
+        if run.key.startswith("ours"):
+            # Our router's own count of failed attempts on the dead replica (every send
+            # there fails while it is down), polled every 50 ms: no per-request header.
+            attributed = True
+            dead_sends = [t for t in [marks.get("last_dead_send", math.nan)] if t >= killed]
+            tried_dead = [t for t in dead_sends if t < marks.get("back", back_at)]
+            last_dead = (max(tried_dead) - killed) if tried_dead else math.nan
         used_again = marks.get("used_again", math.nan) - marks.get("back", math.nan)
         rows.append(
             [
@@ -775,11 +792,33 @@ async def scenario_6(opts: Options) -> Section:
         '"in flight at crash" are streams cut by the crash (no router can save those without '
         'replaying them). "sent after crash" are requests the client saw fail although they '
         'were sent after the crash: those a router could have routed elsewhere. "last send to '
-        "dead replica\" needs per-request attribution (nginx's `$upstream_addr` lists every "
-        "upstream it tried; HAProxy and ours name the one that answered); the Rust routers give "
-        'none. "back in use" is from the restarted replica\'s own counter, polled every 50 ms.'
+        "dead replica\" needs attribution: nginx's `$upstream_addr` lists every upstream it "
+        "tried, HAProxy names the one that answered, ours is read from the router's own "
+        "`vllm_fleet_upstream_failures_total{replica=...}` (polled every 50 ms, so within "
+        '50 ms); the Rust routers give none. "back in use" is from the restarted replica\'s '
+        "own counter, polled every 50 ms."
     )
     return section
+
+
+async def _watch_failed_sends(router: str, replica: str, t0: float, sends: list[float]) -> None:
+    """Append the time of every poll that saw the router's failed attempts on `replica` grow."""
+    name = "vllm_fleet_upstream_failures_total"
+    last = 0.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(f"{router}/metrics") as response:
+                    text = await response.text()
+                total = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith(name) and f'replica="{replica}"' in line
+                )
+                if total > last:
+                    sends.append(time.perf_counter() - t0)
+                    last = total
+            await asyncio.sleep(0.05)
 
 
 def _tried(label: str, urls: Sequence[str], index: int) -> bool:

@@ -372,6 +372,7 @@ async def send_once(
 
 def _note_failure(ctx: RouterContext, replica: ReplicaState, failure: UpstreamFailure) -> None:
     ejected = record_failure(replica, time.monotonic(), ctx.breaker, refused=failure.refused)
+    ctx.telemetry.observe_failure(replica.url, failure.reason)
     log.warning(
         "upstream failed replica=%s reason=%s detail=%s ejected=%s",
         replica.url,

@@ -111,6 +111,13 @@ class Telemetry:
             ["reason"],
             registry=self.registry,
         )
+        self.upstream_failures = Counter(
+            "vllm_fleet_upstream_failures",
+            "Attempts on a replica that failed (refused, reset, 5xx, timeout to first byte), "
+            "by replica and reason: which replica is failing, and until when",
+            ["replica", "reason"],
+            registry=self.registry,
+        )
         self.stream_errors = Counter(
             "vllm_fleet_stream_errors",
             "Streams cut by an upstream failure after bytes reached the client",
@@ -145,6 +152,9 @@ class Telemetry:
         latency.observe(elapsed)
         if status == CLIENT_CLOSED:
             self.client_disconnects.inc()
+
+    def observe_failure(self, replica: str, reason: str) -> None:
+        self.upstream_failures.labels(replica, reason).inc()
 
     def observe_first_byte(self, replica: str, elapsed: float) -> None:
         ttfb = self._ttfb_by.get(replica)

@@ -94,6 +94,9 @@ async def test_retries_and_ejections_after_a_replica_dies(sims: list[SimHandle])
                 await client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=1)
         samples = await scrape(router.url)
     assert value(samples, "vllm_fleet_retries_total", reason="connect") == 1
+    failures = "vllm_fleet_upstream_failures_total"
+    assert value(samples, failures, replica=dead.url, reason="connect") == 1
+    assert value(samples, failures, replica=alive.url, reason="connect") == 0
     assert value(samples, "vllm_fleet_ejections_total", replica=dead.url) == 1
     assert value(samples, "vllm_fleet_replica_healthy", replica=dead.url) == 0
     assert value(samples, "vllm_fleet_replica_healthy", replica=alive.url) == 1
