@@ -130,7 +130,7 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if length is not None and length > limit:
         raise _too_large(limit)
     try:
-        return await asyncio.wait_for(request.read(), timeout_s)
+        return await _read_bounded(request.read(), timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
     except asyncio.TimeoutError:
@@ -296,7 +296,7 @@ async def _exchange(
 async def _read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:
     """``await read`` for at most ``idle_s`` seconds (asyncio.TimeoutError after).
 
-    The session's sock_read timeout should already bound every read, but aiohttp's C parser
+    Used for client bodies (--body-timeout) and upstream bodies. For the latter, the session's sock_read timeout should already bound every read, but aiohttp's C parser
     drops it when a replica breaks the chunked framing in the middle of a body: the parser
     error closes the connection without failing the body's reader, so the read would wait
     forever (tests/chaos/test_network_faults.py). This timer does not depend on the parser.
