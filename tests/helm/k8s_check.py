@@ -84,6 +84,14 @@ def check_servicemonitor(obj: Obj, version: str) -> None:
     assert endpoints
     for endpoint in endpoints:
         assert isinstance(endpoint.get("port"), str) and endpoint["path"].startswith("/")
+        if "authorization" in endpoint:
+            # SafeAuthorization: a type and a SecretKeySelector in the ServiceMonitor's namespace.
+            auth = endpoint["authorization"]
+            assert set(auth) <= {"type", "credentials"}, auth
+            assert auth.get("type", "Bearer") != "Basic", "use basicAuth for Basic"
+            credentials = _require(auth, "credentials", dict)
+            assert set(credentials) <= {"name", "key", "optional"}, credentials
+            assert _require(credentials, "name", str) and _require(credentials, "key", str)
 
 
 def check_scaledobject(obj: Obj, version: str) -> None:

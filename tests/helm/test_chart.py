@@ -94,6 +94,7 @@ CASES: dict[str, dict[str, Any]] = {
         {
             "hfToken": {"existingSecret": "hf"},
             "apiKeys": {"existingSecret": "client-keys"},
+            "adminApiKeys": {"existingSecret": "admin-keys"},
             "upstreamApiKey": {"existingSecret": "engine-key"},
         }
     ),
@@ -101,7 +102,18 @@ CASES: dict[str, dict[str, Any]] = {
         {
             "hfToken": {"value": "hf_secret_token"},
             "apiKeys": {"keys": ["key-one", "key-two"]},
+            "adminApiKeys": {"keys": ["admin-one", "admin-two"]},
             "upstreamApiKey": {"value": "upstream-secret"},
+        }
+    ),
+    # The router ServiceMonitor scrapes /metrics with the admin key (created, or existing).
+    "admin-key-monitored": with_model(
+        {"serviceMonitor": {"enabled": True}, "adminApiKeys": {"keys": ["admin-only"]}}
+    ),
+    "admin-existing-monitored": with_model(
+        {
+            "serviceMonitor": {"enabled": True},
+            "adminApiKeys": {"existingSecret": "admin-keys", "secretKey": "token"},
         }
     ),
     "network-policy": with_model(
@@ -490,6 +502,7 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, Rendere
     assert _secret_ref(engine, "HF_TOKEN") == ("hf", "HF_TOKEN")
     assert _secret_ref(engine, "VLLM_API_KEY") == ("engine-key", "upstream-api-key")
     assert _secret_ref(router, "FLEET_API_KEYS") == ("client-keys", "api-keys")
+    assert _secret_ref(router, "FLEET_ADMIN_API_KEYS") == ("admin-keys", "admin-api-keys")
     assert _secret_ref(router, "FLEET_UPSTREAM_API_KEY") == ("engine-key", "upstream-api-key")
 
 
@@ -506,13 +519,16 @@ def test_created_secrets_hold_the_values_and_pods_only_reference_them(
     assert secrets[hf_name][hf_key] == "hf_secret_token"
     keys_name, keys_key = _secret_ref(router, "FLEET_API_KEYS")
     assert secrets[keys_name][keys_key] == "key-one,key-two"
+    admin_name, admin_key = _secret_ref(router, "FLEET_ADMIN_API_KEYS")
+    assert admin_name == "fleet-vllm-fleet-admin-api-keys" != keys_name
+    assert secrets[admin_name] == {admin_key: "admin-one,admin-two"}
     up_name, up_key = _secret_ref(router, "FLEET_UPSTREAM_API_KEY")
     assert _secret_ref(engine, "VLLM_API_KEY") == (up_name, up_key)
     assert secrets[up_name][up_key] == "upstream-secret"
     for obj in out.objects:
         if obj["kind"] != "Secret":
             text = repr(obj)
-            for value in ("hf_secret_token", "key-one", "upstream-secret"):
+            for value in ("hf_secret_token", "key-one", "admin-one", "upstream-secret"):
                 assert value not in text, f"{obj['kind']} carries a secret in plain text"
 
 
@@ -520,7 +536,8 @@ def test_without_secrets_no_auth_env_is_set(rendered: dict[str, Rendered]) -> No
     out = rendered["defaults"]
     assert out.of_kind("Secret") == []
     assert not {"HF_TOKEN", "VLLM_API_KEY"} & set(env_of(serving_engine_container(out)))
-    assert not {"FLEET_API_KEYS", "FLEET_UPSTREAM_API_KEY"} & set(env_of(router_container(out)))
+    router_env = set(env_of(router_container(out)))
+    assert not {"FLEET_API_KEYS", "FLEET_ADMIN_API_KEYS", "FLEET_UPSTREAM_API_KEY"} & router_env
 
 
 # -- multi-node -------------------------------------------------------------------------------
@@ -609,6 +626,61 @@ def test_service_monitors_scrape_router_and_engines(rendered: dict[str, Rendered
     )
 
 
+@pytest.mark.parametrize(
+    ("case", "credentials"),
+    [
+        ("monitoring-keda", None),
+        (
+            "admin-key-monitored",
+            {"name": "fleet-vllm-fleet-admin-api-keys", "key": "admin-api-keys"},
+        ),
+        ("admin-existing-monitored", {"name": "admin-keys", "key": "token"}),
+    ],
+)
+def test_router_service_monitor_sends_the_admin_key_only_when_set(
+    rendered: dict[str, Rendered], case: str, credentials: dict[str, str] | None
+) -> None:
+    """With admin keys the router's /metrics refuses anonymous scrapes, so the ServiceMonitor
+    carries the very Secret the router reads; vLLM's own /metrics stays open."""
+    out = rendered[case]
+    monitors = {_component(m): m for m in out.of_kind("ServiceMonitor")}
+    (router_endpoint,) = monitors["router"]["spec"]["endpoints"]
+    (engine_endpoint,) = monitors["engine"]["spec"]["endpoints"]
+    assert "authorization" not in engine_endpoint
+    env = env_of(router_container(out))
+    if credentials is None:
+        assert "authorization" not in router_endpoint
+        assert "FLEET_ADMIN_API_KEYS" not in env
+        return
+    expected = {"type": "Bearer", "credentials": credentials}
+    assert router_endpoint["authorization"] == expected
+    ref = _secret_ref(router_container(out), "FLEET_ADMIN_API_KEYS")
+    assert ref == (credentials["name"], credentials["key"])
+    created = {s["metadata"]["name"]: s for s in out.of_kind("Secret")}
+    if case == "admin-key-monitored":
+        # The whole value is the token Prometheus sends: it must be exactly one admin key.
+        data = created[credentials["name"]]["data"]
+        assert base64.b64decode(data[credentials["key"]]).decode() == "admin-only"
+    else:
+        assert credentials["name"] not in created
+
+
+def test_several_created_admin_keys_with_the_service_monitor_are_refused(
+    chart: helm.Chart,
+) -> None:
+    monitored = {"serviceMonitor": {"enabled": True}}
+    keys = {"keys": ["admin-one", "admin-two"]}
+    with pytest.raises(helm.HelmRenderError) as caught:
+        render(chart, with_model({**monitored, "adminApiKeys": keys}))
+    (line,) = [ln for ln in str(caught.value).splitlines() if "adminApiKeys.keys" in ln]
+    assert "single admin key while serviceMonitor.enabled" in line
+    assert "adminApiKeys.existingSecret holding one key" in line
+    # An existing Secret wins over `keys`: then the chart creates nothing and renders.
+    existing = {**keys, "existingSecret": "admin-keys"}
+    out = render(chart, with_model({**monitored, "adminApiKeys": existing}))
+    assert out.of_kind("Secret") == []
+
+
 def test_hpa_and_keda_together_are_refused(chart: helm.Chart) -> None:
     both = with_model({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}})
     message = "enable at most one of autoscaling.hpa and autoscaling.keda"
@@ -687,3 +759,21 @@ def test_notes_tell_how_to_reach_the_endpoint(rendered: dict[str, Rendered]) -> 
     assert "curl http://llm.example.com/v1/chat/completions" in rendered["gateway"].notes
     assert "curl http://<EXTERNAL-IP>:8000/v1/" in rendered["load-balancer"].notes
     assert "Authorization: Bearer" in rendered["created-secrets"].notes
+
+
+@pytest.mark.parametrize(
+    ("case", "secret"),
+    [
+        ("defaults", None),
+        ("created-secrets", "fleet-vllm-fleet-admin-api-keys (key admin-api-keys)"),
+        ("admin-existing-monitored", "admin-keys (key token)"),
+    ],
+)
+def test_notes_name_the_admin_key_when_set(
+    rendered: dict[str, Rendered], case: str, secret: str | None
+) -> None:
+    notes = rendered[case].notes
+    if secret is None:
+        assert "admin key" not in notes
+    else:
+        assert f"/fleet/* and /metrics need an admin key from Secret {secret}." in notes

@@ -146,6 +146,14 @@ Secret name, or nothing when the feature is off.
 {{- end }}
 {{- end }}
 
+{{- define "vllm-fleet.adminApiKeys.secretName" -}}
+{{- if .Values.adminApiKeys.existingSecret }}
+{{- .Values.adminApiKeys.existingSecret }}
+{{- else if .Values.adminApiKeys.keys }}
+{{- include "vllm-fleet.partName" (list . "admin-api-keys") }}
+{{- end }}
+{{- end }}
+
 {{- define "vllm-fleet.upstreamApiKey.secretName" -}}
 {{- if .Values.upstreamApiKey.existingSecret }}
 {{- .Values.upstreamApiKey.existingSecret }}
