@@ -794,9 +794,9 @@ async def scenario_6(opts: Options) -> Section:
         'were sent after the crash: those a router could have routed elsewhere. "last send to '
         "dead replica\" needs attribution: nginx's `$upstream_addr` lists every upstream it "
         "tried, HAProxy names the one that answered, ours is read from the router's own "
-        "`vllm_fleet_upstream_failures_total{replica=...}` (polled every 50 ms, so within "
-        '50 ms); the Rust routers give none. "back in use" is from the restarted replica\'s '
-        "own counter, polled every 50 ms."
+        "`vllm_fleet_upstream_failures_total{replica=...}` (its last increase: a send there "
+        "or a stream cut by the crash; polled every 50 ms); the Rust routers give none. "
+        '"back in use" is from the restarted replica\'s own counter, polled every 50 ms.'
     )
     return section
 
