@@ -327,8 +327,8 @@ def setting_text(mix: RequestMix, fleet: Sequence[SimSettings]) -> str:
 # -- scenario 1 -----------------------------------------------------------------------------
 
 S1_PEERS = (
-    "ideal", "direct-rr", "ours-lb", "ours-cost", "ours-rr", "nginx-lc", "nginx-rr", "haproxy-lc",
-    "haproxy-rr", "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
+    "ideal", "direct-rr", "ours-cost", "ours-lb", "ours-rr", "nginx-lc", "nginx-rr", "haproxy-lc",
+    "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
 )  # fmt: skip
 S1_QUICK = ("ideal", "ours-lb", "ours-rr", "nginx-lc")
 
@@ -480,7 +480,8 @@ async def scenario_2(opts: Options) -> Section:
 
 # -- scenario 3 -----------------------------------------------------------------------------
 
-S3_PEERS = ("ours-lb", "ours-cost", "ours-rr")
+#: The target is "no worse than the least-busy ideal": the ideal runs the same traffic.
+S3_PEERS = ("ideal", "ours-cost", "ours-lb")
 S3_QUICK = ("ours-lb", "ours-rr")
 
 
@@ -504,7 +505,8 @@ async def scenario_3(opts: Options) -> Section:
 
 # -- scenario 4 -----------------------------------------------------------------------------
 
-S4_PEERS = ("ideal", "ours-lb", "ours-rr")
+#: The ideal, our default policy and a blind one (scenario 1 shows every router at 70%).
+S4_PEERS = ("ideal", "ours-cost", "ours-rr")
 S4_QUICK = ("ours-lb", "ours-rr")
 S4_LOADS = (0.4, LOAD, 0.95)
 S4_LOADS_QUICK = (0.5, 0.9)
