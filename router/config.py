@@ -43,7 +43,8 @@ class RouterConfig:
     #: Key the router sends to the replicas (vLLM ``--api-key``); None = send none.
     upstream_api_key: str | None = field(default=None, repr=False)
     #: Balancing policy (router.balancer.POLICIES). "cost" beat "least-busy" in the benchmark:
-    #: mean x0.94 and p99 x0.66 of the least-busy ideal against x1.01 and x0.99 (scenario 1).
+    #: mean x0.96 and p99 x0.63 of the least-busy ideal against x1.00 and x0.97 (scenario 1,
+    #: docs/benchmarks.md).
     policy: str = "cost"
     max_body_bytes: int = 32 * 1024 * 1024
     #: Longest a client may take to send its request body (408 after): a client trickling a

@@ -296,10 +296,11 @@ async def _exchange(
 async def _read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:
     """``await read`` for at most ``idle_s`` seconds (asyncio.TimeoutError after).
 
-    Used for client bodies (--body-timeout) and upstream bodies. For the latter, the session's sock_read timeout should already bound every read, but aiohttp's C parser
-    drops it when a replica breaks the chunked framing in the middle of a body: the parser
-    error closes the connection without failing the body's reader, so the read would wait
-    forever (tests/chaos/test_network_faults.py). This timer does not depend on the parser.
+    Used for client bodies (--body-timeout) and upstream bodies. For the latter, the
+    session's sock_read timeout should already bound every read, but aiohttp's C parser drops
+    it when a replica breaks the chunked framing in the middle of a body: the parser error
+    closes the connection without failing the body's reader, so the read would wait forever
+    (tests/chaos/test_network_faults.py). This timer does not depend on the parser.
     """
     if sys.version_info < (3, 11):  # no asyncio.timeout yet; wait_for costs a task per read
         return await asyncio.wait_for(read, idle_s)
