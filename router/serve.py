@@ -4,12 +4,14 @@ SIGTERM (or SIGINT) closes the listening socket at once, so new connections are 
 load balancer moves on, while requests and streams already running get up to
 --shutdown-grace seconds to finish; whatever is still running then is cut and the process
 exits 0. aiohttp's runner implements exactly this sequence; we configure it and mark the app
-as draining so /ready turns 503 during the grace period.
+as draining so /ready turns 503 during the grace period. The loop around it is
+``web.run_app``'s, with router.protocol_errors.RouterRunner in place of the AppRunner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib
 import logging
@@ -21,6 +23,7 @@ from router.app import make_app
 from router.config import RouterConfig
 from router.errors import ConfigError
 from router.logs import configure_logging
+from router.protocol_errors import RouterRunner
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -53,20 +56,48 @@ def server_options(config: RouterConfig) -> dict[str, Any]:
     }
 
 
+async def _run(app: web.Application, config: RouterConfig) -> None:
+    """Listen until cancelled, then shut down gracefully (what ``web.run_app`` does, with
+    RouterRunner so that unparseable requests get an OpenAI-style body too)."""
+    runner = RouterRunner(app, handle_signals=True, **server_options(config))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        log.info("router listening host=%s port=%d", config.host, config.port)
+        await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
+    finally:
+        await runner.cleanup()  # stop listening, drain for --shutdown-grace, close
+
+
+def _run_until_signal(app: web.Application, config: RouterConfig) -> None:
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_run(app, config))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():
+                main.cancel()  # runs _run's cleanup: the graceful shutdown
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            rest = asyncio.all_tasks(loop)
+            for task in rest:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
 def serve(config: RouterConfig) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(config.log_level, config.log_format)
     app = make_app(config)
-    log.info("router listening host=%s port=%d", config.host, config.port)
     try:
-        web.run_app(
-            app,
-            host=config.host,
-            port=config.port,
-            print=None,
-            loop=new_event_loop(),
-            **server_options(config),
-        )
+        _run_until_signal(app, config)
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise ConfigError(

@@ -28,6 +28,7 @@ from aiohttp.typedefs import Handler
 from launcher.sim.server import make_sim_app
 from router.app import SOURCES, make_app
 from router.config import RouterConfig
+from router.protocol_errors import RouterRunner
 from router.serve import server_options
 from tests.support.router import FAST, RouterHandle
 from tests.support.sim import HEALTH_DEADLINE_S, SimHandle, sim_config, wait_healthy
@@ -241,7 +242,7 @@ async def serving(
 ) -> AsyncIterator[RouterHandle]:
     """Serve an app from ``make_app`` like tests.support.router.running_router, without waiting
     for replicas (the tests here decide what "ready" means)."""
-    runner = web.AppRunner(app, **{**server_options(config), **runner_options})
+    runner = RouterRunner(app, **{**server_options(config), **runner_options})
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

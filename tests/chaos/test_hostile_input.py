@@ -180,16 +180,14 @@ def check_answer(served: Served, answer: Answer, *, allow_ok: bool, head: bool =
     assert not TRACEBACK.search(answer.raw), answer.raw[:500]
     assert served.internal not in answer.raw, answer.raw[:500]
     if answer.status >= 400:
-        if answer.headers.get("content-type", "").startswith("application/json"):
-            assert head or is_openai_error(answer.body), answer.raw[:500]  # HEAD: no body
-            served.tally["openai_error"] = served.tally.get("openai_error", 0) + 1
-        else:
-            # Only aiohttp itself answers otherwise, before the router's middleware runs: its
-            # HTTP parser (400 for bytes that are not HTTP) and its Expect handler (417 for an
-            # Expect other than 100-continue). Known, reported in docs/reliability.md.
-            assert answer.status in (400, 417), answer.raw[:500]
-            kind = f"aiohttp_text_{answer.status}"
-            served.tally[kind] = served.tally.get(kind, 0) + 1
+        # Every error, including bytes aiohttp's parser rejects before the app runs
+        # (router.protocol_errors), is an OpenAI-style JSON body.
+        assert answer.headers.get("content-type", "").startswith("application/json"), answer.raw[
+            :500
+        ]
+        assert head or is_openai_error(answer.body), answer.raw[:500]  # HEAD: no body
+        kind = f"openai_error_{answer.status}"
+        served.tally[kind] = served.tally.get(kind, 0) + 1
     for seen in served.recorder.requests:
         assert seen.method == "POST", seen
         path = seen.path_qs.split("?", 1)[0]
@@ -380,10 +378,11 @@ def test_missing_or_wrong_keys_are_401_everywhere_protected(
     except UnicodeEncodeError:
         return  # not sendable as an HTTP/1.1 header
     answer = exchange(locked_router.port, raw)
-    if answer.status == 400 and not answer.headers.get("content-type", "").startswith(
-        "application/json"
-    ):
-        return  # not a valid header at all: refused by the HTTP parser
+    if answer.status == 400:
+        # Not a valid header at all: refused by the HTTP parser (router.protocol_errors).
+        assert is_openai_error(answer.body), answer.raw[:300]
+        assert json.loads(answer.body)["error"]["code"] == "bad_request"
+        return
     assert answer.status == 401, answer.raw[:300]
     assert is_openai_error(answer.body)
     assert answer.headers.get("www-authenticate") == "Bearer"

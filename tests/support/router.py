@@ -27,6 +27,7 @@ from openai import AsyncOpenAI
 from router.app import make_app
 from router.config import RouterConfig
 from router.context import ROUTER, RouterContext
+from router.protocol_errors import RouterRunner
 from router.serve import server_options
 from router.state import Fleet
 
@@ -91,7 +92,7 @@ async def running_router(
     (default: all of them). ``overrides`` are RouterConfig fields."""
     config = RouterConfig(backends=tuple(backends), **{**FAST, **overrides})
     app = make_app(config)
-    runner = web.AppRunner(app, **server_options(config))
+    runner = RouterRunner(app, **server_options(config))
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
