@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -146,3 +147,20 @@ async def test_the_grace_period_bounds_the_wait() -> None:
         (access,) = [entry for entry in lines if entry["logger"] == "vllm_fleet.access"]
         assert access["status"] == 499  # cut by the end of the grace period
         assert access["replica"] == sim.url
+
+
+def test_a_port_in_use_is_one_line_naming_the_flag() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--backend", "http://127.0.0.1:9"]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        result = subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "--port" in line]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0], result.stderr
