@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -68,13 +67,6 @@ def require_images(client: docker.DockerClient, *images: str) -> None:
             client.images.get(image)
         except docker.errors.ImageNotFound:
             pytest.fail(f"image {image} is missing: run `bash compose/build-images.sh`")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def unique_name(prefix: str) -> str:

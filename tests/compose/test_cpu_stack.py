@@ -28,13 +28,13 @@ from tests.compose.support import (
     container_ip,
     crash,
     docker_client,
-    free_port,
     get_json,
     leftovers,
     poll,
     require_images,
     unique_name,
 )
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

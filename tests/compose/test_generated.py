@@ -16,13 +16,13 @@ from tests.compose.support import (
     ComposeProject,
     compose_up,
     docker_client,
-    free_port,
     get_json,
     leftovers,
     poll,
     require_images,
     unique_name,
 )
+from tests.support.ports import free_port
 
 
 def test_generated_sim_fleet_serves_through_its_router(tmp_path: Path) -> None:

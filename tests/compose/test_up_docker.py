@@ -43,12 +43,11 @@ from tests.compose.support import (
     ROUTER_IMAGE,
     TINY_MODEL,
     docker_client,
-    free_port,
     get_json,
     poll,
     require_images,
 )
-from tests.e2e.support import free_port_run
+from tests.support.ports import free_port, free_port_run
 
 pytestmark = pytest.mark.e2e
 

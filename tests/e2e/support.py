@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from launcher.runtime.process import stop_process_group
 from launcher.tiny_model import SERVED_MODEL_NAME
 from launcher.vllm_cpu import cpu_engine_env, cpu_server_args, cpu_server_command
+from tests.support.ports import free_port
 
 MODEL = SERVED_MODEL_NAME
 #: vLLM on 2 busy cores: ~20 s alone, ~35 s for two at once, ~100 s seen under heavy load.
@@ -51,31 +51,6 @@ def vllm_python() -> str:
             pytrace=False,
         )
     return python
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def free_port_run(count: int, attempts: int = 50) -> int:
-    """First of `count` consecutive free ports (the launcher numbers replicas from a base)."""
-    for _ in range(attempts):
-        base = free_port()
-        if base + count <= 65536 and all(_port_free(base + i) for i in range(1, count)):
-            return base
-    raise AssertionError(f"no {count} consecutive free ports in {attempts} attempts")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 @dataclass

@@ -23,15 +23,8 @@ from openai import AsyncOpenAI
 from launcher.commands.demo import engine_only_args
 from launcher.runtime.process import group_members, process_alive, stop_process_group
 from launcher.vllm_cpu import cpu_engine_env, cpu_server_args
-from tests.e2e.support import (
-    MODEL,
-    STOP_TIMEOUT_S,
-    VLLM_READY_DEADLINE_S,
-    free_port,
-    free_port_run,
-    http_get,
-    wait_until,
-)
+from tests.e2e.support import MODEL, STOP_TIMEOUT_S, VLLM_READY_DEADLINE_S, http_get, wait_until
+from tests.support.ports import free_port, free_port_run
 
 pytestmark = pytest.mark.e2e
 

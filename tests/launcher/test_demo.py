@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from tests.launcher.test_up_command import free_base_port
-from tests.support.sim import REPO_ROOT, free_port
+from tests.support.ports import free_port, free_port_run
+from tests.support.sim import REPO_ROOT
 
 
 def processes_with(text: str) -> list[int]:
@@ -33,7 +33,7 @@ def processes_with(text: str) -> list[int]:
 
 
 def test_sim_demo_smoke_answers_and_leaves_nothing_running(tmp_path: Path) -> None:
-    router_port, base_port = free_port(), free_base_port(2)
+    router_port, base_port = free_port(), free_port_run(2)
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "launcher.cli", "demo", "--engine", "sim", "--smoke",

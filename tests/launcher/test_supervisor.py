@@ -23,7 +23,8 @@ from launcher.supervisor import (
     UnitState,
     backoff_delay,
 )
-from tests.support.sim import SIM_MODEL, free_port, post_control
+from tests.support.ports import free_port
+from tests.support.sim import SIM_MODEL, post_control
 
 DEADLINE_S = 20.0
 

@@ -24,7 +24,8 @@ from launcher.config import FleetConfig, from_mapping
 from launcher.fleet import SIM_ENGINE_IMAGE, docker_image_environ, make_runtime
 from launcher.rundir import FleetState, RunDir, UnitRecord
 from launcher.runtime.process import ProcessRuntime, group_members, process_alive
-from tests.support.sim import REPO_ROOT, free_port
+from tests.support.ports import free_port, free_port_run
+from tests.support.sim import REPO_ROOT
 
 DEADLINE_S = 30.0
 
@@ -69,23 +70,6 @@ def fleet_yaml(tmp_path: Path, router_port: int, base_port: int, **extra: str) -
     return path
 
 
-def free_base_port(count: int) -> int:
-    """``count`` consecutive ports that are free right now."""
-    for _ in range(50):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no run of free ports")
-
-
 def kill_everything(pids: set[int]) -> None:
     for pid in pids:
         if group_members(pid):
@@ -121,7 +105,7 @@ class Fleet:
 @pytest.fixture
 def fleet_files(tmp_path: Path) -> Iterator[Fleet]:
     router_port = free_port()
-    config = fleet_yaml(tmp_path, router_port, free_base_port(2))
+    config = fleet_yaml(tmp_path, router_port, free_port_run(2))
     fleet = Fleet(RunDir(tmp_path / "run"), router_port, config, set())
     try:
         yield fleet

@@ -20,7 +20,8 @@ import aiohttp
 import openai
 import pytest
 
-from tests.support.sim import REPO_ROOT, SIM_MODEL, free_port, running_sim
+from tests.support.ports import free_port
+from tests.support.sim import REPO_ROOT, SIM_MODEL, running_sim
 
 pytestmark = pytest.mark.timeout(60)
 

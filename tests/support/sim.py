@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from prometheus_client.samples import Sample
 from launcher.sim.config import SimConfig
 from launcher.sim.engine import EngineStats, SimEngine
 from launcher.sim.server import SIM_STATE, SimState, make_sim_app
+from tests.support.ports import free_port
 
 #: Default model name of test simulators.
 SIM_MODEL = "sim-model"
@@ -84,14 +84,6 @@ def metric_value(samples: list[Sample], name: str, **labels: str) -> float:
         for sample in samples
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1 (for servers that cannot bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def wait_healthy(url: str, deadline_s: float = HEALTH_DEADLINE_S) -> None:

@@ -40,7 +40,8 @@ from launcher.runtime.docker import (
 from launcher.runtime.process import ProcessRuntime
 from launcher.supervisor import Supervisor, SupervisorSettings, UnitState, units_for
 from router.errors import ConfigError
-from tests.compose.support import ROUTER_IMAGE, docker_client, free_port, poll, require_images
+from tests.compose.support import ROUTER_IMAGE, docker_client, poll, require_images
+from tests.support.ports import free_port
 
 VLLM = ("/opt/venv/bin/python3.11", "-m", "vllm.entrypoints.openai.api_server")
 
