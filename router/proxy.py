@@ -130,6 +130,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if length is not None and length > limit:
         raise _too_large(limit)
     try:
+        if request.content.is_eof():  # the body came whole with the headers: no wait, no timer
+            return await request.read()
         return await _read_bounded(request.read(), timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
