@@ -25,13 +25,12 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from launcher.sim.server import make_sim_app
 from router.app import SOURCES, make_app
 from router.config import RouterConfig
 from router.protocol_errors import RouterRunner
 from router.serve import server_options
 from tests.support.router import FAST, RouterHandle
-from tests.support.sim import HEALTH_DEADLINE_S, SimHandle, sim_config, wait_healthy
+from tests.support.sim import SimHandle, running_sim
 
 #: Figures gathered by the tests of this session, by test name (see pytest_sessionfinish).
 FIGURES: dict[str, dict[str, Any]] = {}
@@ -130,26 +129,12 @@ async def recording_sim(
 ) -> AsyncIterator[SimHandle]:
     """``tests.support.sim.running_sim`` plus a middleware that records request ids; ``host``
     may be any loopback address (DNS tests put several replicas on one port)."""
-    config = sim_config(**config_overrides)
-    app = make_sim_app(config)
     tag = f"sim{len(receptions.tags) + len(receptions.crashed)}"
-    receptions.attach(app, tag)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    handle: SimHandle | None = None
-    try:
-        site = web.TCPSite(runner, host, config.port)
-        await site.start()
-        port = runner.addresses[0][1]
-        handle = SimHandle(f"http://{host}:{port}", config, app, runner)
+    async with running_sim(
+        host=host, prepare=lambda app: receptions.attach(app, tag), **config_overrides
+    ) as handle:
         receptions.tags[handle.url] = tag
-        await wait_healthy(handle.url, HEALTH_DEADLINE_S)
         yield handle
-    finally:
-        if handle is not None:
-            await handle.stop()
-        else:
-            await runner.cleanup()
 
 
 # -- fake replicas -------------------------------------------------------------------------------

@@ -183,23 +183,31 @@ def sim_config(**overrides: Any) -> SimConfig:
 
 
 @asynccontextmanager
-async def running_sim(**config_overrides: Any) -> AsyncIterator[SimHandle]:
+async def running_sim(
+    *,
+    host: str = "127.0.0.1",
+    prepare: Callable[[web.Application], None] | None = None,
+    **config_overrides: Any,
+) -> AsyncIterator[SimHandle]:
     """Start a simulator in-process on a free port, wait until healthy, always clean up.
 
     `config_overrides` are SimConfig fields (max_num_seqs=4, step_ms=2, startup_delay=...).
     With a `startup_delay`, the handle is yielded once the delay is over. Pass `port=old.port`
-    to bring a stopped simulator back on the same address (a replica that recovers).
+    to bring a stopped simulator back on the same address (a replica that recovers). `host`
+    may be any loopback address; `prepare` may add middlewares or signals to the app.
     """
     config = sim_config(**config_overrides)
     app = make_sim_app(config)
+    if prepare is not None:
+        prepare(app)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     handle: SimHandle | None = None
     try:
-        site = web.TCPSite(runner, "127.0.0.1", config.port)
+        site = web.TCPSite(runner, host, config.port)
         await site.start()
         port = _bound_port(runner)
-        handle = SimHandle(f"http://127.0.0.1:{port}", config, app, runner)
+        handle = SimHandle(f"http://{host}:{port}", config, app, runner)
         await wait_healthy(handle.url, HEALTH_DEADLINE_S + config.startup_delay)
         yield handle
     finally:
