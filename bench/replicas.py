@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -234,15 +235,21 @@ class VllmFleet:
             await asyncio.sleep(0.2)
 
 
-def metric_sum(text: str, names: tuple[str, ...]) -> float:
-    """Sum of every sample of the metric families `names` in a Prometheus text exposition.
+def metric_sum(text: str, names: tuple[str, ...], labels: Mapping[str, str] | None = None) -> float:
+    """Sum of every sample of the metric families `names` in a Prometheus text exposition,
+    only those carrying all of `labels` when given.
 
     Counters count from the family name (prometheus_client strips `_total`).
     """
+    want = dict(labels or {}).items()
     total = 0.0
     for family in text_string_to_metric_families(text):
         if family.name in names:
-            total += sum(s.value for s in family.samples if not s.name.endswith("_created"))
+            total += sum(
+                s.value
+                for s in family.samples
+                if not s.name.endswith("_created") and want <= s.labels.items()
+            )
     return total
 
 

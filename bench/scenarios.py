@@ -37,6 +37,7 @@ from bench.replicas import (
     VllmFleet,
     VllmReplica,
     find_vllm_python,
+    metric_sum,
 )
 from bench.stats import (
     Summary,
@@ -805,18 +806,13 @@ async def scenario_6(opts: Options) -> Section:
 
 async def _watch_failed_sends(router: str, replica: str, t0: float, sends: list[float]) -> None:
     """Append the time of every poll that saw the router's failed attempts on `replica` grow."""
-    name = "vllm_fleet_upstream_failures_total"
     last = 0.0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with session.get(f"{router}/metrics") as response:
                     text = await response.text()
-                total = sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in text.splitlines()
-                    if line.startswith(name) and f'replica="{replica}"' in line
-                )
+                total = metric_sum(text, ("vllm_fleet_upstream_failures",), {"replica": replica})
                 if total > last:
                     sends.append(time.perf_counter() - t0)
                     last = total
