@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
-import docker
-import docker.errors
 import yaml
 
 from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
@@ -37,7 +35,7 @@ from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_ru
 from launcher.plan import Plan, ReplicaSpec
 from launcher.planner import PlanOptions, plan
 from launcher.rundir import FleetState, RunDir, UnitRecord, atomic_write_text
-from launcher.runtime.docker import fleet_name_for, remove_fleet_containers
+from launcher.runtime.docker import docker_client, fleet_name_for, remove_fleet_containers
 from launcher.runtime.process import (
     group_members,
     process_alive,
@@ -496,15 +494,13 @@ def run_down(args: argparse.Namespace) -> int:
 def _remove_containers(run_dir: RunDir, timeout: float) -> list[str]:
     """Every container labelled with this run directory's fleet: none after an orderly stop,
     whatever a killed supervisor left otherwise."""
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise ConfigError(
-            f"--run-dir {run_dir.path}: its fleet runs in Docker containers, but the daemon is "
-            f"unreachable ({exc}); start dockerd (check DOCKER_HOST) and run `vllm-fleet down` "
-            "again"
-        ) from None
+    client = docker_client(
+        lambda exc: (
+            f"--run-dir {run_dir.path}: its fleet runs in Docker containers, but the "
+            f"daemon is unreachable ({exc}); start dockerd (check DOCKER_HOST) and run "
+            "`vllm-fleet down` again"
+        )
+    )
     return remove_fleet_containers(fleet_name_for(run_dir.path), client=client, timeout=timeout)
 
 

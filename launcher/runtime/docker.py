@@ -196,15 +196,22 @@ def container_config(
     )
 
 
-def docker_client() -> docker.DockerClient:
+def _runtime_unreachable(exc: Exception) -> str:
+    return (
+        f"--runtime docker: cannot reach the Docker daemon ({exc}); start dockerd (and "
+        "check DOCKER_HOST), or use --runtime process"
+    )
+
+
+def docker_client(
+    unreachable: Callable[[Exception], str] = _runtime_unreachable,
+) -> docker.DockerClient:
+    """A client to a daemon that answers; ConfigError(unreachable(exc)) when none does."""
     try:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
-        raise ConfigError(
-            f"--runtime docker: cannot reach the Docker daemon ({exc}); start dockerd (and "
-            "check DOCKER_HOST), or use --runtime process"
-        ) from None
+        raise ConfigError(unreachable(exc)) from None
     return client
 
 
