@@ -14,7 +14,7 @@ from typing import Any
 
 import docker
 import pytest
-from openai import AsyncOpenAI, OpenAI, OpenAIError
+from openai import OpenAI, OpenAIError
 
 from tests.compose.support import (
     COMPOSE_DIR,
@@ -34,6 +34,7 @@ from tests.compose.support import (
     require_images,
     unique_name,
 )
+from tests.e2e.support import chat_many
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -138,28 +139,9 @@ def test_streaming_chat_through_the_router(stack: Stack) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-async def _concurrent_chats(url: str, count: int) -> list[str]:
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120.0)
-    try:
-        replies = await asyncio.gather(
-            *(
-                client.chat.completions.create(
-                    model=TINY_MODEL,
-                    messages=[{"role": "user", "content": f"Request {i}"}],
-                    max_tokens=8,
-                    extra_body={"ignore_eos": True},
-                )
-                for i in range(count)
-            )
-        )
-    finally:
-        await client.close()
-    return [r.choices[0].message.content or "" for r in replies]
-
-
 def test_both_replicas_serve(stack: Stack) -> None:
     before = stack.served()
-    answers = asyncio.run(_concurrent_chats(stack.url, 12))
+    answers = [r.choices[0].message.content for r in asyncio.run(chat_many(stack.url, 12, 8))]
     assert all(answers)
 
     def both_served() -> dict[str, int] | None:
@@ -216,7 +198,7 @@ def test_crashed_replica_restarts_and_rejoins(stack: Stack) -> None:
     before = stack.served().get(url, 0)
 
     def served_by_restarted() -> bool:
-        asyncio.run(_concurrent_chats(stack.url, 6))
+        asyncio.run(chat_many(stack.url, 6, 8))
         return stack.served().get(url, 0) > before
 
     poll(served_by_restarted, "the restarted replica-0 to serve requests again", deadline_s=60)

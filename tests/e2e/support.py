@@ -7,6 +7,7 @@ under one without it (e.g. ``VLLM_FLEET_VLLM_PYTHON=/opt/venv/bin/python python3
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
 from prometheus_client.parser import text_string_to_metric_families
 
 from launcher.runtime.process import stop_process_group
@@ -195,3 +198,22 @@ def vllm_successes(url: str) -> float:
         if family.name == "vllm:request_success":
             total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return total
+
+
+async def chat_many(router_url: str, count: int, max_tokens: int) -> list[ChatCompletion]:
+    """`count` chats of the tiny model at once through `router_url`, each run to max_tokens
+    (random weights may emit EOS early), so several are in flight on the replicas together."""
+    async with AsyncOpenAI(
+        base_url=f"{router_url}/v1", api_key="unused", max_retries=0, timeout=120
+    ) as client:
+        return await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"Question {i}?"}],
+                    max_tokens=max_tokens,
+                    extra_body={"ignore_eos": True},
+                )
+                for i in range(count)
+            )
+        )

@@ -6,7 +6,6 @@ The launcher runs under the interpreter that has vLLM (it starts replicas with i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -18,12 +17,18 @@ from typing import Any
 
 import pytest
 import yaml
-from openai import AsyncOpenAI
 
 from launcher.commands.demo import engine_only_args
 from launcher.runtime.process import group_members, process_alive, stop_process_group
 from launcher.vllm_cpu import cpu_engine_env, cpu_server_args
-from tests.e2e.support import MODEL, STOP_TIMEOUT_S, VLLM_READY_DEADLINE_S, http_get, wait_until
+from tests.e2e.support import (
+    MODEL,
+    STOP_TIMEOUT_S,
+    VLLM_READY_DEADLINE_S,
+    chat_many,
+    http_get,
+    wait_until,
+)
 from tests.support.ports import free_port, free_port_run
 
 pytestmark = pytest.mark.e2e
@@ -134,21 +139,7 @@ def test_status_shows_every_replica_healthy(fleet: Fleet) -> None:
 
 
 async def _chat_many(router_url: str, count: int) -> list[str]:
-    async with AsyncOpenAI(
-        base_url=f"{router_url}/v1", api_key="unused", max_retries=0, timeout=120
-    ) as client:
-        replies = await asyncio.gather(
-            *(
-                client.chat.completions.create(
-                    model=MODEL,
-                    messages=[{"role": "user", "content": f"Question {i}?"}],
-                    max_tokens=24,
-                    extra_body={"ignore_eos": True},
-                )
-                for i in range(count)
-            )
-        )
-    return [r.choices[0].finish_reason for r in replies]
+    return [r.choices[0].finish_reason for r in await chat_many(router_url, count, 24)]
 
 
 async def test_requests_through_the_fleet_reach_every_replica(fleet: Fleet) -> None:
