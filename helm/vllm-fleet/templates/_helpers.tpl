@@ -138,20 +138,48 @@ Secret name, or nothing when the feature is off.
 {{- end }}
 {{- end }}
 
-{{- define "vllm-fleet.apiKeys.secretName" -}}
-{{- if .Values.apiKeys.existingSecret }}
-{{- .Values.apiKeys.existingSecret }}
-{{- else if .Values.apiKeys.keys }}
-{{- include "vllm-fleet.partName" (list . "api-keys") }}
+{{- /* Name of the Secret holding a list of keys (apiKeys, adminApiKeys): the existing one, or
+the chart's when it creates one from .keys, else empty. Args: (list root valuesKey suffix). */ -}}
+{{- define "vllm-fleet.keysSecretName" -}}
+{{- $root := index . 0 }}
+{{- $keys := index $root.Values (index . 1) }}
+{{- if $keys.existingSecret }}
+{{- $keys.existingSecret }}
+{{- else if $keys.keys }}
+{{- include "vllm-fleet.partName" (list $root (index . 2)) }}
 {{- end }}
 {{- end }}
 
-{{- define "vllm-fleet.adminApiKeys.secretName" -}}
-{{- if .Values.adminApiKeys.existingSecret }}
-{{- .Values.adminApiKeys.existingSecret }}
-{{- else if .Values.adminApiKeys.keys }}
-{{- include "vllm-fleet.partName" (list . "admin-api-keys") }}
+{{- /* The Secret the chart creates from a list of keys (comma-joined, as the router reads
+them), unless an existing one is named. Args: (list root valuesKey suffix). */ -}}
+{{- define "vllm-fleet.keysSecret" -}}
+{{- $root := index . 0 }}
+{{- $name := index . 1 }}
+{{- $keys := index $root.Values $name }}
+{{- if and $keys.keys (not $keys.existingSecret) }}
+{{- range $keys.keys }}
+{{- if or (not .) (contains "," .) }}
+{{- fail (printf "%s.keys: every key must be non-empty and contain no comma" $name) }}
 {{- end }}
+{{- end }}
+apiVersion: v1
+kind: Secret
+metadata:
+  name: {{ include "vllm-fleet.keysSecretName" . }}
+  labels:
+    {{- include "vllm-fleet.router.labels" $root | nindent 4 }}
+type: Opaque
+data:
+  {{ $keys.secretKey }}: {{ join "," $keys.keys | b64enc | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "vllm-fleet.apiKeys.secretName" -}}
+{{- include "vllm-fleet.keysSecretName" (list . "apiKeys" "api-keys") }}
+{{- end }}
+
+{{- define "vllm-fleet.adminApiKeys.secretName" -}}
+{{- include "vllm-fleet.keysSecretName" (list . "adminApiKeys" "admin-api-keys") }}
 {{- end }}
 
 {{- define "vllm-fleet.upstreamApiKey.secretName" -}}
