@@ -113,8 +113,8 @@ class Telemetry:
         )
         self.upstream_failures = Counter(
             "vllm_fleet_upstream_failures",
-            "Attempts on a replica that failed (refused, reset, 5xx, timeout to first byte), "
-            "by replica and reason: which replica is failing, and until when",
+            "Failures on a replica, by replica and reason: attempts that failed before "
+            "answering (refused, reset, 5xx, timeout to first byte) and streams it cut mid-way",
             ["replica", "reason"],
             registry=self.registry,
         )
