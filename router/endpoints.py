@@ -46,7 +46,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def fleet_replicas(request: web.Request) -> web.Response:
-    """Every known replica as the router sees it (for operators and tests)."""
+    """Every known replica as the router sees it (for operators and tests), with the speed it
+    learned: why the cost policy prefers one replica over another."""
     rows: list[dict[str, Any]] = [
         {
             "url": r.url,
@@ -60,6 +61,13 @@ async def fleet_replicas(request: web.Request) -> web.Response:
             "served": r.served,
             "ejections": r.ejections,
             "capacity": r.capacity,
+            "speed": {
+                "step_s": r.speed.token_s,
+                "batch_slowdown": r.speed.batch_slowdown,
+                "batch_limit": r.speed.batch_limit,
+                "peak_running": r.speed.peak_running,
+                "tokens_per_request": r.speed.tokens_per_request,
+            },
         }
         for r in request.app[ROUTER].fleet.replicas.values()
     ]

@@ -108,6 +108,33 @@ async def test_fleet_replicas_lists_every_replica(
         assert row["models"] == [SIM_MODEL]
         for key in ("in_flight", "waiting", "running", "kv_cache_usage", "served", "ejections"):
             assert isinstance(row[key], int | float)
+        assert row["speed"]["step_s"] is None  # nothing generated yet: nothing learned
+
+
+async def test_fleet_replicas_shows_the_speed_the_router_learned(
+    sims: list[SimHandle], router: RouterHandle
+) -> None:
+    body = json.dumps({"model": SIM_MODEL, "prompt": "x", "max_tokens": 32}).encode()
+
+    async def learned() -> bool:
+        await asyncio.gather(
+            *(post_raw(f"{router.url}/v1/completions", body, JSON) for _ in range(4))
+        )
+        _, rows = await get_json(f"{router.url}/fleet/replicas")
+        return all(r["speed"]["step_s"] for r in rows)
+
+    for _ in range(40):  # bounded: each round is 4 short requests
+        if await learned():
+            break
+    _, rows = await get_json(f"{router.url}/fleet/replicas")
+    for row in rows:
+        speed = row["speed"]
+        assert speed["step_s"] > 0, row
+        assert speed["batch_slowdown"] > 0
+        assert speed["peak_running"] >= 1
+        # tokens and finished requests are counted per scrape interval, so a request that
+        # spans two intervals splits its tokens between them: near 32, not exactly.
+        assert 0 < speed["tokens_per_request"] <= 64
 
 
 @pytest.mark.parametrize(
