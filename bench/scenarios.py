@@ -756,22 +756,21 @@ async def scenario_6(opts: Options) -> Section:
         in_flight = [r for r in errors if r.start < killed]
         after = [r for r in errors if r.start >= killed]
         last_failed = max((r.start for r in after), default=math.nan) - killed
-        tried_dead = [
-            r.start
-            for r in run.records
-            if r.start >= killed
-            and _tried(r.replica, run.replica_urls, VICTIM)
-            and r.start < marks.get("back", back_at)
-        ]
-        last_dead = (max(tried_dead) - killed) if tried_dead else math.nan
-        attributed = any(r.replica for r in run.records)
+        back = marks.get("back", back_at)
         if run.key.startswith("ours"):
             # Our router's own count of failed attempts on the dead replica (every send
             # there fails while it is down), polled every 50 ms: no per-request header.
             attributed = True
-            dead_sends = [t for t in [marks.get("last_dead_send", math.nan)] if t >= killed]
-            tried_dead = [t for t in dead_sends if t < marks.get("back", back_at)]
-            last_dead = (max(tried_dead) - killed) if tried_dead else math.nan
+            sent = marks.get("last_dead_send", math.nan)
+            tried_dead = [sent] if killed <= sent < back else []
+        else:
+            attributed = any(r.replica for r in run.records)
+            tried_dead = [
+                r.start
+                for r in run.records
+                if killed <= r.start < back and _tried(r.replica, run.replica_urls, VICTIM)
+            ]
+        last_dead = (max(tried_dead) - killed) if tried_dead else math.nan
         used_again = marks.get("used_again", math.nan) - marks.get("back", math.nan)
         rows.append(
             [
