@@ -172,12 +172,12 @@ async def test_router_keeps_up_with_an_even_client_side_split(
     routed_s: list[float] = []
     splits: list[list[int]] = []
     for _ in range(rounds):
-        for urls, times in ((even, even_s), (routed, routed_s)):
-            wait_until(lambda: router_sees_idle_replicas(router), 30.0, "both replicas idle")
-            before = served(router)
-            times.append(await _complete_all(urls, max_tokens))
-            if urls is routed:
-                splits.append(sorted(n - before[url] for url, n in served(router).items()))
+        wait_until(lambda: router_sees_idle_replicas(router), 30.0, "both replicas idle")
+        even_s.append(await _complete_all(even, max_tokens))
+        wait_until(lambda: router_sees_idle_replicas(router), 30.0, "both replicas idle")
+        before = served(router)
+        routed_s.append(await _complete_all(routed, max_tokens))
+        splits.append(sorted(n - before[url] for url, n in served(router).items()))
     timings = (
         f"even split {[f'{t:.2f}' for t in even_s]}s, "
         f"router {[f'{t:.2f}' for t in routed_s]}s (its splits {splits})"
