@@ -304,7 +304,8 @@ def diagnose(router: RouterHandle, fleet: Fleet4) -> dict[str, object]:
 
 
 async def quiesce(router: RouterHandle, baseline: Resources | None) -> Resources:
-    """Wait until nothing is in flight, then measure once the upstream pool stops shrinking.
+    """Wait until nothing is in flight, then measure once the upstream pool stops shrinking
+    and no upstream connection is out of the pool.
 
     Idle upstream connections expire after 4 s (UPSTREAM_KEEPALIVE_S) unless reused, and
     aiohttp reuses its pool first-in first-out, so the health checks and scrapes (every
@@ -331,6 +332,11 @@ async def quiesce(router: RouterHandle, baseline: Resources | None) -> Resources
         if now >= last:
             break
         last = now
+    # Health checks and scrapes hold an upstream connection for a few milliseconds each; the
+    # leak check wants a moment when none is running, which a leaked connection never gives.
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while pooled(router)[1] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)
     return Resources.now()
 
 
