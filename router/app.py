@@ -62,7 +62,9 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
     No connection limit: vLLM batches hundreds of concurrent requests and queues the rest
     itself. No decompression: bodies are relayed as bytes, and no Accept-Encoding is sent, so
     replicas answer uncompressed. The upstream key is a session default header so health
-    checks and scrapes carry it too (vLLM's --api-key also guards /v1/models).
+    checks and scrapes carry it too (vLLM's --api-key also guards /v1/models). No cookie
+    jar: the session is shared by every client, so a cookie a replica set for one client
+    would otherwise be replayed on everybody's requests; cookies pass through as headers.
     """
     headers = {"Authorization": f"Bearer {key}"} if (key := config.upstream_api_key) else None
     connector = aiohttp.TCPConnector(
@@ -77,6 +79,7 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
         connector=connector,
         timeout=timeout,
         auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("Accept-Encoding",),
         headers=headers,
     )

@@ -274,6 +274,24 @@ async def test_headers_request_id_and_query_are_forwarded_cleanly() -> None:
         assert sent.body == b'{"model": "rec-model"}'
 
 
+async def test_cookies_pass_between_one_client_and_the_replica_never_to_others() -> None:
+    """The router's session serves every client: a cookie one replica set for one client must
+    reach that client, and must not be replayed on anybody else's requests."""
+    body = b'{"model": "rec-model"}'
+    async with running_recorder() as rec:
+        # By name, not IP: aiohttp's default cookie jar ignores cookies from IP addresses.
+        by_name = rec.url.replace("127.0.0.1", "localhost")
+        async with running_router([by_name]) as router:
+            rec.headers = {**JSON, "Set-Cookie": "session=alice; Path=/"}
+            _, first, _ = await post_raw(f"{router.url}/v1/completions", body, JSON)
+            rec.headers = dict(JSON)
+            await post_raw(f"{router.url}/v1/completions", body, JSON)
+            await post_raw(f"{router.url}/v1/completions", body, {**JSON, "Cookie": "own=bob"})
+    assert first["Set-Cookie"] == "session=alice; Path=/"
+    sent = [{k.lower(): v for k, v in r.headers.items()}.get("cookie") for r in rec.requests]
+    assert sent == [None, None, "own=bob"]
+
+
 async def test_a_request_id_is_generated_when_absent_or_unusable(router: RouterHandle) -> None:
     body = b'{"model": "sim-model", "prompt": "x", "max_tokens": 1}'
     _, first, _ = await post_raw(f"{router.url}/v1/completions", body, JSON)
