@@ -65,6 +65,8 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
     checks and scrapes carry it too (vLLM's --api-key also guards /v1/models). No cookie
     jar: the session is shared by every client, so a cookie a replica set for one client
     would otherwise be replayed on everybody's requests; cookies pass through as headers.
+    Every call on it passes ``allow_redirects=False`` (aiohttp has no session-wide switch): a
+    replica's answer and health are its own, never another server's.
     """
     headers = {"Authorization": f"Bearer {key}"} if (key := config.upstream_api_key) else None
     connector = aiohttp.TCPConnector(

@@ -190,7 +190,7 @@ class CheckOutcome:
 async def _get_json(
     session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout
 ) -> Any:
-    async with session.get(url, timeout=timeout) as resp:
+    async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
         if resp.status != 200:
             raise _BadStatus(resp.status)
         return json.loads(await read_capped(resp, MAX_MODELS_BYTES))
@@ -213,7 +213,7 @@ def _model_ids(payload: Any) -> frozenset[str]:
 async def _probe(
     session: aiohttp.ClientSession, r: ReplicaState, timeout: aiohttp.ClientTimeout
 ) -> CheckOutcome:
-    async with session.get(f"{r.url}/health", timeout=timeout) as resp:
+    async with session.get(f"{r.url}/health", timeout=timeout, allow_redirects=False) as resp:
         await read_capped(resp, MAX_HEALTH_BYTES)
         if resp.status != 200:
             return CheckOutcome(False, detail=f"/health HTTP {resp.status}")

@@ -274,8 +274,9 @@ async def _exchange(
     idle_s: float,
 ) -> Reply:
     """POST to the replica; a 5xx is a failure, any other answer a Reply (read whole unless
-    it is an event stream). Body reads are bounded by ``idle_s`` (see _read_bounded)."""
-    response = await session.post(url, data=body, headers=headers)
+    it is an event stream). Body reads are bounded by ``idle_s`` (see _read_bounded).
+    Redirects go back to the client: following one would send its body outside the fleet."""
+    response = await session.post(url, data=body, headers=headers, allow_redirects=False)
     try:
         if response.status >= 500:
             data = await _read_bounded(response.read(), idle_s)

@@ -230,7 +230,7 @@ def apply_metrics(
 async def fetch_metrics_text(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
     """GET ``url`` and return the body, refusing bodies over MAX_METRICS_BYTES."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with session.get(url, timeout=timeout) as resp:
+    async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
         if resp.status != 200:
             raise ValueError(f"HTTP {resp.status}")
         body = await read_capped(resp, MAX_METRICS_BYTES)

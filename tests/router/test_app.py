@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -290,6 +291,27 @@ async def test_cookies_pass_between_one_client_and_the_replica_never_to_others()
     assert first["Set-Cookie"] == "session=alice; Path=/"
     sent = [{k.lower(): v for k, v in r.headers.items()}.get("cookie") for r in rec.requests]
     assert sent == [None, None, "own=bob"]
+
+
+async def test_a_replica_redirect_goes_back_to_the_client_not_followed() -> None:
+    """A proxy relays a redirect; following it would re-send the client's body and headers to
+    wherever the Location points, outside the fleet."""
+    body = b'{"model": "rec-model"}'
+    async with (
+        running_recorder() as rec,
+        running_recorder() as elsewhere,
+        running_router([rec.url]) as router,
+        aiohttp.ClientSession() as client,
+    ):
+        rec.status = 307
+        rec.headers = {**JSON, "Location": f"{elsewhere.url}/v1/completions"}
+        url = f"{router.url}/v1/completions"
+        async with client.post(url, data=body, headers=JSON, allow_redirects=False) as response:
+            status, location = response.status, response.headers["Location"]
+    assert status == 307
+    assert location == f"{elsewhere.url}/v1/completions"
+    assert len(rec.requests) == 1
+    assert elsewhere.requests == []
 
 
 async def test_a_request_id_is_generated_when_absent_or_unusable(router: RouterHandle) -> None:

@@ -194,10 +194,12 @@ def test_passing_checks_do_not_hide_passive_failures() -> None:
 
 @dataclass
 class FakeVllm:
-    """Serves /health and /v1/models; ``mode`` switches between ok, error (500) and hang."""
+    """Serves /health and /v1/models; ``mode`` switches between ok, error (500), hang and
+    redirect (307 to ``redirect_to``)."""
 
     models: list[str] = field(default_factory=lambda: ["m"])
     mode: str = "ok"
+    redirect_to: str = ""
     models_body: bytes | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
     health_hits: int = 0
@@ -208,6 +210,8 @@ class FakeVllm:
             await asyncio.wait_for(self.release.wait(), 30)
         if self.mode == "error":
             return web.Response(status=500, text="engine dead")
+        if self.mode == "redirect":
+            return web.Response(status=307, headers={"Location": self.redirect_to})
         return None
 
     async def health(self, request: web.Request) -> web.Response:
@@ -293,6 +297,18 @@ async def test_check_fails_on_500(start_fake: StartFake, session: aiohttp.Client
     outcome = await probe_replica(session, ReplicaState(url=url), 1.0)
     assert not outcome.ok and not outcome.refused
     assert "500" in outcome.detail
+
+
+async def test_check_fails_on_a_redirect_even_to_a_healthy_server(
+    start_fake: StartFake, session: aiohttp.ClientSession
+) -> None:
+    """A replica's health is its own: a redirect is not followed to another server's answer."""
+    healthy, elsewhere = await start_fake()
+    _, url = await start_fake(mode="redirect", redirect_to=f"{elsewhere}/health")
+    outcome = await probe_replica(session, ReplicaState(url=url), 1.0)
+    assert not outcome.ok
+    assert "307" in outcome.detail
+    assert healthy.health_hits == 0
 
 
 async def test_check_respects_timeout_on_hanging_server(
