@@ -175,6 +175,25 @@ def cached_snapshot(model: str, env: Mapping[str, str]) -> Path | None:
     return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
 
 
+def check_local_path(model: str) -> None:
+    """Refuse a --model written as a filesystem path that is not a directory.
+
+    Hub names are ``org/name`` and never start with "/", "." or "~", so such a name is meant
+    as a local directory. Without this, a typo would surface only when vLLM fails to start,
+    over and over, while the supervisor restarts it.
+    """
+    if not model.startswith(("/", ".", "~")):
+        return
+    local = Path(model).expanduser()
+    if not local.exists():
+        raise ConfigError(
+            f"--model {model}: no such directory; give an existing local model directory, "
+            "or a Hugging Face name like org/model"
+        )
+    if not local.is_dir():
+        raise ConfigError(f"--model {model}: not a directory; give the model's directory")
+
+
 def find_model_dir(model: str, env: Mapping[str, str]) -> Path | None:
     """A local directory with config.json: the path itself (as vLLM reads it), else the cache."""
     local = Path(model).expanduser()
