@@ -180,7 +180,8 @@ def check_local_path(model: str) -> None:
 
     Hub names are ``org/name`` and never start with "/", "." or "~", so such a name is meant
     as a local directory. Without this, a typo would surface only when vLLM fails to start,
-    over and over, while the supervisor restarts it.
+    over and over, while the supervisor restarts it. Only for engines started on this host: a
+    container's model path may live in its image.
     """
     if not model.startswith(("/", ".", "~")):
         return

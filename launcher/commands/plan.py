@@ -18,7 +18,6 @@ from typing import Any
 from launcher.inventory import resolve_inventory
 from launcher.model_size import (
     Fetcher,
-    check_local_path,
     fetch_from_hub,
     human_params,
     normalize_dtype,
@@ -137,7 +136,6 @@ def load_plan_inputs(
     inventory = resolve_inventory(gpus)
     if options.engine == "sim" and params is None:
         return inventory, None
-    check_local_path(options.model)
     try:
         model = size_model(options.model, params=params, dtype=options.dtype, env=env, fetch=fetch)
     except ConfigError:

@@ -32,6 +32,7 @@ import yaml
 from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
 from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
+from launcher.model_size import check_local_path
 from launcher.plan import Plan, ReplicaSpec
 from launcher.planner import PlanOptions, plan
 from launcher.rundir import FleetState, RunDir, UnitRecord, atomic_write_text
@@ -167,13 +168,19 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
 
 
 def check_runtime_options(config: FleetConfig) -> None:
-    """An engine image only means something to the Docker runtime: with processes it would be
-    silently ignored, which hides a forgotten --runtime docker."""
+    """Mistakes that depend on the runtime, caught before anything starts.
+
+    An engine image only means something to the Docker runtime: with processes it would be
+    silently ignored, which hides a forgotten --runtime docker. A local model path must exist
+    for processes; in a container it may be a path inside the image.
+    """
     if config.image and config.runtime != "docker":
         raise ConfigError(
             f"--image {config.image}: only used with --runtime docker; add --runtime docker "
             "(runtime: docker in --config) or drop --image (image: in --config)"
         )
+    if config.runtime == "process" and config.engine == "vllm" and config.model:
+        check_local_path(config.model)
 
 
 def plan_fleet(config: FleetConfig, params: str | None = None) -> tuple[Plan, PlanOptions]:

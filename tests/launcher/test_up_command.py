@@ -313,6 +313,27 @@ def test_runtime_mistakes_are_one_line(tmp_path: Path, argv: list[str], message:
 
 
 @pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("./typo", "--model ./typo: no such directory"),
+        ("/no/such/model", "--model /no/such/model: no such directory"),
+        ("~/no-such-model", "--model ~/no-such-model: no such directory"),
+        (__file__, f"--model {__file__}: not a directory"),
+    ],
+)
+def test_a_local_model_path_must_exist_for_processes(
+    tmp_path: Path, model: str, message: str
+) -> None:
+    """Caught before anything starts, instead of vLLM failing to load it in a restart loop."""
+    run = tmp_path / "run"
+    result = cli("up", "--model", model, "--gpus", "none", "--run-dir", str(run))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"vllm-fleet up: error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
     ("data", "environ", "cpu", "gpu"),
     [
         ({}, {}, None, None),  # unset: the Docker runtime's own defaults apply
