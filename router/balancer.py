@@ -70,7 +70,7 @@ def freshness(replica: ReplicaState, now: float) -> float:
 
 
 def load_score(replica: ReplicaState, now: float | None = None) -> float:
-    """How busy the replica is per unit of capacity; lower is better. 0 = idle.
+    """How busy the replica is; lower is better. 0 = idle.
 
     Formula, with w = freshness of the last scrape (1 when at most FRESH_S = 3 s old, falling
     linearly to 0 at STALE_S = 10 s, 0 when never scraped)::
@@ -79,7 +79,7 @@ def load_score(replica: ReplicaState, now: float | None = None) -> float:
         busy     = in_flight + w * external
         queue    = WAITING_WEIGHT * w * waiting                       (WAITING_WEIGHT = 1)
         pressure = clamp((kv_cache_usage - KV_KNEE) / (1 - KV_KNEE), 0, 1)   (KV_KNEE = 0.8)
-        score    = (busy + queue) / capacity * (1 + KV_WEIGHT * w * pressure)   (KV_WEIGHT = 1)
+        score    = (busy + queue) * (1 + KV_WEIGHT * w * pressure)   (KV_WEIGHT = 1)
 
     Why this shape:
 
@@ -100,8 +100,6 @@ def load_score(replica: ReplicaState, now: float | None = None) -> float:
       adding a fixed amount, because the usage is already a fraction of that replica's own cache
       and a fixed addend would be meaningless at high concurrency. At a full cache the load
       counts double.
-    - Dividing by ``capacity`` lets a bigger replica (tensor-parallel or larger max_num_seqs)
-      take proportionally more requests.
     - Stale gauges fade out through ``w``: then only ``in_flight`` counts, which is the best
       the router knows on its own.
     """
@@ -109,8 +107,7 @@ def load_score(replica: ReplicaState, now: float | None = None) -> float:
         now = time.monotonic()
     busy, w, pressure = engine_load(replica, now)
     queue = WAITING_WEIGHT * w * max(0.0, replica.waiting)
-    capacity = replica.capacity if replica.capacity > 0 and math.isfinite(replica.capacity) else 1.0
-    return (busy + queue) / capacity * (1.0 + KV_WEIGHT * w * pressure)
+    return (busy + queue) * (1.0 + KV_WEIGHT * w * pressure)
 
 
 def engine_load(replica: ReplicaState, now: float) -> tuple[float, float, float]:
@@ -318,8 +315,9 @@ def request_cost(
       gap, TTFT p99 at 85% load was x5.8; with 1, 2, 3 requests x2.4, x1.9, x1.7 while p99
       latency went x0.68, x0.68, x0.69 and at 95% load x0.65, x0.66, x0.70.
     - The prompt costs its own prefill and stalls the running requests for as long.
-    - Speeds are per replica and learned (router.speed); ``capacity`` is not used: the
-      measured speed and batch limit say what it would.
+    - Speeds are per replica and learned (router.speed): the measured speed and batch limit
+      say how much a replica can take, so a bigger one (tensor-parallel, larger max_num_seqs)
+      shows up as a faster or wider one.
 
     O(1) per replica: no per-request bookkeeping beyond the in-flight count.
     """

@@ -60,7 +60,6 @@ async def fleet_replicas(request: web.Request) -> web.Response:
             "models": sorted(r.models),
             "served": r.served,
             "ejections": r.ejections,
-            "capacity": r.capacity,
             "speed": {
                 "step_s": r.speed.token_s,
                 "batch_slowdown": r.speed.batch_slowdown,

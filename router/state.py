@@ -31,9 +31,6 @@ class ReplicaState:
     """One upstream vLLM server as the router sees it."""
 
     url: str
-    #: Relative capacity (1.0 = one ordinary replica). A TP-4 replica or one with a larger
-    #: max_num_seqs can take more; loads are divided by it so replicas compare fairly.
-    capacity: float = 1.0
     #: Admitted by the health checker and the breaker; the balancer only sees healthy replicas.
     healthy: bool = False
     breaker: Breaker = Breaker.CLOSED

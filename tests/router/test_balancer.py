@@ -49,7 +49,6 @@ def replica(
     running: float = 0.0,
     waiting: float = 0.0,
     kv: float = 0.0,
-    capacity: float = 1.0,
     age: float | None = 0.5,
 ) -> ReplicaState:
     """A healthy replica; ``age`` is seconds since the last scrape (None: never scraped)."""
@@ -61,7 +60,6 @@ def replica(
         running=running,
         waiting=waiting,
         kv_cache_usage=kv,
-        capacity=capacity,
         scraped_at=0.0 if age is None else NOW - age,
     )
 
@@ -93,14 +91,12 @@ def replica(
         pytest.param(replica(running=2, kv=0.8), 2.0, id="kv-at-knee-no-penalty"),
         pytest.param(replica(running=2, kv=0.9), 3.0, id="kv-half-way-past-knee"),
         pytest.param(replica(running=2, kv=1.0), 4.0, id="kv-full-doubles"),
-        pytest.param(replica(running=4, capacity=2.0), 2.0, id="capacity-normalises"),
         pytest.param(replica(in_flight=1, running=9, age=STALE_S + 1), 1.0, id="stale-ignored"),
         pytest.param(replica(in_flight=1, running=9, kv=1.0, age=STALE_S), 1.0, id="stale-kv"),
         pytest.param(replica(in_flight=1, running=9, age=None), 1.0, id="never-scraped"),
         pytest.param(
             replica(running=6, age=(FRESH_S + STALE_S) / 2), 3.0, id="half-stale-half-weight"
         ),
-        pytest.param(replica(running=3, capacity=0.0), 3.0, id="zero-capacity-treated-as-1"),
     ],
 )
 def test_load_score(state: ReplicaState, expected: float) -> None:
@@ -125,14 +121,6 @@ def test_freshness_fades_linearly_between_fresh_and_stale() -> None:
             [replica("http://a:1", running=1, waiting=3), replica("http://b:1", running=3)],
             "http://b:1",
             id="queue-worse-than-running",
-        ),
-        pytest.param(
-            [
-                replica("http://a:1", running=4),
-                replica("http://b:1", running=6, capacity=2.0),
-            ],
-            "http://b:1",
-            id="bigger-replica-takes-more",
         ),
         pytest.param(
             [replica("http://a:1", running=3, kv=0.99), replica("http://b:1", running=4)],
