@@ -21,7 +21,7 @@ from typing import TextIO, cast
 import aiohttp
 
 from launcher.config import FleetConfig
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.rundir import FleetState, RunDir
 from launcher.runtime.base import Runtime
 from launcher.runtime.docker import DockerRuntime, docker_fleet_runtime

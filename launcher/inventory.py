@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from launcher.plan import GIB, Gpu, Inventory
+from launcher.plan_types import GIB, Gpu, Inventory
 from router.errors import ConfigError
 
 #: memory of GPUs users name without a size, as NVIDIA labels it ("80GB" taken as GiB: an

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from launcher.plan import ModelSize
+from launcher.plan_types import ModelSize
 from router.errors import ConfigError
 
 #: bytes per element of the dtypes a checkpoint or a server may use.

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from launcher.model_size import normalize_dtype
-from launcher.plan import GIB, FitCheck, Gpu, Inventory, ModelSize, Plan, ReplicaSpec
+from launcher.plan_types import GIB, FitCheck, Gpu, Inventory, ModelSize, Plan, ReplicaSpec
 from launcher.vllm_cpu import cpu_engine_env
 from router.errors import ConfigError
 

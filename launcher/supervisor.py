@@ -23,7 +23,7 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from launcher.config import FleetConfig, RestartConfig
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.rundir import UnitRecord
 from launcher.runtime.base import ReplicaHandle, Runtime
 

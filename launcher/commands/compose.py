@@ -24,7 +24,7 @@ import yaml
 from launcher.commands.plan import add_plan_arguments, render
 from launcher.commands.up import config_from_args, plan_fleet
 from launcher.config import FleetConfig
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.rundir import atomic_write_text
 from launcher.runtime.docker import (
     DEFAULT_CPU_IMAGE,

@@ -21,7 +21,7 @@ import aiohttp
 
 from launcher.config import FleetConfig, RestartConfig, RouterConfig
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
-from launcher.plan import Inventory, ModelSize, ReplicaSpec
+from launcher.plan_types import Inventory, ModelSize, ReplicaSpec
 from launcher.rundir import FleetState, RunDir
 from router.errors import ConfigError
 

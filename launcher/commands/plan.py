@@ -23,7 +23,7 @@ from launcher.model_size import (
     normalize_dtype,
     size_model,
 )
-from launcher.plan import GIB, FitCheck, Inventory, ModelSize, Plan
+from launcher.plan_types import GIB, FitCheck, Inventory, ModelSize, Plan
 from launcher.planner import PlanOptions, gib, plan
 from router.errors import ConfigError
 

@@ -33,7 +33,7 @@ from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
 from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
 from launcher.model_size import check_local_path
-from launcher.plan import Plan, ReplicaSpec
+from launcher.plan_types import Plan, ReplicaSpec
 from launcher.planner import PlanOptions, plan
 from launcher.rundir import FleetState, RunDir, UnitRecord, atomic_write_text
 from launcher.runtime.docker import docker_client, fleet_name_for, remove_fleet_containers

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 
 
 @dataclass

@@ -37,7 +37,7 @@ import docker.errors
 import docker.types
 from docker.models.containers import Container
 
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.runtime.base import ReplicaHandle, ReplicaStatus, Runtime
 from launcher.runtime.process import HEADER_PREFIX, ProcessRuntime, last_line, rotate_log
 from router.errors import ConfigError

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.runtime.base import ReplicaHandle, ReplicaStatus
 
 #: first line of every log, so a log can be matched to its command; not shown as progress.

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 from launcher.config import RestartConfig
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.runtime.process import group_members, process_alive
 from launcher.supervisor import SupervisedUnit, SupervisorSettings, UnitState, backoff_delay
 from tests.chaos.conftest import FIGURES

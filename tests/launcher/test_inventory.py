@@ -21,7 +21,7 @@ from launcher.inventory import (
     parse_smi_topology,
     resolve_inventory,
 )
-from launcher.plan import GIB, Gpu, Inventory
+from launcher.plan_types import GIB, Gpu, Inventory
 from router.errors import ConfigError
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from launcher.model_size import size_model
-from launcher.plan import GIB, Gpu, Inventory, ModelSize
+from launcher.plan_types import GIB, Gpu, Inventory, ModelSize
 from launcher.planner import (
     MIN_KV_TOKENS,
     OVERHEAD_BYTES,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import RestartConfig
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.runtime.base import ReplicaHandle, ReplicaStatus
 from launcher.runtime.process import ProcessRuntime, group_members, process_alive
 from launcher.supervisor import (

@@ -21,7 +21,7 @@ import docker.errors
 import pytest
 
 from launcher.config import RestartConfig
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.runtime.base import ReplicaHandle, ReplicaStatus
 from launcher.runtime.docker import (
     DEFAULT_CPU_IMAGE,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.plan import ReplicaSpec
+from launcher.plan_types import ReplicaSpec
 from launcher.runtime.base import ReplicaHandle, ReplicaStatus
 from launcher.runtime.process import ProcessRuntime, group_members, last_line, process_alive
 

@@ -1,6 +1,7 @@
-"""Plain data that flows through the launcher: inventory -> model size -> plan -> replica specs.
+"""The plan's types, the plain data that flows through the launcher: inventory -> model size
+-> plan -> replica specs (the function that makes a plan is ``launcher.planner``).
 
-The planner (``launcher.planner``) is a pure function from the first two to a ``Plan``; the
+The planner is a pure function from the first two to a ``Plan``; the
 runtimes (``launcher.runtime``) turn each ``ReplicaSpec`` into a running server.
 """
 
