@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     # Imported here: only the bench venv is sure to have matplotlib.
     from bench import report
-    from bench.scenarios import FULL_DEFAULT, QUICK_DEFAULT, SCENARIOS, Options, Section, finish
+    from bench.scenarios import FULL_DEFAULT, QUICK_DEFAULT, SCENARIOS, Options, finish
+    from bench.section import Section
 
     default = list(QUICK_DEFAULT if args.quick else FULL_DEFAULT)
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()] or default

@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.scenarios import Plot, Section, Table, headline
+from bench.headline import headline
+from bench.section import Plot, Section, Table
 
 
 def markdown_table(table: Table) -> str:

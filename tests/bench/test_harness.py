@@ -19,7 +19,8 @@ from bench.load import (
     run_open_loop,
 )
 from bench.peers import IdealPeer, OursPeer, Peer, PeerUnavailable, program_path
-from bench.scenarios import PeerRun, latency_table
+from bench.scenarios.tables import latency_table
+from bench.section import PeerRun
 from bench.stats import percentile, replica_index, shares, summarize
 from tests.support.sim import SIM_MODEL, get_stats, running_sims
 

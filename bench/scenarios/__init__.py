@@ -1,0 +1,59 @@
+"""The benchmark scenarios, one module each, and the registry `python -m bench` runs from.
+
+Every scenario starts its replicas, runs each router of its line-up through the same seeded
+load and returns a `Section` (tables, plot data, notes) for the report. Scenarios never import
+matplotlib: plots travel as `Plot` data and `bench.plots` draws them, so the tests can import
+every scenario from the project's own venv.
+
+Adding scenario N:
+
+1. Write `bench/scenarios/sN_<what>.py` with `KEY = "N"`, its line-ups `PEERS` and
+   `QUICK_PEERS` (keys of bench.peers.PEER_KEYS) and `async def run_scenario(opts: Options)
+   -> Section`. Start replicas with `bench.replicas` inside `harness.started(...)`, run each
+   peer with `harness.measure(key, opts, fleet, load)` over `harness.line_up(opts, PEERS,
+   QUICK_PEERS)`, and build tables with `bench.scenarios.tables` (`latency_table` fits any
+   open-loop run). The heterogeneous fleet and its calibrated traffic are in
+   `bench.scenarios.heterogeneous`; new traffic shapes belong in `bench.load`.
+2. Add the module to `MODULES` below; add its key to `FULL_DEFAULT` if a plain
+   `python -m bench` should run it.
+3. `python -m bench --quick --scenarios N` tries it (results under bench/.work); the full run
+   stores bench/results/sN.json, and `python -m bench report` puts it on docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bench.scenarios import (
+    s1_heterogeneous,
+    s2_speed_change,
+    s3_no_max_tokens,
+    s4_load_sweep,
+    s5_overhead,
+    s6_failover,
+    s7_real_vllm,
+)
+from bench.scenarios.harness import Options, finish
+from bench.section import Section
+
+Scenario = Callable[[Options], Coroutine[Any, Any, Section]]
+
+MODULES = (
+    s1_heterogeneous,
+    s2_speed_change,
+    s3_no_max_tokens,
+    s4_load_sweep,
+    s5_overhead,
+    s6_failover,
+    s7_real_vllm,
+)
+#: Every scenario by its key on the command line.
+SCENARIOS: dict[str, Scenario] = {m.KEY: m.run_scenario for m in MODULES}
+
+#: What `--quick` runs unless --scenarios says otherwise.
+QUICK_DEFAULT = ("1", "5")
+#: Scenario 7 needs real vLLM and a few minutes more: run it by name (`--scenarios 7`).
+FULL_DEFAULT = ("1", "2", "3", "4", "5", "6")
+
+__all__ = ["FULL_DEFAULT", "QUICK_DEFAULT", "SCENARIOS", "Options", "Scenario", "finish"]
