@@ -12,7 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from router.errors import ConfigError
+from launcher.errors import ConfigError
+from router.errors import ConfigError as RouterConfigError
+
+#: the one-line mistakes of every subcommand: the launcher's own and the router's (`router`).
+CONFIG_ERRORS = (ConfigError, RouterConfigError)
 
 #: modules that each add one or more subcommands, in help order.
 COMMAND_MODULES = (
@@ -41,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
-    except ConfigError as exc:
+    except CONFIG_ERRORS as exc:
         print(f"vllm-fleet {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

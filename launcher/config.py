@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from router.errors import ConfigError
+from launcher.errors import ConfigError
 
 if typing.TYPE_CHECKING:
     from launcher.planner import PlanOptions

@@ -21,6 +21,7 @@ from typing import TextIO, cast
 import aiohttp
 
 from launcher.config import FleetConfig
+from launcher.errors import ConfigError
 from launcher.plan_types import ReplicaSpec
 from launcher.rundir import FleetState, RunDir
 from launcher.runtime.base import Runtime
@@ -33,7 +34,6 @@ from launcher.supervisor import (
     UnitState,
     units_for,
 )
-from router.errors import ConfigError
 
 #: how often a loading replica's newest log line is echoed at most (state changes always are).
 LOG_ECHO_INTERVAL_S = 5.0

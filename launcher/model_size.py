@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from launcher.errors import ConfigError
 from launcher.plan_types import ModelSize
-from router.errors import ConfigError
 
 #: bytes per element of the dtypes a checkpoint or a server may use.
 DTYPE_BYTES: dict[str, float] = {

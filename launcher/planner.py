@@ -22,10 +22,10 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from launcher.errors import ConfigError
 from launcher.model_size import normalize_dtype
 from launcher.plan_types import GIB, FitCheck, Gpu, Inventory, ModelSize, Plan, ReplicaSpec
 from launcher.vllm_cpu import cpu_engine_env
-from router.errors import ConfigError
 
 #: tensor-parallel sizes tried, smallest first (more GPUs per replica = fewer replicas).
 TP_SIZES = (1, 2, 4, 8)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from router.errors import ConfigError
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from router.errors import ConfigError
+from launcher.errors import ConfigError
 
 #: bump when the output changes for the same spec, so old caches are rebuilt.
 BUILDER_VERSION = 1

@@ -20,10 +20,10 @@ from typing import Any, TextIO
 import aiohttp
 
 from launcher.config import FleetConfig, RestartConfig, RouterConfig
+from launcher.errors import ConfigError
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
 from launcher.plan_types import Inventory, ModelSize, ReplicaSpec
 from launcher.rundir import FleetState, RunDir
-from router.errors import ConfigError
 
 DEMO_PROMPT = "Say hello to the fleet in five words."
 #: how long a CPU replica may take to load (first start compiles kernels).

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from launcher.errors import ConfigError
 from launcher.inventory import resolve_inventory
 from launcher.model_size import (
     Fetcher,
@@ -25,7 +26,6 @@ from launcher.model_size import (
 )
 from launcher.plan_types import GIB, FitCheck, Inventory, ModelSize, Plan
 from launcher.planner import PlanOptions, gib, plan
-from router.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -31,6 +31,7 @@ import yaml
 
 from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
 from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
+from launcher.errors import ConfigError
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
 from launcher.model_size import check_local_path
 from launcher.plan_types import Plan, ReplicaSpec
@@ -43,7 +44,6 @@ from launcher.runtime.process import (
     rotate_log,
     stop_process_group,
 )
-from router.errors import ConfigError
 
 #: model name the sim engine serves when none is given.
 SIM_DEFAULT_MODEL = "sim-model"

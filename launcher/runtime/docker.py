@@ -37,10 +37,10 @@ import docker.errors
 import docker.types
 from docker.models.containers import Container
 
+from launcher.errors import ConfigError
 from launcher.plan_types import ReplicaSpec
 from launcher.runtime.base import ReplicaHandle, ReplicaStatus, Runtime
 from launcher.runtime.process import HEADER_PREFIX, ProcessRuntime, last_line, rotate_log
-from router.errors import ConfigError
 
 LABEL_FLEET = "vllm-fleet.fleet"
 LABEL_REPLICA = "vllm-fleet.replica"

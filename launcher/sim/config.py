@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from router.errors import ConfigError
+from launcher.errors import ConfigError
 
 #: Default `max_tokens` for chat completions when the request gives none. vLLM uses
 #: "whatever is left of the context"; a fixed, small default keeps simulated requests short.

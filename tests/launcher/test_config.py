@@ -13,7 +13,7 @@ from launcher.config import (
     load_config,
     parse_flag,
 )
-from router.errors import ConfigError
+from launcher.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "fleet.example.yaml"
 

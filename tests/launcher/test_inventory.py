@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from launcher.errors import ConfigError
 from launcher.inventory import (
     SMI_QUERY,
     SMI_TOPO,
@@ -22,7 +23,6 @@ from launcher.inventory import (
     resolve_inventory,
 )
 from launcher.plan_types import GIB, Gpu, Inventory
-from router.errors import ConfigError
 
 
 def kinds(inventory: Inventory) -> list[tuple[int, str, float]]:

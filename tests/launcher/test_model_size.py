@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from launcher.errors import ConfigError
 from launcher.model_size import (
     cached_snapshot,
     estimate_params,
@@ -19,7 +20,6 @@ from launcher.model_size import (
     size_from_config,
     size_model,
 )
-from router.errors import ConfigError
 
 MODELS = Path(__file__).parent / "models"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HOME": "/nonexistent"}

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from launcher.errors import ConfigError
 from launcher.model_size import size_model
 from launcher.plan_types import GIB, Gpu, Inventory, ModelSize
 from launcher.planner import (
@@ -30,7 +31,6 @@ from launcher.planner import (
     plan,
     tp_groups,
 )
-from router.errors import ConfigError
 
 MODELS = Path(__file__).parent / "models"
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from launcher import tiny_model
+from launcher.errors import ConfigError
 from launcher.tiny_model import (
     MARKER_NAME,
     TinyLlamaSpec,
@@ -18,7 +22,6 @@ from launcher.tiny_model import (
     default_tiny_model_dir,
     is_complete,
 )
-from router.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +146,54 @@ def test_module_entry_point_prints_the_path(
     (tmp_path / "foreign" / "x").write_text("x")
     assert tiny_model.main([str(tmp_path / "foreign")]) == 2
     assert "non-empty directory" in capsys.readouterr().err
+
+
+#: the engine image builds the model from the files its Dockerfile copies, nothing else.
+ENGINE_DOCKERFILE = Path(__file__).resolve().parents[2] / "compose" / "Dockerfile.engine-cpu"
+_BUILD_ALONE = """
+import os, runpy, sys
+sys.modules["router"] = None  # any `import router...` now fails, as in the image
+import launcher.tiny_model
+here = os.path.realpath(os.getcwd())
+assert os.path.realpath(launcher.tiny_model.__file__).startswith(here), "not the staged copy"
+sys.argv = ["tiny_model", sys.argv[1]]
+runpy.run_module("launcher.tiny_model", run_name="__main__")
+"""
+
+
+def _tiny_build_copies() -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY into the image's /tmp/tiny staging directory."""
+    copies = []
+    for line in ENGINE_DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and words[-1].startswith("/tmp/tiny/"):
+            copies.append((words[1:-1], words[-1]))
+    return copies
+
+
+def test_engine_image_builds_the_model_from_launcher_files_alone(tmp_path: Path) -> None:
+    """What compose/Dockerfile.engine-cpu does, without Docker: copy exactly its files into an
+    empty directory and build there with the router unimportable. Copying router/errors.py
+    into the image (as it once did for ConfigError) fails the first assertion."""
+    copies = _tiny_build_copies()
+    assert copies, f"no COPY into /tmp/tiny in {ENGINE_DOCKERFILE}"
+    sources = [src for srcs, _ in copies for src in srcs]
+    assert all(src.startswith("launcher/") for src in sources), sources
+    root = ENGINE_DOCKERFILE.parents[1]
+    stage = tmp_path / "stage"
+    for srcs, dest in copies:
+        target = stage / dest.removeprefix("/tmp/tiny/")
+        target.mkdir(parents=True, exist_ok=True)
+        for src in srcs:
+            shutil.copy(root / src, target / Path(src).name)
+    out = tmp_path / "model"
+    result = subprocess.run(
+        [sys.executable, "-c", _BUILD_ALONE, str(out)],
+        cwd=stage,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert is_complete(out)

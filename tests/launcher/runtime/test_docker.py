@@ -21,6 +21,7 @@ import docker.errors
 import pytest
 
 from launcher.config import RestartConfig
+from launcher.errors import ConfigError
 from launcher.plan_types import ReplicaSpec
 from launcher.runtime.base import ReplicaHandle, ReplicaStatus
 from launcher.runtime.docker import (
@@ -39,7 +40,6 @@ from launcher.runtime.docker import (
 )
 from launcher.runtime.process import ProcessRuntime
 from launcher.supervisor import Supervisor, SupervisorSettings, UnitState, units_for
-from router.errors import ConfigError
 from tests.compose.support import ROUTER_IMAGE, docker_client, poll, require_images
 from tests.support.ports import free_port
 

@@ -1,0 +1,14 @@
+"""The launcher's own error type, so nothing in launcher/ needs the router to report a mistake.
+
+``launcher.tiny_model`` is copied alone into the CPU engine image to build the test model; with
+the error type here that copy is two files of launcher/, not a piece of the router as well.
+"""
+
+
+class ConfigError(ValueError):
+    """A bad flag, config-file value, inventory or model directory, found by the launcher.
+
+    The message is one line naming the offending field and how to fix it; ``vllm-fleet``
+    prints it without a traceback and exits with status 2 (as for the router's own
+    ``router.errors.ConfigError``).
+    """
