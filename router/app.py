@@ -29,6 +29,7 @@ from router.discovery import (
 from router.endpoints import fleet_replicas, get_model, health, list_models, metrics, ready
 from router.health import BreakerPolicy, health_loop
 from router.middleware import make_outer_middleware
+from router.progress import progress_loop
 from router.proxy import proxy_handler
 from router.scrape import scrape_loop
 from router.state import Fleet
@@ -125,6 +126,7 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
             ),
             name="scrape",
         ),
+        asyncio.create_task(progress_loop(ctx.fleet, ctx.breaker, ctx.telemetry), name="progress"),
     ]
     log.info(
         "router started replicas=%d policy=%s auth=%s",
@@ -156,7 +158,9 @@ def make_app(config: RouterConfig) -> web.Application:
         fleet=fleet,
         policy=make_policy(config.policy),
         breaker=BreakerPolicy(
-            failure_threshold=config.failure_threshold, cooldown_s=config.breaker_cooldown_s
+            failure_threshold=config.failure_threshold,
+            cooldown_s=config.breaker_cooldown_s,
+            max_ejection_percent=config.max_ejection_percent,
         ),
         telemetry=telemetry,
     )

@@ -61,9 +61,14 @@ class RouterConfig:
     health_timeout_s: float = 2.0
     scrape_interval_s: float = 1.0
     discovery_interval_s: float = 5.0
-    #: Consecutive failures that eject a replica, and the first cool-down before a re-probe.
+    #: Consecutive gateway failures (refused, reset, timeout, 502/503/504) that eject a
+    #: replica, and the first cool-down before a re-probe. A plain 500 is the request's problem
+    #: and does not count (router.outliers).
     failure_threshold: int = 3
     breaker_cooldown_s: float = 1.0
+    #: Most of the fleet the breaker may hold out at once (at least one replica), as Envoy's
+    #: max_ejection_percent: one client's poison requests must never eject the whole fleet.
+    max_ejection_percent: float = 50.0
     #: On SIGTERM, how long in-flight requests and streams may still run.
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -103,6 +108,13 @@ def _float(text: str) -> float:
         raise ValueError(f"{text!r} is not a number of seconds") from None
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
 def _words(text: str) -> tuple[str, ...]:
     """Comma-separated values. An empty entry is an error, not skipped: ``--api-key "$KEY"``
     with KEY unset must not quietly turn authentication off."""
@@ -126,6 +138,11 @@ def _text(text: str) -> str:
 def _positive(value: float) -> None:
     if not value > 0:
         raise ValueError(f"must be > 0 (got {value:g})")
+
+
+def _percent(value: float) -> None:
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be a percentage 0-100 (got {value:g})")
 
 
 def _at_least_one(value: int) -> None:
@@ -262,7 +279,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "failure_threshold", "--failure-threshold", "FLEET_FAILURE_THRESHOLD", _int,
-        _at_least_one, "consecutive failures that eject a replica", "N",
+        _at_least_one,
+        "consecutive gateway failures (refused, reset, timeout, 502/503/504) that eject a "
+        "replica", "N",
+    ),
+    Option(
+        "max_ejection_percent", "--max-ejection-percent", "FLEET_MAX_EJECTION_PERCENT",
+        _number, _percent,
+        "most of the fleet (percent, at least one replica) failed requests may eject at once",
+        "PCT",
     ),
     Option(
         "breaker_cooldown_s", "--breaker-cooldown", "FLEET_BREAKER_COOLDOWN", _float, _positive,

@@ -68,6 +68,10 @@ class BreakerPolicy:
     stable_s: float = 60.0
     #: A refused connection (nothing listening) opens the breaker at once.
     eject_on_refused: bool = True
+    #: Most of the fleet (percent, at least one replica) that failed requests may eject at
+    #: once (router.outliers.may_eject). Refused connections and failed checks are not capped:
+    #: such a replica cannot answer anyway.
+    max_ejection_percent: float = 50.0
 
 
 def _sync_healthy(r: ReplicaState) -> None:
@@ -87,6 +91,7 @@ def _close(r: ReplicaState, now: float) -> None:
     r.breaker = Breaker.CLOSED
     r.closed_at = now
     r.consecutive_failures = 0
+    r.prefixes.clear()  # out long enough to be ejected: assume it restarted with an empty cache
     _sync_healthy(r)
     log.info("replica breaker closed url=%s ejections=%d", r.url, r.ejections)
 
@@ -103,7 +108,12 @@ def record_success(r: ReplicaState, now: float) -> None:
 
 
 def record_failure(
-    r: ReplicaState, now: float, policy: BreakerPolicy, *, refused: bool = False
+    r: ReplicaState,
+    now: float,
+    policy: BreakerPolicy,
+    *,
+    refused: bool = False,
+    may_eject: bool = True,
 ) -> bool:
     """A request (or a check of a replica that was up) failed; True when this ejected ``r``.
 
@@ -113,6 +123,8 @@ def record_failure(
     because nothing is listening and retrying the same replica is pointless.
     An ejection is a CLOSED -> OPEN transition and increments ``r.ejections``. In OPEN or
     HALF_OPEN the failure is a late result of a request sent before the ejection: ignored.
+    ``may_eject`` False (the fleet's ejection cap is reached) keeps the count but not the
+    ejection, except for a refused connection.
     """
     if r.breaker is not Breaker.CLOSED:
         return False
@@ -120,18 +132,30 @@ def record_failure(
         r.consecutive_failures = 0
     r.consecutive_failures += 1
     r.last_failure_at = now
-    if r.consecutive_failures < policy.failure_threshold and not (
-        refused and policy.eject_on_refused
-    ):
+    refused_now = refused and policy.eject_on_refused
+    if r.consecutive_failures < policy.failure_threshold and not refused_now:
+        return False
+    if not (may_eject or refused_now):
+        return False
+    eject(r, now, policy, why=f"failures={r.consecutive_failures} refused={refused}")
+    return True
+
+
+def eject(r: ReplicaState, now: float, policy: BreakerPolicy, *, why: str) -> bool:
+    """Open ``r``'s breaker now (a CLOSED -> OPEN transition); False when it was not CLOSED.
+
+    Used by record_failure, and directly for a hung replica (router.progress) and a 5xx-rate
+    outlier (router.outliers), which need no streak of consecutive failures.
+    """
+    if r.breaker is not Breaker.CLOSED:
         return False
     recently_closed = r.closed_at > 0.0 and now - r.closed_at < policy.stable_s
     _open(r, now, policy, streak=r.open_streak + 1 if recently_closed else 0)
     r.ejections += 1
     log.warning(
-        "replica ejected url=%s failures=%d refused=%s cooldown_s=%.1f ejections=%d",
+        "replica ejected url=%s %s cooldown_s=%.1f ejections=%d",
         r.url,
-        r.consecutive_failures,
-        refused,
+        why,
         r.cooldown_s,
         r.ejections,
     )

@@ -33,10 +33,13 @@ from tenacity import (
 
 from router.balancer import RequestInfo
 from router.context import ROUTER, RouterContext
-from router.health import record_failure, record_success
+from router.health import eject, record_failure, record_success
 from router.middleware import REQUEST_ID, Exchange, exchange_of
 from router.openai_errors import ApiError, error_response, sse_error_event
-from router.state import Fleet, ReplicaState
+from router.outliers import is_gateway_failure, is_outlier, may_eject, record_answer
+from router.prefix_index import request_prefix
+from router.progress import first_byte_due_s
+from router.state import Attempt, Fleet, ReplicaState
 from router.telemetry import CLIENT_CLOSED
 
 log = logging.getLogger("vllm_fleet.router")
@@ -102,6 +105,11 @@ class UpstreamFailure(Exception):
         self.status = status
         self.body = body
         self.content_type = content_type
+
+    @property
+    def gateway(self) -> bool:
+        """Does this failure say the replica (not the request) is in trouble? (router.outliers)"""
+        return is_gateway_failure(self.reason, self.status)
 
 
 class ReplicasExhausted(Exception):
@@ -187,6 +195,7 @@ def parse_request(body: bytes, content_type: str) -> RequestInfo:
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
         stream=payload.get("stream") is True,
+        prefix=request_prefix(model, payload),
     )
 
 
@@ -354,28 +363,102 @@ class IdleWatchdog:
 
 
 async def send_once(
-    ctx: RouterContext, replica: ReplicaState, path: str, headers: CIMultiDict[str], body: bytes
+    ctx: RouterContext,
+    replica: ReplicaState,
+    path: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+    info: RequestInfo | None = None,
 ) -> Reply:
-    """One attempt on ``replica``. On success its in_flight stays counted until finish()."""
+    """One attempt on ``replica``. On success its in_flight stays counted until finish().
+
+    While it waits for its first byte the attempt is registered on the replica, with the time
+    it becomes overdue, so the progress monitor (router.progress) can tell a hung replica and
+    abandon the attempt: it is then cancelled here (closing the connection makes vLLM drop it)
+    and fails as "stalled", which the caller re-sends elsewhere; nothing reached the client.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    now = time.monotonic()
+    due = first_byte_due_s(replica, info) if info is not None else MIN_DUE_UNKNOWN_S
+    attempt = Attempt(sent_at=now, due_at=now + due, abandon=task.cancel)
     replica.in_flight += 1
+    replica.awaiting.add(attempt)
+    if info is not None:
+        replica.prefixes.record(info.prefix, now)
     try:
-        return await _exchange(
+        reply = await _exchange(
             ctx.session, replica, replica.url + path, headers, body, ctx.config.first_byte_timeout_s
         )
     except UpstreamFailure as exc:
         failure = exc
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         failure = _failure_of(replica.url, exc)
+    except asyncio.CancelledError:
+        if not attempt.abandoned or _still_cancelled(task):
+            replica.in_flight -= 1
+            raise
+        failure = UpstreamFailure(
+            replica.url, "stalled", "the replica sent nothing while requests were overdue"
+        )
     except BaseException:
         replica.in_flight -= 1
         raise
+    else:
+        replica.last_byte_at = time.monotonic()
+        record_answer(replica.outcomes, replica.last_byte_at, error=False)
+        return reply
+    finally:
+        replica.awaiting.discard(attempt)
     replica.in_flight -= 1
     _note_failure(ctx, replica, failure)
     raise failure
 
 
+#: First-byte due time of an attempt sent without a RequestInfo (none in the proxy today).
+MIN_DUE_UNKNOWN_S = 60.0
+
+
+def _still_cancelled(task: asyncio.Task[object]) -> bool:
+    """Undo the progress monitor's cancel; True when someone else cancelled ``task`` too
+    (the client went away, or shutdown): that cancellation must go on."""
+    if sys.version_info < (3, 11):  # no cancel counting: the monitor's was the only one
+        return False
+    return task.uncancel() > 0
+
+
 def _note_failure(ctx: RouterContext, replica: ReplicaState, failure: UpstreamFailure) -> None:
-    ejected = record_failure(replica, time.monotonic(), ctx.breaker, refused=failure.refused)
+    """Count a failed attempt toward the replica's ejection, by what kind of failure it was.
+
+    Gateway failures feed the breaker's consecutive count; any other 5xx answer only the
+    replica's error rate (router.outliers). Either ejection is capped by
+    --max-ejection-percent; a refused connection is not (nothing listens there).
+    """
+    now = time.monotonic()
+    fleet = ctx.fleet
+    allowed = may_eject(
+        fleet.ejected_count(), len(fleet.replicas), ctx.breaker.max_ejection_percent
+    )
+    ejected = False
+    if failure.gateway:
+        ejected = record_failure(
+            replica, now, ctx.breaker, refused=failure.refused, may_eject=allowed
+        )
+        if (
+            not ejected
+            and not allowed
+            and replica.consecutive_failures >= ctx.breaker.failure_threshold
+        ):
+            ctx.telemetry.ejections_prevented.inc()
+    else:
+        replica.last_byte_at = now  # it answered: not hung
+        record_answer(replica.outcomes, now, error=True)
+        if is_outlier(replica, list(fleet.replicas.values()), now):
+            if not allowed:
+                ctx.telemetry.ejections_prevented.inc()
+            elif eject(replica, now, ctx.breaker, why="5xx rate far above its peers'"):
+                ejected = True
+                ctx.telemetry.outlier_ejections.inc()
     ctx.telemetry.observe_failure(replica.url, failure.reason)
     log.warning(
         "upstream failed replica=%s reason=%s detail=%s ejected=%s",
@@ -399,12 +482,29 @@ async def send_with_failover(
     The first attempt runs directly: it is the only one almost every request makes, and
     tenacity's bookkeeping costs ~20 us per request. Failover (attempts 2..N) is driven by
     tenacity, on a replica not tried yet each time, without waiting in between.
+
+    A 5xx that is not a gateway status (500 above all) is most likely the request's own
+    problem: it is retried once, on another replica (on the same one when no other is
+    left), and then returned to the client. When no healthy replica is left, the least-bad
+    ones are used (panic mode, router.state.Fleet.panic_candidates): 503 only when none
+    is reachable at all.
     """
     tried: list[str] = []
     failures: list[UpstreamFailure] = []
 
     async def attempt() -> Reply:
+        answered_5xx = [f for f in failures if not f.gateway]
+        if len(answered_5xx) >= 2:  # retried once already: the request's problem
+            raise ReplicasExhausted(answered_5xx[-1])
         candidates = ctx.fleet.candidates(info.model, tried)
+        if not candidates:
+            candidates = ctx.fleet.panic_candidates(info.model, tried)
+            if candidates:
+                ctx.telemetry.panic_requests.inc()
+        if not candidates and answered_5xx:
+            # A replica that answered is reachable: the one retry may go back to it.
+            usable = ctx.fleet.candidates(info.model) or ctx.fleet.panic_candidates(info.model)
+            candidates = [r for r in usable if r.url == answered_5xx[-1].replica]
         if not candidates:
             if not failures:
                 raise no_replica_error(ctx.fleet, info.model)
@@ -414,7 +514,7 @@ async def send_with_failover(
         exchange.replica = replica.url
         exchange.attempts = len(tried)
         try:
-            return await send_once(ctx, replica, path, headers, body)
+            return await send_once(ctx, replica, path, headers, body, info)
         except UpstreamFailure as failure:
             failures.append(failure)
             raise
@@ -444,8 +544,17 @@ async def send_with_failover(
 def failure_response(failure: UpstreamFailure, attempts: int) -> web.Response:
     """What the client gets when every attempt failed before answering."""
     if failure.reason == "status":
-        return web.Response(
-            status=failure.status, body=failure.body, headers={"Content-Type": failure.content_type}
+        if _is_openai_error(failure.body):
+            return web.Response(
+                status=failure.status,
+                body=failure.body,
+                headers={"Content-Type": failure.content_type},
+            )
+        return error_response(
+            failure.status,
+            f"The replica failed to answer this request (HTTP {failure.status}, "
+            f"{attempts} attempt(s)).",
+            code="upstream_error",
         )
     if failure.reason == "timeout":
         return error_response(
@@ -459,6 +568,17 @@ def failure_response(failure: UpstreamFailure, attempts: int) -> web.Response:
         f"Could not get an answer from a replica ({attempts} attempt(s); last: {failure.reason}).",
         code="upstream_unavailable",
     )
+
+
+def _is_openai_error(body: bytes) -> bool:
+    """Is ``body`` an OpenAI-style error object (``{"error": {...}}``, as vLLM sends)?"""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    if not isinstance(payload, dict):
+        return False
+    return isinstance(payload.get("error"), dict) or payload.get("object") == "error"
 
 
 # -- relay -----------------------------------------------------------------------------------
@@ -481,6 +601,10 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     watchdog = IdleWatchdog(content, ctx.config.first_byte_timeout_s, loop)
     first = True
+    # The progress monitor (router.progress) expects bytes from a replica with running streams,
+    # and records when they come: streams and last_byte_at follow the replica being relayed.
+    replica = reply.replica
+    replica.streams += 1
     try:
         await response.prepare(request)
         while True:
@@ -492,6 +616,7 @@ async def relay_stream(
                 await _stream_broke(response, reply, exchange, ctx, failure)
                 return response, False
             watchdog.read_since = None
+            replica.last_byte_at = time.monotonic()
             if not chunk:
                 break
             if first:
@@ -504,6 +629,7 @@ async def relay_stream(
         exchange.status = CLIENT_CLOSED
         return response, False
     finally:
+        replica.streams -= 1
         watchdog.close()
     return response, True
 

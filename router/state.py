@@ -8,9 +8,10 @@ decision path can be tested with hand-built states.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
+from router.prefix_index import ReplicaPrefixes
 from router.speed import SpeedEstimate
 
 
@@ -24,6 +25,35 @@ class Breaker(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One request sent to a replica and still waiting for its first byte.
+
+    ``abandon`` cancels the attempt (the proxy then re-sends the request elsewhere: nothing has
+    reached the client yet). The progress monitor calls it when the replica is found hung.
+    """
+
+    sent_at: float
+    #: When the first byte is overdue: the router's own estimate of the request's time there
+    #: (router.progress.first_byte_due), generously padded.
+    due_at: float
+    abandon: Callable[[], object]
+    abandoned: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Outcomes:
+    """Recent request outcomes of one replica, exponentially forgotten (router.outliers).
+
+    Only answers count here: a 5xx the replica sent (``errors``) or a success. Gateway failures
+    (refused, reset, timeouts) go to the breaker's consecutive count instead.
+    """
+
+    requests: float = 0.0
+    errors: float = 0.0
+    at: float = 0.0
 
 
 @dataclass
@@ -78,6 +108,22 @@ class ReplicaState:
     #: Decode speed, batch slowdown, batch limit and request sizes learned from the engine's
     #: counters at every scrape (router.speed); the cost policy reads it.
     speed: SpeedEstimate = field(default_factory=SpeedEstimate)
+    #: Prompt prefixes this router sent here and believes cached (router.prefix_index); the
+    #: cost policy reads it, the proxy records into it, scrapes and KV events correct it.
+    prefixes: ReplicaPrefixes = field(default_factory=ReplicaPrefixes)
+    #: Attempts waiting for their first byte (router.proxy.send_once adds and removes them).
+    awaiting: set[Attempt] = field(default_factory=set)
+    #: Streams being relayed from this replica right now.
+    streams: int = 0
+    #: monotonic time any byte last came from this replica (answer headers, a body, a chunk).
+    last_byte_at: float = 0.0
+    #: Set by the progress monitor: requests here are overdue and the replica says nothing.
+    #: Suspects get no new request while another candidate is fine (router.progress).
+    suspect: bool = False
+    #: monotonic time the replica became a suspect (0 when it is not one).
+    suspect_since: float = 0.0
+    #: Answers by status class, for the 5xx-rate outlier detection (router.outliers).
+    outcomes: Outcomes = field(default_factory=Outcomes)
 
 
 @dataclass
@@ -103,14 +149,41 @@ class Fleet:
     def healthy(self) -> list[ReplicaState]:
         return [r for r in self.replicas.values() if r.healthy]
 
-    def candidates(self, model: str | None, exclude: Iterable[str] = ()) -> list[ReplicaState]:
+    def candidates(self, model: str | None, exclude: Collection[str] = ()) -> list[ReplicaState]:
         """Healthy replicas that serve ``model`` (any model when None), minus ``exclude``."""
+        found = [
+            r
+            for r in self.replicas.values()
+            if r.healthy and r.url not in exclude and (model is None or model in r.models)
+        ]
+        if len(found) > 1 and any(r.suspect for r in found):
+            fine = [r for r in found if not r.suspect]
+            if fine:  # a suspect gets nothing new while another candidate is fine
+                return fine
+        return found
+
+    def panic_candidates(
+        self, model: str | None, exclude: Iterable[str] = ()
+    ) -> list[ReplicaState]:
+        """The least-bad replicas when no healthy one is left (panic mode, as Envoy and nginx).
+
+        Replicas the breaker ejected for failed requests but whose /health still answers: a
+        replica that answers most requests beats a 503 for all of them. Replicas whose check
+        fails (refused, hung, unhealthy) are not reachable and stay out.
+        """
         skip = set(exclude)
         return [
             r
             for r in self.replicas.values()
-            if r.healthy and r.url not in skip and (model is None or model in r.models)
+            if r.check_ok
+            and not r.suspect
+            and r.url not in skip
+            and (model is None or model in r.models)
         ]
+
+    def ejected_count(self) -> int:
+        """Replicas the circuit breaker holds out of rotation (OPEN or HALF_OPEN)."""
+        return sum(1 for r in self.replicas.values() if r.breaker is not Breaker.CLOSED)
 
     def served_models(self) -> list[str]:
         """Union of model ids over healthy replicas, sorted for stable output."""

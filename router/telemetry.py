@@ -25,7 +25,8 @@ NO_REPLICA = "none"
 #: The status recorded when the client went away first (nginx's convention).
 CLIENT_CLOSED = 499
 #: Failure reasons for retries and stream errors.
-REASONS = ("connect", "timeout", "status", "disconnect")
+#: "stalled": the attempt waited on a replica found hung and was re-sent (router.progress).
+REASONS = ("connect", "timeout", "status", "disconnect", "stalled")
 
 #: LLM requests last from milliseconds (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -67,6 +68,11 @@ class FleetCollector(Collector):
         ejections = CounterMetricFamily(
             "vllm_fleet_ejections", "Times the circuit breaker ejected the replica", labels=labels
         )
+        suspect = GaugeMetricFamily(
+            "vllm_fleet_replica_suspect",
+            "1 while the replica owes bytes and has sent none (a possible hang), else 0",
+            labels=labels,
+        )
         for r in list(self._fleet.replicas.values()):
             key = [r.url]
             in_flight.add_metric(key, r.in_flight)
@@ -76,7 +82,8 @@ class FleetCollector(Collector):
             kv.add_metric(key, r.kv_cache_usage)
             served.add_metric(key, r.served)
             ejections.add_metric(key, r.ejections)
-        yield from (in_flight, healthy, waiting, running, kv, served, ejections)
+            suspect.add_metric(key, 1.0 if r.suspect else 0.0)
+        yield from (in_flight, healthy, waiting, running, kv, served, ejections, suspect)
 
 
 class Telemetry:
@@ -127,6 +134,33 @@ class Telemetry:
         self.client_disconnects = Counter(
             "vllm_fleet_client_disconnects",
             "Requests whose client went away before the response finished",
+            registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "vllm_fleet_abandoned_attempts",
+            "Attempts waiting for a first byte on a replica found hung or ejected, cancelled "
+            "there and re-sent elsewhere",
+            registry=self.registry,
+        )
+        self.hung_ejections = Counter(
+            "vllm_fleet_hung_ejections",
+            "Replicas ejected because they held overdue requests and sent nothing",
+            registry=self.registry,
+        )
+        self.outlier_ejections = Counter(
+            "vllm_fleet_outlier_ejections",
+            "Replicas ejected because their 5xx rate was far above their peers'",
+            registry=self.registry,
+        )
+        self.ejections_prevented = Counter(
+            "vllm_fleet_ejections_prevented",
+            "Ejections not made because --max-ejection-percent of the fleet was already out",
+            registry=self.registry,
+        )
+        self.panic_requests = Counter(
+            "vllm_fleet_panic_requests",
+            "Requests sent to an ejected replica whose /health passes, because no healthy "
+            "replica was left (panic mode)",
             registry=self.registry,
         )
         #: label children by replica (and status): labels() takes a lock and hashes its
