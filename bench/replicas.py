@@ -19,7 +19,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import ChildProcess, free_port, wait_http
-from launcher.vllm_cpu import cpu_engine_env, cpu_server_args, cpu_server_command
+from launcher.commands.demo import tiny_cpu_plan
+from launcher.commands.plan import host_cpus
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def find_vllm_python(repo: Path) -> str:
 
 @dataclass
 class VllmReplica:
-    """`python -m vllm.entrypoints.openai.api_server` serving the tiny model on the CPU."""
+    """Real vLLM serving the tiny model on the CPU, started as `up` starts a replica."""
 
     model_dir: Path
     python: str
@@ -173,12 +174,15 @@ class VllmReplica:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, deadline_s: float = 300.0) -> None:
-        """Start with the project's measured CPU settings (launcher.vllm_cpu)."""
-        env = cpu_engine_env(replicas=self.replicas)
-        args = cpu_server_args(self.model_dir, self.port, served_model_name=TINY_MODEL)
-        argv = cpu_server_command(args, self.python)
+        """Start with the command line and environment the planner gives `up` and the demo
+        (this replica is the first of `replicas` sharing this machine)."""
+        layout = tiny_cpu_plan(
+            str(self.model_dir), replicas=self.replicas, base_port=self.port,
+            python=self.python, cpus=host_cpus(),
+        )  # fmt: skip
+        spec = layout.replicas[0]
         log = self.workdir / f"vllm-{self.port}.log"
-        self.child = ChildProcess(argv, log, env={**os.environ, **env})
+        self.child = ChildProcess(list(spec.command), log, env={**os.environ, **spec.env})
         await wait_http(f"{self.url}/health", deadline_s, self.child)
 
     def stop(self) -> None:

@@ -36,6 +36,9 @@ class Inventory:
     source: str = "declared"
     #: what detection noticed on the way (CUDA_VISIBLE_DEVICES filtering, missing topology).
     notes: tuple[str, ...] = ()
+    #: CPUs of the host that runs the replicas (sizes the CPU engine's threads); None: not
+    #: known, e.g. a compose file written for another machine.
+    cpus: int | None = None
 
 
 @dataclass(frozen=True)

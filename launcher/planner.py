@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from launcher.errors import ConfigError
 from launcher.model_size import normalize_dtype
 from launcher.plan_types import GIB, FitCheck, Gpu, Inventory, ModelSize, Plan, ReplicaSpec
-from launcher.vllm_cpu import cpu_engine_env
+from launcher.vllm_args import DEFAULT_KV_CACHE_GIB, OWNED_FLAGS, cpu_engine_env, vllm_command
 
 #: tensor-parallel sizes tried, smallest first (more GPUs per replica = fewer replicas).
 TP_SIZES = (1, 2, 4, 8)
@@ -40,26 +40,12 @@ CONTEXT_FLOOR = 4096
 #: a reduced context is rounded down to a multiple of this.
 CONTEXT_STEP = 1024
 #: default KV cache of the CPU engine in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
-CPU_KVCACHE_SPACE_GIB = 1
+CPU_KVCACHE_SPACE_GIB = DEFAULT_KV_CACHE_GIB
 
 MULTI_NODE_HINT = (
     "use bigger GPUs, a quantized checkpoint, or the Helm chart's multi-node mode "
     "(helm/, set engine.multiNode=true)"
 )
-
-#: engine flags the planner sets itself; passing them in extra_args would contradict the plan.
-_OWNED_FLAGS = {
-    "--model": "--model",
-    "--host": "--host",
-    "--port": "--base-port",
-    "--tensor-parallel-size": "--tensor-parallel-size",
-    "-tp": "--tensor-parallel-size",
-    "--served-model-name": "--served-model-name",
-    "--dtype": "--dtype",
-    "--max-model-len": "--max-model-len",
-    "--gpu-memory-utilization": "--gpu-memory-utilization",
-    "--max-num-seqs": "--max-num-seqs",
-}
 
 
 class PlanError(ConfigError):
@@ -85,8 +71,6 @@ class PlanOptions:
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     python: str = "python3"
-    #: CPUs the CPU engine's replicas share (threads per replica follow from it); None = detect.
-    cpus: int | None = None
 
 
 def gib(n: float) -> str:
@@ -132,10 +116,10 @@ def _validate_options(options: PlanOptions) -> None:
         raise PlanError(f"--base-port {options.base_port} must be a TCP port (1-65535)")
     for arg in options.extra_args:
         flag = arg.split("=", 1)[0]
-        if flag in _OWNED_FLAGS:
+        if flag in OWNED_FLAGS:
             raise PlanError(
                 f"extra engine argument {flag} is set by the planner; "
-                f"use vllm-fleet's {_OWNED_FLAGS[flag]} option instead"
+                f"use vllm-fleet's {OWNED_FLAGS[flag]} option instead"
             )
 
 
@@ -155,39 +139,21 @@ def _ports(options: PlanOptions, count: int) -> list[int]:
 def _vllm_command(
     options: PlanOptions, port: int, tp: int, max_model_len: int | None, on_gpu: bool
 ) -> tuple[str, ...]:
-    argv = [
-        options.python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        options.model,
-        "--host",
-        options.host,
-        "--port",
-        str(port),
-        "--tensor-parallel-size",
-        str(tp),
-    ]
-    if options.served_model_name:
-        argv += ["--served-model-name", options.served_model_name]
-    dtype = normalize_dtype(options.dtype)
-    if dtype != "auto":
-        argv += ["--dtype", dtype]
-    if max_model_len is not None:
-        argv += ["--max-model-len", str(max_model_len)]
-    if on_gpu:
-        argv += ["--gpu-memory-utilization", f"{options.gpu_memory_utilization:g}"]
-    if options.max_num_seqs is not None:
-        argv += ["--max-num-seqs", str(options.max_num_seqs)]
-    return (*argv, *options.extra_args)
-
-
-def _cpu_command(options: PlanOptions, port: int, max_model_len: int | None) -> tuple[str, ...]:
-    """The vLLM command on the CPU: eager mode skips a ~30 s compile warm-up (launcher.vllm_cpu)."""
-    argv = _vllm_command(options, port, 1, max_model_len, on_gpu=False)
-    if "--enforce-eager" in options.extra_args:
-        return argv
-    return (*argv, "--enforce-eager")
+    """The replica's vLLM command line, from launcher.vllm_args (the only builder of one)."""
+    return vllm_command(
+        python=options.python,
+        model=options.model,
+        host=options.host,
+        port=port,
+        tensor_parallel_size=tp,
+        served_model_name=options.served_model_name,
+        dtype=normalize_dtype(options.dtype),
+        max_model_len=max_model_len,
+        gpu_memory_utilization=options.gpu_memory_utilization if on_gpu else None,
+        max_num_seqs=options.max_num_seqs,
+        on_cpu=not on_gpu,
+        extra_args=options.extra_args,
+    )
 
 
 def _sim_command(options: PlanOptions, port: int) -> tuple[str, ...]:
@@ -264,15 +230,15 @@ def _plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
         )
     space = _cpu_kv_space_gib(options)
     count = options.replicas or 1
-    # Measured settings that let several CPU replicas share a small machine (launcher.vllm_cpu);
+    # Measured settings that let several CPU replicas share a small machine (launcher.vllm_args);
     # the user's env wins. Offline mode only when the user asks: a hub model must download.
-    env = {
-        **cpu_engine_env(count, options.cpus, kv_cache_gib=space, offline=False),
-        **options.env,
-    }
+    # The thread count comes from the inventory's CPU count, a fact of the host that runs the
+    # replicas: read at the command line's edge (up, demo), given by `compose --cpus`, or unknown.
+    env = {**cpu_engine_env(count, inventory.cpus, kv_cache_gib=space), **options.env}
     notes = [
         "no GPU found: using vLLM's CPU engine "
-        f"(KV cache {space} GiB per replica, set VLLM_CPU_KVCACHE_SPACE to change)"
+        f"(KV cache {space} GiB per replica, set VLLM_CPU_KVCACHE_SPACE to change)",
+        _threads_note(inventory.cpus, count, env),
     ]
     max_len = options.max_model_len
     kv_tokens = 0
@@ -305,7 +271,7 @@ def _plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
             port=port,
             gpus=(),
             tensor_parallel_size=1,
-            command=_cpu_command(options, port, max_len),
+            command=_vllm_command(options, port, 1, max_len, on_gpu=False),
             env=dict(env),
         )
         for i, port in enumerate(_ports(options, count))
@@ -320,6 +286,18 @@ def _plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
         max_model_len=max_len,
         kv_cache_tokens=kv_tokens,
     )
+
+
+def _threads_note(cpus: int | None, replicas: int, env: Mapping[str, str]) -> str:
+    threads = env.get("OMP_NUM_THREADS")
+    if cpus is None:
+        if threads is not None:
+            return f"OMP_NUM_THREADS={threads} per replica, as given"
+        return (
+            "CPU count of the host not given: OMP_NUM_THREADS is left to vLLM (each replica "
+            "uses every CPU it sees); `vllm-fleet compose --cpus N` sets it"
+        )
+    return f"OMP_NUM_THREADS={threads} per replica ({replicas} replica(s) on {cpus} CPUs)"
 
 
 # --------------------------------------------------------------------------- GPU memory model

@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
-from launcher.commands.plan import add_plan_arguments, render
-from launcher.commands.up import config_from_args, plan_fleet
+from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
+from launcher.commands.up import config_from_args
 from launcher.config import FleetConfig
-from launcher.plan_types import ReplicaSpec
+from launcher.errors import ConfigError
+from launcher.plan_types import Plan, ReplicaSpec
+from launcher.planner import PlanOptions, plan
 from launcher.rundir import atomic_write_text
 from launcher.runtime.docker import (
     DEFAULT_CPU_IMAGE,
@@ -57,6 +59,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     add("--router-host", default=None, metavar="ADDR",
         help="host address the router port is published on (default 127.0.0.1)")  # fmt: skip
     add("--policy", default=None, metavar="NAME", help="router balancing policy")
+    add("--cpus", default=None, metavar="N",
+        help="CPUs of the host that will run the file, to size the CPU engine's threads per "
+        "replica (default: not set, vLLM uses the CPUs its container sees)")  # fmt: skip
     add("-o", "--output", default="-", metavar="PATH",
         help="file to write (default: standard output)")  # fmt: skip
     add("--gpu-image", default=DEFAULT_GPU_IMAGE, metavar="IMAGE",
@@ -71,9 +76,33 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(func=run_compose)
 
 
+def parse_cpus(raw: str | None) -> int | None:
+    """``--cpus``, checked here so a bad value is one line, not an argparse usage dump."""
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"--cpus {raw!r} must be a whole number of CPUs >= 1, e.g. --cpus 16")
+    return value
+
+
+def plan_for_compose(
+    config: FleetConfig, params: str | None, cpus: int | None
+) -> tuple[Plan, PlanOptions]:
+    """Plan as `up` does, except that the CPU count is the target host's (``--cpus``) or
+    unknown, never this machine's: the file is often run somewhere else."""
+    options = config.to_plan_options()
+    inventory, size = load_plan_inputs(options, config.gpus, params, cpu_count=lambda: cpus)
+    return plan(inventory, size, options), options
+
+
 def run_compose(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    layout, options = plan_fleet(config, getattr(args, "params", None))
+    cpus = parse_cpus(args.cpus)
+    layout, options = plan_for_compose(config, getattr(args, "params", None), cpus)
     cpu_image = args.cpu_image or (
         args.router_image if config.engine == "sim" else DEFAULT_CPU_IMAGE
     )

@@ -13,7 +13,6 @@ import dataclasses
 import importlib.util
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,8 +21,10 @@ import aiohttp
 from launcher.config import FleetConfig, RestartConfig, RouterConfig
 from launcher.errors import ConfigError
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
-from launcher.plan_types import Inventory, ModelSize, ReplicaSpec
+from launcher.plan_types import Inventory, ModelSize, Plan, ReplicaSpec
+from launcher.planner import PlanOptions, plan
 from launcher.rundir import FleetState, RunDir
+from launcher.vllm_args import OFFLINE_ENV
 
 DEMO_PROMPT = "Say hello to the fleet in five words."
 #: how long a CPU replica may take to load (first start compiles kernels).
@@ -88,7 +89,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def demo_fleet(args: argparse.Namespace) -> tuple[FleetConfig, tuple[ReplicaSpec, ...]]:
-    from launcher.planner import plan
     from launcher.tiny_model import SERVED_MODEL_NAME
 
     common: dict[str, Any] = {
@@ -119,48 +119,78 @@ def demo_fleet(args: argparse.Namespace) -> tuple[FleetConfig, tuple[ReplicaSpec
 
 
 def demo_inventory(engine: str) -> Inventory:
-    """The GPUs of this machine for real vLLM, so a GPU box runs the demo on its GPUs (the GPU
-    build of vLLM cannot run on the CPU); no GPU, or the simulator, plans CPU replicas."""
+    """The GPUs and CPU count of this machine for real vLLM, so a GPU box runs the demo on its
+    GPUs (the GPU build of vLLM cannot run on the CPU) and CPU replicas share this machine's
+    cores; the simulator plans CPU replicas and needs neither."""
     if engine != "vllm":
         return Inventory(gpus=(), source="none")
+    from launcher.commands.plan import host_cpus
     from launcher.inventory import detect_inventory
 
-    return detect_inventory()
+    return dataclasses.replace(detect_inventory(), cpus=host_cpus())
 
 
-#: flags the planner sets from the fleet config; stripped from vllm_cpu's argument list.
-_PLANNER_FLAGS = frozenset(
-    {
-        "--model",
-        "--host",
-        "--port",
-        "--served-model-name",
-        "--dtype",
-        "--max-model-len",
-        "--max-num-seqs",
-        "--tensor-parallel-size",
-        "--gpu-memory-utilization",
-    }
-)
 #: float32 runs on every x86 CPU; 1024 tokens is plenty for the demo and keeps the KV small.
 DEMO_DTYPE = "float32"
 DEMO_MAX_MODEL_LEN = 1024
 
 
-def engine_only_args(args: Sequence[str]) -> tuple[str, ...]:
-    """Drop the flags (and their values) the planner owns, keep the engine tuning flags."""
-    kept: list[str] = []
-    skip_value = False
-    for arg in args:
-        if skip_value:
-            skip_value = False
-            continue
-        flag = arg.split("=", 1)[0]
-        if flag in _PLANNER_FLAGS:
-            skip_value = "=" not in arg
-            continue
-        kept.append(arg)
-    return tuple(kept)
+def tiny_cpu_options(
+    model_dir: str,
+    *,
+    replicas: int,
+    base_port: int,
+    python: str,
+    max_num_seqs: int | None = None,
+) -> PlanOptions:
+    """The plan options of the demo's replicas of the tiny model on the CPU.
+
+    The demo's fleet config says the same (``tiny_cpu_config``), and the e2e tests and the bench
+    plan their replicas from these options too, so every one of them runs vLLM with the command
+    line `up` would use (launcher.vllm_args builds it).
+    """
+    from launcher.tiny_model import SERVED_MODEL_NAME  # numpy: not at every CLI start
+
+    return PlanOptions(
+        model=model_dir,
+        served_model_name=SERVED_MODEL_NAME,
+        dtype=DEMO_DTYPE,
+        max_model_len=DEMO_MAX_MODEL_LEN,
+        max_num_seqs=max_num_seqs,
+        replicas=replicas,
+        base_port=base_port,
+        env=dict(OFFLINE_ENV),
+        python=python,
+    )
+
+
+def tiny_cpu_plan(
+    model_dir: str,
+    *,
+    replicas: int,
+    base_port: int,
+    python: str,
+    cpus: int,
+    max_num_seqs: int | None = None,
+) -> Plan:
+    """The planner's layout of the tiny model on a host with `cpus` CPUs and no GPU."""
+    options = tiny_cpu_options(
+        model_dir, replicas=replicas, base_port=base_port, python=python,
+        max_num_seqs=max_num_seqs,
+    )  # fmt: skip
+    return plan(Inventory(gpus=(), source="none", cpus=cpus), None, options)
+
+
+def tiny_cpu_config(config: FleetConfig, model_dir: str) -> FleetConfig:
+    """The demo's fleet config for real vLLM: the settings of ``tiny_cpu_options``."""
+    return dataclasses.replace(
+        config,
+        model=model_dir,
+        dtype=DEMO_DTYPE,
+        max_model_len=DEMO_MAX_MODEL_LEN,
+        env=dict(OFFLINE_ENV),
+        extra_args=(),
+    )
 
 
 def _vllm_cpu_setup(config: FleetConfig) -> tuple[FleetConfig, ModelSize]:
@@ -168,19 +198,11 @@ def _vllm_cpu_setup(config: FleetConfig) -> tuple[FleetConfig, ModelSize]:
         raise ConfigError(INSTALL_HINT.format(python=sys.executable))
     from launcher.model_size import size_model
     from launcher.tiny_model import build_tiny_model, default_tiny_model_dir
-    from launcher.vllm_cpu import cpu_engine_env, cpu_server_args
 
     model_dir = default_tiny_model_dir()
     print(f"vllm-fleet demo: tiny model in {model_dir}", flush=True)
     build_tiny_model(model_dir)
-    config = dataclasses.replace(
-        config,
-        model=str(model_dir),
-        dtype=DEMO_DTYPE,
-        max_model_len=DEMO_MAX_MODEL_LEN,
-        env=cpu_engine_env(replicas=config.replicas or 1),
-        extra_args=engine_only_args(cpu_server_args(model_dir, port=0)),
-    )
+    config = tiny_cpu_config(config, str(model_dir))
     return config, size_model(str(model_dir), dtype=DEMO_DTYPE, fetch=None)
 
 

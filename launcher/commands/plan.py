@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from launcher.errors import ConfigError
@@ -121,19 +122,27 @@ def plan_options_from_args(args: argparse.Namespace, python: str) -> PlanOptions
     )
 
 
+def host_cpus() -> int:
+    """CPUs this process may run on (respects taskset and container CPU sets)."""
+    return len(os.sched_getaffinity(0))
+
+
 def load_plan_inputs(
     options: PlanOptions,
     gpus: str | Sequence[str] | None = None,
     params: str | None = None,
     env: Mapping[str, str] | None = None,
     fetch: Fetcher | None = fetch_from_hub,
+    cpu_count: Callable[[], int | None] = host_cpus,
 ) -> tuple[Inventory, ModelSize | None]:
-    """The I/O before planning: find or read the GPUs, size the model.
+    """The I/O before planning: find or read the GPUs and the CPU count, size the model.
 
-    The sim engine needs no size. Without GPUs the size is only used to fit the CPU KV cache,
-    so a model that cannot be sized there still plans (vLLM will size it when it starts).
+    The planner never reads the machine: `cpu_count` is this host's for `plan` and `up`, and
+    what `compose --cpus` says (or nothing) for a file another host runs. The sim engine needs
+    no size. Without GPUs the size is only used to fit the CPU KV cache, so a model that
+    cannot be sized there still plans (vLLM will size it when it starts).
     """
-    inventory = resolve_inventory(gpus)
+    inventory = dataclasses.replace(resolve_inventory(gpus), cpus=cpu_count())
     if options.engine == "sim" and params is None:
         return inventory, None
     try:
@@ -321,6 +330,7 @@ def render(layout: Plan, options: PlanOptions) -> str:
 
 __all__ = [
     "add_plan_arguments",
+    "host_cpus",
     "load_plan_inputs",
     "options_from_args",
     "plan_options_from_args",

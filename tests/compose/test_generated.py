@@ -3,13 +3,16 @@ fast, and the same file layout serves GPU plans (validated in test_compose_confi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from openai import OpenAI
 
+from launcher.cli import main
 from tests.compose.support import (
     REPO_ROOT,
     ROUTER_IMAGE,
@@ -55,7 +58,7 @@ def test_generated_sim_fleet_serves_through_its_router(tmp_path: Path) -> None:
     assert leftovers(client, project.name) == []
 
 
-@pytest.mark.parametrize("bad", [["--replicas", "0"], ["--engine", "nope"]])
+@pytest.mark.parametrize("bad", [["--replicas", "0"], ["--engine", "nope"], ["--cpus", "0"]])
 def test_bad_flags_are_one_line_errors(bad: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "compose", "--model", "m", *bad],
@@ -64,3 +67,30 @@ def test_bad_flags_are_one_line_errors(bad: list[str]) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("vllm-fleet compose: error:")
     assert "Traceback" not in result.stderr
+
+
+def _cpu_replica_env(capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, str]:
+    status = main(["compose", "--model", "/models/tiny", "--gpus", "none", "--replicas", "2",
+                   "--cpu-image", "engine:1", *flags])  # fmt: skip
+    assert status == 0
+    document = yaml.safe_load(capsys.readouterr().out)
+    env: dict[str, str] = document["services"]["replica-1"]["environment"]
+    return env
+
+
+def test_the_cpu_count_is_the_target_hosts_never_this_machines(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compose file runs on another host: this machine's CPUs must not size its threads."""
+
+    def this_machine(*args: object) -> set[int]:
+        raise AssertionError("vllm-fleet compose read this machine's CPUs")
+
+    monkeypatch.setattr(os, "sched_getaffinity", this_machine)
+
+    unknown = _cpu_replica_env(capsys)
+    given = _cpu_replica_env(capsys, "--cpus", "16")
+
+    assert "OMP_NUM_THREADS" not in unknown
+    assert unknown["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert given["OMP_NUM_THREADS"] == "7"  # (16 CPUs - 2 replicas) // 2

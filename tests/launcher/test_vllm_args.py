@@ -1,0 +1,137 @@
+"""The one builder of vLLM's command line and environment, and that nothing else builds one.
+
+The e2e tests and the bench once started vLLM from a builder of their own, so they tested a
+command `up` never ran; the scan below fails when any module but launcher/vllm_args.py spells
+out a vLLM command line again.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher.commands.demo import tiny_cpu_config, tiny_cpu_options, tiny_cpu_plan
+from launcher.config import FleetConfig
+from launcher.plan_types import Inventory
+from launcher.planner import PlanOptions, plan
+from launcher.tiny_model import SERVED_MODEL_NAME
+from launcher.vllm_args import (
+    OFFLINE_ENV,
+    SERVER_MODULE,
+    cpu_engine_env,
+    threads_per_replica,
+    vllm_command,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+#: where programs (not test assertions) live: any vLLM command line built here would drift.
+PROGRAM_FILES = sorted(
+    [
+        *(REPO / "launcher").rglob("*.py"),
+        *(REPO / "router").rglob("*.py"),
+        *(REPO / "bench").rglob("*.py"),
+        *(REPO / "tests" / "support").rglob("*.py"),
+        *(p for p in (REPO / "tests" / "e2e").glob("*.py") if not p.name.startswith("test_")),
+    ]
+)
+#: what only a vLLM command line or the CPU engine's environment contains.
+BUILDER_MARKS = (
+    SERVER_MODULE,
+    "--enforce-eager",
+    "--disable-uvicorn-access-log",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "VLLM_CPU_OMP_THREADS_BIND",
+)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "cpus", "threads"),
+    [(1, 2, 1), (2, 2, 1), (3, 2, 1), (1, 32, 31), (4, 32, 7), (1, 1, 1)],
+)
+def test_threads_leave_a_core_per_replica_and_never_drop_to_zero(
+    replicas: int, cpus: int, threads: int
+) -> None:
+    assert threads_per_replica(replicas, cpus) == threads
+
+
+def test_threads_need_a_replica() -> None:
+    with pytest.raises(ValueError, match="replicas"):
+        threads_per_replica(0, 4)
+
+
+def test_env_keeps_the_worker_in_process_and_sizes_threads_and_kv() -> None:
+    env = cpu_engine_env(replicas=2, cpus=2, kv_cache_gib=2)
+
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    # Offline mode is the caller's choice (OFFLINE_ENV): a hub model must download.
+    assert not set(OFFLINE_ENV) & set(env)
+
+
+def test_env_without_a_cpu_count_leaves_the_threads_to_openmp() -> None:
+    assert "OMP_NUM_THREADS" not in cpu_engine_env(replicas=2, cpus=None)
+
+
+def test_cpu_command_is_eager_and_never_repeats_a_flag_the_user_gave() -> None:
+    def command(**kwargs: Any) -> tuple[str, ...]:
+        return vllm_command(
+            python="py", model="/m", host="127.0.0.1", port=8001, tensor_parallel_size=1,
+            on_cpu=True, **kwargs,
+        )  # fmt: skip
+
+    cpu = command(gpu_memory_utilization=0.9)
+    given = command(extra_args=("--enforce-eager", "--x"))
+
+    assert cpu[:3] == ("py", "-m", SERVER_MODULE)
+    assert cpu[-2:] == ("--disable-uvicorn-access-log", "--enforce-eager")
+    assert "--gpu-memory-utilization" not in cpu
+    assert given.count("--enforce-eager") == 1
+    assert given[-2:] == ("--enforce-eager", "--x")
+
+
+def test_no_other_module_builds_a_vllm_command_line() -> None:
+    assert REPO / "launcher" / "vllm_args.py" in PROGRAM_FILES
+    assert REPO / "tests" / "e2e" / "support.py" in PROGRAM_FILES
+    builders = {
+        f"{path.relative_to(REPO)}: {mark}"
+        for path in PROGRAM_FILES
+        if path.name != "vllm_args.py"
+        for mark in BUILDER_MARKS
+        if mark in path.read_text(encoding="utf-8")
+    }
+    assert not builders, (
+        "build vLLM command lines and environments in launcher/vllm_args.py only (through the "
+        f"planner), so tests and the bench run what `up` runs: {sorted(builders)}"
+    )
+
+
+def test_e2e_and_bench_replicas_are_the_planners() -> None:
+    """What tests/e2e/support.py and bench/replicas.py start is `plan()` of the demo's options."""
+    options = tiny_cpu_options("/m", replicas=2, base_port=9100, python="py", max_num_seqs=64)
+
+    layout = tiny_cpu_plan("/m", replicas=2, base_port=9100, python="py", cpus=4, max_num_seqs=64)
+
+    assert layout == plan(Inventory(gpus=(), source="none", cpus=4), None, options)
+    first = layout.replicas[0]
+    assert first.command == (
+        "py", "-m", SERVER_MODULE, "--model", "/m", "--host", "127.0.0.1", "--port", "9100",
+        "--tensor-parallel-size", "1", "--served-model-name", SERVED_MODEL_NAME,
+        "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "64",
+        "--disable-uvicorn-access-log", "--enforce-eager",
+    )  # fmt: skip
+    assert first.env["OMP_NUM_THREADS"] == "1"
+    assert first.env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_demo_plans_with_the_same_options() -> None:
+    base = FleetConfig(served_model_name=SERVED_MODEL_NAME, replicas=2, base_port=9100)
+
+    options = tiny_cpu_config(base, "/m").to_plan_options()
+
+    assert options == tiny_cpu_options("/m", replicas=2, base_port=9100, python=sys.executable)
+    assert isinstance(options, PlanOptions)
