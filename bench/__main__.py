@@ -1,4 +1,6 @@
-"""`python -m bench [--quick] [--scenarios 1,5] [--peers ours-lb,nginx-lc]`.
+"""`python -m bench [--quick] [--scenarios 1,5] [--peers ours-lb,nginx-lc]` runs scenarios;
+`python -m bench report [--check]` rebuilds docs/benchmarks.md and the README's headline block
+from bench/results without running anything.
 
 Runs from its own venv (bench/.env, made by bench/setup.sh): the first start installs it and
 re-executes this module there, so the Rust routers and matplotlib never enter the project's venv.
@@ -14,10 +16,20 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
+from bench.page import Pages, machine, stale, write
 from bench.procs import machine_busy_seconds, own_cpu_seconds
+from bench.section import Section
+from bench.stamp import Stamp, current_stamp
+from bench.store import save_section
+
+if TYPE_CHECKING:
+    from bench.scenarios import Options, Scenario
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -28,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Compare vllm-fleet's router with nginx, HAProxy, vllm-router, "
-        "sglang-router and client-side baselines; write docs/benchmarks.md.",
+        "sglang-router and client-side baselines; store bench/results, write "
+        "docs/benchmarks.md and the README's headline table.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="short runs, fewer routers (default scenarios 1,5)"
@@ -41,12 +54,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-setup", action="store_true", help="skip bench/setup.sh")
     parser.add_argument("--output", type=Path, help="markdown file to write")
+    return parser.parse_args(argv)
+
+
+def parse_report_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench report",
+        description="Rebuild docs/benchmarks.md and the README's headline block from "
+        "bench/results (no benchmark runs; any interpreter with the project works).",
+    )
     parser.add_argument(
-        "--render-only",
+        "--check",
         action="store_true",
-        help="rebuild the page from stored results (after editing bench/findings.md)",
+        help="write nothing; exit 1 naming each file that differs from what the results give",
     )
     return parser.parse_args(argv)
+
+
+def full_pages() -> Pages:
+    """The published files: bench/results -> docs/benchmarks.md (+ docs/img) and README.md."""
+    return Pages(
+        results=BENCH_DIR / "results",
+        page=REPO / "docs" / "benchmarks.md",
+        images=REPO / "docs" / "img",
+        readme=REPO / "README.md",
+        findings=BENCH_DIR / "findings.md",
+    )
+
+
+def report(argv: list[str]) -> int:
+    """`python -m bench report [--check]`."""
+    args = parse_report_args(argv)
+    pages = full_pages()
+    try:
+        if args.check:
+            differ = stale(pages)
+            for path in differ:
+                print(
+                    f"bench: {path.relative_to(REPO)} differs from what bench/results give; "
+                    "run `python -m bench report`",
+                    file=sys.stderr,
+                )
+            return 1 if differ else 0
+        changed = write(pages)
+    except ValueError as exc:  # the README lost its markers
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    for path in changed:
+        print(f"bench: wrote {path.relative_to(REPO)}", flush=True)
+    if not changed:
+        print("bench: docs/benchmarks.md and README.md already match bench/results", flush=True)
+    return 0
 
 
 def ensure_env(args: argparse.Namespace, argv: list[str]) -> None:
@@ -66,14 +124,14 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report(argv[1:])
     args = parse_args(argv)
     os.chdir(REPO)
     ensure_env(args, argv)
     signal.signal(signal.SIGTERM, _terminate)
-    # Imported here: only the bench venv is sure to have matplotlib.
-    from bench import report
-    from bench.scenarios import FULL_DEFAULT, QUICK_DEFAULT, SCENARIOS, Options, finish
-    from bench.section import Section
+    # Imported here, not for `report`: the scenarios import the simulator and the replicas.
+    from bench.scenarios import FULL_DEFAULT, QUICK_DEFAULT, SCENARIOS, Options
 
     default = list(QUICK_DEFAULT if args.quick else FULL_DEFAULT)
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()] or default
@@ -81,15 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: unknown scenario {unknown}; use {','.join(SCENARIOS)}", file=sys.stderr)
         return 2
-    mode = "quick" if args.quick else "full"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    workdir = BENCH_DIR / ".work" / stamp
+    # Taken once, before this run writes anything: its own results must not make the tree dirty.
+    code = current_stamp(REPO)
+    if code.dirty:
+        print(f"bench: the tree has uncommitted changes; results are stamped {code.label}")
+    workdir = BENCH_DIR / ".work" / time.strftime("%Y%m%d-%H%M%S")
     if args.quick:
-        results, images = BENCH_DIR / ".work" / "results-quick", BENCH_DIR / ".work" / "img"
-        output = args.output or BENCH_DIR / ".work" / "benchmarks-quick.md"
+        pages = Pages(
+            results=BENCH_DIR / ".work" / "results-quick",
+            page=args.output or BENCH_DIR / ".work" / "benchmarks-quick.md",
+            images=BENCH_DIR / ".work" / "img",
+            readme=None,
+            findings=None,
+        )
     else:
-        results, images = BENCH_DIR / "results", REPO / "docs" / "img"
-        output = args.output or REPO / "docs" / "benchmarks.md"
+        pages = full_pages()
+        if args.output:
+            pages = replace(pages, page=args.output, readme=None)
     opts = Options(
         quick=args.quick,
         workdir=workdir,
@@ -97,17 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         peers=tuple(p for p in args.peers.split(",") if p) or None,
     )
-    if args.render_only:
-        write_page(results, output, images, mode, args.seed)
-        print(f"bench: wrote {output} from {results}", flush=True)
-        return 0
+    return run_scenarios([(key, SCENARIOS[key]) for key in keys], opts, pages, code)
+
+
+def run_scenarios(
+    scenarios: Sequence[tuple[str, Scenario]], opts: Options, pages: Pages, code: Stamp
+) -> int:
+    """Run each scenario; store its section stamped with `code`, then rebuild the pages."""
+    from bench.scenarios import finish
+
+    mode = "quick" if opts.quick else "full"
     started = time.monotonic()
-    for key in keys:
+    for key, scenario in scenarios:
         print(f"bench: scenario {key} ({mode})", flush=True)
         t = time.monotonic()
         busy, own = machine_busy_seconds(), own_cpu_seconds()
         try:
-            section = finish(asyncio.run(SCENARIOS[key](opts)))
+            section = finish(asyncio.run(scenario(opts)))
         except KeyboardInterrupt:
             print("bench: interrupted; every started process was stopped", file=sys.stderr)
             return 130
@@ -116,14 +188,21 @@ def main(argv: list[str] | None = None) -> int:
             section = Section(key, f"(failed: {type(exc).__name__})", [f"The run failed: {exc}"])
         section.seconds = time.monotonic() - t
         section.date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        section.commit = git_commit()
+        section.commit, section.dirty = code.commit, code.dirty
+        section.machine = machine()
         section.text.append(contention(section.seconds, busy, own))
-        for plot in section.plots:
-            report.draw(plot, images)
-        report.save_section(section, results)
-        write_page(results, output, images, mode, args.seed)
+        section.plots = [
+            replace(plot, title=f"{plot.title} (commit {code.label})") for plot in section.plots
+        ]
+        if section.plots:
+            from bench import plots  # only the bench venv is sure to have matplotlib
+
+            for plot in section.plots:
+                plots.draw(plot, pages.images)
+        save_section(section, pages.results)
+        write(pages)
         print(f"bench: scenario {key} done in {section.seconds:.0f} s", flush=True)
-    print(f"bench: wrote {output} in {time.monotonic() - started:.0f} s", flush=True)
+    print(f"bench: wrote {pages.page} in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 
 
@@ -136,31 +215,6 @@ def contention(seconds: float, busy_before: float, own_before: float) -> str:
         f"While this scenario ran ({seconds:.0f} s), the benchmark's processes used "
         f"{own / capacity:.0%} of the machine's CPU and other programs {other / capacity:.0%}."
     )
-
-
-def git_commit() -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-
-
-def write_page(results: Path, output: Path, images: Path, mode: str, seed: int) -> None:
-    from bench import report as rep
-
-    sections = rep.load_sections(results)
-    meta = {
-        "mode": mode,
-        "seed": f"{seed} (arrivals, lengths, prompts; same sequence for every router)",
-        "runs": "; ".join(
-            f"scenario {s.key}: {s.date or '?'}, commit {s.commit or '?'}, {s.seconds:.0f} s"
-            for s in sections
-        ),
-    }
-    prefix = os.path.relpath(images, output.parent) + "/"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    findings = BENCH_DIR / "findings.md"
-    text = findings.read_text() if findings.exists() and mode == "full" else ""
-    output.write_text(rep.render_page(sections, meta, prefix, text))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ import aiohttp
 
 from bench.load import FixedTarget, JoinShortestQueue, RoundRobinTarget, Target
 from bench.procs import ChildProcess, free_port, tree_cpu_seconds, wait_http
+from bench.stamp import current_stamp
 
 READY_DEADLINE_S = 60.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 class PeerUnavailable(Exception):
@@ -189,16 +191,7 @@ class OursPeer(Peer):
         raise PeerUnavailable(f"not all {count} replicas healthy in /fleet/replicas after 30s")
 
     def version(self) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            rev = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "router"], capture_output=True, text=True,
-                timeout=5,
-            ).stdout.strip()  # fmt: skip
-            return f"git {rev}{' + uncommitted router changes' if dirty else ''}"
-        return "unknown"
+        return f"git {current_stamp(REPO).label}"
 
 
 def _healthy_count(body: object) -> int:

@@ -1,8 +1,9 @@
 """What a scenario hands to the report: tables, plot data, notes and kept figures.
 
-Scenarios build a `Section`; `bench.store` keeps it as JSON in bench/results, `bench.page`
-renders it to markdown and `bench.plots` draws its `Plot`s. Nothing here imports matplotlib, so
-the project's own venv (tests, `python -m bench report`) can read stored results.
+Scenarios build a `Section`; `bench.store` keeps it as JSON in bench/results (stamped with the
+commit it measured), `bench.page` renders it to markdown and `bench.plots` draws its `Plot`s.
+Nothing here imports matplotlib, so the project's own venv (tests, `python -m bench report`)
+can read stored results.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from bench.load import RequestRecord
+from bench.stamp import Stamp
 from bench.stats import Summary, summarize
 
 
@@ -47,6 +49,19 @@ class Table:
     rows: list[list[str]]
     title: str = ""
 
+    def markdown(self) -> str:
+        """A GitHub markdown table; short rows are padded, pipes in cells escaped."""
+
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(cell(h) for h in self.headers) + " |"]
+        lines.append("|" + "|".join("---" for _ in self.headers) + "|")
+        for row in self.rows:
+            padded = list(row) + [""] * (len(self.headers) - len(row))
+            lines.append("| " + " | ".join(cell(c) for c in padded) + " |")
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class Plot:
@@ -74,12 +89,21 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
     runs: list[PeerRun] = field(default_factory=list)
-    #: how long the scenario took, when and at which commit it ran (for the report's footer).
+    #: how long the scenario took and when it ran (for the report's footer).
     seconds: float = 0.0
     date: str = ""
+    #: the code it measured (bench.stamp): short commit, and whether the tree differed from it
+    #: (None: stored before the flag was recorded).
     commit: str = ""
+    dirty: bool | None = None
+    #: the machine it ran on (cores, CPU, memory, kernel, Python); empty when not recorded.
+    machine: list[str] = field(default_factory=list)
     #: router name -> headline numbers (kept when the runs are not), for the summary table.
     facts: dict[str, dict[str, float]] = field(default_factory=dict)
     #: router name -> version string and settings, for the report's versions table.
     versions: dict[str, str] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.commit, self.dirty)

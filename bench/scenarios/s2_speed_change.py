@@ -10,12 +10,13 @@ from collections.abc import Awaitable
 
 import aiohttp
 
+from bench.fmt import fmt_pct, fmt_s
 from bench.load import RequestRecord, Target, make_schedule, run_open_loop
 from bench.peers import Peer
 from bench.replicas import SimFleet
 from bench.scenarios.harness import MODEL, Options, line_up, measure, started
 from bench.scenarios.heterogeneous import HETEROGENEOUS, base_mix, setting_text
-from bench.scenarios.tables import fmt_pct, fmt_s, not_started_row
+from bench.scenarios.tables import not_started_row
 from bench.section import Plot, Section, Table
 from bench.stats import per_token_series, shares, summarize
 

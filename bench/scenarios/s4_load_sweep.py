@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from bench.fmt import fmt_ms, fmt_s
 from bench.load import make_schedule
 from bench.replicas import SimFleet
 from bench.scenarios.harness import Options, line_up, measure, open_loop, started
 from bench.scenarios.heterogeneous import HETEROGENEOUS, LOAD, base_mix, setting_text
-from bench.scenarios.tables import fmt_ms, fmt_s
 from bench.section import Plot, Section, Table
 from bench.stats import window_tokens_per_s
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+from bench.fmt import fmt_added
 from bench.load import RequestRecord, RequestSpec, Target, run_closed_loop
 from bench.peers import Peer
 from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL, Options, RunLoad, line_up, measure, started
-from bench.scenarios.tables import fmt_added, not_started_row
+from bench.scenarios.tables import not_started_row
 from bench.section import PeerRun, Section, Table
 
 KEY = "5"

@@ -10,12 +10,13 @@ from collections.abc import Awaitable, Sequence
 
 import aiohttp
 
+from bench.fmt import fmt_s
 from bench.load import RequestRecord, Target, make_schedule, run_open_loop
 from bench.peers import OursPeer, Peer
 from bench.replicas import SimFleet, metric_sum
 from bench.scenarios.harness import MODEL, Options, line_up, measure, started
 from bench.scenarios.heterogeneous import HETEROGENEOUS, base_mix, setting_text
-from bench.scenarios.tables import fmt_s, not_started_row
+from bench.scenarios.tables import not_started_row
 from bench.section import Section, Table
 from bench.stats import replica_index
 

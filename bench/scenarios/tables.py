@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from bench.fmt import fmt_ms, fmt_pct, fmt_s
 from bench.section import PeerRun, Table
 from bench.stats import window_tokens_per_s
-
-
-def fmt_s(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2f}"
-
-
-def fmt_ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{1000 * value:.0f}"
-
-
-def fmt_pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.0f}%"
 
 
 def not_started_row(run: PeerRun, width: int) -> list[str]:
@@ -65,10 +53,3 @@ def latency_table(runs: Sequence[PeerRun], replica_labels: Sequence[str], window
             ]
         )
     return Table(headers, rows)
-
-
-def fmt_added(value: float, base: float) -> str:
-    """`value - base` in ms with a sign, "-" when either is missing."""
-    if math.isnan(value) or math.isnan(base):
-        return "-"
-    return f"{1000 * (value - base):+.1f}"
