@@ -42,6 +42,9 @@ class RequestInfo:
     prompt_tokens: int = 0
     max_tokens: int | None = None
     stream: bool = False
+    #: Chained keys of the routing text's 128-byte blocks (router.prefix_index.prefix_keys):
+    #: what a replica may hold cached of this prompt. Empty when the body has no prompt.
+    prefix: tuple[int, ...] = ()
 
 
 class Policy(Protocol):
@@ -202,6 +205,10 @@ MIN_FINISHED_FOR_MEAN = 4.0
 QUEUE_PLACE_REQUESTS = 2.0
 #: Costs within this relative distance of the best are ties, broken at random.
 COST_TIE = 1e-9
+#: Prefill seconds per prompt token, in empty-batch decode steps, until a replica's
+#: vllm:request_prefill_time_seconds says (a GPU prefills a token in ~1/100 to 1/300 of a
+#: decode step; the tiny model on the CPU measured 1/?, see tests/e2e/test_prefix_vllm.py).
+PREFILL_STEP_PRIOR = 0.01
 
 
 class Speed(NamedTuple):
@@ -223,7 +230,7 @@ def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
     load, like least-busy. The typical length is pooled over the candidates: generated tokens
     / finished requests, both recent.
     """
-    known = 0
+    known = prefill_known = 0
     token_s = slowdown = prefill = tokens = finished = 0.0
     limits: list[float] = []
     for r in replicas:
@@ -232,15 +239,18 @@ def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
             known += 1
             token_s += e.token_s
             slowdown += e.batch_slowdown
+        if e.prefill_s_per_token > 0:
+            prefill_known += 1
             prefill += e.prefill_s_per_token
         if e.batch_limit is not None:
             limits.append(e.batch_limit)
         tokens += e.recent_tokens
         finished += e.recent_finished
     if known:
-        token_s, slowdown, prefill = token_s / known, slowdown / known, prefill / known
+        token_s, slowdown = token_s / known, slowdown / known
     else:
-        token_s, slowdown, prefill = 1.0, B_PRIOR, 0.0
+        token_s, slowdown = 1.0, B_PRIOR
+    prefill = prefill / prefill_known if prefill_known else 0.0  # 0: replica_speed's prior
     limit = sum(limits) / len(limits) if limits else math.inf
     typical = tokens / finished if finished >= MIN_FINISHED_FOR_MEAN else DEFAULT_TOKENS
     return Speed(token_s, slowdown, limit, prefill), max(1.0, typical)
@@ -257,17 +267,12 @@ def replica_speed(estimate: SpeedEstimate, default: Speed) -> Speed:
     x1.1 with it (discrete-event model of the bench fleet, 8 runs of 30 s).
     """
     if estimate.token_s is None:
-        token_s, slowdown, prefill = (
-            default.token_s,
-            default.batch_slowdown,
-            default.prefill_s_per_token,
-        )
+        token_s, slowdown = default.token_s, default.batch_slowdown
     else:
-        token_s, slowdown, prefill = (
-            estimate.token_s,
-            estimate.batch_slowdown,
-            estimate.prefill_s_per_token,
-        )
+        token_s, slowdown = estimate.token_s, estimate.batch_slowdown
+    prefill = estimate.prefill_s_per_token or default.prefill_s_per_token
+    if prefill <= 0:  # no replica exports prefill times yet: a prompt token is not free
+        prefill = token_s * PREFILL_STEP_PRIOR
     if estimate.batch_limit is not None:
         limit = estimate.batch_limit
     elif math.isfinite(default.batch_limit):  # the fleet's, unless it already ran more
@@ -285,11 +290,14 @@ def request_cost(
 
     With ``a, b`` = the replica's learned empty-batch step time and batch slowdown (one decode
     step takes ``a * (1 + b * n)`` with n requests running), ``C`` its batch limit (see
-    replica_speed), ``p`` its prefill seconds per prompt token (0 unless exported), ``D`` the
-    learned mean tokens per request, ``w`` the freshness of its last scrape (see freshness)::
+    replica_speed), ``p`` its prefill seconds per computed prompt token (learned, else
+    PREFILL_STEP_PRIOR * a), ``D`` the learned mean tokens per request, ``w`` the freshness of
+    its last scrape (see freshness)::
 
         T      = max_tokens, or D when the request gives none
-        P      = prompt tokens (body bytes / 4: no tokenizer in the router)
+        P      = prompt tokens the replica must compute: body bytes / 4 (no tokenizer in the
+                 router) minus the prefix the replica is predicted to hold cached
+                 (ReplicaPrefixes.cached_tokens: matched bytes / 4, whole KV blocks, x trust)
         N      = in_flight + w * other clients' running + waiting     (as in load_score)
         n      = min(N + 1, C)                          batch size while this request runs
         queue  = max(0, N + 1 - C) * QUEUE_PLACE_REQUESTS * a * (1 + b * C) * D
@@ -314,7 +322,13 @@ def request_cost(
       on a full batch, not at the mean gap between completions (1/C of one): with the mean
       gap, TTFT p99 at 85% load was x5.8; with 1, 2, 3 requests x2.4, x1.9, x1.7 while p99
       latency went x0.68, x0.68, x0.69 and at 95% load x0.65, x0.66, x0.70.
-    - The prompt costs its own prefill and stalls the running requests for as long.
+    - The prompt costs its own prefill and stalls the running requests for as long. Only the
+      tokens the replica must compute count: a cached prefix makes a replica cheaper by
+      exactly the prefill it saves, nothing more. So a prefix group sticks to the replicas
+      that hold it while the saving beats their extra load, and spreads as soon as one of
+      them queues (the queue term grows by whole mean requests, the saving stays fixed);
+      a request that shares only a few blocks saves a few tokens' prefill, far less than
+      one more running request costs (tests/router/test_prefix_cost.py shows both).
     - Speeds are per replica and learned (router.speed): the measured speed and batch limit
       say how much a replica can take, so a bigger one (tensor-parallel, larger max_num_seqs)
       shows up as a faster or wider one.
@@ -325,7 +339,8 @@ def request_cost(
     a, b, limit = speed.token_s, speed.batch_slowdown, speed.batch_limit
     tokens = float(request.max_tokens) if request.max_tokens is not None else typical_tokens
     tokens = max(1.0, tokens)
-    prefill = max(0, request.prompt_tokens) * speed.prefill_s_per_token
+    cached = replica.prefixes.cached_tokens(request.prefix) if request.prefix else 0.0
+    prefill = max(0.0, request.prompt_tokens - cached) * speed.prefill_s_per_token
     batch = min(busy + 1.0, limit)
     ahead = max(0.0, busy + 1.0 - limit)
     # ``ahead`` > 0 only when the limit is finite (0 * inf would be NaN).

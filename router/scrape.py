@@ -19,6 +19,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.bounded_read import read_capped
+from router.prefix_index import DEFAULT_CACHE_TOKENS, DEFAULT_MEMORY_BYTES, fit_budget
 from router.replica_tasks import ReplicaTasks
 from router.speed import CounterSample
 from router.state import Fleet, ReplicaState
@@ -32,6 +33,9 @@ MAX_METRICS_BYTES = 4 << 20
 #: vLLM exports a handful of lines per wanted family per engine; far more means a hostile or
 #: broken endpoint, and parsing them would stall the event loop.
 MAX_RELEVANT_LINES = 2048
+
+#: Keys one replica's prefix record may hold when the caller gives no memory cap.
+DEFAULT_BUDGET = 1 << 62
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -53,6 +57,11 @@ ITERATION_TOKENS = "vllm:iteration_tokens"
 PREFILL_TIME = "vllm:request_prefill_time_seconds"
 QUEUE_TIME = "vllm:request_queue_time_seconds"
 REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
+#: Prefix-cache counters (tokens): what the replica found cached, of what it looked up.
+PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
+PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
+#: Info gauge whose labels carry the KV cache size: num_gpu_blocks x block_size tokens.
+CACHE_CONFIG = "vllm:cache_config_info"
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,11 @@ class EngineMetrics:
     request_prompt_tokens_sum: float | None = None
     queue_time_sum: float | None = None
     queue_time_count: float | None = None
+    prefix_cache_hits_total: float | None = None
+    prefix_cache_queries_total: float | None = None
+    #: KV cache blocks (summed over engines) and tokens per block, from vllm:cache_config_info.
+    cache_blocks: float | None = None
+    cache_block_size: int | None = None
 
 
 #: Families the router reads; lines of any other family are dropped before parsing.
@@ -91,6 +105,9 @@ WANTED = (
     PREFILL_TIME,
     QUEUE_TIME,
     REQUEST_PROMPT_TOKENS,
+    PREFIX_CACHE_HITS,
+    PREFIX_CACHE_QUERIES,
+    CACHE_CONFIG,
     *INTER_TOKEN_LATENCY,
     *KV_CACHE_USAGE,
 )
@@ -133,11 +150,20 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     relevant = _relevant_lines(text)
     # (family, part) -> values; part is "" for gauges and counters, "sum"/"count" for histograms.
     values: dict[tuple[str, str], list[float]] = {}
+    cache_blocks: float | None = None
+    block_size: int | None = None
     try:
         for family in text_string_to_metric_families(relevant):
             name = _family_name(family.name)
             if name not in WANTED:
                 continue  # e.g. vllm:num_requests_waiting_by_reason shares the prefix
+            if name == CACHE_CONFIG:
+                for sample in family.samples:
+                    blocks, size = _cache_size(sample.labels)
+                    if blocks is not None:
+                        cache_blocks = (cache_blocks or 0.0) + blocks
+                    block_size = size if size is not None else block_size
+                continue
             for sample in family.samples:
                 part = _sample_part(sample.name)
                 if part is None:  # creation timestamps, buckets
@@ -177,7 +203,26 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
         request_prompt_tokens_sum=total(REQUEST_PROMPT_TOKENS, "sum"),
         queue_time_sum=total(QUEUE_TIME, "sum"),
         queue_time_count=total(QUEUE_TIME, "count"),
+        prefix_cache_hits_total=total(PREFIX_CACHE_HITS),
+        prefix_cache_queries_total=total(PREFIX_CACHE_QUERIES),
+        cache_blocks=cache_blocks,
+        cache_block_size=block_size,
     )
+
+
+def _cache_size(labels: dict[str, str]) -> tuple[float | None, int | None]:
+    """(num_gpu_blocks, block_size) from vllm:cache_config_info's labels; None where absent
+    or not a positive number ("None" before the engine sized its cache)."""
+
+    def positive(key: str) -> float | None:
+        try:
+            value = float(labels.get(key, ""))
+        except ValueError:
+            return None
+        return value if math.isfinite(value) and value > 0 else None
+
+    size = positive("block_size")
+    return positive("num_gpu_blocks"), int(size) if size is not None else None
 
 
 def _sample_part(sample_name: str) -> str | None:
@@ -207,11 +252,16 @@ def counter_sample(m: EngineMetrics, at: float) -> CounterSample:
         prefill_requests=m.prefill_time_count,
         queue_s=m.queue_time_sum,
         queued=m.queue_time_count,
+        cached_tokens=m.prefix_cache_hits_total,
     )
 
 
 def apply_metrics(
-    r: ReplicaState, m: EngineMetrics, now: float, in_flight_at_scrape: int | None = None
+    r: ReplicaState,
+    m: EngineMetrics,
+    now: float,
+    in_flight_at_scrape: int | None = None,
+    prefix_budget: int = DEFAULT_BUDGET,
 ) -> None:
     """Store one successful scrape on the replica record and feed its speed estimate.
 
@@ -225,6 +275,19 @@ def apply_metrics(
     r.generation_tokens_total = m.generation_tokens_total
     r.scraped_at = now
     r.speed.observe(counter_sample(m, now))
+    apply_prefix_metrics(r, m, now, prefix_budget)
+
+
+def apply_prefix_metrics(r: ReplicaState, m: EngineMetrics, now: float, budget: int) -> None:
+    """Size the replica's prefix record from its KV cache and check it against the replica's
+    own prefix-cache counters (router.prefix_index)."""
+    prefixes = r.prefixes
+    if m.cache_blocks is not None and m.cache_block_size is not None:
+        prefixes.set_capacity(m.cache_blocks * m.cache_block_size, m.cache_block_size, budget)
+    else:
+        prefixes.set_capacity(DEFAULT_CACHE_TOKENS, prefixes.block_tokens, budget)
+    if m.prefix_cache_hits_total is not None and m.prefix_cache_queries_total is not None:
+        prefixes.observe_counters(m.prefix_cache_hits_total, m.prefix_cache_queries_total, now)
 
 
 async def fetch_metrics_text(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
@@ -243,6 +306,7 @@ async def scrape_replica(
     timeout_s: float,
     *,
     clock: Callable[[], float] = time.monotonic,
+    prefix_budget: int = DEFAULT_BUDGET,
 ) -> None:
     """Scrape ``r``'s /metrics into its record; on failure keep the old values, never raise.
 
@@ -262,7 +326,7 @@ async def scrape_replica(
     except (aiohttp.ClientError, ValueError) as exc:
         _scrape_failed(r, f"{type(exc).__name__}: {exc}"[:200])
         return
-    apply_metrics(r, metrics, clock(), max(in_flight_before, r.in_flight))
+    apply_metrics(r, metrics, clock(), max(in_flight_before, r.in_flight), prefix_budget)
     if r.scrape_error:
         log.info("replica metrics scrape recovered url=%s", r.url)
         r.scrape_error = ""
@@ -280,10 +344,14 @@ async def scrape_round(
     *,
     timeout_s: float,
     clock: Callable[[], float] = time.monotonic,
+    prefix_memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> None:
     """Scrape, concurrently, every replica the health checker last found reachable."""
     targets = [r for r in list(fleet.replicas.values()) if r.check_ok]
-    await asyncio.gather(*(scrape_replica(session, r, timeout_s, clock=clock) for r in targets))
+    budget = fit_budget(len(fleet.replicas), prefix_memory_bytes)
+    await asyncio.gather(
+        *(scrape_replica(session, r, timeout_s, clock=clock, prefix_budget=budget) for r in targets)
+    )
 
 
 async def scrape_loop(
@@ -293,6 +361,7 @@ async def scrape_loop(
     interval_s: float = 1.0,
     timeout_s: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
+    prefix_memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> None:
     """Scrape every reachable replica every ``interval_s`` forever; cancel the task to stop.
 
@@ -304,9 +373,13 @@ async def scrape_loop(
     try:
         while True:
             started = clock()
+            budget = fit_budget(len(fleet.replicas), prefix_memory_bytes)
             for r in list(fleet.replicas.values()):
                 if r.check_ok and not running.busy(r.url):
-                    running.start(r.url, scrape_replica(session, r, timeout_s, clock=clock))
+                    scrape = scrape_replica(
+                        session, r, timeout_s, clock=clock, prefix_budget=budget
+                    )
+                    running.start(r.url, scrape)
             await asyncio.sleep(max(0.0, interval_s - (clock() - started)))
     finally:
         await running.close()

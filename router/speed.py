@@ -16,8 +16,9 @@ difference to the previous scrape is one observation of the last interval:
   batch * seconds / tokens over intervals where the replica ran requests throughout;
 - ``vllm:request_success_total``: finished requests, so generated tokens per finished request
   (the learned size of a request that gives no ``max_tokens``);
-- ``vllm:request_prefill_time_seconds`` sum and ``vllm:request_prompt_tokens`` sum: prefill
-  seconds per prompt token (one step time per request subtracted: the first token's step);
+- ``vllm:request_prefill_time_seconds`` sum and ``vllm:request_prompt_tokens`` sum minus
+  ``vllm:prefix_cache_hits_total`` (tokens found cached are not computed): prefill seconds per
+  computed prompt token (one step time per request subtracted: the first token's step);
 - the batch limit (max_num_seqs, or fewer when the KV cache is the limit): the running count
   when requests are waiting *and* ``vllm:request_queue_time_seconds`` shows that requests
   really waited for a slot (over QUEUE_EVIDENCE_STEPS step times in the interval beyond one
@@ -93,6 +94,8 @@ class CounterSample:
     #: sum and count of the vllm:request_queue_time_seconds histogram.
     queue_s: float | None = None
     queued: float | None = None
+    #: prompt tokens found in the prefix cache (vllm:prefix_cache_hits_total): not prefilled.
+    cached_tokens: float | None = None
 
 
 #: The cumulative fields of CounterSample (the rest are the time and the gauges).
@@ -116,6 +119,7 @@ class Interval:
     prefill_requests: float | None = None
     queue_s: float | None = None
     queued: float | None = None
+    cached_tokens: float | None = None
 
     @classmethod
     def between(cls, last: CounterSample, sample: CounterSample) -> Interval | None:
@@ -148,7 +152,8 @@ class SpeedEstimate:
     batch_limit: float | None = None
     #: Highest running count any scrape saw (a lower bound on the batch limit).
     peak_running: float = 0.0
-    #: Prefill seconds per prompt token (0 until the replica exports prefill times).
+    #: Prefill seconds per computed prompt token (0 until the replica exports prefill times;
+    #: the cost policy then assumes PREFILL_STEP_PRIOR decode steps per token).
     prefill_s_per_token: float = 0.0
     #: Observations that updated ``token_s``.
     observations: int = 0
@@ -280,6 +285,9 @@ class SpeedEstimate:
             self.recent_tokens = self.recent_tokens * keep + change.generation_tokens
             self.recent_finished = self.recent_finished * keep + change.finished
         prompt_tokens = change.prefill_prompt_tokens
+        if prompt_tokens is not None and change.cached_tokens is not None:
+            # Cached prompt tokens take no prefill time: only the computed ones are priced.
+            prompt_tokens -= min(prompt_tokens, change.cached_tokens)
         if change.prefill_s is None or prompt_tokens is None or not prompt_tokens > 0:
             return
         # Each request's prefill time includes its first step; that is decode, not prefill.

@@ -15,6 +15,7 @@ import pytest
 from router.balancer import (
     DEFAULT_TOKENS,
     FRESH_S,
+    PREFILL_STEP_PRIOR,
     QUEUE_PLACE_REQUESTS,
     STALE_S,
     CostAware,
@@ -352,7 +353,9 @@ def test_an_unmeasured_replica_is_assumed_average() -> None:
     new = replica("http://new:1")
     default, typical = fleet_defaults([fast, slow, new])
     assert (default.token_s, default.batch_limit, typical) == pytest.approx((0.03, 12, 100.0))
-    assert replica_speed(new.speed, default) == default
+    # no replica exports prefill times: a prompt token costs PREFILL_STEP_PRIOR decode steps
+    prior = default._replace(prefill_s_per_token=0.03 * PREFILL_STEP_PRIOR)
+    assert replica_speed(new.speed, default) == prior
     # a replica that never queued takes the fleet's batch limit, unless it ran more than that
     new.speed = SpeedEstimate(token_s=0.02, peak_running=20)
     assert replica_speed(new.speed, default).batch_limit == 20

@@ -85,6 +85,8 @@ def gauges(running: float, waiting: float, kv: float, *, model: str = "m") -> st
                 request_prompt_tokens_sum=0.0,
                 queue_time_sum=0.0,
                 queue_time_count=0.0,
+                prefix_cache_hits_total=0.0,
+                prefix_cache_queries_total=0.0,
             ),
             id="real-vllm-v1-two-engines",
         ),
@@ -237,7 +239,9 @@ def test_parse_falls_back_to_the_older_inter_token_histogram_name() -> None:
 def test_parse_of_the_simulator_exposition_feeds_the_estimator() -> None:
     """The simulator renders vLLM's names with prometheus_client: every counter is found."""
     metrics = SimMetrics("sim-model")
-    engine = SimEngine.from_config(SimConfig())
+    # only the per-request term of the simulator's step law, so the expected ITL is simple
+    config = SimConfig(batch_slowdown=0.05, prefill_ms_per_token=0.0, attention_ms_per_ktoken=0.0)
+    engine = SimEngine.from_config(config)
     for i in range(3):
         engine.add(str(i), prompt_tokens=10, max_tokens=4, now=0.0)
     now = 0.0
