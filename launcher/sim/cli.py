@@ -14,15 +14,21 @@ from launcher.sim.server import make_sim_app
 _TUNING_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--host", str, "address to bind"),
     ("--max-num-seqs", int, "requests decoded together per step"),
-    ("--step-ms", float, "milliseconds per decode step with an empty batch"),
-    ("--batch-slowdown", float, "step time grows by this fraction per running request"),
-    ("--prefill-ms-per-token", float, "extra step milliseconds per prompt token admitted"),
+    ("--step-ms", float, "fixed milliseconds of every step; scales the whole step-time law"),
+    ("--batch-slowdown", float, "step time grows by this fraction of --step-ms per request"),
     ("--speed", float, "throughput multiplier; 0.5 = half speed"),
     ("--fail-rate", float, "fraction of requests answered 500"),
     ("--startup-delay", float, "seconds /health answers 503 as if loading"),
     ("--max-model-len", int, "context length; prompt + max_tokens above it get a 400"),
-    ("--kv-cache-tokens", int, "KV-cache size in tokens, for vllm:kv_cache_usage_perc"),
+    ("--kv-cache-tokens", int, "KV-cache size in tokens (num_gpu_blocks * block size)"),
+    ("--block-size", int, "tokens per KV block (prefix caching works in whole blocks)"),
+    ("--max-num-batched-tokens", int, "token budget of one step (chunked prefill)"),
     ("--seed", int, "seed for the --fail-rate draws"),
+)
+#: Flags whose default follows --step-ms (the calibrated shape): (flag, help).
+_DERIVED_FLAGS: tuple[tuple[str, str], ...] = (
+    ("--prefill-ms-per-token", "step milliseconds per computed token"),
+    ("--attention-ms-per-ktoken", "step milliseconds per 1000 tokens attended to"),
 )
 
 
@@ -44,6 +50,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         parser.add_argument(
             flag, type=kind, default=getattr(defaults, field), help=f"{text} (default %(default)s)"
         )
+    for flag, text in _DERIVED_FLAGS:
+        parser.add_argument(
+            flag, type=float, default=None, help=f"{text} (default: measured shape x --step-ms)"
+        )
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse cached leading KV blocks of prompts, as vLLM (default on)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -56,11 +72,15 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         step_ms=args.step_ms,
         batch_slowdown=args.batch_slowdown,
         prefill_ms_per_token=args.prefill_ms_per_token,
+        attention_ms_per_ktoken=args.attention_ms_per_ktoken,
         speed=args.speed,
         fail_rate=args.fail_rate,
         startup_delay=args.startup_delay,
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
     )
 

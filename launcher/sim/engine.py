@@ -1,15 +1,36 @@
-"""A continuous-batching model of the vLLM scheduler, with time passed in (no clock, no I/O).
+"""A model of vLLM V1's scheduler and KV cache, with time passed in (no clock, no I/O).
 
-Why a model and not sleeps per request: the router must be tested against the thing that makes
-vLLM interesting to balance, namely that every running request slows every other one down and
-that a full batch makes new requests queue. One engine step here is one vLLM scheduler iteration:
+Why a model and not sleeps per request: the router must be tested against what makes vLLM
+interesting to balance: every running request slows the others down, long contexts slow
+decoding, a full batch or a full KV cache makes new requests queue, and a prompt whose leading
+blocks a replica still caches costs that replica almost nothing to prefill. The model is vLLM
+V1's, not the router's: the balancer fits ``step = a * (1 + b * n)``, which this law is not.
 
-1. admit waiting requests in FIFO order while fewer than `max_num_seqs` run;
-2. the step lasts ``(step_ms * (1 + batch_slowdown * running)
-   + prefill_ms_per_token * prompt tokens admitted this step) / speed`` milliseconds;
-3. at the end of the step every request still running receives exactly one token (a request
-   admitted this step gets its first token, as vLLM's prefill step also samples one);
-4. a request finishes, with reason "length", when it holds `max_tokens` tokens.
+One engine step is one scheduler iteration, as in vLLM V1 (vllm/v1/core/sched/scheduler.py):
+
+1. running requests first, in admission order: each asks for the tokens it still has to
+   compute (1 when decoding, the rest of its prompt when prefilling), capped by what is left of
+   the step's token budget (`max_num_batched_tokens`: chunked prefill). If the KV blocks for
+   them cannot be allocated, the most recently admitted running request is preempted (blocks
+   freed, recomputed later from its prompt and tokens so far, put back at the head of the
+   queue), until they can or the request itself was the one preempted;
+2. then, unless something was preempted, waiting requests in FIFO order while fewer than
+   `max_num_seqs` run and budget is left: the longest run of leading prompt blocks already in
+   the prefix cache is taken as computed (never the whole prompt: the last token is always
+   computed), and the rest is scheduled like above (a chunk if the budget is short);
+3. the step lasts (`StepTiming`)::
+
+       (step_ms + per_seq_ms * requests + per_token_ms * tokens + attention_ms * kv_read / 1000)
+       / speed
+
+   where `tokens` is every token computed this step (decode and prefill), and `kv_read` the
+   attention work: each computed token attends to every token before it in its request, so a
+   decode token costs its context length and a prefill chunk of c tokens after p costs
+   c * p + c * (c + 1) / 2;
+4. at the end of the step every request whose computed tokens caught up with its prompt and
+   output gets one token (a prefill that completed samples its first one; a partial chunk gets
+   none); a request finishes, with reason "length", at `max_tokens` tokens and frees its
+   blocks (cached ones stay in the prefix cache until evicted, `launcher.sim.kvcache`).
 
 The caller drives it: ``plan = begin_step(now, speed)``, wait ``plan.duration``,
 ``end_step(now)``. Requests aborted between the two calls get no token.
@@ -17,9 +38,12 @@ The caller drives it: ``plan = begin_step(now, speed)``, wait ``plan.duration``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from launcher.sim.config import SimConfig
+from launcher.sim.kvcache import BlockPool
+from launcher.sim.tokens import block_hashes
 
 
 @dataclass
@@ -30,16 +54,32 @@ class Sequence:
     prompt_tokens: int
     max_tokens: int
     arrived_at: float
+    #: Prompt token ids (None: a prompt that shares nothing with any other).
+    prompt_token_ids: tuple[int, ...] | None = None
     generated: int = 0
+    #: Tokens whose KV the engine holds (prefix hits included).
+    computed: int = 0
+    #: Prompt tokens the prefix cache supplied at the last admission.
+    cached_tokens: int = 0
+    preemptions: int = 0
     admitted_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
+    blocks: list[int] = field(default_factory=list, repr=False)
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    #: Leading blocks already registered in the prefix cache (or found there).
+    registered_blocks: int = 0
 
     @property
     def kv_tokens(self) -> int:
         """Tokens this sequence keeps in the KV cache while it runs."""
+        return self.computed
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus output so far: what must be computed before the next token."""
         return self.prompt_tokens + self.generated
 
 
@@ -57,16 +97,29 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What `begin_step` decided: how long the step lasts and whom it admitted."""
+    """What `begin_step` decided: how long the step lasts, whom it runs and how much."""
 
     started_at: float
     duration: float
+    #: Requests holding a running slot after scheduling.
     batch_size: int
+    #: Requests taken from the queue this step (new or resumed after a preemption).
     admitted: tuple[Sequence, ...]
+    #: (request, tokens computed for it this step), in scheduling order.
+    scheduled: tuple[tuple[Sequence, int], ...] = ()
+    #: Requests preempted this step (blocks freed, back at the head of the queue).
+    preempted: tuple[Sequence, ...] = ()
+    #: Prefix-cache lookups of this step's admissions: prompt tokens asked for, and found.
+    cache_queries: int = 0
+    cache_hits: int = 0
+    #: Attention work of the step: sum over computed tokens of the tokens each attends to.
+    kv_read: int = 0
+    #: Tokens computed for requests that were not decoding (prompt chunks, recomputation).
+    prefill_tokens: int = 0
 
     @property
-    def prefill_tokens(self) -> int:
-        return sum(seq.prompt_tokens for seq in self.admitted)
+    def computed_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
 
 
 @dataclass
@@ -83,24 +136,55 @@ class EngineStats:
     aborted: int = 0
     failed: int = 0
     tokens_generated: int = 0
+    #: Prompt tokens computed (prefix-cache hits are not).
     prompt_tokens: int = 0
     steps: int = 0
     max_running_seen: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
 
 
 @dataclass(frozen=True)
 class StepTiming:
-    """The parameters of the step-time formula (see the module docstring)."""
+    """The step-time law (module docstring, point 3); the constants are in docs/simulator.md.
+
+    `batch_slowdown` is the per-request cost as a fraction of `step_ms`, so `--step-ms` and
+    `--batch-slowdown` keep their old meaning for short decodes; `prefill_ms_per_token` is
+    charged for every computed token (a decode token goes through the same layers), and
+    `attention_ms_per_ktoken` per thousand tokens attended to.
+    """
 
     step_ms: float
     batch_slowdown: float
     prefill_ms_per_token: float
+    attention_ms_per_ktoken: float = 0.0
 
-    def duration(self, batch_size: int, prefill_tokens: int, speed: float) -> float:
-        """Seconds one step takes for `batch_size` running requests."""
-        decode_ms = self.step_ms * (1.0 + self.batch_slowdown * batch_size)
-        prefill_ms = self.prefill_ms_per_token * prefill_tokens
-        return (decode_ms + prefill_ms) / speed / 1000.0
+    def duration(
+        self, batch_size: int, prefill_tokens: int, speed: float, kv_read: int = 0
+    ) -> float:
+        """Seconds one step takes: `batch_size` requests computing `batch_size` decode tokens
+        plus `prefill_tokens` prompt tokens, attending to `kv_read` tokens in all."""
+        return self.step_duration(batch_size, batch_size + prefill_tokens, kv_read, speed)
+
+    def step_duration(self, requests: int, tokens: int, kv_read: int, speed: float) -> float:
+        """Seconds of a step computing `tokens` tokens for `requests` requests."""
+        ms = (
+            self.step_ms * (1.0 + self.batch_slowdown * requests)
+            + self.prefill_ms_per_token * tokens
+            + self.attention_ms_per_ktoken * kv_read / 1000.0
+        )
+        return ms / speed / 1000.0
+
+
+def attention_work(computed: int, tokens: int) -> int:
+    """Tokens attended to by `tokens` new tokens placed after `computed` ones (causal)."""
+    return tokens * computed + tokens * (tokens + 1) // 2
+
+
+def _decoding(seq: Sequence) -> bool:
+    """Whether `seq` computes just its last sampled token (as opposed to a prompt chunk)."""
+    return seq.generated > 0 and seq.computed == seq.total_tokens - 1
 
 
 @dataclass
@@ -110,11 +194,23 @@ class SimEngine:
     max_num_seqs: int
     timing: StepTiming
     kv_cache_tokens: int
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    record_kv_events: bool = False
     stats: EngineStats = field(default_factory=EngineStats)
     #: Dicts keep insertion order (FIFO) and remove an aborted request in O(1).
     waiting: dict[str, Sequence] = field(default_factory=dict)
     running: dict[str, Sequence] = field(default_factory=dict)
+    pool: BlockPool = field(init=False)
     _step: StepPlan | None = None
+
+    def __post_init__(self) -> None:
+        self.pool = BlockPool(
+            num_blocks=max(1, self.kv_cache_tokens // self.block_size),
+            block_size=self.block_size,
+            record_events=self.record_kv_events,
+        )
 
     @classmethod
     def from_config(cls, config: SimConfig) -> SimEngine:
@@ -123,17 +219,45 @@ class SimEngine:
             timing=StepTiming(
                 step_ms=config.step_ms,
                 batch_slowdown=config.batch_slowdown,
-                prefill_ms_per_token=config.prefill_ms_per_token,
+                prefill_ms_per_token=config.effective_prefill_ms_per_token,
+                attention_ms_per_ktoken=config.effective_attention_ms_per_ktoken,
             ),
             kv_cache_tokens=config.kv_cache_tokens,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+            record_kv_events=config.kv_events is not None,
         )
 
-    def add(self, request_id: str, prompt_tokens: int, max_tokens: int, now: float) -> Sequence:
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def add(
+        self,
+        request_id: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        now: float,
+        prompt_token_ids: Seq[int] | None = None,
+    ) -> Sequence:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if prompt_tokens < 1:
+            raise ValueError(f"a prompt needs at least 1 token, got {prompt_tokens}")
+        if prompt_token_ids is not None and len(prompt_token_ids) != prompt_tokens:
+            raise ValueError("prompt_tokens must equal the number of prompt_token_ids")
         if request_id in self.waiting or request_id in self.running:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        seq = Sequence(request_id, prompt_tokens, max_tokens, arrived_at=now)
+        if self.pool.blocks_for(prompt_tokens + max_tokens) > self.pool.num_blocks:
+            raise ValueError(
+                f"{prompt_tokens + max_tokens} tokens do not fit the KV cache "
+                f"({self.pool.num_blocks * self.block_size} tokens)"
+            )
+        ids = tuple(prompt_token_ids) if prompt_token_ids is not None else None
+        seq = Sequence(request_id, prompt_tokens, max_tokens, arrived_at=now, prompt_token_ids=ids)
+        if ids is not None and self.enable_prefix_caching:
+            seq.block_hashes = block_hashes(ids, self.block_size)
         self.waiting[request_id] = seq
         self.stats.received += 1
         return seq
@@ -148,6 +272,7 @@ class SimEngine:
         seq = self.running.pop(request_id, None) or self.waiting.pop(request_id, None)
         if seq is None:
             return None
+        self._release(seq)
         seq.finished_at = now
         seq.finish_reason = "abort"
         self.stats.aborted += 1
@@ -156,39 +281,146 @@ class SimEngine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's reset_prefix_cache: forget every cached block; refused while requests run."""
+        if self.running:
+            return False
+        return self.pool.reset()
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.blocks)
+        seq.blocks = []
+        seq.computed = 0
+        seq.registered_blocks = 0
+
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        """Allocate the blocks `seq` needs to hold `tokens` tokens; False if none are left."""
+        missing = self.pool.blocks_for(tokens) - len(seq.blocks)
+        if missing <= 0:
+            return True
+        if not self.pool.can_take((), missing):
+            return False
+        seq.blocks += self.pool.take((), missing)
+        return True
+
+    def _register(self, seq: Sequence, tokens: int) -> None:
+        """Put the prompt blocks that `tokens` computed tokens fill into the prefix cache."""
+        full = min(len(seq.block_hashes), tokens // self.block_size)
+        if full > seq.registered_blocks and seq.prompt_token_ids is not None:
+            self.pool.register(
+                seq.blocks, seq.block_hashes, seq.prompt_token_ids, seq.registered_blocks, full
+            )
+            seq.registered_blocks = full
+
+    def _preempt(self, seq: Sequence) -> None:
+        del self.running[seq.request_id]
+        self._release(seq)
+        seq.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting = {seq.request_id: seq, **self.waiting}
+
+    def _schedule_running(
+        self, budget: int, scheduled: list[tuple[Sequence, int]], preempted: list[Sequence]
+    ) -> int:
+        for seq in list(self.running.values()):
+            if budget <= 0:
+                break
+            if seq.request_id not in self.running:
+                continue  # preempted for an earlier request of this step
+            tokens = min(seq.total_tokens - seq.computed, budget)
+            while not self._grow(seq, seq.computed + tokens):
+                victim = next(reversed(self.running.values()))
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.request_id not in self.running:
+                break
+            self._register(seq, seq.computed + tokens)
+            scheduled.append((seq, tokens))
+            budget -= tokens
+        return budget
+
+    def _admit(
+        self, budget: int, now: float, scheduled: list[tuple[Sequence, int]]
+    ) -> tuple[list[Sequence], int, int]:
+        admitted: list[Sequence] = []
+        queries = hits = 0
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = next(iter(self.waiting.values()))
+            total = seq.total_tokens
+            hit_blocks = self.pool.cached_prefix(seq.block_hashes, (total - 1) // self.block_size)
+            hit = len(hit_blocks) * self.block_size
+            tokens = min(total - hit, budget)
+            new_blocks = self.pool.blocks_for(hit + tokens) - len(hit_blocks)
+            if not self.pool.can_take(hit_blocks, new_blocks):
+                break
+            del self.waiting[seq.request_id]
+            seq.blocks = self.pool.take(hit_blocks, new_blocks)
+            seq.computed = hit
+            seq.registered_blocks = len(hit_blocks)
+            seq.cached_tokens = hit
+            if seq.preemptions == 0:  # vLLM counts a resumed request's lookup apart
+                queries += total
+                hits += hit
+            if seq.admitted_at is None:
+                seq.admitted_at = now
+            self.running[seq.request_id] = seq
+            self._register(seq, hit + tokens)
+            scheduled.append((seq, tokens))
+            admitted.append(seq)
+            budget -= tokens
+        return admitted, queries, hits
+
     def begin_step(self, now: float, speed: float = 1.0) -> StepPlan:
-        """Admit waiting requests and decide how long this step takes."""
+        """Schedule one step (running first, then the queue) and decide how long it takes."""
         if self._step is not None:
             raise RuntimeError("begin_step called twice without end_step")
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        budget = self._schedule_running(self.max_num_batched_tokens, scheduled, preempted)
         admitted: list[Sequence] = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            request_id = next(iter(self.waiting))
-            seq = self.waiting.pop(request_id)
-            seq.admitted_at = now
-            self.running[request_id] = seq
-            admitted.append(seq)
-        self.stats.prompt_tokens += sum(seq.prompt_tokens for seq in admitted)
+        queries = hits = 0
+        if not preempted:
+            admitted, queries, hits = self._admit(budget, now, scheduled)
+        stats = self.stats
+        stats.prefix_cache_queries += queries
+        stats.prefix_cache_hits += hits
         batch_size = len(self.running)
-        self.stats.max_running_seen = max(self.stats.max_running_seen, batch_size)
-        prefill = sum(seq.prompt_tokens for seq in admitted)
+        stats.max_running_seen = max(stats.max_running_seen, batch_size)
+        kv_read = sum(attention_work(seq.computed, n) for seq, n in scheduled)
+        tokens = sum(n for _, n in scheduled)
+        prefill = sum(n for seq, n in scheduled if not _decoding(seq))
         plan = StepPlan(
             started_at=now,
-            duration=self.timing.duration(batch_size, prefill, speed),
+            duration=self.timing.step_duration(len(scheduled), tokens, kv_read, speed),
             batch_size=batch_size,
             admitted=tuple(admitted),
+            scheduled=tuple(scheduled),
+            preempted=tuple(preempted),
+            cache_queries=queries,
+            cache_hits=hits,
+            kv_read=kv_read,
+            prefill_tokens=prefill,
         )
+        stats.prompt_tokens += prefill
         self._step = plan
         return plan
 
     def end_step(self, now: float) -> list[TokenEvent]:
-        """Give one token to every running request; retire those that reached max_tokens."""
-        if self._step is None:
+        """Advance every scheduled request; those that caught up get one token."""
+        plan = self._step
+        if plan is None:
             raise RuntimeError("end_step called without begin_step")
         self._step = None
         self.stats.steps += 1
         events: list[TokenEvent] = []
-        done: list[str] = []
-        for request_id, seq in self.running.items():
+        for seq, tokens in plan.scheduled:
+            if self.running.get(seq.request_id) is not seq:
+                continue  # aborted during the step
+            seq.computed += tokens
+            if seq.computed < seq.total_tokens:
+                continue  # a prefill chunk: no token yet
             index = seq.generated
             seq.generated += 1
             inter_token = None if seq.last_token_at is None else now - seq.last_token_at
@@ -199,15 +431,14 @@ class SimEngine:
             if finished:
                 seq.finished_at = now
                 seq.finish_reason = "length"
-                done.append(request_id)
+                del self.running[seq.request_id]
+                self.pool.free(seq.blocks)
+                seq.blocks = []
+                self.stats.finished += 1
             events.append(TokenEvent(seq, index, now, finished, inter_token))
-        for request_id in done:
-            del self.running[request_id]
         self.stats.tokens_generated += len(events)
-        self.stats.finished += len(done)
         return events
 
     def kv_cache_usage(self) -> float:
-        """Fraction of the KV cache held by running requests, capped at 1 like vLLM's gauge."""
-        used = sum(seq.kv_tokens for seq in self.running.values())
-        return min(1.0, used / self.kv_cache_tokens)
+        """vLLM's gauge: the fraction of KV blocks held by requests (cached free ones are free)."""
+        return self.pool.usage()

@@ -3,9 +3,16 @@
 Names, the `model_name`/`engine` labels and bucket bounds follow vLLM 0.32 (vllm/v1/metrics/
 loggers.py and buckets.py) so a router that balances on a real fleet balances on this one. Each
 app gets its own CollectorRegistry: several simulators live in one test process.
+
+Prefix-cache counters count tokens, as vLLM's: `vllm:prefix_cache_queries_total` grows by the
+prompt length of every newly scheduled request, `vllm:prefix_cache_hits_total` by the leading
+tokens the cache supplied (a preempted request's second lookup is not counted, as in vLLM).
+`vllm:kv_cache_usage_perc` is the fraction of KV blocks held by requests.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -34,7 +41,8 @@ FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 class SimMetrics:
     """Owns one registry; the runner reports steps, tokens and finished requests to it."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, cache_config: Mapping[str, str] | None = None) -> None:
+        """`cache_config`: labels of `vllm:cache_config_info` (block_size, num_gpu_blocks...)."""
         self.registry = CollectorRegistry(auto_describe=True)
         labels = (model_name, "0")
         reg = self.registry
@@ -59,6 +67,20 @@ class SimMetrics:
         ).labels(*labels)
         self.prompt_tokens = counter(
             "vllm:prompt_tokens", "Number of prefill tokens processed."
+        ).labels(*labels)
+        self.prompt_tokens_cached = counter(
+            "vllm:prompt_tokens_cached",
+            "Number of cached prompt tokens (local prefix cache plus external KV transfer).",
+        ).labels(*labels)
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        ).labels(*labels)
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        ).labels(*labels)
+        self.preemptions = counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine."
         ).labels(*labels)
         self.generation_tokens = counter(
             "vllm:generation_tokens", "Number of generation tokens processed."
@@ -100,18 +122,38 @@ class SimMetrics:
             "Histogram of time spent in WAITING phase for request.",
             REQUEST_LATENCY_BUCKETS,
         ).labels(*labels)
+        self.prefill_time = histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(*labels)
+        if cache_config is not None:
+            info = Gauge(
+                "vllm:cache_config_info",
+                "Information of the LLMEngine CacheConfig",
+                ("engine", *cache_config),
+                registry=reg,
+            )
+            info.labels("0", *cache_config.values()).set(1)
 
     def record_step(self, plan: StepPlan, events: list[TokenEvent]) -> None:
         for seq in plan.admitted:
-            if seq.admitted_at is not None:
+            if seq.admitted_at is not None and seq.preemptions == 0:
                 self.queue_time.observe(seq.admitted_at - seq.arrived_at)
-        self.prompt_tokens.inc(plan.prefill_tokens)
+        self.prefix_cache_queries.inc(plan.cache_queries)
+        self.prefix_cache_hits.inc(plan.cache_hits)
+        self.preemptions.inc(len(plan.preempted))
         self.generation_tokens.inc(len(events))
         self.iteration_tokens.observe(plan.prefill_tokens + len(events))
         for event in events:
             seq = event.seq
             if event.inter_token is None:
+                # vLLM counts a prompt once its prefill is done, cached tokens included.
+                self.prompt_tokens.inc(seq.prompt_tokens)
+                self.prompt_tokens_cached.inc(seq.cached_tokens)
                 self.ttft.observe(event.at - seq.arrived_at)
+                if seq.admitted_at is not None:
+                    self.prefill_time.observe(event.at - seq.admitted_at)
             else:
                 self.inter_token.observe(event.inter_token)
             if event.finished:

@@ -1,8 +1,10 @@
 """The OpenAI wire format as vLLM speaks it: request validation and response bodies (no I/O).
 
-Prompt length is estimated, not tokenized: ``ceil(characters / 4)`` per text (the usual
-"4 characters per token" rule), at least 1; a prompt given as token ids counts its ids. A chat
-prompt adds 4 tokens per message (role and template markers) plus 2 for the assistant header.
+Prompts are tokenized by a fixed rule, not a tokenizer (`launcher.sim.tokens`): one token per
+4 UTF-8 bytes of text, at least 1; a prompt given as token ids keeps its ids. A chat prompt is
+rendered like a chat template: 4 tokens per message (role and markers) around its content, plus
+2 for the assistant header. The same leading text therefore gives the same leading token ids,
+which is what vLLM's prefix cache keys on.
 Generated text is filler words, one word (with its leading space) per token, chosen by the token
 index and a hash of the prompt, so the same request always yields the same text.
 """
@@ -24,12 +26,14 @@ from launcher.sim.config import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     SimConfig,
 )
+from launcher.sim.tokens import (
+    BYTES_PER_TOKEN,
+    chat_token_ids,
+    text_token_ids,
+)
 
 Kind = Literal["completion", "chat"]
 
-CHARS_PER_TOKEN = 4
-CHAT_TOKENS_PER_MESSAGE = 4
-CHAT_REPLY_PRIMER_TOKENS = 2
 
 FILLER_WORDS = (
     "lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do",
@@ -79,12 +83,17 @@ class GenerationRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    #: The prompt's token ids (`launcher.sim.tokens`); the prefix cache keys on them.
+    prompt_token_ids: tuple[int, ...]
     #: Picks the filler words, so equal prompts give equal text.
     text_offset: int
+    #: stream_options.continuous_usage_stats (with include_usage): usage in every chunk.
+    continuous_usage: bool = False
 
 
 def estimate_text_tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+    """Tokens of a text under the simulator's rule: ceil(UTF-8 bytes / 4), at least 1."""
+    return max(1, math.ceil(len(text.encode()) / BYTES_PER_TOKEN))
 
 
 def filler_token(text_offset: int, index: int) -> str:
@@ -164,7 +173,8 @@ def _context_error(config: SimConfig, prompt_tokens: int, max_tokens: int) -> Ap
     )
 
 
-def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous usage stats) as vLLM reads them."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -172,12 +182,13 @@ def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
         raise bad_request("stream must be a boolean.", "stream")
     options = body.get("stream_options")
     if options is None:
-        return stream, False
+        return stream, False, False
     if not isinstance(options, Mapping):
         raise bad_request("stream_options must be an object.", "stream_options")
     if not stream:
         raise bad_request("Stream options can only be defined when `stream=True`.", "stream")
-    return stream, bool(options.get("include_usage", False))
+    usage = bool(options.get("include_usage", False))
+    return stream, usage, usage and bool(options.get("continuous_usage_stats", False))
 
 
 def _check_n(body: Mapping[str, Any]) -> None:
@@ -186,18 +197,18 @@ def _check_n(body: Mapping[str, Any]) -> None:
         raise bad_request("The simulator only supports n=1.", "n")
 
 
-def _prompt_tokens_and_seed(prompt: object) -> tuple[int, str]:
-    """Token count and seed text of a completion prompt (text, token ids, or a batch of one)."""
+def _prompt_ids_and_seed(prompt: object) -> tuple[list[int], str]:
+    """Token ids and seed text of a completion prompt (text, token ids, or a batch of one)."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return estimate_text_tokens(prompt), prompt
+        return text_token_ids(prompt), prompt
     if (
         isinstance(prompt, list)
         and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
     ):
-        return len(prompt), ",".join(map(str, prompt))
+        return list(prompt), ",".join(map(str, prompt))
     raise bad_request(
         "prompt must be a non-empty string or list of token ids (batches are not supported).",
         "prompt",
@@ -208,8 +219,8 @@ def parse_completion(raw: object, config: SimConfig) -> GenerationRequest:
     body = _require_object(raw)
     if "prompt" not in body:
         raise bad_request("Field required: prompt", "prompt")
-    prompt_tokens, seed_text = _prompt_tokens_and_seed(body["prompt"])
-    return _finish_parse("completion", body, config, prompt_tokens, seed_text)
+    prompt_ids, seed_text = _prompt_ids_and_seed(body["prompt"])
+    return _finish_parse("completion", body, config, prompt_ids, seed_text)
 
 
 def _message_text(message: object, index: int) -> str:
@@ -224,24 +235,44 @@ def _message_text(message: object, index: int) -> str:
     raise bad_request(f"messages[{index}].content must be a string or a list.", "messages")
 
 
+def _check_continue_final(body: Mapping[str, Any], messages: list[Any]) -> None:
+    """vLLM's checks of continue_final_message (continue the last, assistant, message in place)
+    against add_generation_prompt. The prompt estimate ignores the flags."""
+    add = body.get("add_generation_prompt", True)
+    continue_final = body.get("continue_final_message", False)
+    if not isinstance(add, bool) or not isinstance(continue_final, bool):
+        raise bad_request("add_generation_prompt and continue_final_message must be booleans.")
+    if add and continue_final:
+        raise bad_request(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+        )
+    last = messages[-1]
+    if continue_final and not (isinstance(last, Mapping) and last.get("role") == "assistant"):
+        raise bad_request(
+            "Cannot set `continue_final_message` to True when the final message is not from "
+            "the assistant.",
+            "messages",
+        )
+
+
 def parse_chat(raw: object, config: SimConfig) -> GenerationRequest:
     body = _require_object(raw)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("Field required: messages (a non-empty list).", "messages")
+    _check_continue_final(body, messages)
     texts = [_message_text(m, i) for i, m in enumerate(messages)]
-    prompt_tokens = CHAT_REPLY_PRIMER_TOKENS + sum(
-        CHAT_TOKENS_PER_MESSAGE + (estimate_text_tokens(t) if t else 0) for t in texts
-    )
-    return _finish_parse("chat", body, config, prompt_tokens, "\n".join(texts))
+    prompt_ids = chat_token_ids((m["role"], t) for m, t in zip(messages, texts, strict=True))
+    return _finish_parse("chat", body, config, prompt_ids, "\n".join(texts))
 
 
 def _finish_parse(
-    kind: Kind, body: Mapping[str, Any], config: SimConfig, prompt_tokens: int, seed_text: str
+    kind: Kind, body: Mapping[str, Any], config: SimConfig, prompt_ids: list[int], seed_text: str
 ) -> GenerationRequest:
+    prompt_tokens = len(prompt_ids)
     model = _model(body, config)
     _check_n(body)
-    stream, include_usage = _stream_flags(body)
+    stream, include_usage, continuous_usage = _stream_flags(body)
     max_tokens = _max_tokens(body, kind, prompt_tokens, config)
     check_model(model, config)
     return GenerationRequest(
@@ -251,7 +282,9 @@ def _finish_parse(
         max_tokens=max_tokens,
         stream=stream,
         include_usage=include_usage,
+        prompt_token_ids=tuple(prompt_ids),
         text_offset=_offset(seed_text),
+        continuous_usage=continuous_usage,
     )
 
 
@@ -275,6 +308,8 @@ class ResponseBuilder:
         self._chunk_object = (
             "chat.completion.chunk" if request.kind == "chat" else "text_completion"
         )
+        #: Tokens streamed so far (one per token_chunk), for continuous usage stats.
+        self._streamed = 0
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.request.model}
@@ -323,6 +358,8 @@ class ResponseBuilder:
                 "finish_reason": None,
             }
         ]
+        if self.request.continuous_usage:
+            body["usage"] = usage(self.request.prompt_tokens, 0)
         return [body]
 
     def token_chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
@@ -339,6 +376,9 @@ class ResponseBuilder:
         if finish_reason is not None:
             choice["stop_reason"] = None
         body["choices"] = [choice]
+        self._streamed += 1
+        if self.request.continuous_usage:
+            body["usage"] = usage(self.request.prompt_tokens, self._streamed)
         return body
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:

@@ -10,16 +10,25 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from launcher.sim.config import SimKnobs
 from launcher.sim.engine import Sequence, SimEngine, TokenEvent
+from launcher.sim.kvcache import CacheEvent
 from launcher.sim.metrics import SimMetrics
 
 #: Lateness (seconds) the cadence absorbs by catching up; a longer stall restarts it.
 #: Several timer ticks, far below any simulated step people configure (5-50 ms).
 STALL_S = 0.005
+
+
+class EventSink(Protocol):
+    """Where the block events of each step go (`launcher.sim.kv_events.KvEventPublisher`)."""
+
+    def publish(self, events: Seq[CacheEvent]) -> None: ...
 
 
 @dataclass
@@ -50,10 +59,17 @@ class Generation:
 class SimRunner:
     """Owns the engine's clock and the hand-off queues; `run()` is the app's background loop."""
 
-    def __init__(self, engine: SimEngine, metrics: SimMetrics, knobs: SimKnobs) -> None:
+    def __init__(
+        self,
+        engine: SimEngine,
+        metrics: SimMetrics,
+        knobs: SimKnobs,
+        publisher: EventSink | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.knobs = knobs
+        self.publisher = publisher
         self._wake = asyncio.Event()
         self._unhung = asyncio.Event()
         self._unhung.set()
@@ -86,10 +102,21 @@ class SimRunner:
 
     @asynccontextmanager
     async def generate(
-        self, request_id: str, prompt_tokens: int, max_tokens: int, *, stream: bool
+        self,
+        request_id: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        *,
+        stream: bool,
+        prompt_token_ids: Seq[int] | None = None,
     ) -> AsyncIterator[Generation]:
-        """Queue a request; leaving the block early (cancel, write error) aborts it at once."""
-        seq = self.engine.add(request_id, prompt_tokens, max_tokens, self.now())
+        """Queue a request; leaving the block early (cancel, write error) aborts it at once.
+
+        ValueError (before anything is queued) when the request can never fit the KV cache.
+        """
+        seq = self.engine.add(
+            request_id, prompt_tokens, max_tokens, self.now(), prompt_token_ids=prompt_token_ids
+        )
         generation = Generation(seq, stream)
         self._generations[request_id] = generation
         self._wake.set()
@@ -100,6 +127,12 @@ class SimRunner:
             aborted = self.engine.abort(request_id, self.now())
             if aborted is not None:
                 self.metrics.record_finished(aborted)
+
+    def publish_kv_events(self) -> None:
+        """Send the block events of the last scheduling decision (vLLM sends them per step)."""
+        events = self.engine.pool.take_events()
+        if events and self.publisher is not None:
+            self.publisher.publish(events)
 
     async def run(self) -> None:
         """The ticking loop: one engine step per iteration, idle while there is no work.
@@ -121,6 +154,7 @@ class SimRunner:
             await self._unhung.wait()
             now = self.now()
             plan = engine.begin_step(now, self.knobs.speed)
+            self.publish_kv_events()
             if cadence is None or now - cadence > max(plan.duration, STALL_S):
                 cadence = now
             cadence += plan.duration

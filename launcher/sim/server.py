@@ -156,8 +156,28 @@ async def stats(request: web.Request) -> web.Response:
             "steps": s.steps,
             "max_running_seen": s.max_running_seen,
             "held": state.runner.held,
+            "prefix_cache_queries": s.prefix_cache_queries,
+            "prefix_cache_hits": s.prefix_cache_hits,
+            "preemptions": s.preemptions,
+            "kv_blocks_total": engine.num_blocks,
+            "kv_blocks_used": engine.num_blocks - engine.pool.num_free,
+            "kv_blocks_cached": engine.pool.num_cached,
         }
     )
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """vLLM's `POST /reset_prefix_cache` (a dev-mode route there): forget every cached block."""
+    state = request.app[SIM_STATE]
+    await _hold_if_hung(state)
+    if not state.engine.reset_prefix_cache():
+        raise ApiError(
+            409,
+            "Cannot reset the prefix cache while requests are running; retry when idle.",
+            err_type="ConflictError",
+        )
+    state.runner.publish_kv_events()
+    return web.Response(status=200)
 
 
 async def control(request: web.Request) -> web.Response:
@@ -196,9 +216,14 @@ async def _generate(
     engine_id = state.runner.next_request_id()
     request_id = request.headers.get("X-Request-Id") or engine_id
     builder = ResponseBuilder(gen, request_id)
-    async with state.runner.generate(
-        engine_id, gen.prompt_tokens, gen.max_tokens, stream=gen.stream
-    ) as generation:
+    generation_context = state.runner.generate(
+        engine_id,
+        gen.prompt_tokens,
+        gen.max_tokens,
+        stream=gen.stream,
+        prompt_token_ids=gen.prompt_token_ids,
+    )
+    async with generation_context as generation:
         if not gen.stream:
             last = await generation.finished()
             text = filler_text(gen.text_offset, last.index + 1)
@@ -259,6 +284,17 @@ async def embeddings(request: web.Request) -> web.Response:
     return web.json_response(embedding_response(parsed, state.config.embedding_dim))
 
 
+def cache_config_labels(config: SimConfig) -> dict[str, str]:
+    """The `vllm:cache_config_info` labels a router may read (vLLM's names and spelling)."""
+    return {
+        "block_size": str(config.block_size),
+        "num_gpu_blocks": str(config.num_gpu_blocks),
+        "kv_cache_size_tokens": str(config.num_gpu_blocks * config.block_size),
+        "enable_prefix_caching": str(config.enable_prefix_caching),
+        "prefix_caching_hash_algo": "sha256",
+    }
+
+
 def make_sim_app(config: SimConfig) -> web.Application:
     """One simulated vLLM server; the engine loop runs while the app runs."""
     app = web.Application(middlewares=[_errors_as_json])
@@ -266,7 +302,7 @@ def make_sim_app(config: SimConfig) -> web.Application:
     async def engine_loop(app: web.Application) -> AsyncIterator[None]:
         knobs = SimKnobs.from_config(config)
         engine = SimEngine.from_config(config)
-        metrics_ = SimMetrics(config.model)
+        metrics_ = SimMetrics(config.model, cache_config_labels(config))
         runner = SimRunner(engine, metrics_, knobs)
         app[SIM_STATE] = SimState(
             config=config,
@@ -292,6 +328,7 @@ def make_sim_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     app.router.add_get("/sim/stats", stats)
     app.router.add_post("/sim/control", control)
     return app

@@ -219,7 +219,9 @@ async def stream_tokens(url: str, max_tokens: int) -> int:
 
 
 async def test_metrics_have_vllm_names_and_gauges_follow_the_load() -> None:
-    async with running_sim(max_num_seqs=2, step_ms=10.0, kv_cache_tokens=100) as sim:
+    async with running_sim(
+        max_num_seqs=2, step_ms=10.0, kv_cache_tokens=256, max_model_len=256
+    ) as sim:
         tasks = [asyncio.create_task(stream_tokens(sim.url, 30)) for _ in range(5)]
 
         async def batch_full() -> bool:
@@ -439,3 +441,44 @@ async def test_a_stopped_sim_comes_back_on_the_same_port() -> None:
             assert revived.url == sim.url
             assert await stream_tokens(revived.url, 3) == 3
             assert revived.stats().finished == 1
+
+
+async def test_a_shared_system_prompt_shows_up_in_the_prefix_cache_counters(
+    sim: SimHandle,
+) -> None:
+    system = {"role": "system", "content": "You answer questions about the fleet. " * 40}
+    prompts: list[int] = []
+    for question in ("How many replicas?", "Which one is slow?"):
+        body = {"messages": [system, {"role": "user", "content": question}], "max_tokens": 2}
+        status, reply = await post(f"{sim.url}/v1/chat/completions", body)
+        assert status == 200
+        prompts.append(reply["usage"]["prompt_tokens"])
+    samples = await scrape_metrics(sim.url)
+    queries = metric_value(samples, "vllm:prefix_cache_queries_total", **LABELS)
+    hits = metric_value(samples, "vllm:prefix_cache_hits_total", **LABELS)
+    text = len(system["content"]) // 4  # 4 bytes a token
+    shared = 2 + text + 4  # system header, its text, its end and the user header
+    assert queries == sum(prompts)
+    assert hits == shared // 16 * 16  # the shared whole blocks, once
+    assert metric_value(samples, "vllm:prompt_tokens_cached_total", **LABELS) == hits
+    info = [s for s in samples if s.name == "vllm:cache_config_info"]
+    assert info[0].labels["block_size"] == "16"
+    assert int(info[0].labels["num_gpu_blocks"]) == sim.config.kv_cache_tokens // 16
+    stats = sim.stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (queries, hits)
+
+
+async def test_reset_prefix_cache_forgets_cached_blocks(sim: SimHandle) -> None:
+    body = {"prompt": "a long shared prompt " * 20, "max_tokens": 1}
+    for _ in range(2):
+        assert (await post(f"{sim.url}/v1/completions", body))[0] == 200
+    hits_before = sim.stats().prefix_cache_hits
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{sim.url}/reset_prefix_cache") as response,
+    ):
+        assert response.status == 200
+    assert (await post(f"{sim.url}/v1/completions", body))[0] == 200
+    assert hits_before > 0
+    assert sim.stats().prefix_cache_hits == hits_before
+    assert sim.engine.pool.num_cached > 0  # the last request cached its blocks again
