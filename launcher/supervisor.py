@@ -6,6 +6,9 @@ restart it with exponential backoff when it exits or stays unhealthy. A restart 
 instead of a fleet that silently burns GPUs forever. A restarted replica keeps its spec, so it
 gets the same GPUs and port back.
 
+Every runtime call is awaited (``launcher.runtime.base``): nothing here blocks the loop that
+checks every replica's health.
+
 The router learns about replicas only through the backends file, which lists the URLs of
 replicas that passed their health check and were not declared dead since.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -158,7 +162,7 @@ class Supervisor:
         """Skip the grace period: the user asked twice. Stops already waiting see the groups
         vanish and return at once."""
         handles = [u.handle for u in self._units if u.handle is not None]
-        await asyncio.gather(*(asyncio.to_thread(self.runtime.stop, h, 0.0) for h in handles))
+        await asyncio.gather(*(self.runtime.stop(h, 0.0) for h in handles))
 
     async def __aenter__(self) -> Supervisor:
         await self.start()
@@ -203,7 +207,7 @@ class Supervisor:
             u.task.cancel()
             await asyncio.gather(u.task, return_exceptions=True)
         if u.handle is not None:  # e.g. the task had already finished
-            await asyncio.to_thread(self.runtime.stop, u.handle, self.settings.stop_timeout_s)
+            await self.runtime.stop(u.handle, self.settings.stop_timeout_s)
             u.handle = None
         if u.state is not UnitState.FAILED:
             self._set_state(u, UnitState.STOPPED, "")
@@ -240,7 +244,7 @@ class Supervisor:
     async def _run_once(self, u: _Unit) -> tuple[bool, str]:
         """Start, wait for health, watch. Returns (was healthy, why it ended); always stops it."""
         try:
-            handle = self.runtime.start(u.unit.spec)
+            handle = await self._start(u)
         except OSError as exc:
             return False, f"could not start: {exc}"
         u.handle = handle
@@ -254,12 +258,24 @@ class Supervisor:
             u.settled.set()
             return True, await self._watch(u, handle)
         finally:
-            u.last_log_line = self.runtime.last_log_line(handle) or u.last_log_line
+            u.last_log_line = await self.runtime.last_log_line(handle) or u.last_log_line
             if u.state in (UnitState.HEALTHY, UnitState.UNHEALTHY) and not self._stopping:
                 u.state = UnitState.RESTARTING
                 self._publish_backends()
-            await asyncio.to_thread(self.runtime.stop, handle, self.settings.stop_timeout_s)
+            await self.runtime.stop(handle, self.settings.stop_timeout_s)
             u.handle = None
+
+    async def _start(self, u: _Unit) -> ReplicaHandle:
+        """``runtime.start``, but a shutdown arriving meanwhile cannot orphan the server: the
+        start runs on (a container may be half created) and what it started is stopped."""
+        starting = asyncio.ensure_future(self.runtime.start(u.unit.spec))
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                handle = await starting
+                await self.runtime.stop(handle, self.settings.stop_timeout_s)
+            raise
 
     async def _wait_healthy(self, u: _Unit, handle: ReplicaHandle) -> str | None:
         timeout = self.settings.health_timeout_s
@@ -277,10 +293,10 @@ class Supervisor:
         return None
 
     async def _loading_probe(self, u: _Unit, handle: ReplicaHandle) -> bool:
-        status = self.runtime.status(handle)
+        status = await self.runtime.status(handle)
         if not status.running:
             raise _Exited(status.returncode)
-        line = self.runtime.last_log_line(handle)
+        line = await self.runtime.last_log_line(handle)
         if line and line != u.last_log_line:
             u.last_log_line = line
             self._emit(u, log_only=True)
@@ -290,7 +306,7 @@ class Supervisor:
         failures = 0
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
-            status = self.runtime.status(handle)
+            status = await self.runtime.status(handle)
             if not status.running:
                 return f"exited with status {status.returncode}"
             if await self._probe(u):

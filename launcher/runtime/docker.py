@@ -1,7 +1,10 @@
 """Run each replica in a Docker container (through the Docker SDK), pinned to its GPUs.
 
 The contract is the process runtime's, so the supervisor cannot tell the two apart: ``start``
-creates and starts a container, ``status`` asks the daemon, ``stop`` stops and removes it.
+creates and starts a container, ``status`` asks the daemon, ``stop`` stops and removes it. The
+Docker SDK is blocking (an HTTP request to the daemon per call, every health interval per
+replica), so each runtime method runs its SDK calls in a thread (``asyncio.to_thread``) and
+the supervisor's loop keeps checking the other replicas meanwhile.
 Docker's own restart policy stays off: the supervisor owns restarts (health checks, backoff,
 restart budget), and a second restarter would hide crashes from it.
 
@@ -21,6 +24,7 @@ A ``ReplicaSpec`` is translated, never re-planned (``container_config``, a pure 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import math
@@ -251,7 +255,10 @@ class DockerRuntime:
                 + "; ".join(_image_hint(image) for image in missing)
             )
 
-    def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        return await asyncio.to_thread(self._start_blocking, spec)
+
+    def _start_blocking(self, spec: ReplicaSpec) -> ReplicaHandle:
         config = container_config(spec, self.settings, host_env=os.environ)
         self._remove_stale(config.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -285,7 +292,10 @@ class DockerRuntime:
         pid = int(container.attrs.get("State", {}).get("Pid") or 0)
         return ReplicaHandle(spec=spec, pid=pid, log_path=path, started_at=time.monotonic())
 
-    def status(self, handle: ReplicaHandle) -> ReplicaStatus:
+    async def status(self, handle: ReplicaHandle) -> ReplicaStatus:
+        return await asyncio.to_thread(self._status_blocking, handle)
+
+    def _status_blocking(self, handle: ReplicaHandle) -> ReplicaStatus:
         container = self._containers.get(handle.spec.name)
         if container is None:
             return ReplicaStatus(running=False)
@@ -301,7 +311,10 @@ class DockerRuntime:
             return ReplicaStatus(running=True)
         return ReplicaStatus(running=False, returncode=_exit_code(state))
 
-    def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+        return await asyncio.to_thread(self._stop_blocking, handle, timeout)
+
+    def _stop_blocking(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
         container = self._containers.get(handle.spec.name)
         if container is None:
             return ReplicaStatus(running=False)
@@ -323,7 +336,10 @@ class DockerRuntime:
             del self._containers[handle.spec.name]
         return ReplicaStatus(running=False, returncode=code)
 
-    def last_log_line(self, handle: ReplicaHandle) -> str:
+    async def last_log_line(self, handle: ReplicaHandle) -> str:
+        return await asyncio.to_thread(self._last_log_line_blocking, handle)
+
+    def _last_log_line_blocking(self, handle: ReplicaHandle) -> str:
         container = self._containers.get(handle.spec.name)
         if container is None:
             return last_line(handle.log_path)
@@ -428,17 +444,17 @@ class SplitRuntime:
     def _for(self, spec: ReplicaSpec) -> Runtime:
         return self.host if spec.name in self.on_host else self.containers
 
-    def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        return self._for(spec).start(spec)
+    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        return await self._for(spec).start(spec)
 
-    def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
-        return self._for(handle.spec).stop(handle, timeout)
+    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+        return await self._for(handle.spec).stop(handle, timeout)
 
-    def status(self, handle: ReplicaHandle) -> ReplicaStatus:
-        return self._for(handle.spec).status(handle)
+    async def status(self, handle: ReplicaHandle) -> ReplicaStatus:
+        return await self._for(handle.spec).status(handle)
 
-    def last_log_line(self, handle: ReplicaHandle) -> str:
-        return self._for(handle.spec).last_log_line(handle)
+    async def last_log_line(self, handle: ReplicaHandle) -> str:
+        return await self._for(handle.spec).last_log_line(handle)
 
 
 def docker_fleet_runtime(

@@ -4,10 +4,17 @@ Every replica gets its own session (``start_new_session=True``) so that one sign
 reaches vLLM's worker processes too: stopping the leader alone would orphan them and keep the
 GPUs busy. Output goes straight to a file (not through a pipe) so a server keeps running while
 the supervisor restarts, and the log survives the supervisor for post-mortems.
+
+The runtime methods never block the supervisor's loop: servers are started with asyncio's
+subprocess support (asyncio reaps them), waiting for a group to exit sleeps with asyncio, and
+the two calls that can take long (scanning /proc for a group's members, copying a large log
+aside) run in a thread. ``stop_process_group`` stays synchronous for ``vllm-fleet down``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +30,8 @@ from launcher.runtime.base import ReplicaHandle, ReplicaStatus
 HEADER_PREFIX = "# vllm-fleet:"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _TAIL_BYTES = 8192
+#: after its group is gone, how long the leader may take to be reaped (asyncio does it at once).
+REAP_TIMEOUT_S = 10.0
 
 
 class ProcessRuntime:
@@ -37,12 +46,12 @@ class ProcessRuntime:
         self.max_log_bytes = max_log_bytes
         self.log_backups = log_backups
         self.poll_interval_s = poll_interval_s
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_path(spec.name)
         rotate_log(path, self.log_backups)
@@ -50,8 +59,8 @@ class ProcessRuntime:
         with open(path, "ab") as log:
             log.write(f"{HEADER_PREFIX} {spec.name}: {' '.join(spec.command)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(
-                list(spec.command),
+            proc = await asyncio.create_subprocess_exec(
+                *spec.command,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -61,33 +70,38 @@ class ProcessRuntime:
         self._procs[proc.pid] = proc
         return ReplicaHandle(spec=spec, pid=proc.pid, log_path=path, started_at=time.monotonic())
 
-    def status(self, handle: ReplicaHandle) -> ReplicaStatus:
+    async def status(self, handle: ReplicaHandle) -> ReplicaStatus:
         """Also caps the log size: the supervisor polls this regularly, so it is the natural
         moment to notice a log that grew past ``max_log_bytes`` without another timer."""
-        self._cap_log(handle.log_path)
+        await self._cap_log(handle.log_path)
         proc = self._procs.get(handle.pid)
         if proc is None:
             return ReplicaStatus(running=process_alive(handle.pid))
-        code = proc.poll()
+        code = proc.returncode
         return ReplicaStatus(running=code is None, returncode=code)
 
-    def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
         proc = self._procs.get(handle.pid)
-        stop_process_group(handle.pid, timeout, self.poll_interval_s, reap=proc)
+        await stop_process_group_async(handle.pid, timeout, self.poll_interval_s)
+        code = None
+        if proc is not None:
+            # the group is gone, so the leader has exited: asyncio reaps it at once.
+            with contextlib.suppress(asyncio.TimeoutError):
+                code = await asyncio.wait_for(proc.wait(), REAP_TIMEOUT_S)
         self._procs.pop(handle.pid, None)
-        code = proc.returncode if proc is not None else None
         return ReplicaStatus(running=False, returncode=code)
 
-    def last_log_line(self, handle: ReplicaHandle) -> str:
+    async def last_log_line(self, handle: ReplicaHandle) -> str:
+        """Reads at most the last 8 KiB of a local file: cheap enough for the loop."""
         return last_line(handle.log_path)
 
-    def _cap_log(self, path: Path) -> None:
+    async def _cap_log(self, path: Path) -> None:
         try:
             size = path.stat().st_size
         except OSError:
             return
         if size > self.max_log_bytes:
-            copy_truncate(path, self.log_backups)
+            await asyncio.to_thread(copy_truncate, path, self.log_backups)
 
 
 def process_env(spec: ReplicaSpec) -> dict[str, str]:
@@ -222,6 +236,30 @@ def _wait_group_gone(
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_interval_s)
+
+
+async def stop_process_group_async(
+    pgid: int, timeout: float, poll_interval_s: float = 0.05
+) -> bool:
+    """``stop_process_group`` for the supervisor's loop: the waits sleep with asyncio and each
+    /proc scan runs in a thread. The leader is reaped by asyncio (it started it)."""
+    signal_group(pgid, signal.SIGTERM)
+    if await _wait_group_gone_async(pgid, timeout, poll_interval_s):
+        return False
+    signal_group(pgid, signal.SIGKILL)
+    await _wait_group_gone_async(pgid, 10.0, poll_interval_s)
+    return True
+
+
+async def _wait_group_gone_async(pgid: int, timeout: float, poll_interval_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if not await asyncio.to_thread(group_members, pgid):
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(poll_interval_s)
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -65,14 +65,14 @@ class RecordingRuntime(ProcessRuntime):
         self.started: list[ReplicaHandle] = []
         self.stop_order: list[str] = []
 
-    def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        handle = super().start(spec)
+    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        handle = await super().start(spec)
         self.started.append(handle)
         return handle
 
-    def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
         self.stop_order.append(handle.spec.name)
-        return super().stop(handle, timeout)
+        return await super().stop(handle, timeout)
 
 
 @dataclass

@@ -13,8 +13,9 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import docker
 import docker.errors
@@ -40,8 +41,10 @@ from launcher.runtime.docker import (
 )
 from launcher.runtime.process import ProcessRuntime
 from launcher.supervisor import Supervisor, SupervisorSettings, UnitState, units_for
-from tests.compose.support import ROUTER_IMAGE, docker_client, poll, require_images
+from tests.compose.support import ROUTER_IMAGE, docker_client, require_images
 from tests.support.ports import free_port
+
+T = TypeVar("T")
 
 VLLM = ("/opt/venv/bin/python3.11", "-m", "vllm.entrypoints.openai.api_server")
 
@@ -163,6 +166,20 @@ def script_spec(name: str, code: str) -> ReplicaSpec:
     return ReplicaSpec(name, free_port(), (), 1, ("python3", "-c", code))
 
 
+async def apoll(
+    probe: Callable[[], Awaitable[T | None]], what: str, deadline_s: float, interval_s: float = 0.2
+) -> T:
+    """``poll`` for the runtime's coroutines: await ``probe`` until it returns a value."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = await probe()
+        if result is not None and result is not False and result != "":
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s:g}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
 def make_runtime(client: docker.DockerClient, fleet: str, tmp_path: Path) -> DockerRuntime:
     settings = DockerSettings(fleet=fleet, cpu_image=ROUTER_IMAGE, shm_size="64m")
     return DockerRuntime(settings, tmp_path / "logs", client=client)
@@ -176,20 +193,20 @@ def healthy(url: str) -> bool:
         return False
 
 
-def test_replica_serves_on_its_planned_port_and_stop_removes_it(
+async def test_replica_serves_on_its_planned_port_and_stop_removes_it(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     runtime = make_runtime(client, fleet, tmp_path)
     spec = sim_spec("replica-0", free_port())
-    handle = runtime.start(spec)
+    handle = await runtime.start(spec)
     assert handle.pid > 0
     (container,) = fleet_containers(client, fleet)
     assert container.labels[LABEL_REPLICA] == "replica-0"
-    assert runtime.status(handle).running
-    poll(lambda: healthy(spec.url), f"the simulator at {spec.url}", deadline_s=30)
-    poll(lambda: runtime.last_log_line(handle), "a log line", deadline_s=10)
+    assert (await runtime.status(handle)).running
+    await apoll(lambda: asyncio.to_thread(healthy, spec.url), f"the simulator at {spec.url}", 30)
+    await apoll(lambda: runtime.last_log_line(handle), "a log line", 10)
 
-    status = runtime.stop(handle, timeout=5)
+    status = await runtime.stop(handle, timeout=5)
     assert not status.running
     assert fleet_containers(client, fleet) == []
     assert not healthy(spec.url)
@@ -198,38 +215,38 @@ def test_replica_serves_on_its_planned_port_and_stop_removes_it(
     assert len(log.splitlines()) > 2, "the container's output was not kept in the log file"
 
 
-def test_exit_is_reported_with_its_status_and_output(
+async def test_exit_is_reported_with_its_status_and_output(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     runtime = make_runtime(client, fleet, tmp_path)
-    handle = runtime.start(script_spec("crasher", "import sys; print('bye'); sys.exit(3)"))
+    handle = await runtime.start(script_spec("crasher", "import sys; print('bye'); sys.exit(3)"))
 
-    def exited() -> ReplicaStatus | None:
-        status = runtime.status(handle)
+    async def exited() -> ReplicaStatus | None:
+        status = await runtime.status(handle)
         return None if status.running else status
 
-    status = poll(exited, "the container to exit", deadline_s=30)
+    status = await apoll(exited, "the container to exit", 30)
     assert status.returncode == 3
-    assert runtime.last_log_line(handle) == "bye"
-    runtime.stop(handle, timeout=1)
+    assert await runtime.last_log_line(handle) == "bye"
+    await runtime.stop(handle, timeout=1)
     assert "bye" in handle.log_path.read_text()
 
 
-def test_stale_container_of_the_same_fleet_is_replaced(
+async def test_stale_container_of_the_same_fleet_is_replaced(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     sleeper = "import time; time.sleep(600)"
     first = make_runtime(client, fleet, tmp_path)
-    first.start(script_spec("replica-0", sleeper))
+    await first.start(script_spec("replica-0", sleeper))
     # a new supervisor (after a crash of the old one) starts the same replica again
     second = make_runtime(client, fleet, tmp_path)
-    handle = second.start(script_spec("replica-0", sleeper))
+    handle = await second.start(script_spec("replica-0", sleeper))
     (container,) = fleet_containers(client, fleet)
     assert container.attrs["State"]["Pid"] == handle.pid
-    second.stop(handle, timeout=1)
+    await second.stop(handle, timeout=1)
 
 
-def test_container_of_another_owner_is_never_touched(
+async def test_container_of_another_owner_is_never_touched(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     foreign = client.containers.create(
@@ -238,32 +255,32 @@ def test_container_of_another_owner_is_never_touched(
     try:
         runtime = make_runtime(client, fleet, tmp_path)
         with pytest.raises(DockerRuntimeError, match="does not belong to fleet"):
-            runtime.start(script_spec("replica-0", "pass"))
+            await runtime.start(script_spec("replica-0", "pass"))
         foreign.reload()  # still there
     finally:
         foreign.remove(force=True)
 
 
-def test_remove_fleet_containers_removes_exactly_that_fleet(
+async def test_remove_fleet_containers_removes_exactly_that_fleet(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     other = f"{fleet}-other"
     sleeper = "import time; time.sleep(600)"
     mine = make_runtime(client, fleet, tmp_path)
     theirs = make_runtime(client, other, tmp_path / "other")
-    mine.start(script_spec("replica-0", sleeper))
-    mine.start(script_spec("replica-1", sleeper))
-    kept = theirs.start(script_spec("replica-0", sleeper))
+    await mine.start(script_spec("replica-0", sleeper))
+    await mine.start(script_spec("replica-1", sleeper))
+    kept = await theirs.start(script_spec("replica-0", sleeper))
     try:
         removed = remove_fleet_containers(fleet, client=client, timeout=1)
         assert sorted(removed) == [f"vllm-fleet-{fleet}-replica-0", f"vllm-fleet-{fleet}-replica-1"]
         assert fleet_containers(client, fleet) == []
         assert len(fleet_containers(client, other)) == 1
     finally:
-        theirs.stop(kept, timeout=1)
+        await theirs.stop(kept, timeout=1)
 
 
-def test_missing_image_is_named_with_the_fix(
+async def test_missing_image_is_named_with_the_fix(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     settings = DockerSettings(fleet=fleet, cpu_image="vllm-fleet-missing:0")
@@ -272,25 +289,25 @@ def test_missing_image_is_named_with_the_fix(
     with pytest.raises(ConfigError, match=r"vllm-fleet-missing:0 not found.*build-images\.sh"):
         runtime.check_images([spec])
     with pytest.raises(DockerRuntimeError, match="not found"):
-        runtime.start(spec)
+        await runtime.start(spec)
     assert fleet_containers(client, fleet) == []
 
 
-def test_split_runtime_keeps_the_router_on_the_host(
+async def test_split_runtime_keeps_the_router_on_the_host(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     split = SplitRuntime(
         make_runtime(client, fleet, tmp_path), ProcessRuntime(tmp_path / "host"), ["router"]
     )
     router = ReplicaSpec("router", free_port(), (), 1, (sys.executable, "-c", "pass"))
-    host_handle = split.start(router)
-    container_handle = split.start(script_spec("replica-0", "import time; time.sleep(600)"))
+    host_handle = await split.start(router)
+    container_handle = await split.start(script_spec("replica-0", "import time; time.sleep(600)"))
     try:
         assert [c.labels[LABEL_REPLICA] for c in fleet_containers(client, fleet)] == ["replica-0"]
         assert host_handle.log_path.parent == tmp_path / "host"
     finally:
-        split.stop(host_handle, timeout=1)
-        split.stop(container_handle, timeout=1)
+        await split.stop(host_handle, timeout=1)
+        await split.stop(container_handle, timeout=1)
     assert fleet_containers(client, fleet) == []
 
 
@@ -334,12 +351,12 @@ async def test_supervisor_restarts_a_crashed_container(
     assert fleet_containers(client, fleet) == []
 
 
-def test_handle_of_an_unknown_container_is_not_running(
+async def test_handle_of_an_unknown_container_is_not_running(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     runtime = make_runtime(client, fleet, tmp_path)
     handle = ReplicaHandle(
         sim_spec("ghost", 1), pid=0, log_path=tmp_path / "ghost.log", started_at=0
     )
-    assert not runtime.status(handle).running
-    assert not runtime.stop(handle, timeout=1).running
+    assert not (await runtime.status(handle)).running
+    assert not (await runtime.stop(handle, timeout=1)).running

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,27 @@ from launcher.runtime.process import ProcessRuntime, group_members, last_line, p
 DEADLINE_S = 10.0
 
 
-def wait_for(predicate: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], what: str, deadline_s: float = DEADLINE_S
+) -> None:
     deadline = time.monotonic() + deadline_s
-    while not predicate():
+    while True:
+        done = predicate()
+        if not isinstance(done, bool):
+            done = await done
+        if done:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+        await asyncio.sleep(0.02)
+
+
+async def running(runtime: ProcessRuntime, handle: ReplicaHandle) -> bool:
+    return (await runtime.status(handle)).running
+
+
+async def exited(runtime: ProcessRuntime, handle: ReplicaHandle) -> bool:
+    return not await running(runtime, handle)
 
 
 def python_spec(name: str, code: str, gpus: tuple[int, ...] = (), **env: str) -> ReplicaSpec:
@@ -42,26 +58,26 @@ class TrackingRuntime(ProcessRuntime):
         super().__init__(log_dir, **kwargs)
         self.handles: list[ReplicaHandle] = []
 
-    def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        handle = super().start(spec)
+    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        handle = await super().start(spec)
         self.handles.append(handle)
         return handle
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[TrackingRuntime]:
+async def runtime(tmp_path: Path) -> AsyncIterator[TrackingRuntime]:
     rt = TrackingRuntime(tmp_path / "logs")
     yield rt
     for handle in rt.handles:
-        rt.stop(handle, timeout=0.1)
+        await rt.stop(handle, timeout=0.1)
 
 
 @pytest.fixture
-def small_log_runtime(tmp_path: Path) -> Iterator[TrackingRuntime]:
+async def small_log_runtime(tmp_path: Path) -> AsyncIterator[TrackingRuntime]:
     rt = TrackingRuntime(tmp_path / "logs", max_log_bytes=1000, log_backups=2)
     yield rt
     for handle in rt.handles:
-        rt.stop(handle, timeout=0.1)
+        await rt.stop(handle, timeout=0.1)
 
 
 SPAWNS_GRANDCHILD = """
@@ -76,23 +92,23 @@ SPAWNS_GRANDCHILD = """
 """
 
 
-def read_pid(path: Path) -> int:
-    wait_for(path.exists, f"{path}")
+async def read_pid(path: Path) -> int:
+    await wait_for(path.exists, f"{path}")
     return int(path.read_text())
 
 
-def test_stop_kills_the_whole_process_group(runtime: TrackingRuntime, tmp_path: Path) -> None:
+async def test_stop_kills_the_whole_process_group(runtime: TrackingRuntime, tmp_path: Path) -> None:
     pid_file = tmp_path / "grandchild.pid"
-    handle = runtime.start(
+    handle = await runtime.start(
         python_spec("r0", SPAWNS_GRANDCHILD, gpus=(2, 3), PID_FILE=str(pid_file))
     )
-    grandchild = read_pid(pid_file)
-    wait_for(lambda: runtime.last_log_line(handle) == "serving", "the log line")
+    grandchild = await read_pid(pid_file)
+    await wait_for(lambda: last_line(handle.log_path) == "serving", "the log line")
     assert "gpus 2,3" in handle.log_path.read_text()
     assert os.getpgid(grandchild) == handle.pid
-    assert runtime.status(handle) == ReplicaStatus(running=True)
+    assert await runtime.status(handle) == ReplicaStatus(running=True)
 
-    status = runtime.stop(handle, timeout=5.0)
+    status = await runtime.stop(handle, timeout=5.0)
 
     assert not status.running
     assert not process_alive(handle.pid)
@@ -100,7 +116,7 @@ def test_stop_kills_the_whole_process_group(runtime: TrackingRuntime, tmp_path: 
     assert group_members(handle.pid) == []
 
 
-def test_sigkill_after_timeout_when_sigterm_is_ignored(
+async def test_sigkill_after_timeout_when_sigterm_is_ignored(
     runtime: TrackingRuntime, tmp_path: Path
 ) -> None:
     pid_file = tmp_path / "grandchild.pid"
@@ -113,11 +129,11 @@ def test_sigkill_after_timeout_when_sigterm_is_ignored(
         os.replace(os.environ["PID_FILE"] + ".tmp", os.environ["PID_FILE"])
         time.sleep(60)
     """
-    handle = runtime.start(python_spec("stubborn", code, PID_FILE=str(pid_file)))
-    grandchild = read_pid(pid_file)
+    handle = await runtime.start(python_spec("stubborn", code, PID_FILE=str(pid_file)))
+    grandchild = await read_pid(pid_file)
 
     started = time.monotonic()
-    status = runtime.stop(handle, timeout=0.5)
+    status = await runtime.stop(handle, timeout=0.5)
     elapsed = time.monotonic() - started
 
     assert elapsed >= 0.5
@@ -126,7 +142,7 @@ def test_sigkill_after_timeout_when_sigterm_is_ignored(
     assert not process_alive(grandchild)
 
 
-def test_grandchild_outliving_its_parent_is_still_stopped(
+async def test_grandchild_outliving_its_parent_is_still_stopped(
     runtime: TrackingRuntime, tmp_path: Path
 ) -> None:
     """The leader exits on SIGTERM at once, a worker ignores it: the group is still cleaned."""
@@ -139,27 +155,27 @@ def test_grandchild_outliving_its_parent_is_still_stopped(
         os.replace(os.environ["PID_FILE"] + ".tmp", os.environ["PID_FILE"])
         time.sleep(60)
     """
-    handle = runtime.start(python_spec("leader", code, PID_FILE=str(pid_file)))
-    grandchild = read_pid(pid_file)
+    handle = await runtime.start(python_spec("leader", code, PID_FILE=str(pid_file)))
+    grandchild = await read_pid(pid_file)
 
-    runtime.stop(handle, timeout=0.5)
+    await runtime.stop(handle, timeout=0.5)
 
     assert not process_alive(grandchild)
 
 
-def test_exit_status_is_reported(runtime: TrackingRuntime) -> None:
-    handle = runtime.start(python_spec("crash", "import sys; print('boom'); sys.exit(3)"))
-    wait_for(lambda: not runtime.status(handle).running, "the exit")
-    assert runtime.status(handle) == ReplicaStatus(running=False, returncode=3)
-    assert runtime.last_log_line(handle) == "boom"
+async def test_exit_status_is_reported(runtime: TrackingRuntime) -> None:
+    handle = await runtime.start(python_spec("crash", "import sys; print('boom'); sys.exit(3)"))
+    await wait_for(lambda: exited(runtime, handle), "the exit")
+    assert await runtime.status(handle) == ReplicaStatus(running=False, returncode=3)
+    assert await runtime.last_log_line(handle) == "boom"
 
 
-def test_restart_rotates_the_log(runtime: TrackingRuntime) -> None:
-    first = runtime.start(python_spec("r0", "print('first run')"))
-    wait_for(lambda: not runtime.status(first).running, "first run to end")
-    runtime.stop(first, timeout=1.0)
-    second = runtime.start(python_spec("r0", "print('second run')"))
-    wait_for(lambda: not runtime.status(second).running, "second run to end")
+async def test_restart_rotates_the_log(runtime: TrackingRuntime) -> None:
+    first = await runtime.start(python_spec("r0", "print('first run')"))
+    await wait_for(lambda: exited(runtime, first), "first run to end")
+    await runtime.stop(first, timeout=1.0)
+    second = await runtime.start(python_spec("r0", "print('second run')"))
+    await wait_for(lambda: exited(runtime, second), "second run to end")
 
     assert second.log_path == first.log_path
     assert "second run" in second.log_path.read_text()
@@ -167,7 +183,7 @@ def test_restart_rotates_the_log(runtime: TrackingRuntime) -> None:
     assert "first run" in second.log_path.with_name("r0.log.1").read_text()
 
 
-def test_log_is_capped_while_the_server_runs(small_log_runtime: TrackingRuntime) -> None:
+async def test_log_is_capped_while_the_server_runs(small_log_runtime: TrackingRuntime) -> None:
     rt = small_log_runtime
     code = """
         import sys, time
@@ -176,23 +192,23 @@ def test_log_is_capped_while_the_server_runs(small_log_runtime: TrackingRuntime)
         print("tail line", flush=True)
         time.sleep(60)
     """
-    handle = rt.start(python_spec("chatty", code))
-    wait_for(lambda: last_line(handle.log_path) == "tail line", "all output")
+    handle = await rt.start(python_spec("chatty", code))
+    await wait_for(lambda: last_line(handle.log_path) == "tail line", "all output")
 
-    rt.status(handle)  # notices the size and rotates
+    await rt.status(handle)  # notices the size and rotates
 
     rotated = handle.log_path.with_name("chatty.log.1")
     assert "tail line" in rotated.read_text()
     assert handle.log_path.stat().st_size == 0
-    assert rt.status(handle).running
+    assert await running(rt, handle)
 
 
-def test_missing_executable_raises_oserror(runtime: TrackingRuntime) -> None:
+async def test_missing_executable_raises_oserror(runtime: TrackingRuntime) -> None:
     spec = ReplicaSpec(
         name="nope", port=1, gpus=(), tensor_parallel_size=1, command=("/nonexistent/vllm",)
     )
     with pytest.raises(OSError):
-        runtime.start(spec)
+        await runtime.start(spec)
 
 
 def test_last_log_line_skips_blank_lines_and_colors(tmp_path: Path) -> None:
