@@ -8,6 +8,10 @@ engine arguments. The hand-written compose/docker-compose.yml covers the common 
 
 Each replica is one service with its ``device_ids``; the router gets the replica list as static
 backends (service DNS names, each replica on its planned port) and is the only published port.
+
+The file is often run on another machine, so nothing of this one goes into it but the GPUs
+``--gpus`` leaves to detection: the CPU engine's threads per replica follow ``--cpus`` (the
+target's CPU count) or are left to vLLM.
 """
 
 from __future__ import annotations

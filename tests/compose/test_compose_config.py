@@ -43,7 +43,7 @@ def layout(config: dict[str, Any]) -> dict[str, tuple[list[str], str]]:
     """replica service -> (device_ids, --tensor-parallel-size)."""
     result = {}
     for name, service in config["services"].items():
-        if not name.startswith("replica-"):
+        if name == "router":
             continue
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert [d["driver"] for d in devices] == ["nvidia"]
@@ -62,6 +62,7 @@ def test_sample_env_gives_two_replicas_on_gpus_0_and_1(
     router = config["services"]["router"]
     assert router["ports"][0]["host_ip"] == "127.0.0.1"
     assert router["environment"]["FLEET_DISCOVER_DNS"] == "engine:8000"
+    assert router["environment"]["FLEET_POLICY"] == "cost"
     for name in ("replica-0", "replica-1"):
         replica = config["services"][name]
         assert replica["ipc"] == "host"
@@ -79,10 +80,19 @@ def test_four_replicas_need_only_the_profile(client: docker.DockerClient, tmp_pa
 def test_one_tensor_parallel_replica_over_four_gpus(
     client: docker.DockerClient, tmp_path: Path
 ) -> None:
-    config = gpu_config(
-        tmp_path, COMPOSE_PROFILES="", TENSOR_PARALLEL_SIZE="4", REPLICA_0_GPUS="0,1,2,3"
-    )
-    assert layout(config) == {"replica-0": (["0,1,2,3"], "4")}
+    # One device id per GPU: Compose once received the group as one "0,1,2,3" string.
+    config = gpu_config(tmp_path, COMPOSE_PROFILES="tp4-replicas-1")
+    assert layout(config) == {"tp4-replica-0": (["0", "1", "2", "3"], "4")}
+
+
+def test_two_tensor_parallel_replicas_with_remapped_gpu_slots(
+    client: docker.DockerClient, tmp_path: Path
+) -> None:
+    config = gpu_config(tmp_path, COMPOSE_PROFILES="tp2-replicas-2", GPU_1="2", GPU_2="1")
+    assert layout(config) == {
+        "tp2-replica-0": (["0", "2"], "2"),
+        "tp2-replica-1": (["1", "3"], "2"),
+    }
 
 
 def test_eight_replicas_is_the_largest_layout(client: docker.DockerClient, tmp_path: Path) -> None:

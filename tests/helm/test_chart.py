@@ -15,6 +15,7 @@ from typing import Any
 import helm_python as helm
 import pytest
 
+from launcher.vllm_args import SERVER_MODULE
 from router.config import OPTIONS, config_from_args
 from tests.helm.k8s_check import KUBE_VERSIONS, check_object
 from tests.helm.render import (
@@ -238,7 +239,7 @@ def test_the_issue_command_line_renders() -> None:
     with load_chart() as chart:
         out = render(chart, values)
     assert out.one("Deployment", "engine")["spec"]["replicas"] == 4
-    assert serving_engine_container(out)["args"][0] == MODEL
+    assert serving_engine_container(out)["args"][:2] == ["--model", MODEL]
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
@@ -343,7 +344,7 @@ def test_engine_replicas_follow_values_unless_autoscaled(
 def test_engine_serves_the_model_with_values_args(rendered: dict[str, Rendered], case: str) -> None:
     container = serving_engine_container(rendered[case])
     args = container["args"]
-    assert args[0] == MODEL
+    assert args[:2] == ["--model", MODEL]
     assert arg_after(args, "--served-model-name") == MODEL
     assert arg_after(args, "--port") == str(port_named(container, "http"))
     assert arg_after(args, "--host") == "0.0.0.0"
@@ -557,7 +558,7 @@ def test_multi_node_runs_vllm_over_ray_in_leaderworkerset_groups(
     leader_script = leader["command"][2]
     assert leader["command"][:2] == ["/bin/sh", "-c"]
     assert "ray start --head --port=6379" in leader_script
-    assert 'exec vllm serve "$@"' in leader_script
+    assert f'exec python3 -m {SERVER_MODULE} "$@"' in leader_script
     assert "LWS_GROUP_SIZE" in leader_script  # waits for the whole group
     args = leader["args"]
     assert arg_after(args, "--tensor-parallel-size") == "8"
@@ -565,14 +566,14 @@ def test_multi_node_runs_vllm_over_ray_in_leaderworkerset_groups(
     assert arg_after(args, "--distributed-executor-backend") == "ray"
     worker_script = worker["command"][2]
     assert "ray start --address=${LWS_LEADER_ADDRESS}:6379 --block" in worker_script
-    assert "vllm serve" not in worker_script
+    assert SERVER_MODULE not in worker_script
     assert "readinessProbe" not in worker  # workers serve no HTTP
     assert port_named(leader, "ray") == 6379
 
 
 def test_single_node_engines_have_no_ray(rendered: dict[str, Rendered]) -> None:
     container = serving_engine_container(rendered["tp4-x2"])
-    assert container["command"] == ["vllm", "serve"]
+    assert container["command"] == ["python3", "-m", SERVER_MODULE]
     assert "--distributed-executor-backend" not in container["args"]
     assert "--pipeline-parallel-size" not in container["args"]
 

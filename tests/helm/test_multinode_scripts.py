@@ -1,7 +1,7 @@
 """The multi-node leader and worker shell scripts, run for real by /bin/sh with stand-ins for
-`ray`, `python3` (the Ray membership query), `vllm` and `sleep` on PATH: the leader must wait
-for the whole group before serving and pass every vLLM argument through untouched; the worker
-must retry joining the head and give up after its deadline."""
+`ray`, `python3` (the Ray membership query, and the vLLM server) and `sleep` on PATH: the leader
+must wait for the whole group before serving and pass every vLLM argument through untouched;
+the worker must retry joining the head and give up after its deadline."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from launcher.vllm_args import SERVER_MODULE
 from tests.helm.render import MODEL, load_chart, render, with_model
 
 VALUES = with_model(
@@ -66,16 +67,16 @@ def _run(
         f'case "$*" in *--address=*) n=$(cat {fails}); '
         f'if [ "$n" -gt 0 ]; then echo $((n-1)) > {fails}; exit 1; fi;; esac\n',
     )
-    # python3 -c <membership query>: print the next alive count (the last one repeats), after
-    # a line of noise such as Ray's own messages.
+    # python3 -m <server>: log each argument. python3 -c <membership query>: print the next
+    # alive count (the last one repeats), after a line of noise such as Ray's own messages.
     _stub(
         bin_dir,
         "python3",
+        f'if [ "$1" = -m ]; then for a in "$@"; do echo "vllm-arg:$a" >> {log}; done; exit 0; fi\n'
         f'echo "python3 query" >> {log}\necho "some ray log line"\n'
         f"head -n 1 {counts}\n"
         f'if [ "$(wc -l < {counts})" -gt 1 ]; then sed -i 1d {counts}; fi\n',
     )
-    _stub(bin_dir, "vllm", f'for a in "$@"; do echo "vllm-arg:$a" >> {log}; done\n')
     _stub(bin_dir, "sleep", f'echo "sleep $*" >> {log}\n')
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -102,7 +103,7 @@ def test_leader_waits_for_the_group_then_serves_with_every_arg_intact(
     assert "ray start --head --port=6379 --disable-usage-stats" in calls
     assert calls.count("python3 query") == 3  # asked until all 3 nodes were alive
     vllm_args = [c.removeprefix("vllm-arg:") for c in calls if c.startswith("vllm-arg:")]
-    assert vllm_args[:2] == ["serve", MODEL]
+    assert vllm_args[:4] == ["-m", SERVER_MODULE, "--model", MODEL]
     assert vllm_args[vllm_args.index("--served-model-name") + 1] == "big model"
     assert vllm_args[vllm_args.index("--pipeline-parallel-size") + 1] == "3"
     assert vllm_args[vllm_args.index("--tensor-parallel-size") + 1] == "8"

