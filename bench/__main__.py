@@ -22,8 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from bench.cpu import machine_busy_seconds, own_cpu_seconds
 from bench.page import Pages, machine, stale, write
-from bench.procs import machine_busy_seconds, own_cpu_seconds
 from bench.section import Section
 from bench.stamp import Stamp, current_stamp
 from bench.store import save_section
@@ -139,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: unknown scenario {unknown}; use {','.join(SCENARIOS)}", file=sys.stderr)
         return 2
+    from bench.peers import PEER_KEYS
+
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    wrong = [p for p in peers if p not in PEER_KEYS]
+    if wrong:
+        print(f"bench: --peers: unknown {wrong}; use {','.join(PEER_KEYS)}", file=sys.stderr)
+        return 2
     # Taken once, before this run writes anything: its own results must not make the tree dirty.
     code = current_stamp(REPO)
     if code.dirty:
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=workdir,
         python=sys.executable,
         seed=args.seed,
-        peers=tuple(p for p in args.peers.split(",") if p) or None,
+        peers=peers or None,
     )
     return run_scenarios([(key, SCENARIOS[key]) for key in keys], opts, pages, code)
 

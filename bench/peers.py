@@ -26,9 +26,11 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.cpu import tree_cpu_seconds
 from bench.load import FixedTarget, JoinShortestQueue, RoundRobinTarget, Target
-from bench.procs import ChildProcess, free_port, tree_cpu_seconds, wait_http
 from bench.stamp import current_stamp
+from tests.support.ports import free_port
+from tests.support.procs import ChildProcess, wait_http
 
 READY_DEADLINE_S = 60.0
 REPO = Path(__file__).resolve().parents[1]
@@ -396,7 +398,7 @@ class SglangRouterPeer(Peer):
 
 #: Every peer by its key on the command line (`--peers ours-lb,nginx-lc`).
 PEER_KEYS = (
-    "ours-lb", "ours-rr", "ideal", "direct-rr", "direct",
+    "ours-cost", "ours-lb", "ours-rr", "ideal", "direct-rr", "direct",
     "nginx-lc", "nginx-rr", "haproxy-lc", "haproxy-rr",
     "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
 )  # fmt: skip

@@ -7,20 +7,22 @@ it from a real deployment, and a crash is a real crash (SIGKILL, port closed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import ChildProcess, free_port, wait_http
 from launcher.commands.demo import tiny_cpu_plan
 from launcher.commands.plan import host_cpus
+from tests.support.metrics import metric_value, parse_samples
+from tests.support.ports import free_port
+from tests.support.procs import ChildProcess, wait_http
+from tests.support.sim import get_stats, post_control, sim_command
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,7 @@ class SimReplica:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        s = self.settings
-        argv = [
-            self.python, "-m", "launcher.cli", "sim",
-            "--host", "127.0.0.1", "--port", str(self.port), "--model", s.model,
-            "--max-num-seqs", str(s.max_num_seqs), "--step-ms", str(s.step_ms),
-            "--batch-slowdown", str(s.batch_slowdown), "--speed", str(s.speed),
-        ]  # fmt: skip
+        argv = sim_command(self.port, self.python, **dataclasses.asdict(self.settings))
         self.child = ChildProcess(argv, self.workdir / f"sim-{self.port}.log")
         await wait_http(f"{self.url}/health", 30.0, self.child)
 
@@ -67,15 +63,11 @@ class SimReplica:
         if self.child is not None:
             self.child.stop()
 
-    async def control(self, session: aiohttp.ClientSession, **knobs: float | bool) -> None:
-        async with session.post(f"{self.url}/sim/control", json=knobs) as response:
-            response.raise_for_status()
+    async def control(self, **knobs: float | bool) -> None:
+        await post_control(self.url, **knobs)
 
     async def stats(self, session: aiohttp.ClientSession) -> dict[str, int]:
-        async with session.get(f"{self.url}/sim/stats") as response:
-            response.raise_for_status()
-            result: dict[str, int] = await response.json()
-            return result
+        return await get_stats(self.url, session)
 
 
 @dataclass
@@ -111,9 +103,8 @@ class SimFleet:
             return out
 
     async def reset_speeds(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            for replica in self.replicas:
-                await replica.control(session, speed=replica.settings.speed)
+        for replica in self.replicas:
+            await replica.control(speed=replica.settings.speed)
 
     async def wait_idle(self, deadline_s: float = 30.0) -> None:
         """Wait until no replica runs or queues anything (bounded), so runs do not overlap."""
@@ -211,21 +202,26 @@ class VllmFleet:
             replica.stop()
 
     async def _gauges(self, names: tuple[str, ...]) -> list[float]:
+        """Per replica, the sum of the samples `names` on its /metrics (-1 if unreachable)."""
         out = []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             for replica in self.replicas:
                 try:
                     async with session.get(f"{replica.url}/metrics") as response:
-                        text = await response.text()
+                        samples = parse_samples(await response.text())
                 except (aiohttp.ClientError, TimeoutError):
                     out.append(-1.0)
                     continue
-                out.append(metric_sum(text, names))
+                out.append(sum(metric_value(samples, name) for name in names))
         return out
 
     async def received(self) -> list[int]:
         totals = await self._gauges(
-            ("vllm:request_success", "vllm:num_requests_running", "vllm:num_requests_waiting")
+            (
+                "vllm:request_success_total",
+                "vllm:num_requests_running",
+                "vllm:num_requests_waiting",
+            )
         )
         return [int(t) for t in totals]
 
@@ -237,24 +233,6 @@ class VllmFleet:
             if all(b <= 0 for b in busy):
                 return
             await asyncio.sleep(0.2)
-
-
-def metric_sum(text: str, names: tuple[str, ...], labels: Mapping[str, str] | None = None) -> float:
-    """Sum of every sample of the metric families `names` in a Prometheus text exposition,
-    only those carrying all of `labels` when given.
-
-    Counters count from the family name (prometheus_client strips `_total`).
-    """
-    want = dict(labels or {}).items()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name in names:
-            total += sum(
-                s.value
-                for s in family.samples
-                if not s.name.endswith("_created") and want <= s.labels.items()
-            )
-    return total
 
 
 class Fleet(Protocol):

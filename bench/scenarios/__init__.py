@@ -14,40 +14,45 @@ Adding scenario N:
    QUICK_PEERS)`, and build tables with `bench.scenarios.tables` (`latency_table` fits any
    open-loop run). The heterogeneous fleet and its calibrated traffic are in
    `bench.scenarios.heterogeneous`; new traffic shapes belong in `bench.load`.
-2. Add the module to `MODULES` below; add its key to `FULL_DEFAULT` if a plain
-   `python -m bench` should run it.
+2. That is all the registry needs: every `sN_*.py` module here is found by its name. Add N to
+   `FULL_DEFAULT` below if a plain `python -m bench` should run it.
 3. `python -m bench --quick --scenarios N` tries it (results under bench/.work); the full run
    stores bench/results/sN.json, and `python -m bench report` puts it on docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import re
 from collections.abc import Callable, Coroutine
+from types import ModuleType
 from typing import Any
 
-from bench.scenarios import (
-    s1_heterogeneous,
-    s2_speed_change,
-    s3_no_max_tokens,
-    s4_load_sweep,
-    s5_overhead,
-    s6_failover,
-    s7_real_vllm,
-)
 from bench.scenarios.harness import Options, finish
 from bench.section import Section
 
 Scenario = Callable[[Options], Coroutine[Any, Any, Section]]
 
-MODULES = (
-    s1_heterogeneous,
-    s2_speed_change,
-    s3_no_max_tokens,
-    s4_load_sweep,
-    s5_overhead,
-    s6_failover,
-    s7_real_vllm,
-)
+#: A scenario module's name: `s<key>_<what>`.
+SCENARIO_MODULE = re.compile(r"s(\d+)_\w+")
+
+
+def _scenario_modules() -> list[ModuleType]:
+    """Every `sN_*` module of this package, by N; each must declare `KEY = "N"`."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        match = SCENARIO_MODULE.fullmatch(info.name)
+        if match is None:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if getattr(module, "KEY", None) != match.group(1):
+            raise ImportError(f"{module.__name__}: KEY must be {match.group(1)!r}")
+        found.append(module)
+    return sorted(found, key=lambda m: int(m.KEY))
+
+
+MODULES = _scenario_modules()
 #: Every scenario by its key on the command line.
 SCENARIOS: dict[str, Scenario] = {m.KEY: m.run_scenario for m in MODULES}
 

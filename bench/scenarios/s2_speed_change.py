@@ -8,8 +8,6 @@ import math
 import time
 from collections.abc import Awaitable
 
-import aiohttp
-
 from bench.fmt import fmt_pct, fmt_s
 from bench.load import RequestRecord, Target, make_schedule, run_open_loop
 from bench.peers import Peer
@@ -46,8 +44,7 @@ async def run_scenario(opts: Options) -> Section:
 
             async def change() -> None:
                 await asyncio.sleep(change_at)
-                async with aiohttp.ClientSession() as session:
-                    await fleet.replicas[0].control(session, speed=0.5)
+                await fleet.replicas[0].control(speed=0.5)
                 counts.append(await fleet.received())
 
             task = asyncio.create_task(change())

@@ -13,18 +13,21 @@ import aiohttp
 from bench.fmt import fmt_s
 from bench.load import RequestRecord, Target, make_schedule, run_open_loop
 from bench.peers import OursPeer, Peer
-from bench.replicas import SimFleet, metric_sum
+from bench.replicas import SimFleet
 from bench.scenarios.harness import MODEL, Options, line_up, measure, started
 from bench.scenarios.heterogeneous import HETEROGENEOUS, base_mix, setting_text
 from bench.scenarios.tables import not_started_row
 from bench.section import Section, Table
 from bench.stats import replica_index
+from tests.support.metrics import metric_value, scrape_metrics
 
 KEY = "6"
 PEERS = ("ours-cost", "nginx-lc", "haproxy-lc")
 QUICK_PEERS = ("ours-cost", "nginx-lc")
 #: Replica that dies (index into HETEROGENEOUS: a full-speed one).
 VICTIM = 1
+#: The pollers stop with the run (cancelled); this only bounds them should that ever fail.
+WATCH_LIMIT_S = 600.0
 
 
 async def run_scenario(opts: Options) -> Section:
@@ -53,7 +56,7 @@ async def run_scenario(opts: Options) -> Section:
                 await victim.start()
                 marks["back"] = time.perf_counter() - t0
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-                    while True:
+                    while time.perf_counter() - t0 < WATCH_LIMIT_S:
                         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                             if (await victim.stats(session))["received"] > 0:
                                 marks["used_again"] = time.perf_counter() - t0
@@ -163,11 +166,10 @@ async def _watch_failed_sends(router: str, replica: str, t0: float, sends: list[
     """Append the time of every poll that saw the router's failed attempts on `replica` grow."""
     last = 0.0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while True:
+        while time.perf_counter() - t0 < WATCH_LIMIT_S:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(f"{router}/metrics") as response:
-                    text = await response.text()
-                total = metric_sum(text, ("vllm_fleet_upstream_failures",), {"replica": replica})
+                samples = await scrape_metrics(router, session)
+                total = metric_value(samples, "vllm_fleet_upstream_failures_total", replica=replica)
                 if total > last:
                     sends.append(time.perf_counter() - t0)
                     last = total

@@ -18,7 +18,16 @@ from bench.load import (
     make_schedule,
     run_open_loop,
 )
-from bench.peers import IdealPeer, OursPeer, Peer, PeerUnavailable, program_path
+from bench.peers import (
+    PEER_KEYS,
+    IdealPeer,
+    OursPeer,
+    Peer,
+    PeerUnavailable,
+    make_peer,
+    program_path,
+)
+from bench.scenarios import FULL_DEFAULT, MODULES, QUICK_DEFAULT, SCENARIOS
 from bench.scenarios.tables import latency_table
 from bench.section import PeerRun
 from bench.stats import percentile, replica_index, shares, summarize
@@ -147,3 +156,12 @@ async def test_router_cpu_time_is_measured(tmp_path: Path) -> None:
             peer.stop()
         assert all(r.ok for r in records)
         assert first is not None and second is not None and second >= first > 0
+
+
+def test_every_scenario_module_is_registered_with_known_peers(tmp_path: Path) -> None:
+    assert list(SCENARIOS) == [m.KEY for m in MODULES] == [str(n) for n in range(1, 8)]
+    assert set(FULL_DEFAULT) | set(QUICK_DEFAULT) <= set(SCENARIOS)
+    for module in MODULES:
+        assert set(module.PEERS) | set(module.QUICK_PEERS) <= set(PEER_KEYS), module.__name__
+    for key in PEER_KEYS:
+        assert make_peer(key, tmp_path, "python").name

@@ -14,9 +14,7 @@ stopped when the context exits, whatever happens in the test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,17 +22,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from launcher.sim.config import SimConfig
 from launcher.sim.engine import EngineStats, SimEngine
 from launcher.sim.server import SIM_STATE, SimState, make_sim_app
+
+# Re-exported: the simulator's tests read its metrics through this module.
+from tests.support.metrics import metric_value as metric_value
+from tests.support.metrics import scrape_metrics as scrape_metrics
 from tests.support.ports import free_port
+from tests.support.procs import ChildProcess, wait_http
 
 #: Default model name of test simulators.
 SIM_MODEL = "sim-model"
@@ -66,62 +67,32 @@ async def wait_until(
         await asyncio.sleep(interval_s)
 
 
-async def scrape_metrics(url: str) -> list[Sample]:
-    """`GET {url}/metrics`, parsed with prometheus_client (one Sample per exposed line)."""
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session,
-        session.get(f"{url}/metrics") as response,
-    ):
-        response.raise_for_status()
-        text = await response.text()
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
-def metric_value(samples: list[Sample], name: str, **labels: str) -> float:
-    """Sum of the samples called `name` (e.g. 'vllm:generation_tokens_total') with `labels`."""
-    return sum(
-        sample.value
-        for sample in samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 async def wait_healthy(url: str, deadline_s: float = HEALTH_DEADLINE_S) -> None:
     """Poll `GET {url}/health` until it answers 200; TimeoutError after `deadline_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + deadline_s
-    timeout = aiohttp.ClientTimeout(total=1.0)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        while True:
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        return
-            if loop.time() > deadline:
-                raise TimeoutError(f"{url}/health not 200 within {deadline_s}s")
-            await asyncio.sleep(0.02)
+    await wait_http(f"{url}/health", deadline_s, interval_s=0.02)
 
 
 async def post_control(url: str, **knobs: float | bool) -> dict[str, Any]:
     """`POST /sim/control`; returns the knobs now in force."""
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session,
-        session.post(f"{url}/sim/control", json=knobs) as response,
-    ):
-        response.raise_for_status()
-        result: dict[str, Any] = await response.json()
-        return result
+    result: dict[str, Any] = await _sim_json("POST", f"{url}/sim/control", None, knobs)
+    return result
 
 
-async def get_stats(url: str) -> dict[str, int]:
-    """`GET /sim/stats` (works for subprocess simulators too)."""
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session,
-        session.get(f"{url}/sim/stats") as response,
-    ):
+async def get_stats(url: str, session: aiohttp.ClientSession | None = None) -> dict[str, int]:
+    """`GET /sim/stats` (works for subprocess simulators too). `session` reuses connections."""
+    result: dict[str, int] = await _sim_json("GET", f"{url}/sim/stats", session)
+    return result
+
+
+async def _sim_json(
+    method: str, url: str, session: aiohttp.ClientSession | None, body: object = None
+) -> Any:
+    if session is None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as own:
+            return await _sim_json(method, url, own, body)
+    async with session.request(method, url, json=body) as response:
         response.raise_for_status()
-        result: dict[str, int] = await response.json()
-        return result
+        return await response.json()
 
 
 @dataclass
@@ -241,22 +212,19 @@ class SimProcess:
 
     url: str
     port: int
-    process: subprocess.Popen[bytes]
+    child: ChildProcess
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
 
     def kill(self) -> None:
         """SIGKILL and reap: the replica dies without closing anything. Idempotent."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
+        self.child.kill()
 
     def terminate(self, timeout_s: float = 5.0) -> None:
         """SIGTERM (graceful), then SIGKILL if it does not exit within `timeout_s`."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.child.stop(grace=timeout_s)
 
     async def control(self, **knobs: float | bool) -> dict[str, Any]:
         return await post_control(self.url, **knobs)
@@ -265,11 +233,16 @@ class SimProcess:
         return await get_stats(self.url)
 
 
-def _flag_args(flags: dict[str, Any]) -> list[str]:
-    args: list[str] = []
+def sim_command(port: int, python: str = sys.executable, **flags: Any) -> list[str]:
+    """`python -m launcher.cli sim --host 127.0.0.1 --port PORT --flag value ...`.
+
+    `flags` are CLI flags with underscores (max_num_seqs=4 -> --max-num-seqs 4). The one
+    builder of a simulator's command line for the tests and the benchmark.
+    """
+    command = [python, "-m", "launcher.cli", "sim", "--host", "127.0.0.1", "--port", str(port)]
     for name, value in flags.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    return args
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    return command
 
 
 @asynccontextmanager
@@ -281,33 +254,17 @@ async def start_sim_process(port: int | None = None, **flags: Any) -> AsyncItera
     """
     port = port or free_port()
     flags = {"model": SIM_MODEL, "step_ms": TEST_DEFAULTS["step_ms"], **flags}
-    command = [sys.executable, "-m", "launcher.cli", "sim", "--port", str(port), *_flag_args(flags)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    # A file, not a pipe: a chatty child can never block on a full pipe.
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    with tempfile.TemporaryDirectory() as logs:
+        child = ChildProcess(
+            sim_command(port, **flags), Path(logs) / "sim.log", env=env, cwd=REPO_ROOT
         )
-        handle = SimProcess(f"http://127.0.0.1:{port}", port, process)
+        handle = SimProcess(f"http://127.0.0.1:{port}", port, child)
         try:
             startup = float(flags.get("startup_delay", 0.0))
-            await _wait_process_healthy(handle, HEALTH_DEADLINE_S + startup, log)
+            await wait_http(
+                f"{handle.url}/health", HEALTH_DEADLINE_S + startup, child, interval_s=0.02
+            )
             yield handle
         finally:
             handle.kill()
-
-
-async def _wait_process_healthy(handle: SimProcess, deadline_s: float, log: IO[bytes]) -> None:
-    waiter = asyncio.create_task(wait_healthy(handle.url, deadline_s))
-    try:
-        while not waiter.done():
-            if handle.process.poll() is not None:
-                log.seek(0)
-                output = log.read().decode(errors="replace").strip()[-2000:]
-                raise RuntimeError(f"sim process exited early: {output}")
-            await asyncio.wait({waiter}, timeout=0.05)
-        waiter.result()
-    finally:
-        waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await waiter
