@@ -196,3 +196,28 @@ def test_prefill_time_per_prompt_token_excludes_the_first_step() -> None:
     )
     estimate.observe(later)
     assert estimate.prefill_s_per_token == pytest.approx(0.0005, rel=0.01)
+
+
+def test_prefill_time_is_per_computed_token_when_the_prefix_cache_hits() -> None:
+    """vLLM counts cached prompt tokens in the prompt sum but spends no prefill time on them:
+    the learned price is per token actually computed (prompt minus prefix-cache hits)."""
+    estimate = SpeedEstimate()
+    engine = Engine()
+    feed(estimate, engine, [0, 1, 1])
+    base = engine.sample(running=1)
+    first_step = estimate.step_s(1) or math.nan
+    zero = replace(
+        base, prefill_s=0.0, prefill_prompt_tokens=0.0, prefill_requests=0, cached_tokens=0.0
+    )
+    estimate.observe(zero)
+    # 10 requests of 1000 prompt tokens, 800 of each found cached: 200 computed at 0.5 ms
+    later = replace(
+        base,
+        at=base.at + 1,
+        prefill_s=10 * (200 * 0.0005 + first_step),
+        prefill_prompt_tokens=10_000.0,
+        prefill_requests=10,
+        cached_tokens=8_000.0,
+    )
+    estimate.observe(later)
+    assert estimate.prefill_s_per_token == pytest.approx(0.0005, rel=0.01)
