@@ -1,0 +1,590 @@
+"""Streams that survive their replica: continue a cut stream on another replica, exactly.
+
+When a replica dies in the middle of a completion stream, the client already holds part of
+the answer. Instead of ending the stream with an error, the router asks another replica for
+the rest: for ``/v1/completions`` the prompt plus the text already streamed, for chat the
+messages plus the partial assistant message (vLLM's ``continue_final_message: true`` and
+``add_generation_prompt: false``), with ``max_tokens`` reduced by the tokens already sent. The
+new stream is stitched onto the client's: the same ``id``, ``created`` and ``model`` in every
+chunk, no second role delta, and a final ``usage`` that counts both parts.
+
+Exactness rests on three rules, each enforced here:
+
+- Only requests whose answer is a pure function of (prompt, text so far, tokens left) are
+  continued: one choice, no logprobs, tools, response formats, guided decoding, stop strings
+  (vLLM holds back text that may start one), seeds or output-dependent penalties. Anything not
+  on the allow-list below is refused, and the stream keeps today's clean SSE error.
+- Tokens are counted, not guessed: the upstream request asks for
+  ``stream_options: {include_usage, continuous_usage_stats}``, so every vLLM chunk carries the
+  running ``completion_tokens`` (a chunk may hold several tokens). The usage fields the client
+  did not ask for are cut out of the chunks before they are relayed.
+- The client only ever holds whole events whose tokens have their text. Partial events are
+  buffered until their blank line arrives; an event whose tokens produced no text yet (vLLM
+  holds back the bytes of an unfinished UTF-8 character) is held until text follows. At a
+  break, what the client holds is exactly ``sent`` tokens and their text.
+
+CPU: this runs only for continuable streams (the others are relayed untouched). Each event of
+the first replica's stream is matched by one compiled regular expression against vLLM's own
+serialization (one C call: text, finish reason, token count and the usage span); an event of
+any other shape is parsed with ``json.loads``. Events of a continuation are always parsed and
+rewritten, which is the rare path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from multidict import CIMultiDict
+
+from router.balancer import RequestInfo
+
+Kind = Literal["completion", "chat"]
+
+#: Paths (before any query string) whose streams can be continued, and their kind.
+PATHS: Final[Mapping[str, Kind]] = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+#: Continuations one stream may get: each is another replica dying under the same request.
+MAX_CONTINUATIONS = 3
+#: Longest incomplete event buffered; a stream without blank lines (not vLLM's SSE) past this
+#: is relayed as it comes and can no longer be continued.
+MAX_EVENT_BYTES = 1 << 20
+#: What the router asks every continuable upstream stream for (exact running token counts).
+UPSTREAM_STREAM_OPTIONS: Final[Mapping[str, bool]] = {
+    "include_usage": True,
+    "continuous_usage_stats": True,
+}
+
+# -- which requests can be continued -----------------------------------------------------------
+
+_ANY = object()
+#: Parameters a continuation carries over unchanged: the answer does not depend on where it
+#: was cut. Values listed are the only ones accepted (``_ANY``: any value).
+_COMMON: Final[Mapping[str, Any]] = {
+    "model": _ANY,
+    "stream": (True,),
+    "stream_options": _ANY,  # checked on its own
+    "max_tokens": _ANY,  # checked on its own
+    "temperature": _ANY,
+    "top_p": _ANY,
+    "top_k": _ANY,
+    "min_p": _ANY,
+    # repetition_penalty counts prompt and output tokens alike, so moving the streamed text
+    # into the prompt keeps it the same; presence and frequency penalties count output tokens
+    # only and would forget the streamed part.
+    "repetition_penalty": _ANY,
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "ignore_eos": _ANY,
+    "min_tokens": _ANY,  # reduced by the tokens sent
+    "stop": (None, "", ()),
+    "stop_token_ids": _ANY,
+    "include_stop_str_in_output": _ANY,
+    "n": (None, 1),
+    "seed": (None,),
+    "user": _ANY,
+    "skip_special_tokens": _ANY,
+    "spaces_between_special_tokens": _ANY,
+    "add_special_tokens": _ANY,
+    "priority": _ANY,
+    "request_id": _ANY,
+    "cache_salt": _ANY,
+    "logit_bias": _ANY,
+    "allowed_token_ids": _ANY,
+    "response_format": (None, {"type": "text"}),
+    "echo": (None, False),
+}
+_ALLOWED: Final[Mapping[Kind, Mapping[str, Any]]] = {
+    "completion": {
+        **_COMMON,
+        "prompt": _ANY,  # checked on its own
+        "logprobs": (None,),
+        "best_of": (None, 1),
+    },
+    "chat": {
+        **_COMMON,
+        "messages": _ANY,  # checked on its own
+        "max_completion_tokens": _ANY,
+        "logprobs": (None, False),
+        "top_logprobs": (None, 0),
+        "tools": (None, ()),
+        "tool_choice": (None, "none"),
+        "parallel_tool_calls": _ANY,
+        "add_generation_prompt": (None, True),
+        "continue_final_message": (None, False),
+        "chat_template": _ANY,
+        "chat_template_kwargs": _ANY,
+        "documents": (None,),
+        "store": _ANY,
+        "metadata": _ANY,
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A request that can be continued: its parsed body and what the client asked to see."""
+
+    kind: Kind
+    #: The client's request body, parsed (never modified).
+    payload: Mapping[str, Any]
+    #: Tokens the whole answer may have (max_completion_tokens, else max_tokens).
+    limit: int
+    #: ``stream_options.include_usage``: a final usage chunk.
+    client_usage: bool
+    #: ``stream_options.continuous_usage_stats`` (with include_usage): usage in every chunk.
+    client_continuous: bool
+
+
+def _listed(value: Any, allowed: Any) -> bool:
+    """``value`` is one of ``allowed`` (same type: ``True`` is not ``1``), or [] for ()."""
+    if allowed is _ANY:
+        return True
+    if value == [] and () in allowed:
+        return True
+    return any(type(value) is type(choice) and value == choice for choice in allowed)
+
+
+def _tokens(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def plan_for(kind: Kind, payload: Mapping[str, Any]) -> Plan | str:
+    """The Plan for a streaming request, or why it cannot be continued exactly (one line)."""
+    allowed = _ALLOWED[kind]
+    for name, value in payload.items():
+        if name not in allowed:
+            return f"parameter {name!r} is not known to continue exactly"
+        if not _listed(value, allowed[name]):
+            return f"{name}={json.dumps(value)[:40]} cannot be continued exactly"
+    if kind == "completion":
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            return "only a text prompt (or a list of one) can be continued"
+        limit = _tokens(payload.get("max_tokens"))
+    else:
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return "messages must be a list of objects"
+        limit = _tokens(payload.get("max_completion_tokens")) or _tokens(payload.get("max_tokens"))
+    if limit is None or limit < 1:
+        # Without it the replica's default applies, which a model's generation config may
+        # set: a continuation could not prove it ends where the whole answer would.
+        return "max_tokens must be set for a stream to be continued"
+    if "min_tokens" in payload and _tokens(payload["min_tokens"]) is None:
+        return "min_tokens must be an integer"
+    options = payload.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or not set(options) <= set(UPSTREAM_STREAM_OPTIONS):
+        return "stream_options has unknown fields"
+    usage = options.get("include_usage") is True
+    continuous = usage and options.get("continuous_usage_stats") is True
+    return Plan(kind, payload, limit, usage, continuous)
+
+
+def upstream_body(plan: Plan, body: bytes) -> bytes:
+    """The first attempt's body: the client's, asking for running token counts.
+
+    Without stream_options in the client's body, the field is spliced in before the closing
+    brace (no re-serialization of a possibly large prompt); otherwise the body is re-encoded.
+    """
+    if "stream_options" not in plan.payload:
+        head = body.rstrip()
+        if head.endswith(b"}"):
+            return head[:-1] + b',"stream_options":' + _OPTIONS_JSON + b"}"
+    payload = dict(plan.payload)
+    payload["stream_options"] = dict(UPSTREAM_STREAM_OPTIONS)
+    return _dumps(payload)
+
+
+_OPTIONS_JSON = json.dumps(dict(UPSTREAM_STREAM_OPTIONS), separators=(",", ":")).encode()
+
+
+def continuation_body(plan: Plan, text: str, sent: int) -> bytes:
+    """The request for the rest of the answer, after ``sent`` tokens whose text is ``text``.
+
+    With nothing sent yet this is the original request (the answer simply starts over).
+    """
+    payload: dict[str, Any] = copy.deepcopy(dict(plan.payload))
+    payload["stream_options"] = dict(UPSTREAM_STREAM_OPTIONS)
+    left = plan.limit - sent
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in payload:
+            payload[name] = left
+    if _tokens(payload.get("min_tokens")) is not None:
+        payload["min_tokens"] = max(0, payload["min_tokens"] - sent)
+    if text:
+        if plan.kind == "completion":
+            prompt = payload["prompt"]
+            payload["prompt"] = [prompt[0] + text] if isinstance(prompt, list) else prompt + text
+        else:
+            payload["messages"] = [*payload["messages"], {"role": "assistant", "content": text}]
+            payload["continue_final_message"] = True
+            payload["add_generation_prompt"] = False
+    return _dumps(payload)
+
+
+def _dumps(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# -- the stream: relay, count, stitch -----------------------------------------------------------
+
+_STR = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+_TEXT = rb'"(?P<text>[^"\\]*(?:\\.[^"\\]*)*)"'
+_SCALAR = rb"(?:null|true|false|-?\d+|" + _STR + rb")"
+_CHOICE_END = (
+    rb'"logprobs":null,"finish_reason":(?:null|"(?P<finish>[a-z_]+)")'
+    rb'(?:,"[a-z_]+":' + _SCALAR + rb")*\}\]"
+)
+_USAGE = (
+    rb'(?P<usage>,"usage":\{"prompt_tokens":\d+,"total_tokens":\d+,'
+    rb'"completion_tokens":(?P<tokens>\d+)(?:,"[a-z_]+":(?:null|\{[^{}]*\}))*\})'
+)
+_ENVELOPE_END = rb'(?:,"[a-z_]+":(?:null|' + _STR + rb"))*\}"
+
+
+def _fast(obj: bytes, choice: bytes) -> re.Pattern[bytes]:
+    return re.compile(
+        rb'data: \{"id":' + _STR + rb',"object":"' + obj + rb'","created":\d+,"model":' + _STR
+        + rb',"choices":\[\{"index":0,' + choice + _CHOICE_END + _USAGE + _ENVELOPE_END
+    )  # fmt: skip
+
+
+#: A token event exactly as vLLM serializes it (pydantic, exclude_unset), with running usage.
+_FAST: Final[Mapping[Kind, re.Pattern[bytes]]] = {
+    "chat": _fast(b"chat\\.completion\\.chunk", rb'"delta":\{"content":' + _TEXT + rb"\},"),
+    "completion": _fast(b"text_completion", rb'"text":' + _TEXT + b","),
+}
+_CHUNK_OBJECT: Final[Mapping[Kind, str]] = {
+    "chat": "chat.completion.chunk",
+    "completion": "text_completion",
+}
+_DONE_EVENT = b"data: [DONE]"
+
+
+class Spoiled(Exception):
+    """The stream so far cannot be continued exactly (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What to do at a break: send ``body`` to another replica, or, when the answer was
+    already complete (``body`` is None), write ``tail`` and end the stream."""
+
+    body: bytes | None
+    tail: bytes = b""
+    sent: int = 0
+
+
+@dataclass(slots=True)
+class Stitcher:
+    """Relays one continuable stream across its replicas, as one stream to the client.
+
+    ``feed`` takes upstream bytes and returns the bytes to write to the client; ``end`` the
+    bytes left at a clean end; ``resume_at_break`` what to do when the upstream broke; and
+    ``next_segment`` switches to relaying a continuation's stream.
+    """
+
+    plan: Plan
+    #: Tokens whose events (and text) the client has.
+    sent: int = 0
+    #: Continuations so far (0: still the first replica's stream).
+    segment: int = 0
+    #: Why the stream can no longer be continued exactly ("" while it can).
+    spoiled: str = ""
+    _buffer: bytes = b""
+    #: Events whose tokens have no text yet, not relayed until text (or the end) follows.
+    _held: list[bytes] = field(default_factory=list)
+    _texts: list[str] = field(default_factory=list)
+    #: Tokens of the continuation segments before the current one (usage is per replica).
+    _base: int = 0
+    _id: str | None = None
+    _created: int = 0
+    _model: str = ""
+    _prompt_tokens: int | None = None
+    _role_sent: bool = False
+    _finish: str | None = None
+    _done: bool = False
+
+    # -- relaying --
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to relay for ``chunk``: whole events only, rewritten as needed."""
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            if len(data) > MAX_EVENT_BYTES:
+                self._spoil("an event without an end (not an SSE stream)")
+                self._buffer = b""
+                return data
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2 :]
+        out: list[bytes] = []
+        for event in data[:end].split(b"\n\n"):
+            self._event(event, out)
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """At a clean end of the upstream stream: what is still held or buffered, as is."""
+        rest = b"".join(e + b"\n\n" for e in self._held) + self._buffer
+        self._held.clear()
+        self._buffer = b""
+        return rest
+
+    def _event(self, event: bytes, out: list[bytes]) -> None:
+        if not event:
+            return
+        fast = None
+        if self.segment == 0 and self._id is not None:
+            fast = _FAST[self.plan.kind].fullmatch(event)
+        if fast is not None:
+            raw = fast["text"]
+            try:
+                text = raw.decode() if b"\\" not in raw else json.loads(b'"' + raw + b'"')
+            except ValueError:
+                self._spoil("a chunk whose text is not valid UTF-8")
+                text = ""
+            if not self.plan.client_continuous:
+                event = event[: fast.start("usage")] + event[fast.end("usage") :]
+            finish = fast["finish"]
+            reason = None if finish is None else finish.decode()
+            self._token(event, text, int(fast["tokens"]), reason, out)
+            return
+        self._parsed(event, out)
+
+    def _token(
+        self, event: bytes, text: str, tokens: int, finish: str | None, out: list[bytes]
+    ) -> None:
+        """A relayed token event: ``tokens`` is this segment's running completion count."""
+        total = self._base + tokens
+        if not text and finish is None and (total > self.sent or self._held):
+            self._held.append(event)  # its tokens' text is still to come
+            return
+        if self._held:
+            out.extend(e + b"\n\n" for e in self._held)
+            self._held.clear()
+        out.append(event + b"\n\n")
+        self.sent = max(self.sent, total)
+        if text:
+            self._texts.append(text)
+        if finish is not None:
+            self._finish = finish
+
+    def _release(self, event: bytes, out: list[bytes]) -> None:
+        """A non-token event: relayed in order, after anything held."""
+        if self._held:
+            out.extend(e + b"\n\n" for e in self._held)
+            self._held.clear()
+        out.append(event + b"\n\n")
+
+    def _parsed(self, event: bytes, out: list[bytes]) -> None:
+        """Any event the fast path did not take: parsed, checked, rewritten when needed."""
+        if not event.startswith(b"data:"):
+            self._release(event, out)  # a comment or another SSE field: relayed as is
+            return
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            self._done = True
+            self._release(_DONE_EVENT, out)
+            return
+        try:
+            chunk = json.loads(payload)
+            if not isinstance(chunk, dict):
+                raise Spoiled("an event that is not a JSON object")
+            relayed = self._check(chunk)
+        except (ValueError, Spoiled) as exc:
+            self._spoil(str(exc) if isinstance(exc, Spoiled) else "an event that is not JSON")
+            self._release(event, out)
+            return
+        if relayed is None:
+            return
+        rewritten, text, tokens, finish = relayed
+        if rewritten is not None:
+            event = b"data: " + _dumps(rewritten)
+        if tokens is None:
+            self._release(event, out)
+        else:
+            self._token(event, text, tokens, finish, out)
+
+    def _check(
+        self, chunk: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, str, int | None, str | None] | None:
+        """(rewritten chunk or None to relay the bytes as they are, text, running tokens of
+        this segment or None for a chunk without tokens, finish reason), or None to drop it."""
+        if "error" in chunk:
+            raise Spoiled("the replica sent an error event")
+        choices = chunk.get("choices")
+        usage = chunk.get("usage")
+        tokens = _tokens(usage.get("completion_tokens")) if isinstance(usage, dict) else None
+        if self._id is None:
+            self._remember(chunk, usage)
+        rewrite = self.segment > 0
+        if choices == []:  # the final usage chunk
+            if not self.plan.client_usage:
+                return None
+            return (self._stamped(chunk, tokens) if rewrite else None), "", None, None
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            raise Spoiled("a chunk with other than one choice")
+        choice = choices[0]
+        if choice.get("index", 0) != 0 or choice.get("logprobs") is not None:
+            raise Spoiled("a chunk with another choice or logprobs")
+        text, role = self._text(choice)
+        if tokens is None:
+            raise Spoiled("a chunk without a running token count (continuous_usage_stats)")
+        finish = choice.get("finish_reason")
+        if finish is not None and not isinstance(finish, str):
+            raise Spoiled("a chunk with an odd finish_reason")
+        if role is not None:
+            if self._role_sent and rewrite:
+                del choice["delta"]["role"]
+                if not text and finish is None:
+                    return None  # the continuation's own role chunk
+            self._role_sent = True
+        if rewrite:
+            chunk = self._stamped(chunk, tokens)
+        elif "usage" not in chunk or self.plan.client_continuous:
+            return None, text, tokens, finish  # the first replica's bytes, as they are
+        if not self.plan.client_continuous:
+            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        return chunk, text, tokens, finish
+
+    def _text(self, choice: dict[str, Any]) -> tuple[str, str | None]:
+        if self.plan.kind == "completion":
+            text = choice.get("text")
+            role = None
+        else:
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                raise Spoiled("a chat chunk without a delta")
+            extra = [k for k, v in delta.items() if k not in ("role", "content") and v]
+            if extra:
+                raise Spoiled(f"a chat chunk with {', '.join(extra)}")
+            text = delta.get("content") or ""
+            role = delta.get("role")
+        if not isinstance(text, str):
+            raise Spoiled("a chunk whose text is not a string")
+        return text, role
+
+    def _remember(self, chunk: dict[str, Any], usage: Any) -> None:
+        """The envelope of the first chunk: every continuation chunk gets the same."""
+        ident, created, model = chunk.get("id"), _tokens(chunk.get("created")), chunk.get("model")
+        if not isinstance(ident, str) or created is None or not isinstance(model, str):
+            raise Spoiled("a first chunk without id, created and model")
+        self._id, self._created, self._model = ident, created, model
+        if isinstance(usage, dict):
+            self._prompt_tokens = _tokens(usage.get("prompt_tokens"))
+
+    def _stamped(self, chunk: dict[str, Any], tokens: int | None) -> dict[str, Any]:
+        """A continuation chunk made to look like the first replica's: envelope and usage."""
+        chunk = {**chunk, "id": self._id, "created": self._created, "model": self._model}
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and tokens is not None and self._prompt_tokens is not None:
+            done = self._base + tokens
+            chunk["usage"] = {
+                **usage,
+                "prompt_tokens": self._prompt_tokens,
+                "completion_tokens": done,
+                "total_tokens": self._prompt_tokens + done,
+            }
+            for detail in ("prompt_tokens_details", "completion_tokens_details"):
+                if usage.get(detail) is not None:
+                    chunk["usage"][detail] = None  # per replica; no longer true of the whole
+        return chunk
+
+    def _spoil(self, why: str) -> None:
+        if not self.spoiled:
+            self.spoiled = why
+
+    # -- breaking and resuming --
+
+    def resume_at_break(self) -> Resume | str:
+        """At a break: the continuation to send, or the whole end of an answer that was already
+        complete, or why the stream cannot go on exactly. Held and partial events are dropped
+        (the client never saw them; their tokens are generated again)."""
+        self._held.clear()
+        self._buffer = b""
+        if self._done:
+            return Resume(None)
+        if self.spoiled:
+            return self.spoiled
+        if self.segment >= MAX_CONTINUATIONS:
+            return f"the stream was already continued {self.segment} times"
+        if self._finish is not None or self.sent >= self.plan.limit:
+            return Resume(None, self._tail(), self.sent)
+        text = "".join(self._texts)
+        return Resume(continuation_body(self.plan, text, self.sent), sent=self.sent)
+
+    def next_segment(self) -> None:
+        """A continuation's stream starts: its usage counts from zero again."""
+        self.segment += 1
+        self._base = self.sent
+        self._buffer = b""
+
+    def _tail(self) -> bytes:
+        """The end of an answer whose tokens were all sent: finish chunk, usage, [DONE]."""
+        events: list[dict[str, Any]] = []
+        envelope = {
+            "id": self._id,
+            "object": _CHUNK_OBJECT[self.plan.kind],
+            "created": self._created,
+            "model": self._model,
+        }
+        if self._finish is None:
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
+            if self.plan.kind == "chat":
+                choice["delta"] = {"content": ""}
+            else:
+                choice["text"] = ""
+            events.append({**envelope, "choices": [choice]})
+        if self.plan.client_usage and self._prompt_tokens is not None:
+            usage = {
+                "prompt_tokens": self._prompt_tokens,
+                "total_tokens": self._prompt_tokens + self.sent,
+                "completion_tokens": self.sent,
+            }
+            events.append({**envelope, "choices": [], "usage": usage})
+        self._done = True
+        return b"".join(b"data: " + _dumps(e) + b"\n\n" for e in events) + _DONE_EVENT + b"\n\n"
+
+
+# -- what the proxy keeps per stream ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Continuation:
+    """One streaming request that may be re-sent: how to send it, and its Stitcher.
+
+    ``stitcher`` is None when the request cannot be continued (``refusal`` says why): its
+    stream is relayed untouched, and a break ends it with the SSE error as before.
+    """
+
+    path: str
+    headers: CIMultiDict[str]
+    info: RequestInfo
+    stitcher: Stitcher | None
+    refusal: str = ""
+    #: Replicas that broke this stream; never asked to continue it.
+    broken: list[str] = field(default_factory=list)
+
+
+def prepare(
+    path: str, info: RequestInfo, headers: CIMultiDict[str], body: bytes
+) -> tuple[bytes, Continuation | None]:
+    """(body to send, Continuation) for a request; None for one that is not a stream of
+    completions or chat. Parses the body once more (only for those streams)."""
+    kind = PATHS.get(path.partition("?")[0])
+    if kind is None or not info.stream:
+        return body, None
+    payload = json.loads(body)  # parse_request already proved it is a JSON object
+    plan = plan_for(kind, payload)
+    if isinstance(plan, str):
+        return body, Continuation(path, headers, info, None, plan)
+    return upstream_body(plan, body), Continuation(path, headers, info, Stitcher(plan))
