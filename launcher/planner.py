@@ -18,6 +18,7 @@ wastes the GPUs it pins.
 from __future__ import annotations
 
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +43,10 @@ CONTEXT_STEP = 1024
 #: default KV cache of the CPU engine in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
 CPU_KVCACHE_SPACE_GIB = DEFAULT_KV_CACHE_GIB
 
-MULTI_NODE_HINT = (
-    "use bigger GPUs, a quantized checkpoint, or the Helm chart's multi-node mode "
-    "(helm/, set engine.multiNode=true)"
-)
+#: the Helm chart, from a checkout of this repository; the multi-node hint names it.
+HELM_CHART = "./helm/vllm-fleet"
+#: most nodes the multi-node hint proposes (pipeline-parallel stages).
+MAX_HINT_NODES = 16
 
 
 class PlanError(ConfigError):
@@ -189,7 +190,9 @@ def _plan_sim(inventory: Inventory, model: ModelSize | None, options: PlanOption
     replicas = tuple(
         ReplicaSpec(
             name=f"replica-{i}",
+            host=options.host,
             port=port,
+            model=options.model,
             gpus=(),
             tensor_parallel_size=1,
             command=_sim_command(options, port),
@@ -268,7 +271,9 @@ def _plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
     replicas = tuple(
         ReplicaSpec(
             name=f"replica-{i}",
+            host=options.host,
             port=port,
+            model=options.model,
             gpus=(),
             tensor_parallel_size=1,
             command=_vllm_command(options, port, 1, max_len, on_gpu=False),
@@ -616,7 +621,9 @@ def _plan_gpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
         replicas.append(
             ReplicaSpec(
                 name=f"replica-{i}",
+                host=options.host,
                 port=port,
+                model=options.model,
                 gpus=indices,
                 tensor_parallel_size=tp,
                 command=_vllm_command(options, port, tp, max_len, on_gpu=True),
@@ -743,10 +750,59 @@ def _no_fit_error(
             f"({gib(model.weight_bytes)} weights) with {context} does not fit: {best.reason}; "
             "use a larger --tensor-parallel-size or leave it unset"
         )
-    hint = MULTI_NODE_HINT
+    hint = "use bigger GPUs, a quantized checkpoint, or " + multi_node_hint(model, pools, options)
     if fixed:
         hint = "lower --max-model-len, or " + hint
     return PlanError(
         f"{model.name} ({gib(model.weight_bytes)} weights) does not fit on {where} "
         f"({total} GPUs) with {context}: at best {best.reason}; {hint}"
+    )
+
+
+def _nodes_needed(model: ModelSize, pool: _Pool, tp: int, utilization: float, tokens: int) -> int:
+    """Fewest nodes of ``pool``'s GPUs (TP ``tp`` each) whose pipeline stages hold the model.
+
+    Each stage holds 1/stages of the layers, so of the weights and of the KV cache; 0 when
+    even MAX_HINT_NODES nodes are not enough.
+    """
+    usable = int(utilization * pool.memory_bytes)
+    per_token = kv_bytes_per_token_per_gpu(model, tp)
+    for stages in range(2, MAX_HINT_NODES + 1):
+        weights = math.ceil(model.weight_bytes / (tp * stages))
+        if weights + OVERHEAD_BYTES + math.ceil(tokens * per_token / stages) <= usable:
+            return stages
+    return 0
+
+
+def multi_node_hint(model: ModelSize, pools: Sequence[_Pool], options: PlanOptions) -> str:
+    """The Helm chart's multi-node mode as the whole command to paste: nodes like the biggest
+    GPUs here, every GPU of a node in one pod, as many pipeline stages as the memory model
+    needs (tests/helm renders exactly this command)."""
+    pool = pools[0]
+    heads = model.num_attention_heads
+    tps = [t for t in TP_SIZES if t <= len(pool.gpus) and (heads <= 0 or heads % t == 0)]
+    tp = tps[-1] if tps else 1
+    # The command leaves the context to the model unless --max-model-len fixed it.
+    tokens = max(options.max_model_len or model.max_model_len, MIN_KV_TOKENS)
+    nodes = _nodes_needed(model, pool, tp, options.gpu_memory_utilization, tokens)
+    if nodes == 0:
+        return f"the Helm chart's multi-node mode ({HELM_CHART}, engine.multiNode.enabled=true)"
+    values = [
+        f"model.name={options.model}",
+        f"engine.tensorParallelSize={tp}",
+        "engine.multiNode.enabled=true",
+        f"engine.multiNode.pipelineParallelSize={nodes}",
+    ]
+    if options.served_model_name:
+        values.append(f"model.servedName={options.served_model_name}")
+    if options.max_model_len is not None:
+        values.append(f"engine.maxModelLen={options.max_model_len}")
+    if options.gpu_memory_utilization != PlanOptions.gpu_memory_utilization:
+        values.append(f"engine.gpuMemoryUtilization={options.gpu_memory_utilization:g}")
+    command = ["helm", "install", "fleet", HELM_CHART]
+    for value in values:
+        command += ["--set", value]
+    return (
+        f"the Helm chart's multi-node mode, {nodes} nodes of {tp}x {pool.name} per replica: "
+        + shlex.join(command)
     )
