@@ -137,7 +137,7 @@ def test_up_runtime_docker_serves_from_two_labelled_containers_and_down_removes_
     up = fleet.up(
         "--engine", "vllm", "--model", "/models/tiny", "--served-model-name", TINY_MODEL,
         "--dtype", "float32", "--max-model-len", "1024",
-        "--engine-arg=--disable-uvicorn-access-log", "--health-timeout", f"{ENGINE_READY_S:g}",
+        "--health-timeout", f"{ENGINE_READY_S:g}",
         timeout=ENGINE_READY_S + 120,
     )  # fmt: skip
 
