@@ -152,6 +152,8 @@ def review_fleet(fleet: Fleet, breaker: BreakerPolicy, telemetry: Telemetry, now
             telemetry.hung_ejections.inc()
         if verdict.abandon_before > 0.0 and r.awaiting:
             abandon_waiting(r, telemetry, verdict.abandon_before)
+        if verdict.eject:
+            cut_streams(r, telemetry)
 
 
 def abandon_waiting(replica: ReplicaState, telemetry: Telemetry, sent_before: float) -> int:
@@ -168,6 +170,23 @@ def abandon_waiting(replica: ReplicaState, telemetry: Telemetry, sent_before: fl
         telemetry.abandoned.inc(count)
         log.warning("requests re-sent elsewhere url=%s count=%d", replica.url, count)
     return count
+
+
+def cut_streams(replica: ReplicaState, telemetry: Telemetry) -> int:
+    """End every stream relayed from a replica found hung: nothing more will come, and each
+    relay then continues the stream elsewhere or ends it with an SSE error (router.proxy),
+    instead of waiting --first-byte-timeout with its client."""
+    cut = 0
+    for relay in list(replica.relays):
+        if relay.abandoned:
+            continue
+        relay.abandoned = True
+        relay.abandon()
+        cut += 1
+    if cut:
+        telemetry.hung_streams_cut.inc(cut)
+        log.warning("streams cut on a hung replica url=%s count=%d", replica.url, cut)
+    return cut
 
 
 async def progress_loop(

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import sys
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
@@ -27,12 +28,13 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_attempt,
     wait_none,
 )
 
 from router.balancer import RequestInfo
 from router.context import ROUTER, RouterContext
+from router.continuation import Continuation, Refused
+from router.continuation import prepare as prepare_continuation
 from router.health import eject, record_failure, record_success
 from router.middleware import REQUEST_ID, Exchange, exchange_of
 from router.openai_errors import ApiError, error_response, sse_error_event
@@ -440,6 +442,11 @@ def _note_failure(ctx: RouterContext, replica: ReplicaState, failure: UpstreamFa
         fleet.ejected_count(), len(fleet.replicas), ctx.breaker.max_ejection_percent
     )
     ejected = False
+    if failure.refused and replica.check_ok:
+        # Nothing listens there: as good as a failed check. Out of rotation (and of panic
+        # mode) until its next check passes, which is as soon as it is back.
+        replica.check_ok = False
+        replica.healthy = False
     if failure.gateway:
         ejected = record_failure(
             replica, now, ctx.breaker, refused=failure.refused, may_eject=allowed
@@ -476,6 +483,7 @@ async def send_with_failover(
     path: str,
     headers: CIMultiDict[str],
     body: bytes,
+    exclude: Sequence[str] = (),
 ) -> Reply:
     """Try up to --max-attempts different replicas; raise the last failure if all fail.
 
@@ -484,17 +492,21 @@ async def send_with_failover(
     tenacity, on a replica not tried yet each time, without waiting in between.
 
     A 5xx that is not a gateway status (500 above all) is most likely the request's own
-    problem: it is retried once, on another replica (on the same one when no other is
-    left), and then returned to the client. When no healthy replica is left, the least-bad
-    ones are used (panic mode, router.state.Fleet.panic_candidates): 503 only when none
-    is reachable at all.
+    problem: it is retried on another replica, and once it has failed on two different
+    replicas it is returned to the client (a poison request costs two attempts, never an
+    ejection). When no other replica is left, the one that answered may take the retry
+    (within --max-attempts): a replica failing some requests is still worth asking again.
+    When no healthy replica is left, the least-bad ones are used (panic mode,
+    router.state.Fleet.panic_candidates): 503 only when none is reachable at all.
+    Attempts abandoned on a hung replica (reason "stalled") are not counted toward
+    --max-attempts: the request was never answered, through no fault of its own.
     """
-    tried: list[str] = []
+    tried: list[str] = list(exclude)  # a continuation never goes back to a replica that broke
     failures: list[UpstreamFailure] = []
 
     async def attempt() -> Reply:
         answered_5xx = [f for f in failures if not f.gateway]
-        if len(answered_5xx) >= 2:  # retried once already: the request's problem
+        if len({f.replica for f in answered_5xx}) >= 2:  # failed on two: the request's problem
             raise ReplicasExhausted(answered_5xx[-1])
         candidates = ctx.fleet.candidates(info.model, tried)
         if not candidates:
@@ -502,13 +514,14 @@ async def send_with_failover(
             if candidates:
                 ctx.telemetry.panic_requests.inc()
         if not candidates and answered_5xx:
-            # A replica that answered is reachable: the one retry may go back to it.
+            # A replica that answered is reachable: the retry may go back to it.
             usable = ctx.fleet.candidates(info.model) or ctx.fleet.panic_candidates(info.model)
             candidates = [r for r in usable if r.url == answered_5xx[-1].replica]
         if not candidates:
             if not failures:
                 raise no_replica_error(ctx.fleet, info.model)
-            raise ReplicasExhausted(failures[-1])
+            # The replica's own answer says more than a connection error elsewhere.
+            raise ReplicasExhausted(answered_5xx[-1] if answered_5xx else failures[-1])
         replica = ctx.policy.pick(candidates, info)
         tried.append(replica.url)
         exchange.replica = replica.url
@@ -525,11 +538,16 @@ async def send_with_failover(
     try:
         return await attempt()
     except UpstreamFailure as failure:
-        if ctx.config.max_attempts == 1:
+        if ctx.config.max_attempts == 1 and failure.reason != "stalled":
             raise
         ctx.telemetry.retries.labels(failure.reason).inc()
+
+    def spent(state: RetryCallState) -> bool:
+        stalled = sum(1 for f in failures if f.reason == "stalled")
+        return len(failures) - stalled >= ctx.config.max_attempts
+
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(ctx.config.max_attempts - 1),
+        stop=spent,
         retry=retry_if_exception_type(UpstreamFailure),
         wait=wait_none(),
         before_sleep=count_retry,
@@ -585,14 +603,21 @@ def _is_openai_error(body: bytes) -> bool:
 
 
 async def relay_stream(
-    request: web.Request, reply: Reply, exchange: Exchange, ctx: RouterContext
+    request: web.Request,
+    reply: Reply,
+    exchange: Exchange,
+    ctx: RouterContext,
+    resume: Continuation | None = None,
 ) -> tuple[web.StreamResponse, bool]:
     """Pass the upstream stream through chunk by chunk; returns (response, completed).
 
     Headers go out as soon as the upstream's arrived. A client that goes away raises out of
     write() (or cancels this task); the caller then closes the upstream response, which makes
-    vLLM abort the request.
+    vLLM abort the request. With ``resume`` (--stream-continuation), a continuable stream's
+    chunks go through its Stitcher, and when the replica dies the stream goes on from another
+    one (``reply`` then points at it, so the caller's finish() releases the right replica).
     """
+    stitcher = resume.stitcher if resume is not None else None
     upstream = reply.response
     response = web.StreamResponse(
         status=upstream.status, headers=downstream_headers(upstream.headers, exchange.request_id)
@@ -604,7 +629,14 @@ async def relay_stream(
     # The progress monitor (router.progress) expects bytes from a replica with running streams,
     # and records when they come: streams and last_byte_at follow the replica being relayed.
     replica = reply.replica
-    replica.streams += 1
+    relay = Attempt(
+        sent_at=loop.time(),
+        due_at=math.inf,
+        abandon=lambda: content.set_exception(
+            asyncio.TimeoutError("the replica stopped sending (found hung)")
+        ),
+    )
+    replica.relays.add(relay)
     try:
         await response.prepare(request)
         while True:
@@ -613,8 +645,15 @@ async def relay_stream(
                 chunk = await content.readany()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = _failure_of(reply.replica.url, exc)
-                await _stream_broke(response, reply, exchange, ctx, failure)
-                return response, False
+                if not await _stream_broke(response, reply, exchange, ctx, failure, resume):
+                    return response, False
+                replica.relays.discard(relay)  # continued: relay the new replica's stream
+                watchdog.close()
+                replica, content = reply.replica, reply.response.content
+                relay = replace(relay, sent_at=loop.time())  # its abandon() reads `content`
+                replica.relays.add(relay)
+                watchdog = IdleWatchdog(content, ctx.config.first_byte_timeout_s, loop)
+                continue
             watchdog.read_since = None
             replica.last_byte_at = time.monotonic()
             if not chunk:
@@ -623,13 +662,21 @@ async def relay_stream(
                 first = False
                 elapsed = loop.time() - exchange.started
                 ctx.telemetry.observe_first_byte(reply.replica.url, elapsed)
+            if stitcher is not None:
+                chunk = stitcher.feed(chunk)  # whole events only: may hold a partial one
+                if not chunk:
+                    continue
             await response.write(chunk)
+        if stitcher is not None:
+            await response.write(stitcher.end())
+            if stitcher.segment:
+                ctx.telemetry.continuations_succeeded.inc()
         await response.write_eof()
     except ConnectionResetError:  # the client went away: not the replica's fault
         exchange.status = CLIENT_CLOSED
         return response, False
     finally:
-        replica.streams -= 1
+        replica.relays.discard(relay)
         watchdog.close()
     return response, True
 
@@ -640,9 +687,20 @@ async def _stream_broke(
     exchange: Exchange,
     ctx: RouterContext,
     failure: UpstreamFailure,
-) -> None:
-    ctx.telemetry.stream_errors.labels(failure.reason).inc()
+    resume: Continuation | None = None,
+) -> bool:
+    """The replica of a committed stream failed: True when the stream goes on from another
+    replica (``reply`` now holds it), else False once the stream is ended, complete or with
+    the SSE error event."""
     _note_failure(ctx, reply.replica, failure)
+    if resume is not None:
+        why = await _continue_stream(response, reply, exchange, ctx, resume)
+        if why is None:
+            return True
+        if not why:
+            return False  # every token had been sent: the stream was ended properly
+        ctx.telemetry.continuations_failed.labels(why).inc()
+    ctx.telemetry.stream_errors.labels(failure.reason).inc()
     exchange.status = 502
     event = sse_error_event(
         502, f"The replica failed mid-stream ({failure.reason}); the response is incomplete."
@@ -652,6 +710,55 @@ async def _stream_broke(
         await response.write_eof()
     except ConnectionResetError:
         exchange.status = CLIENT_CLOSED
+    return False
+
+
+async def _continue_stream(
+    response: web.StreamResponse,
+    reply: Reply,
+    exchange: Exchange,
+    ctx: RouterContext,
+    resume: Continuation,
+) -> str | None:
+    """Ask another replica for the rest of a cut stream (router.continuation).
+
+    None when its stream is to be relayed next (``reply`` is switched to it in place, and the
+    broken one released), "" when the answer was already complete and has been ended here,
+    else why the stream cannot go on (a telemetry.CONTINUATION_FAILURES label).
+    """
+    stitcher = resume.stitcher
+    if stitcher is None:
+        log.info("stream not continued: %s", resume.refusal)
+        return "request"
+    resume.broken.append(reply.replica.url)
+    point = stitcher.resume_at_break()
+    if isinstance(point, Refused):
+        log.warning("stream not continued: %s", point.detail)
+        return point.reason
+    ctx.telemetry.continuations.inc()
+    if point.body is None:
+        await response.write(point.tail)
+        await response.write_eof()
+        ctx.telemetry.continuations_succeeded.inc()
+        return ""
+    info = replace(resume.info, max_tokens=stitcher.plan.limit - point.sent)
+    try:
+        new = await send_with_failover(
+            ctx, exchange, info, resume.path, resume.headers, point.body, resume.broken
+        )
+    except (UpstreamFailure, ReplicasExhausted, ApiError) as exc:
+        log.warning("stream not continued: no replica took the rest (%s)", exc)
+        return "replica"
+    if new.body is not None or new.response.status != 200:
+        log.warning("stream not continued: the continuation got HTTP %s", new.response.status)
+        finish(new, False)
+        return "replica"
+    broken = replace(reply)
+    reply.replica, reply.response = new.replica, new.response
+    finish(broken, False)
+    stitcher.next_segment()
+    log.info("stream continued replica=%s after %d tokens", new.replica.url, point.sent)
+    return None
 
 
 def buffered_response(reply: Reply, exchange: Exchange, ctx: RouterContext) -> web.Response:
@@ -694,6 +801,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     info = parse_request(body, request.content_type)
     exchange.model = info.model
     headers = upstream_headers(request.headers, exchange.request_id)
+    resume = None
+    if ctx.config.stream_continuation:
+        body, resume = prepare_continuation(path, info, headers, body)
     try:
         reply = await send_with_failover(ctx, exchange, info, path, headers, body)
     except UpstreamFailure as failure:
@@ -705,7 +815,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         if reply.body is not None:
             succeeded = True
             return buffered_response(reply, exchange, ctx)
-        response, succeeded = await relay_stream(request, reply, exchange, ctx)
+        response, succeeded = await relay_stream(request, reply, exchange, ctx, resume)
         return response
     finally:
         finish(reply, succeeded)

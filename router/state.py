@@ -113,8 +113,9 @@ class ReplicaState:
     prefixes: ReplicaPrefixes = field(default_factory=ReplicaPrefixes)
     #: Attempts waiting for their first byte (router.proxy.send_once adds and removes them).
     awaiting: set[Attempt] = field(default_factory=set)
-    #: Streams being relayed from this replica right now.
-    streams: int = 0
+    #: Streams being relayed from this replica right now; ``abandon`` cuts one (its relay then
+    #: sees the replica fail mid-stream, and continues or ends it: router.proxy).
+    relays: set[Attempt] = field(default_factory=set)
     #: monotonic time any byte last came from this replica (answer headers, a body, a chunk).
     last_byte_at: float = 0.0
     #: Set by the progress monitor: requests here are overdue and the replica says nothing.
@@ -124,6 +125,11 @@ class ReplicaState:
     suspect_since: float = 0.0
     #: Answers by status class, for the 5xx-rate outlier detection (router.outliers).
     outcomes: Outcomes = field(default_factory=Outcomes)
+
+    @property
+    def streams(self) -> int:
+        """Streams being relayed from this replica right now."""
+        return len(self.relays)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from router.prefix_index import memory_bytes
 from router.state import Fleet
 
 #: The replica label when no replica was involved (validation errors, 503 before a pick).
@@ -27,6 +28,9 @@ CLIENT_CLOSED = 499
 #: Failure reasons for retries and stream errors.
 #: "stalled": the attempt waited on a replica found hung and was re-sent (router.progress).
 REASONS = ("connect", "timeout", "status", "disconnect", "stalled")
+#: Why a cut stream was not continued (router.continuation): the request's parameters, what
+#: was streamed, no replica could take the rest, or the stream broke too many times.
+CONTINUATION_FAILURES = ("request", "stream", "replica", "limit")
 
 #: LLM requests last from milliseconds (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -86,6 +90,75 @@ class FleetCollector(Collector):
         yield from (in_flight, healthy, waiting, running, kv, served, ejections, suspect)
 
 
+class PrefixCollector(Collector):
+    """The prefix index per replica (router.prefix_index): what the router predicted next to
+    what the replica measured, how far it is trusted, its size; KV-event block counts where
+    replicas publish them. Hit rates are recent (30 s half-life) and absent until known."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["replica"]
+        predicted = GaugeMetricFamily(
+            "vllm_fleet_prefix_predicted_hit_rate",
+            "Share of the prompt bytes sent to the replica that the router's index predicted "
+            "cached there (recent)",
+            labels=labels,
+        )
+        measured = GaugeMetricFamily(
+            "vllm_fleet_prefix_measured_hit_rate",
+            "The replica's own prefix-cache hit rate, vllm:prefix_cache_hits / queries (recent)",
+            labels=labels,
+        )
+        trust = GaugeMetricFamily(
+            "vllm_fleet_prefix_trust",
+            "Measured / predicted hit rate (0.1-1): how much of a predicted cached prefix "
+            "the cost believes",
+            labels=labels,
+        )
+        keys = GaugeMetricFamily(
+            "vllm_fleet_prefix_index_entries",
+            "Prefix blocks the index holds for the replica",
+            labels=labels,
+        )
+        resets = CounterMetricFamily(
+            "vllm_fleet_prefix_index_resets",
+            "Times the replica's prefix record was dropped (restart, cleared or forgotten cache)",
+            labels=labels,
+        )
+        blocks = GaugeMetricFamily(
+            "vllm_fleet_kv_event_blocks",
+            "KV blocks the replica holds according to its vLLM KV events",
+            labels=labels,
+        )
+        missed = CounterMetricFamily(
+            "vllm_fleet_kv_event_batches_missed",
+            "KV event batches the replica published that the router did not receive",
+            labels=labels,
+        )
+        records = []
+        for r in list(self._fleet.replicas.values()):
+            key, prefixes = [r.url], r.prefixes
+            records.append(prefixes)
+            if (rate := prefixes.predicted_hit_rate) is not None:
+                predicted.add_metric(key, rate)
+            if (rate := prefixes.measured_hit_rate) is not None:
+                measured.add_metric(key, rate)
+            trust.add_metric(key, prefixes.trust)
+            keys.add_metric(key, len(prefixes))
+            resets.add_metric(key, prefixes.resets)
+            if (events := prefixes.events) is not None:
+                blocks.add_metric(key, len(events.hashes))
+                missed.add_metric(key, events.missed)
+        memory = GaugeMetricFamily(
+            "vllm_fleet_prefix_index_bytes",
+            "Approximate memory of the prefix index over all replicas",
+            value=memory_bytes(records),
+        )
+        yield from (predicted, measured, trust, keys, resets, blocks, missed, memory)
+
+
 class Telemetry:
     """All metrics of one router app."""
 
@@ -131,6 +204,23 @@ class Telemetry:
             ["reason"],
             registry=self.registry,
         )
+        self.continuations = Counter(
+            "vllm_fleet_stream_continuations_attempted",
+            "Breaks of continuable streams that the router tried to continue on another replica",
+            registry=self.registry,
+        )
+        self.continuations_succeeded = Counter(
+            "vllm_fleet_stream_continuations_succeeded",
+            "Streams that broke and still reached their end through continuations",
+            registry=self.registry,
+        )
+        self.continuations_failed = Counter(
+            "vllm_fleet_stream_continuations_failed",
+            "Streams that broke and ended with the SSE error although continuation is on, "
+            "by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.client_disconnects = Counter(
             "vllm_fleet_client_disconnects",
             "Requests whose client went away before the response finished",
@@ -145,6 +235,11 @@ class Telemetry:
         self.hung_ejections = Counter(
             "vllm_fleet_hung_ejections",
             "Replicas ejected because they held overdue requests and sent nothing",
+            registry=self.registry,
+        )
+        self.hung_streams_cut = Counter(
+            "vllm_fleet_hung_streams_cut",
+            "Streams cut on a replica found hung (then continued elsewhere where possible)",
             registry=self.registry,
         )
         self.outlier_ejections = Counter(
@@ -171,7 +266,10 @@ class Telemetry:
         for reason in REASONS:
             self.retries.labels(reason)
             self.stream_errors.labels(reason)
+        for reason in CONTINUATION_FAILURES:
+            self.continuations_failed.labels(reason)
         self.registry.register(FleetCollector(fleet))
+        self.registry.register(PrefixCollector(fleet))
 
     def observe_request(self, replica: str, status: int, elapsed: float) -> None:
         """One finished request: counted by replica and status, its duration recorded."""
