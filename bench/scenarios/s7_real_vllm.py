@@ -52,9 +52,9 @@ async def run_scenario(opts: Options) -> Section:
         schedule = make_schedule(mix)
         section.text.append(
             f"2 real vLLM CPU replicas ({python}) of launcher.tiny_model's random-weight Llama, "
-            "started with launcher.vllm_cpu's settings. A 5 s probe at 8 in flight measured "
-            f"{capacity:.0f} output tok/s "
-            f"for the pair; Poisson arrivals at {mix.rate:.2f} req/s (about 60% of that) for "
+            "started with the command line the planner gives `up`. A 5 s probe at 8 in flight "
+            f"measured {capacity:.0f} output tok/s for the pair; Poisson arrivals at "
+            f"{mix.rate:.2f} req/s (about 60% of that) for "
             f"{mix.duration:g} s, seed {mix.seed}; {1 - mix.long_fraction:.0%} of requests want "
             f"{mix.short_tokens[0]}-{mix.short_tokens[1]} tokens, {mix.long_fraction:.0%} "
             f"{mix.long_tokens[0]}-{mix.long_tokens[1]}; prompts {mix.prompt_words[0]}-"
