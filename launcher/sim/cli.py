@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from launcher.sim.config import SimConfig
+from launcher.sim.config import KvEventsConfig, SimConfig
 from launcher.sim.server import make_sim_app
 
 #: Optional flags: (flag, type, help). Each maps to the SimConfig field of the same name.
@@ -55,6 +55,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             flag, type=float, default=None, help=f"{text} (default: measured shape x --step-ms)"
         )
     parser.add_argument(
+        "--kv-events-config",
+        default=None,
+        help=(
+            "publish KV-cache events like vLLM, e.g. "
+            '\'{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557"}\' '
+            "(vLLM's JSON; endpoints with * bind, others connect)"
+        ),
+    )
+    parser.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -81,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
+        kv_events=KvEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None,
         seed=args.seed,
     )
 

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from launcher.sim.config import SIM_VLLM_VERSION, SimConfig, SimKnobs, apply_knobs
 from launcher.sim.engine import SimEngine
+from launcher.sim.kv_events import KvEventPublisher, open_publisher
 from launcher.sim.metrics import SimMetrics
 from launcher.sim.protocol import (
     ApiError,
@@ -50,6 +51,7 @@ class SimState:
     rng: random.Random
     ready_at: float
     created: int
+    publisher: KvEventPublisher | None = None
 
 
 SIM_STATE = web.AppKey("sim_state", SimState)
@@ -164,6 +166,14 @@ async def stats(request: web.Request) -> web.Response:
             "kv_blocks_cached": engine.pool.num_cached,
         }
     )
+
+
+async def kv_event_sources(request: web.Request) -> web.Response:
+    """vLLM's `GET /kv_event_sources`: where this replica publishes KV events, per DP rank."""
+    state = request.app[SIM_STATE]
+    await _hold_if_hung(state)
+    publisher = state.publisher
+    return web.json_response({} if publisher is None else {"0": publisher.source()})
 
 
 async def reset_prefix_cache(request: web.Request) -> web.Response:
@@ -303,22 +313,24 @@ def make_sim_app(config: SimConfig) -> web.Application:
         knobs = SimKnobs.from_config(config)
         engine = SimEngine.from_config(config)
         metrics_ = SimMetrics(config.model, cache_config_labels(config))
-        runner = SimRunner(engine, metrics_, knobs)
-        app[SIM_STATE] = SimState(
-            config=config,
-            knobs=knobs,
-            engine=engine,
-            metrics=metrics_,
-            runner=runner,
-            rng=random.Random(config.seed),
-            ready_at=runner.now() + config.startup_delay,
-            created=int(time.time()),
-        )
-        task = asyncio.create_task(runner.run(), name=f"sim-engine-{config.model}")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with open_publisher(config.kv_events) as publisher:
+            runner = SimRunner(engine, metrics_, knobs, publisher)
+            app[SIM_STATE] = SimState(
+                config=config,
+                knobs=knobs,
+                engine=engine,
+                metrics=metrics_,
+                runner=runner,
+                rng=random.Random(config.seed),
+                ready_at=runner.now() + config.startup_delay,
+                created=int(time.time()),
+                publisher=publisher,
+            )
+            task = asyncio.create_task(runner.run(), name=f"sim-engine-{config.model}")
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     app.cleanup_ctx.append(engine_loop)
     app.router.add_get("/health", health)
@@ -329,6 +341,7 @@ def make_sim_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_get("/kv_event_sources", kv_event_sources)
     app.router.add_get("/sim/stats", stats)
     app.router.add_post("/sim/control", control)
     return app
