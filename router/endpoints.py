@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.context import ROUTER
 from router.openai_errors import error_response
+from router.prefix_index import ReplicaPrefixes, memory_bytes
 from router.proxy import RETRY_AFTER_S, no_replica_error
 
 
@@ -66,11 +67,42 @@ async def fleet_replicas(request: web.Request) -> web.Response:
                 "batch_limit": r.speed.batch_limit,
                 "peak_running": r.speed.peak_running,
                 "tokens_per_request": r.speed.tokens_per_request,
+                "prefill_s_per_token": r.speed.prefill_s_per_token,
             },
+            "prefix_cache": prefix_view(r.prefixes),
         }
         for r in request.app[ROUTER].fleet.replicas.values()
     ]
     return web.json_response(rows)
+
+
+def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:
+    """The replica's prefix record as /fleet/replicas shows it: the router's predicted hit
+    rate next to the replica's measured one, the trust derived from them, the record's size,
+    and the KV-event block set where the replica publishes events."""
+    events = p.events
+    return {
+        "predicted_hit_rate": p.predicted_hit_rate,
+        "measured_hit_rate": p.measured_hit_rate,
+        "trust": p.trust,
+        "entries": len(p),
+        "capacity": p.capacity,
+        "memory_bytes": memory_bytes([p]),
+        "block_tokens": p.block_tokens,
+        "resets": p.resets,
+        "kv_events": None
+        if events is None
+        else {
+            "blocks": len(events.hashes),
+            "block_size": events.block_size,
+            "stored": events.stored,
+            "removed": events.removed,
+            "cleared": events.cleared,
+            "batches": events.batches,
+            "missed": events.missed,
+            "last_seq": events.last_seq,
+        },
+    }
 
 
 def _model_card(model: str, created: int) -> dict[str, Any]:

@@ -162,6 +162,8 @@ class ReplicaPrefixes:
     measured_hits: float = 0.0
     measured_queries: float = 0.0
     _counters: tuple[float, float, float] | None = field(default=None, repr=False)
+    #: What the replica's KV events said (router.kv_events); None when it publishes none.
+    events: KvBlockSet | None = None
     _young: dict[int, None] = field(default_factory=dict, repr=False)
     _old: dict[int, None] = field(default_factory=dict, repr=False)
     _sent_at: float = field(default=0.0, repr=False)
@@ -229,6 +231,18 @@ class ReplicaPrefixes:
                 del gen[key]
             return
 
+    def correct(self, kind: str, hashes: Sequence[int | bytes], block_size: int = 0) -> None:
+        """Apply one vLLM KV event to the replica's block set and correct the record with it:
+        a cleared cache clears the record; evicting a share of the blocks evicts the same
+        share of the record's keys (oldest first), whatever the bytes per token are."""
+        if self.events is None:
+            self.events = KvBlockSet()
+        share = self.events.apply(kind, hashes, block_size)
+        if kind == "AllBlocksCleared":
+            self.clear()
+        elif share > 0:
+            self.evict(math.ceil(share * len(self)))
+
     def set_capacity(self, cache_tokens: float, block_tokens: int, budget: int) -> None:
         """Size the record from the replica's KV cache (tokens) and its share of the memory
         cap (keys); shrinking drops the old generation if it no longer fits."""
@@ -279,6 +293,57 @@ class ReplicaPrefixes:
         if ratio < FORGOT_RATIO:
             self.clear()  # predicted hits the replica no longer has: start the record again
         self.trust = min(1.0, max(MIN_TRUST, ratio))
+
+
+@dataclass
+class KvBlockSet:
+    """The blocks a replica reports holding through vLLM KV events (router.kv_events), and
+    what those events did to its approximate record.
+
+    This is the replica's real prefix cache, block hash by block hash. Matching a request
+    against it needs vLLM's own block hashes of the request (same tokenizer, chat template and
+    hash), which the router does not compute; the events instead *correct* the approximate
+    record (ReplicaPrefixes): AllBlocksCleared drops it, BlockRemoved evicts the same share of
+    its keys as the replica evicted of its blocks, BlockStored counts as confirmation.
+    """
+
+    hashes: set[int | bytes] = field(default_factory=set)
+    #: Tokens per block, from the last BlockStored event (0 until one arrived).
+    block_size: int = 0
+    stored: int = 0
+    removed: int = 0
+    cleared: int = 0
+    #: Sequence number of the last batch, and batches the publisher sent that we never got.
+    last_seq: int = -1
+    missed: int = 0
+    #: Batches received (the subscriber is alive when this grows).
+    batches: int = 0
+
+    def apply(self, kind: str, hashes: Sequence[int | bytes], block_size: int = 0) -> float:
+        """Apply one event; returns the share in [0, 1] of the held blocks it removed."""
+        if kind == "BlockStored":
+            self.hashes.update(hashes)
+            self.stored += len(hashes)
+            self.block_size = block_size or self.block_size
+            return 0.0
+        if kind == "BlockRemoved":
+            held = len(self.hashes)
+            gone = sum(1 for h in hashes if h in self.hashes)
+            self.hashes.difference_update(hashes)
+            self.removed += len(hashes)
+            return gone / held if held else 0.0
+        if kind == "AllBlocksCleared":
+            self.hashes.clear()
+            self.cleared += 1
+            return 1.0
+        return 0.0
+
+    def note_seq(self, seq: int) -> None:
+        """Count the batches skipped between the last sequence number and ``seq``."""
+        if self.last_seq >= 0 and seq > self.last_seq + 1:
+            self.missed += seq - self.last_seq - 1
+        self.last_seq = seq
+        self.batches += 1
 
 
 def memory_bytes(records: Sequence[ReplicaPrefixes]) -> int:
