@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import json
 import random
 import time
@@ -28,18 +27,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from openai import AsyncOpenAI
 
-from router.config import RouterConfig
 from router.state import Breaker
 from tests.chaos.conftest import FIGURES
-from tests.support.router import FAST, RouterHandle, eventually, running_router
+from tests.support.router import DEFAULT_TIMINGS, RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim
 
-#: The router's own defaults for every timing the fast test router shortens.
-DEFAULT_TIMINGS: dict[str, Any] = {
-    f.name: f.default
-    for f in dataclasses.fields(RouterConfig)
-    if f.name in FAST and f.name not in ("host", "port")
-}
 #: A request still unanswered after this long is lost (far above any legitimate wait).
 CLIENT_DEADLINE_S = 60.0
 SEED = 20261202

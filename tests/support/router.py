@@ -13,6 +13,7 @@ about headers and paths (the simulator does not echo them).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -41,6 +42,13 @@ FAST: dict[str, Any] = {
     "discovery_interval_s": 0.5,
     "connect_timeout_s": 1.0,
     "shutdown_grace_s": 2.0,
+}
+#: The router's own defaults for every timing FAST shortens: tests of failure handling run
+#: with these, so a default that fails users cannot hide behind a shortened timeout.
+DEFAULT_TIMINGS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(RouterConfig)
+    if f.name in FAST and f.name not in ("host", "port")
 }
 READY_DEADLINE_S = 10.0
 
