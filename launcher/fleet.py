@@ -22,7 +22,7 @@ import aiohttp
 
 from launcher.config import FleetConfig
 from launcher.errors import ConfigError
-from launcher.plan_types import ReplicaSpec
+from launcher.plan_types import ReplicaSpec, RouterSpec
 from launcher.rundir import FleetState, RunDir
 from launcher.runtime.base import Runtime
 from launcher.runtime.docker import DockerRuntime, docker_fleet_runtime
@@ -48,7 +48,7 @@ SIM_ENGINE_IMAGE = "vllm-fleet-router:0.1.0"
 AfterReady = Callable[[FleetState], Awaitable[int | None]]
 
 
-def router_spec(config: FleetConfig, backends_file: Path) -> ReplicaSpec:
+def router_spec(config: FleetConfig, backends_file: Path) -> RouterSpec:
     """The router as one more supervised process; API keys travel in its environment so they
     do not show up in ``ps``."""
     r = config.router
@@ -70,13 +70,13 @@ def router_spec(config: FleetConfig, backends_file: Path) -> ReplicaSpec:
     if r.policy:
         command += ["--policy", r.policy]
     env = {"FLEET_API_KEYS": ",".join(r.api_keys)} if r.api_keys else {}
-    return ReplicaSpec(
+    return RouterSpec(
         name=ROUTER_NAME,
+        host=r.host,
         port=r.port,
-        gpus=(),
-        tensor_parallel_size=1,
         command=(*command, *r.extra_args),
         env=env,
+        backends_file=str(backends_file),
     )
 
 
@@ -91,7 +91,7 @@ def ensure_no_fleet(run_dir: RunDir) -> None:
             f"{flag}: a fleet is already running there (supervisor pid {state.supervisor_pid}); "
             f"stop it with `vllm-fleet down {flag}` or pass another --run-dir"
         )
-    leftovers = [f"{u.name} pid {u.pid}" for u in state.units if u.pid and group_members(u.pid)]
+    leftovers = [f"{u.name} pgid {u.pgid}" for u in state.units if u.pgid and group_members(u.pgid)]
     if leftovers:
         raise ConfigError(
             f"{flag}: processes of a fleet whose supervisor died are still running "

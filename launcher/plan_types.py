@@ -1,8 +1,9 @@
 """The plan's types, the plain data that flows through the launcher: inventory -> model size
--> plan -> replica specs (the function that makes a plan is ``launcher.planner``).
+-> plan -> server specs (the function that makes a plan is ``launcher.planner``).
 
 The planner is a pure function from the first two to a ``Plan``; the
-runtimes (``launcher.runtime``) turn each ``ReplicaSpec`` into a running server.
+runtimes (``launcher.runtime``) turn each ``ServerSpec`` (a ``ReplicaSpec`` of the plan, or the
+``RouterSpec`` the fleet adds) into a running server.
 """
 
 from __future__ import annotations
@@ -60,21 +61,52 @@ class ModelSize:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class ReplicaSpec:
-    """One engine server to start: everything a runtime needs, nothing it must compute."""
+#: listen addresses that mean "every interface": a server bound there is reached on loopback.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSpec:
+    """One server to start and keep running: everything a runtime needs, nothing it must compute.
+
+    The runtimes (``launcher.runtime``) take this; the plan's replicas and the router are its
+    two kinds, so nothing has to pretend the router is a replica.
+    """
 
     name: str
+    #: address the server listens on, as its command line says; a container runtime publishes
+    #: the port there (the server itself listens on every interface of the container).
+    host: str
     port: int
-    gpus: tuple[int, ...]
-    tensor_parallel_size: int
     #: full argv of the server process (the runtime may wrap it, e.g. in a container).
     command: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
+    #: GPU indices it is pinned to (CUDA_VISIBLE_DEVICES, or the container's device request).
+    gpus: tuple[int, ...] = ()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Where the supervisor (and the router, for a replica) reaches it on this host."""
+        host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaSpec(ServerSpec):
+    """One engine server of the plan."""
+
+    #: what ``--model`` names: a Hugging Face id, or a local directory (which a container
+    #: runtime bind-mounts at the same path).
+    model: str
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterSpec(ServerSpec):
+    """The router in front of the replicas: supervised like them, never one of its backends."""
+
+    #: the file the router re-reads its backends from (the supervisor writes it).
+    backends_file: str
 
 
 @dataclass(frozen=True)

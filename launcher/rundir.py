@@ -1,8 +1,8 @@
 """The run directory (``.fleet/`` by default): what a running fleet leaves for other shells.
 
 ``status`` and ``down`` run in a different process than the supervisor, possibly much later, so
-everything they need (pids, ports, GPUs, the router URL) is written to ``state.json`` here. Every
-file is replaced atomically so a reader never sees half of one.
+everything they need (process groups, containers, ports, GPUs, the router URL) is written to
+``state.json`` here. Every file is replaced atomically so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -31,8 +31,12 @@ class UnitRecord:
     port: int
     url: str
     gpus: tuple[int, ...] = ()
-    #: also the process-group id; None while not running.
-    pid: int | None = None
+    #: process-group id of a host process (signal it to stop the server and its workers);
+    #: None for a container and while not running.
+    pgid: int | None = None
+    #: name of the container it runs in ("" for a host process): `down` removes containers,
+    #: it never signals them.
+    container: str = ""
     #: supervisor state: loading, healthy, unhealthy, restarting, failed, stopped.
     state: str = "loading"
     restarts: int = 0
@@ -65,8 +69,9 @@ class FleetState:
     def replicas(self) -> list[UnitRecord]:
         return [u for u in self.units if u.role == "replica"]
 
-    def pids(self) -> list[int]:
-        return [u.pid for u in self.units if u.pid is not None]
+    def pgids(self) -> list[int]:
+        """Process groups of the host processes (the containers are not among them)."""
+        return [u.pgid for u in self.units if u.pgid is not None]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -74,10 +79,17 @@ class FleetState:
     @classmethod
     def from_json(cls, text: str) -> FleetState:
         data: dict[str, Any] = json.loads(text)
-        units = tuple(
-            UnitRecord(**{**u, "gpus": tuple(u.get("gpus", ()))}) for u in data.pop("units", [])
-        )
+        units = tuple(_unit_record(u) for u in data.pop("units", []))
         return cls(**data, units=units)
+
+
+def _unit_record(data: dict[str, Any]) -> UnitRecord:
+    """One unit of state.json; a file written before ``pid`` became ``pgid`` (a fleet started
+    by the previous version) still reads, so `down` can stop that fleet."""
+    fields = {**data, "gpus": tuple(data.get("gpus", ()))}
+    if "pid" in fields:
+        fields.setdefault("pgid", fields.pop("pid"))
+    return UnitRecord(**fields)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

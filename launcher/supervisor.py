@@ -27,9 +27,9 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from launcher.config import FleetConfig, RestartConfig
-from launcher.plan_types import ReplicaSpec
+from launcher.plan_types import ReplicaSpec, RouterSpec, ServerSpec
 from launcher.rundir import UnitRecord
-from launcher.runtime.base import ReplicaHandle, Runtime
+from launcher.runtime.base import Runtime, ServerHandle
 
 
 class UnitState(enum.Enum):
@@ -44,10 +44,14 @@ class UnitState(enum.Enum):
 
 @dataclass(frozen=True)
 class SupervisedUnit:
-    spec: ReplicaSpec
-    #: "replica" (listed in the backends file when healthy) or "router".
-    role: str = "replica"
+    spec: ServerSpec
     health_path: str = "/health"
+
+    @property
+    def role(self) -> str:
+        """ "replica" (listed in the backends file when healthy) or "router", from the spec's
+        type, so a unit cannot be one while its spec says the other."""
+        return "replica" if isinstance(self.spec, ReplicaSpec) else "router"
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class _Exited(Exception):
 class _Unit:
     unit: SupervisedUnit
     state: UnitState = UnitState.LOADING
-    handle: ReplicaHandle | None = None
+    handle: ServerHandle | None = None
     restarts: int = 0
     restart_times: collections.deque[float] = field(default_factory=collections.deque)
     last_log_line: str = ""
@@ -191,7 +195,8 @@ class Supervisor:
                 port=u.unit.spec.port,
                 url=u.unit.spec.url,
                 gpus=tuple(u.unit.spec.gpus),
-                pid=u.handle.pid if u.handle is not None else None,
+                pgid=u.handle.pgid if u.handle is not None else None,
+                container=(u.handle.container or "") if u.handle is not None else "",
                 state=u.state.value,
                 restarts=u.restarts,
                 log=str(u.handle.log_path) if u.handle is not None else "",
@@ -249,7 +254,7 @@ class Supervisor:
             return False, f"could not start: {exc}"
         u.handle = handle
         u.last_log_line = ""
-        self._set_state(u, UnitState.LOADING, f"pid {handle.pid}")
+        self._set_state(u, UnitState.LOADING, handle.describe())
         try:
             problem = await self._wait_healthy(u, handle)
             if problem is not None:
@@ -265,7 +270,7 @@ class Supervisor:
             await self.runtime.stop(handle, self.settings.stop_timeout_s)
             u.handle = None
 
-    async def _start(self, u: _Unit) -> ReplicaHandle:
+    async def _start(self, u: _Unit) -> ServerHandle:
         """``runtime.start``, but a shutdown arriving meanwhile cannot orphan the server: the
         start runs on (a container may be half created) and what it started is stopped."""
         starting = asyncio.ensure_future(self.runtime.start(u.unit.spec))
@@ -277,7 +282,7 @@ class Supervisor:
                 await self.runtime.stop(handle, self.settings.stop_timeout_s)
             raise
 
-    async def _wait_healthy(self, u: _Unit, handle: ReplicaHandle) -> str | None:
+    async def _wait_healthy(self, u: _Unit, handle: ServerHandle) -> str | None:
         timeout = self.settings.health_timeout_s
         retrying = AsyncRetrying(
             stop=stop_after_delay(timeout),
@@ -292,7 +297,7 @@ class Supervisor:
             return f"exited with status {exc.returncode} while loading"
         return None
 
-    async def _loading_probe(self, u: _Unit, handle: ReplicaHandle) -> bool:
+    async def _loading_probe(self, u: _Unit, handle: ServerHandle) -> bool:
         status = await self.runtime.status(handle)
         if not status.running:
             raise _Exited(status.returncode)
@@ -302,7 +307,7 @@ class Supervisor:
             self._emit(u, log_only=True)
         return await self._probe(u)
 
-    async def _watch(self, u: _Unit, handle: ReplicaHandle) -> str:
+    async def _watch(self, u: _Unit, handle: ServerHandle) -> str:
         failures = 0
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
@@ -357,10 +362,10 @@ class Supervisor:
             self._on_backends(urls)
 
 
-def units_for(replicas: Iterable[ReplicaSpec], router: ReplicaSpec | None) -> list[SupervisedUnit]:
+def units_for(replicas: Iterable[ReplicaSpec], router: RouterSpec | None) -> list[SupervisedUnit]:
     units = [SupervisedUnit(spec) for spec in replicas]
     if router is not None:
-        units.append(SupervisedUnit(router, role="router", health_path=ROUTER_HEALTH_PATH))
+        units.append(SupervisedUnit(router, health_path=ROUTER_HEALTH_PATH))
     return units
 
 

@@ -200,7 +200,9 @@ def read_plan_file(path: Path) -> tuple[str, tuple[ReplicaSpec, ...]]:
         replicas = tuple(
             ReplicaSpec(
                 name=r["name"],
+                host=str(r["host"]),
                 port=int(r["port"]),
+                model=str(r["model"]),
                 gpus=tuple(int(g) for g in r["gpus"]),
                 tensor_parallel_size=int(r["tensor_parallel_size"]),
                 command=tuple(str(c) for c in r["command"]),
@@ -409,7 +411,7 @@ def _print_status(
               "to clean up leftovers", file=out)  # fmt: skip
     if state.message and state.status != "ready":
         print(f"  {state.message}", file=out)
-    header = ("NAME", "STATE", "HEALTH", "PORT", "GPUS", "PID", "RESTARTS",
+    header = ("NAME", "STATE", "HEALTH", "PORT", "GPUS", "PGID/CONTAINER", "RESTARTS",
               "IN-FLIGHT", "WAITING", "RUNNING", "SERVED")  # fmt: skip
     rows: list[tuple[str, ...]] = [header]
     for u in state.units:
@@ -421,7 +423,7 @@ def _print_status(
                 live.health.get(u.name, "-"),
                 str(u.port),
                 ",".join(str(g) for g in u.gpus) or "-",
-                str(u.pid or "-"),
+                str(u.pgid or u.container or "-"),
                 str(u.restarts),
                 *(_num(load.get(k)) for k in ("in_flight", "waiting", "running", "served")),
             )
@@ -479,18 +481,22 @@ def run_down(args: argparse.Namespace) -> int:
     leftovers = []
     host_units = _host_units(state)
     for unit in host_units:
-        if unit.pid is not None and group_members(unit.pid):
-            stop_process_group(unit.pid, timeout=grace)
-            leftovers.append(f"{unit.name} (pid {unit.pid})")
+        if unit.pgid is not None and group_members(unit.pgid):
+            stop_process_group(unit.pgid, timeout=grace)
+            leftovers.append(f"{unit.name} (pgid {unit.pgid})")
     run_dir.clear_state()
-    units = ", ".join(f"{u.name} (pid {u.pid})" for u in state.units if u.pid is not None)
+    units = ", ".join(
+        f"{u.name} ({f'pgid {u.pgid}' if u.pgid is not None else f'container {u.container}'})"
+        for u in state.units
+        if u.pgid is not None or u.container
+    )
     print(f"Stopped fleet {state.endpoint}: supervisor (pid {supervisor})"
           + (f", {units}" if units else "") + ".")  # fmt: skip
     if leftovers:
         print(f"Killed leftover processes: {', '.join(leftovers)}.")
     if containers:
         print(f"Removed leftover containers: {', '.join(containers)}.")
-    survivors = [u.name for u in host_units if u.pid is not None and group_members(u.pid)]
+    survivors = [u.name for u in host_units if u.pgid is not None and group_members(u.pgid)]
     if survivors or process_alive(supervisor):
         print(f"vllm-fleet down: still running: {', '.join(survivors) or 'supervisor'}",
               file=sys.stderr)  # fmt: skip
@@ -512,8 +518,9 @@ def _remove_containers(run_dir: RunDir, timeout: float) -> list[str]:
 
 
 def _host_units(state: FleetState) -> list[UnitRecord]:
-    """The units that are host process groups. A docker fleet's replicas are containers (their
-    pid is the container's init): removing the containers stops them, signalling would not."""
+    """The units that are host process groups. A docker fleet's replicas are containers (no
+    pgid; a state file of the previous version held their init's pid): removing the containers
+    stops them, signalling would not."""
     if state.runtime == "docker":
         return [u for u in state.units if u.role != "replica"]
     return list(state.units)

@@ -1,5 +1,5 @@
-"""Runtimes turn a ``ReplicaSpec`` into a running server (processes now, containers later)."""
+"""Runtimes turn a ``ServerSpec`` into a running server: a host process group or a container."""
 
-from launcher.runtime.base import ReplicaHandle, ReplicaStatus, Runtime
+from launcher.runtime.base import Runtime, ServerHandle, ServerStatus
 
-__all__ = ["ReplicaHandle", "ReplicaStatus", "Runtime"]
+__all__ = ["Runtime", "ServerHandle", "ServerStatus"]

@@ -5,17 +5,21 @@ creates and starts a container, ``status`` asks the daemon, ``stop`` stops and r
 Docker SDK is blocking (an HTTP request to the daemon per call, every health interval per
 replica), so each runtime method runs its SDK calls in a thread (``asyncio.to_thread``) and
 the supervisor's loop keeps checking the other replicas meanwhile.
+
 Docker's own restart policy stays off: the supervisor owns restarts (health checks, backoff,
 restart budget), and a second restarter would hide crashes from it.
 
-A ``ReplicaSpec`` is translated, never re-planned (``container_config``, a pure function):
+A ``ReplicaSpec`` is translated, never re-planned (``container_config``, a pure function), from
+its fields (host, port, model, GPUs), not by parsing its command line:
 
 - GPUs: one device request for exactly ``spec.gpus``; inside the container they are numbered
   from 0, which is why ``CUDA_VISIBLE_DEVICES`` is not passed on.
-- Network: the server listens on 0.0.0.0 in its own network namespace and ``spec.port`` is
-  published on the host address the plan chose (127.0.0.1 by default), so ``spec.url`` holds.
+- Network: the server listens on 0.0.0.0 in its own network namespace (its ``--host
+  spec.host`` becomes ``--host 0.0.0.0``) and ``spec.port`` is published on ``spec.host``, the
+  address the plan chose (127.0.0.1 by default), so ``spec.url`` holds.
 - Command: the host's Python interpreter path becomes the image's ``python3``; a local model
-  directory is bind-mounted read-only at the same path, so ``--model`` needs no rewrite.
+  directory (``spec.model``) is bind-mounted read-only at the same path, so ``--model`` needs
+  no rewrite.
 - Labels ``vllm-fleet.fleet`` and ``vllm-fleet.replica``: ``remove_fleet_containers`` removes
   exactly the containers of one fleet and nothing else.
 - Logs: read from the daemon while the container runs, copied into ``log_path`` before it is
@@ -31,7 +35,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +46,8 @@ import docker.types
 from docker.models.containers import Container
 
 from launcher.errors import ConfigError
-from launcher.plan_types import ReplicaSpec
-from launcher.runtime.base import ReplicaHandle, ReplicaStatus, Runtime
+from launcher.plan_types import ReplicaSpec, ServerSpec
+from launcher.runtime.base import Runtime, ServerHandle, ServerStatus
 from launcher.runtime.process import HEADER_PREFIX, ProcessRuntime, last_line, rotate_log
 
 LABEL_FLEET = "vllm-fleet.fleet"
@@ -54,8 +58,6 @@ DEFAULT_GPU_IMAGE = "vllm/vllm-openai:v0.32.0"
 DEFAULT_CPU_IMAGE = "vllm-fleet-engine-cpu:0.1.0"
 #: host variables handed to every container when set (model downloads need the token).
 PASSTHROUGH_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-#: the name of the router unit in ``launcher.fleet``: it stays a host process (see split_runtime).
-ROUTER_UNIT = "router"
 
 _PYTHON = re.compile(r"python(\d+(\.\d+)?)?$")
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -153,7 +155,7 @@ def fleet_name_for(run_dir: Path) -> str:
 
 
 def container_config(
-    spec: ReplicaSpec,
+    spec: ServerSpec,
     settings: DockerSettings,
     host_env: Mapping[str, str] | None = None,
     is_dir: Callable[[str], bool] = os.path.isdir,
@@ -161,25 +163,11 @@ def container_config(
     """Translate one replica spec into a container: same argv, same port, same GPUs."""
     if not spec.command:
         raise ConfigError(f"replica {spec.name}: empty command")
-    argv = list(spec.command)
+    argv = listen_everywhere(spec.command, spec.host)
     if _PYTHON.match(Path(argv[0]).name):
         argv[0] = "python3"
-    host_ip = "127.0.0.1"
-    binds: list[tuple[str, str, bool]] = []
-    for i, arg in enumerate(argv):
-        flag, eq, inline = arg.partition("=")
-        if flag not in ("--host", "--model") or (not eq and i + 1 >= len(argv)):
-            continue
-        value = inline if eq else argv[i + 1]
-        if flag == "--host":
-            # listen on every interface of the container; publish on the address planned.
-            host_ip = value or host_ip
-            if eq:
-                argv[i] = "--host=0.0.0.0"
-            else:
-                argv[i + 1] = "0.0.0.0"
-        elif value.startswith("/") and is_dir(value):
-            binds.append((value, value, True))
+    model = spec.model if isinstance(spec, ReplicaSpec) else ""
+    binds = [(model, model, True)] if model.startswith("/") and is_dir(model) else []
     environment = {"PYTHONUNBUFFERED": "1"}
     env = host_env if host_env is not None else {}
     environment.update({k: env[k] for k in PASSTHROUGH_ENV if env.get(k)})
@@ -191,13 +179,29 @@ def container_config(
         entrypoint=tuple(argv),
         environment=environment,
         labels={LABEL_FLEET: settings.fleet, LABEL_REPLICA: spec.name},
-        ports={f"{spec.port}/tcp": (host_ip, spec.port)},
+        ports={f"{spec.port}/tcp": (spec.host, spec.port)},
         device_ids=tuple(str(g) for g in spec.gpus),
         binds=tuple(binds),
         volumes=settings.volumes,
         shm_size=settings.shm_size,
         cap_add=settings.cap_add,
     )
+
+
+def listen_everywhere(command: Sequence[str], host: str) -> list[str]:
+    """``command`` with the server's ``--host HOST`` (or ``--host=HOST``) changed to 0.0.0.0.
+
+    In its container the server must listen on every interface for the published port to
+    reach it; ``host`` (the spec's field) is where the port is published instead. Only the
+    pair the spec names is rewritten: the command line is not parsed for anything else.
+    """
+    argv = list(command)
+    for i, arg in enumerate(argv):
+        if arg == f"--host={host}":
+            argv[i] = "--host=0.0.0.0"
+        elif arg == "--host" and i + 1 < len(argv) and argv[i + 1] == host:
+            argv[i + 1] = "0.0.0.0"
+    return argv
 
 
 def _runtime_unreachable(exc: Exception) -> str:
@@ -255,10 +259,10 @@ class DockerRuntime:
                 + "; ".join(_image_hint(image) for image in missing)
             )
 
-    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start(self, spec: ServerSpec) -> ServerHandle:
         return await asyncio.to_thread(self._start_blocking, spec)
 
-    def _start_blocking(self, spec: ReplicaSpec) -> ReplicaHandle:
+    def _start_blocking(self, spec: ServerSpec) -> ServerHandle:
         config = container_config(spec, self.settings, host_env=os.environ)
         self._remove_stale(config.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -289,35 +293,36 @@ class DockerRuntime:
                 container.remove(force=True)
             raise DockerRuntimeError(f"docker start {config.name}: {exc}") from None
         self._containers[spec.name] = container
-        pid = int(container.attrs.get("State", {}).get("Pid") or 0)
-        return ReplicaHandle(spec=spec, pid=pid, log_path=path, started_at=time.monotonic())
+        return ServerHandle(
+            spec=spec, container=config.name, log_path=path, started_at=time.monotonic()
+        )
 
-    async def status(self, handle: ReplicaHandle) -> ReplicaStatus:
+    async def status(self, handle: ServerHandle) -> ServerStatus:
         return await asyncio.to_thread(self._status_blocking, handle)
 
-    def _status_blocking(self, handle: ReplicaHandle) -> ReplicaStatus:
+    def _status_blocking(self, handle: ServerHandle) -> ServerStatus:
         container = self._containers.get(handle.spec.name)
         if container is None:
-            return ReplicaStatus(running=False)
+            return ServerStatus(running=False)
         try:
             container.reload()
         except docker.errors.NotFound:
-            return ReplicaStatus(running=False)
+            return ServerStatus(running=False)
         except docker.errors.DockerException:
             # A daemon hiccup is not a crash: the health checks decide whether it still serves.
-            return ReplicaStatus(running=True)
+            return ServerStatus(running=True)
         state = container.attrs.get("State", {})
         if state.get("Running"):
-            return ReplicaStatus(running=True)
-        return ReplicaStatus(running=False, returncode=_exit_code(state))
+            return ServerStatus(running=True)
+        return ServerStatus(running=False, returncode=_exit_code(state))
 
-    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+    async def stop(self, handle: ServerHandle, timeout: float) -> ServerStatus:
         return await asyncio.to_thread(self._stop_blocking, handle, timeout)
 
-    def _stop_blocking(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+    def _stop_blocking(self, handle: ServerHandle, timeout: float) -> ServerStatus:
         container = self._containers.get(handle.spec.name)
         if container is None:
-            return ReplicaStatus(running=False)
+            return ServerStatus(running=False)
         code: int | None = None
         # NotFound: already gone; other API errors (e.g. 409, not running): the removal below
         # settles it either way.
@@ -334,12 +339,12 @@ class DockerRuntime:
         self._remove(container)
         if self._containers.get(handle.spec.name) is container:
             del self._containers[handle.spec.name]
-        return ReplicaStatus(running=False, returncode=code)
+        return ServerStatus(running=False, returncode=code)
 
-    async def last_log_line(self, handle: ReplicaHandle) -> str:
+    async def last_log_line(self, handle: ServerHandle) -> str:
         return await asyncio.to_thread(self._last_log_line_blocking, handle)
 
-    def _last_log_line_blocking(self, handle: ReplicaHandle) -> str:
+    def _last_log_line_blocking(self, handle: ServerHandle) -> str:
         container = self._containers.get(handle.spec.name)
         if container is None:
             return last_line(handle.log_path)
@@ -430,30 +435,30 @@ def remove_fleet_containers(
 
 
 class SplitRuntime:
-    """Some units as host processes, the rest in containers, behind one ``Runtime``.
+    """The replicas in containers, every other server (the router) a host process, behind one
+    ``Runtime``.
 
     The router reads the run directory's backends file and reaches the replicas on the host's
     published ports, so it stays a host process while the engines run in containers.
     """
 
-    def __init__(self, containers: Runtime, host: Runtime, on_host: Iterable[str]) -> None:
+    def __init__(self, containers: Runtime, host: Runtime) -> None:
         self.containers = containers
         self.host = host
-        self.on_host = frozenset(on_host)
 
-    def _for(self, spec: ReplicaSpec) -> Runtime:
-        return self.host if spec.name in self.on_host else self.containers
+    def _for(self, spec: ServerSpec) -> Runtime:
+        return self.containers if isinstance(spec, ReplicaSpec) else self.host
 
-    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start(self, spec: ServerSpec) -> ServerHandle:
         return await self._for(spec).start(spec)
 
-    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+    async def stop(self, handle: ServerHandle, timeout: float) -> ServerStatus:
         return await self._for(handle.spec).stop(handle, timeout)
 
-    async def status(self, handle: ReplicaHandle) -> ReplicaStatus:
+    async def status(self, handle: ServerHandle) -> ServerStatus:
         return await self._for(handle.spec).status(handle)
 
-    async def last_log_line(self, handle: ReplicaHandle) -> str:
+    async def last_log_line(self, handle: ServerHandle) -> str:
         return await self._for(handle.spec).last_log_line(handle)
 
 
@@ -480,5 +485,4 @@ def docker_fleet_runtime(
     return SplitRuntime(
         containers=DockerRuntime(settings, logs_dir, client=client),
         host=ProcessRuntime(logs_dir),
-        on_host=(ROUTER_UNIT,),
     )

@@ -23,8 +23,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from launcher.plan_types import ReplicaSpec
-from launcher.runtime.base import ReplicaHandle, ReplicaStatus
+from launcher.plan_types import ServerSpec
+from launcher.runtime.base import ServerHandle, ServerStatus
 
 #: first line of every log, so a log can be matched to its command; not shown as progress.
 HEADER_PREFIX = "# vllm-fleet:"
@@ -51,7 +51,7 @@ class ProcessRuntime:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start(self, spec: ServerSpec) -> ServerHandle:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_path(spec.name)
         rotate_log(path, self.log_backups)
@@ -68,30 +68,32 @@ class ProcessRuntime:
                 start_new_session=True,
             )
         self._procs[proc.pid] = proc
-        return ReplicaHandle(spec=spec, pid=proc.pid, log_path=path, started_at=time.monotonic())
+        return ServerHandle(spec=spec, pgid=proc.pid, log_path=path, started_at=time.monotonic())
 
-    async def status(self, handle: ReplicaHandle) -> ReplicaStatus:
+    async def status(self, handle: ServerHandle) -> ServerStatus:
         """Also caps the log size: the supervisor polls this regularly, so it is the natural
         moment to notice a log that grew past ``max_log_bytes`` without another timer."""
         await self._cap_log(handle.log_path)
-        proc = self._procs.get(handle.pid)
+        pgid = _pgid(handle)
+        proc = self._procs.get(pgid)
         if proc is None:
-            return ReplicaStatus(running=process_alive(handle.pid))
+            return ServerStatus(running=process_alive(pgid))
         code = proc.returncode
-        return ReplicaStatus(running=code is None, returncode=code)
+        return ServerStatus(running=code is None, returncode=code)
 
-    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
-        proc = self._procs.get(handle.pid)
-        await stop_process_group_async(handle.pid, timeout, self.poll_interval_s)
+    async def stop(self, handle: ServerHandle, timeout: float) -> ServerStatus:
+        pgid = _pgid(handle)
+        proc = self._procs.get(pgid)
+        await stop_process_group_async(pgid, timeout, self.poll_interval_s)
         code = None
         if proc is not None:
             # the group is gone, so the leader has exited: asyncio reaps it at once.
             with contextlib.suppress(asyncio.TimeoutError):
                 code = await asyncio.wait_for(proc.wait(), REAP_TIMEOUT_S)
-        self._procs.pop(handle.pid, None)
-        return ReplicaStatus(running=False, returncode=code)
+        self._procs.pop(pgid, None)
+        return ServerStatus(running=False, returncode=code)
 
-    async def last_log_line(self, handle: ReplicaHandle) -> str:
+    async def last_log_line(self, handle: ServerHandle) -> str:
         """Reads at most the last 8 KiB of a local file: cheap enough for the loop."""
         return last_line(handle.log_path)
 
@@ -104,13 +106,19 @@ class ProcessRuntime:
             await asyncio.to_thread(copy_truncate, path, self.log_backups)
 
 
-def process_env(spec: ReplicaSpec) -> dict[str, str]:
+def process_env(spec: ServerSpec) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if spec.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus)
     env.update(spec.env)
     return env
+
+
+def _pgid(handle: ServerHandle) -> int:
+    if handle.pgid is None:
+        raise ValueError(f"{handle.spec.name}: not a process of this runtime ({handle.describe()})")
+    return handle.pgid
 
 
 def rotate_log(path: Path, backups: int) -> None:

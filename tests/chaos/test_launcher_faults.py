@@ -21,6 +21,7 @@ from launcher.plan_types import ReplicaSpec
 from launcher.runtime.process import group_members, process_alive
 from launcher.supervisor import SupervisedUnit, SupervisorSettings, UnitState, backoff_delay
 from tests.chaos.conftest import FIGURES
+from tests.launcher.support import pgid
 from tests.launcher.test_supervisor import DEADLINE_S, Harness, sim_spec, supervised, until
 from tests.support.ports import free_port
 from tests.support.sim import post_control
@@ -66,13 +67,13 @@ def server_spec(
     )  # fmt: skip
     env = (("IGNORE_SIGTERM", "1"),) if ignore_sigterm else ()
     return ReplicaSpec(
-        name=name, port=port, gpus=(), tensor_parallel_size=1, command=command, env=dict(env)
+        name=name, host="127.0.0.1", port=port, model="test-model", command=command, env=dict(env)
     )
 
 
 def assert_no_orphans(h: Harness, extra_pids: tuple[int, ...] = ()) -> None:
     for handle in h.runtime.started:
-        assert group_members(handle.pid) == [], f"group {handle.pid} still has processes"
+        assert group_members(pgid(handle)) == [], f"group {pgid(handle)} still has processes"
     for pid in extra_pids:
         assert not process_alive(pid), f"worker {pid} outlived its replica"
 
@@ -97,6 +98,8 @@ def settings(max_restarts: int, **overrides: float) -> SupervisorSettings:
 async def test_backoff_spaces_the_restarts_of_a_crash_loop(tmp_path: Path) -> None:
     crash = ReplicaSpec(
         name="crasher",
+        host="127.0.0.1",
+        model="test-model",
         port=free_port(),
         gpus=(),
         tensor_parallel_size=1,
@@ -160,7 +163,7 @@ async def test_a_replica_ignoring_sigterm_is_killed_when_restarted(tmp_path: Pat
         await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
         first = h.handle_of("stubborn")
         flag.write_text("1")  # /health turns 503: the supervisor restarts it
-        await until(lambda: not process_alive(first.pid), "the stubborn process to be killed")
+        await until(lambda: not process_alive(pgid(first)), "the stubborn process to be killed")
         assert h.runtime.stop_order[0] == "stubborn"
         flag.unlink()
         await until(
@@ -170,7 +173,7 @@ async def test_a_replica_ignoring_sigterm_is_killed_when_restarted(tmp_path: Pat
             ),
             "the restarted replica to be healthy",
         )
-        assert h.handle_of("stubborn").pid != first.pid
+        assert pgid(h.handle_of("stubborn")) != pgid(first)
         restarting = [e for e in h.events if e.state is UnitState.RESTARTING]
         assert "failed 2 health checks in a row" in restarting[0].message
     assert_no_orphans(h)
@@ -181,9 +184,9 @@ async def test_a_sim_replica_made_unhealthy_is_replaced_and_serves_again(tmp_pat
     spec = sim_spec("replica-0")
     async with supervised(tmp_path, [SupervisedUnit(spec)], settings(2)) as h:
         await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
-        first = h.handle_of("replica-0").pid
+        first = pgid(h.handle_of("replica-0"))
         await post_control(spec.url, hang=True)  # accepts, never answers: checks time out
-        await until(lambda: h.handle_of("replica-0").pid != first, "a replacement", 60.0)
+        await until(lambda: pgid(h.handle_of("replica-0")) != first, "a replacement", 60.0)
         await until(
             lambda: h.supervisor.states()["replica-0"] is UnitState.HEALTHY, "healthy again", 60.0
         )

@@ -63,7 +63,7 @@ class Fleet:
 
     def recorded_pids(self) -> list[int]:
         state = json.loads((self.run_dir / "state.json").read_text())
-        return [u["pid"] for u in state["units"] if u["pid"] is not None]
+        return [u["pgid"] for u in state["units"] if u["pgid"] is not None]
 
 
 def _fleet_config(model: Path, run_dir: Path) -> dict[str, Any]:
@@ -152,18 +152,18 @@ async def test_requests_through_the_fleet_reach_every_replica(fleet: Fleet) -> N
 
 async def test_killed_replica_is_restarted_while_the_other_serves(fleet: Fleet) -> None:
     victim = fleet.replicas()[0]
-    os.killpg(victim["pid"], signal.SIGKILL)
+    os.killpg(victim["pgid"], signal.SIGKILL)
     # the router fails over to the survivor at once; nobody waits for the restart.
     assert await _chat_many(fleet.router_url, 4) == ["length"] * 4
 
     def restarted() -> bool:
         unit = next(u for u in fleet.replicas() if u["name"] == victim["name"])
         return bool(
-            unit["state"] == "healthy" and unit["restarts"] == 1 and unit["pid"] != victim["pid"]
+            unit["state"] == "healthy" and unit["restarts"] == 1 and unit["pgid"] != victim["pgid"]
         )
 
     wait_until(restarted, VLLM_READY_DEADLINE_S, f"{victim['name']} restarted and healthy")
-    assert not group_members(victim["pid"]), "the killed replica left processes behind"
+    assert not group_members(victim["pgid"]), "the killed replica left processes behind"
     assert await _chat_many(fleet.router_url, 4) == ["length"] * 4
 
 

@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from launcher.config import RestartConfig
-from launcher.plan_types import ReplicaSpec
-from launcher.runtime.base import ReplicaHandle, ReplicaStatus
+from launcher.plan_types import ReplicaSpec, RouterSpec, ServerSpec
+from launcher.runtime.base import ServerHandle, ServerStatus
 from launcher.runtime.process import ProcessRuntime, group_members, process_alive
 from launcher.supervisor import (
     SupervisedUnit,
@@ -22,7 +21,9 @@ from launcher.supervisor import (
     SupervisorSettings,
     UnitState,
     backoff_delay,
+    units_for,
 )
+from tests.launcher.support import pgid
 from tests.support.ports import free_port
 from tests.support.sim import SIM_MODEL, post_control
 
@@ -44,12 +45,14 @@ def sim_spec(name: str, *flags: str) -> ReplicaSpec:
         sys.executable, "-m", "launcher.cli", "sim", "--host", "127.0.0.1", "--port", str(port),
         "--model", SIM_MODEL, "--step-ms", "1", *flags,
     )  # fmt: skip
-    return ReplicaSpec(name=name, port=port, gpus=(), tensor_parallel_size=1, command=command)
+    return ReplicaSpec(name=name, host="127.0.0.1", port=port, model=SIM_MODEL, command=command)
 
 
 def python_spec(name: str, code: str) -> ReplicaSpec:
     return ReplicaSpec(
         name=name,
+        host="127.0.0.1",
+        model="test-model",
         port=free_port(),
         gpus=(),
         tensor_parallel_size=1,
@@ -62,15 +65,15 @@ class RecordingRuntime(ProcessRuntime):
 
     def __init__(self, log_dir: Path) -> None:
         super().__init__(log_dir)
-        self.started: list[ReplicaHandle] = []
+        self.started: list[ServerHandle] = []
         self.stop_order: list[str] = []
 
-    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start(self, spec: ServerSpec) -> ServerHandle:
         handle = await super().start(spec)
         self.started.append(handle)
         return handle
 
-    async def stop(self, handle: ReplicaHandle, timeout: float) -> ReplicaStatus:
+    async def stop(self, handle: ServerHandle, timeout: float) -> ServerStatus:
         self.stop_order.append(handle.spec.name)
         return await super().stop(handle, timeout)
 
@@ -85,11 +88,11 @@ class Harness:
     def states_of(self, name: str) -> list[UnitState]:
         return [e.state for e in self.events if e.name == name and not e.log_only]
 
-    def handle_of(self, name: str) -> ReplicaHandle:
+    def handle_of(self, name: str) -> ServerHandle:
         return [h for h in self.runtime.started if h.spec.name == name][-1]
 
     def pids(self) -> list[int]:
-        return [h.pid for h in self.runtime.started]
+        return [pgid(h) for h in self.runtime.started]
 
 
 @asynccontextmanager
@@ -113,8 +116,8 @@ async def supervised(
     finally:
         await harness.supervisor.shutdown()
         for handle in runtime.started:  # belt and braces if a test broke the supervisor
-            if group_members(handle.pid):
-                os.killpg(handle.pid, signal.SIGKILL)
+            if group_members(pgid(handle)):
+                os.killpg(pgid(handle), signal.SIGKILL)
 
 
 async def until(predicate: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
@@ -144,7 +147,8 @@ async def test_replicas_become_healthy_and_are_published(tmp_path: Path) -> None
         assert h.backends[-1] == sorted(s.url for s in specs)
         assert h.states_of("replica-1")[:2] == [UnitState.LOADING, UnitState.HEALTHY]
         records = {r.name: r for r in h.supervisor.records()}
-        assert records["replica-0"].pid == h.handle_of("replica-0").pid
+        assert records["replica-0"].pgid == pgid(h.handle_of("replica-0"))
+        assert records["replica-0"].container == ""
         assert records["replica-0"].state == "healthy"
         assert records["replica-0"].log.endswith("replica-0.log")
 
@@ -156,11 +160,11 @@ async def test_crashed_replica_is_dropped_then_restarted_on_the_same_port(tmp_pa
         await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
         first = h.handle_of("replica-1")
 
-        os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(pgid(first), signal.SIGKILL)
 
         await until(lambda: h.backends[-1] == [specs[0].url], "replica-1 to leave the backends")
         await until(
-            lambda: h.handle_of("replica-1").pid != first.pid and h.backends[-1] == both,
+            lambda: h.handle_of("replica-1") is not first and h.backends[-1] == both,
             "replica-1 to come back",
         )
         assert UnitState.RESTARTING in h.states_of("replica-1")
@@ -182,8 +186,8 @@ async def test_unhealthy_replica_is_restarted(tmp_path: Path) -> None:
 
         await post_control(spec.url, healthy=False)
 
-        await until(lambda: h.handle_of("replica-0").pid != first.pid, "a restart")
-        assert not process_alive(first.pid)
+        await until(lambda: h.handle_of("replica-0") is not first, "a restart")
+        assert not process_alive(pgid(first))
         await until(lambda: h.backends[-1] == [spec.url], "the new process to be published")
         states = h.states_of("replica-0")
         assert states.index(UnitState.UNHEALTHY) < states.index(UnitState.RESTARTING)
@@ -253,6 +257,8 @@ async def test_shutdown_kills_a_replica_ignoring_sigterm(tmp_path: Path) -> None
     port = free_port()
     spec = ReplicaSpec(
         name="stubborn",
+        host="127.0.0.1",
+        model="test-model",
         port=port,
         gpus=(),
         tensor_parallel_size=1,
@@ -263,7 +269,7 @@ async def test_shutdown_kills_a_replica_ignoring_sigterm(tmp_path: Path) -> None
     )
     async with supervised(tmp_path, [SupervisedUnit(spec)], settings) as h:
         await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
-        pid = h.handle_of("stubborn").pid
+        pid = pgid(h.handle_of("stubborn"))
         assert process_alive(pid)
 
         loop = asyncio.get_running_loop()
@@ -277,9 +283,16 @@ async def test_shutdown_kills_a_replica_ignoring_sigterm(tmp_path: Path) -> None
 
 async def test_shutdown_stops_the_router_before_the_replicas(tmp_path: Path) -> None:
     replicas = [sim_spec("replica-0"), sim_spec("replica-1")]
-    router = sim_spec("router")  # any server with /health stands in for the router here
-    units: list[Any] = [SupervisedUnit(s) for s in replicas]
-    units.append(SupervisedUnit(router, role="router", health_path="/health"))
+    stand_in = sim_spec("router")  # any server with /health stands in for the router here
+    router = RouterSpec(
+        name="router",
+        host="127.0.0.1",
+        port=stand_in.port,
+        command=stand_in.command,
+        backends_file="unused",
+    )
+    units = units_for(replicas, router)
+    assert [u.role for u in units] == ["replica", "replica", "router"]
     async with supervised(tmp_path, units) as h:
         await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
         assert h.backends[-1] == sorted(s.url for s in replicas)  # the router is no backend
@@ -295,6 +308,8 @@ async def test_shutdown_stops_the_router_before_the_replicas(tmp_path: Path) -> 
 async def test_a_command_that_cannot_start_is_failed_not_raised(tmp_path: Path) -> None:
     spec = ReplicaSpec(
         name="replica-0",
+        host="127.0.0.1",
+        model="test-model",
         port=free_port(),
         gpus=(),
         tensor_parallel_size=1,
@@ -310,6 +325,8 @@ async def test_kill_now_cuts_the_grace_period_short(tmp_path: Path) -> None:
     port = free_port()
     spec = ReplicaSpec(
         name="stubborn",
+        host="127.0.0.1",
+        model="test-model",
         port=port,
         gpus=(),
         tensor_parallel_size=1,
@@ -320,7 +337,7 @@ async def test_kill_now_cuts_the_grace_period_short(tmp_path: Path) -> None:
     )
     async with supervised(tmp_path, [SupervisedUnit(spec)], settings) as h:
         await asyncio.wait_for(h.supervisor.wait_settled(), DEADLINE_S)
-        pid = h.handle_of("stubborn").pid
+        pid = pgid(h.handle_of("stubborn"))
         shutdown = asyncio.create_task(h.supervisor.shutdown())
         await until(lambda: h.runtime.stop_order == ["stubborn"], "the graceful stop to begin")
 

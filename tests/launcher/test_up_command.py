@@ -95,7 +95,7 @@ class Fleet:
     def state(self) -> FleetState:
         state = self.run_dir.read_state()
         assert state is not None
-        self.seen.update([state.supervisor_pid, *state.pids()])
+        self.seen.update([state.supervisor_pid, *state.pgids()])
         return state
 
     def client(self) -> OpenAI:
@@ -142,7 +142,7 @@ def status_json(fleet: Fleet) -> dict[str, Any]:
 def test_detached_fleet_serves_restarts_reports_and_stops(detached: Fleet) -> None:
     state = detached.state()
     assert state.status == "ready"
-    pids = [state.supervisor_pid, *state.pids()]
+    pids = [state.supervisor_pid, *state.pgids()]
     assert len(pids) == 4 and all(process_alive(p) for p in pids)
 
     refused = cli("up", "--config", str(detached.config), "--detach", *detached.args)
@@ -161,12 +161,12 @@ def test_detached_fleet_serves_restarts_reports_and_stops(detached: Fleet) -> No
     assert sum(units[n]["load"]["served"] for n in ("replica-0", "replica-1")) == 4
 
     victim = next(u for u in state.units if u.name == "replica-1")
-    assert victim.pid is not None
-    os.killpg(victim.pid, signal.SIGKILL)
+    assert victim.pgid is not None
+    os.killpg(victim.pgid, signal.SIGKILL)
 
     def restarted() -> bool:
         unit = next(u for u in detached.state().units if u.name == "replica-1")
-        return unit.restarts == 1 and unit.state == "healthy" and unit.pid != victim.pid
+        return unit.restarts == 1 and unit.state == "healthy" and unit.pgid != victim.pgid
 
     wait_for(restarted, "replica-1 to be restarted")
     assert all(chat(client) for _ in range(2))
@@ -180,9 +180,9 @@ def test_detached_fleet_serves_restarts_reports_and_stops(detached: Fleet) -> No
     result = cli("down", *detached.args)
 
     assert result.returncode == 0, result.stderr
-    assert "Stopped fleet" in result.stdout and "replica-0 (pid" in result.stdout
+    assert "Stopped fleet" in result.stdout and "replica-0 (pgid" in result.stdout
     assert "leftover" not in result.stdout
-    gone = [state.supervisor_pid, *final.pids(), victim.pid]
+    gone = [state.supervisor_pid, *final.pgids(), victim.pgid]
     assert all(not process_alive(p) for p in gone)
     assert all(group_members(p) == [] for p in gone[1:])
     assert detached.run_dir.read_state() is None
@@ -201,7 +201,7 @@ def test_down_kills_leftovers_when_the_supervisor_died(fleet_files: Fleet) -> No
     assert [u.name for u in state.replicas()] == ["replica-0"]
     os.kill(state.supervisor_pid, signal.SIGKILL)
     wait_for(lambda: not process_alive(state.supervisor_pid), "the supervisor to die")
-    assert all(process_alive(p) for p in state.pids())
+    assert all(process_alive(p) for p in state.pgids())
     again = cli("up", "--config", str(fleet_files.config), *fleet_files.args)
     assert again.returncode == 2
     assert "processes of a fleet whose supervisor died are still running" in again.stderr
@@ -210,7 +210,7 @@ def test_down_kills_leftovers_when_the_supervisor_died(fleet_files: Fleet) -> No
 
     assert result.returncode == 0, result.stderr
     assert "Killed leftover processes" in result.stdout
-    assert all(not process_alive(p) for p in state.pids())
+    assert all(not process_alive(p) for p in state.pgids())
 
 
 def test_foreground_up_stops_everything_on_sigterm(fleet_files: Fleet, tmp_path: Path) -> None:
@@ -237,7 +237,7 @@ def test_foreground_up_stops_everything_on_sigterm(fleet_files: Fleet, tmp_path:
     text = out.read_text()
     assert text.index("router: stopped") < text.index("replica-0: stopped")
     assert "fleet stopped" in text
-    assert all(not process_alive(p) for p in state.pids())
+    assert all(not process_alive(p) for p in state.pgids())
     assert fleet_files.run_dir.read_state() is None
 
 

@@ -23,8 +23,8 @@ import pytest
 
 from launcher.config import RestartConfig
 from launcher.errors import ConfigError
-from launcher.plan_types import ReplicaSpec
-from launcher.runtime.base import ReplicaHandle, ReplicaStatus
+from launcher.plan_types import ReplicaSpec, RouterSpec
+from launcher.runtime.base import ServerHandle, ServerStatus
 from launcher.runtime.docker import (
     DEFAULT_CPU_IMAGE,
     DEFAULT_GPU_IMAGE,
@@ -52,7 +52,9 @@ VLLM = ("/opt/venv/bin/python3.11", "-m", "vllm.entrypoints.openai.api_server")
 def vllm_spec(gpus: tuple[int, ...] = (), *extra: str, **env: str) -> ReplicaSpec:
     return ReplicaSpec(
         name="replica-0",
+        host="127.0.0.1",
         port=8001,
+        model="/models/m",
         gpus=gpus,
         tensor_parallel_size=max(1, len(gpus)),
         command=(*VLLM, "--model", "/models/m", "--host", "127.0.0.1", "--port", "8001", *extra),
@@ -92,9 +94,16 @@ def test_server_listens_on_all_container_interfaces_and_is_published_on_the_plan
     assert argv[argv.index("--port") + 1] == "8001"
     assert config.ports == {"8001/tcp": ("127.0.0.1", 8001)}
 
-    spec = ReplicaSpec("r", 9000, (), 1, ("python", "-m", "x", "--host=10.0.0.5", "--port=9000"))
+    spec = ReplicaSpec(
+        name="r",
+        host="10.0.0.5",
+        port=9000,
+        model="m",
+        command=("python", "-m", "x", "--host=10.0.0.5", "--port=9000", "--hostname", "10.0.0.5"),
+    )
     config = container_config(spec, SETTINGS)
-    assert "--host=0.0.0.0" in config.entrypoint
+    # only the spec's own --host pair is rewritten; nothing else is parsed or touched
+    assert config.entrypoint[3:] == ("--host=0.0.0.0", "--port=9000", "--hostname", "10.0.0.5")
     assert config.ports == {"9000/tcp": ("10.0.0.5", 9000)}
 
 
@@ -113,6 +122,19 @@ def test_local_model_directory_is_mounted_read_only_at_the_same_path() -> None:
     assert "/models/m:/models/m:ro" in config.create_kwargs()["volumes"]
     hub = container_config(vllm_spec(), SETTINGS, is_dir=lambda p: False)
     assert hub.binds == ()
+
+
+def test_the_mount_comes_from_the_specs_model_not_from_its_command_line() -> None:
+    spec = ReplicaSpec(
+        name="replica-0",
+        host="127.0.0.1",
+        port=8001,
+        model="/models/m",
+        command=("python3", "-m", "server", "--model=/elsewhere"),
+    )
+    config = container_config(spec, SETTINGS, is_dir=lambda p: True)
+    assert config.binds == (("/models/m", "/models/m", True),)
+    assert config.entrypoint[-1] == "--model=/elsewhere"  # never rewritten
 
 
 def test_environment_is_the_specs_plus_the_hugging_face_token_only() -> None:
@@ -159,11 +181,13 @@ def fleet(client: docker.DockerClient) -> Iterator[str]:
 def sim_spec(name: str, port: int) -> ReplicaSpec:
     command = (sys.executable, "-m", "launcher.cli", "sim", "--host", "127.0.0.1",
                "--port", str(port), "--model", "sim-model")  # fmt: skip
-    return ReplicaSpec(name=name, port=port, gpus=(), tensor_parallel_size=1, command=command)
+    return ReplicaSpec(name=name, host="127.0.0.1", port=port, model="sim-model", command=command)
 
 
 def script_spec(name: str, code: str) -> ReplicaSpec:
-    return ReplicaSpec(name, free_port(), (), 1, ("python3", "-c", code))
+    return ReplicaSpec(
+        name=name, host="127.0.0.1", port=free_port(), model="m", command=("python3", "-c", code)
+    )
 
 
 async def apoll(
@@ -199,8 +223,8 @@ async def test_replica_serves_on_its_planned_port_and_stop_removes_it(
     runtime = make_runtime(client, fleet, tmp_path)
     spec = sim_spec("replica-0", free_port())
     handle = await runtime.start(spec)
-    assert handle.pid > 0
     (container,) = fleet_containers(client, fleet)
+    assert (handle.pgid, handle.container) == (None, container.name)
     assert container.labels[LABEL_REPLICA] == "replica-0"
     assert (await runtime.status(handle)).running
     await apoll(lambda: asyncio.to_thread(healthy, spec.url), f"the simulator at {spec.url}", 30)
@@ -221,7 +245,7 @@ async def test_exit_is_reported_with_its_status_and_output(
     runtime = make_runtime(client, fleet, tmp_path)
     handle = await runtime.start(script_spec("crasher", "import sys; print('bye'); sys.exit(3)"))
 
-    async def exited() -> ReplicaStatus | None:
+    async def exited() -> ServerStatus | None:
         status = await runtime.status(handle)
         return None if status.running else status
 
@@ -238,11 +262,13 @@ async def test_stale_container_of_the_same_fleet_is_replaced(
     sleeper = "import time; time.sleep(600)"
     first = make_runtime(client, fleet, tmp_path)
     await first.start(script_spec("replica-0", sleeper))
+    (stale,) = fleet_containers(client, fleet)
     # a new supervisor (after a crash of the old one) starts the same replica again
     second = make_runtime(client, fleet, tmp_path)
     handle = await second.start(script_spec("replica-0", sleeper))
     (container,) = fleet_containers(client, fleet)
-    assert container.attrs["State"]["Pid"] == handle.pid
+    assert container.name == handle.container
+    assert container.id != stale.id
     await second.stop(handle, timeout=1)
 
 
@@ -296,10 +322,14 @@ async def test_missing_image_is_named_with_the_fix(
 async def test_split_runtime_keeps_the_router_on_the_host(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
-    split = SplitRuntime(
-        make_runtime(client, fleet, tmp_path), ProcessRuntime(tmp_path / "host"), ["router"]
+    split = SplitRuntime(make_runtime(client, fleet, tmp_path), ProcessRuntime(tmp_path / "host"))
+    router = RouterSpec(
+        name="router",
+        host="127.0.0.1",
+        port=free_port(),
+        command=(sys.executable, "-c", "pass"),
+        backends_file="unused",
     )
-    router = ReplicaSpec("router", free_port(), (), 1, (sys.executable, "-c", "pass"))
     host_handle = await split.start(router)
     container_handle = await split.start(script_spec("replica-0", "import time; time.sleep(600)"))
     try:
@@ -339,7 +369,7 @@ async def test_supervisor_restarts_a_crashed_container(
         def restarted() -> bool:
             records = {r.name: r for r in supervisor.records()}
             r = records["replica-0"]
-            return r.restarts == 1 and r.state == "healthy" and r.pid not in (None, first_pid)
+            return r.restarts == 1 and r.state == "healthy" and r.container == container.name
 
         deadline = time.monotonic() + 60
         while not restarted():
@@ -355,8 +385,8 @@ async def test_handle_of_an_unknown_container_is_not_running(
     client: docker.DockerClient, fleet: str, tmp_path: Path
 ) -> None:
     runtime = make_runtime(client, fleet, tmp_path)
-    handle = ReplicaHandle(
-        sim_spec("ghost", 1), pid=0, log_path=tmp_path / "ghost.log", started_at=0
+    handle = ServerHandle(
+        sim_spec("ghost", 1), container="ghost", log_path=tmp_path / "ghost.log", started_at=0
     )
     assert not (await runtime.status(handle)).running
     assert not (await runtime.stop(handle, timeout=1)).running

@@ -27,7 +27,7 @@ from launcher.plan_types import ReplicaSpec
 from launcher.runtime.docker import DockerRuntime, DockerSettings, SplitRuntime
 from launcher.runtime.process import ProcessRuntime, group_members, process_alive
 from launcher.supervisor import SupervisedUnit, Supervisor, SupervisorSettings, UnitState
-from tests.launcher.loop_lag import LoopLag
+from tests.launcher.support import LoopLag, pgid
 from tests.support.ports import free_port
 
 #: how long each fake Docker daemon request takes (a slow daemon; real ones take 5-50 ms).
@@ -134,6 +134,8 @@ async def test_supervising_a_container_never_blocks_the_loop(
     )
     spec = ReplicaSpec(
         name="replica-0",
+        host="127.0.0.1",
+        model="test-model",
         port=health_server,
         gpus=(),
         tensor_parallel_size=1,
@@ -169,6 +171,8 @@ async def test_stopping_a_stubborn_process_never_blocks_the_loop(tmp_path: Path)
     runtime = ProcessRuntime(tmp_path / "logs")
     spec = ReplicaSpec(
         name="stubborn",
+        host="127.0.0.1",
+        model="test-model",
         port=1,
         gpus=(),
         tensor_parallel_size=1,
@@ -186,10 +190,10 @@ async def test_stopping_a_stubborn_process_never_blocks_the_loop(tmp_path: Path)
             status = await runtime.stop(handle, timeout=1.0)
             elapsed = time.monotonic() - started
     finally:
-        if group_members(handle.pid):
+        if group_members(pgid(handle)):
             await runtime.stop(handle, timeout=0.0)
 
     assert elapsed >= 1.0
     assert status.returncode == -9
-    assert not process_alive(handle.pid)
+    assert not process_alive(pgid(handle))
     assert lag.max_s < 0.5, f"the loop was held {lag.max_s:.3f}s during a 1 s stop"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.plan_types import ReplicaSpec
-from launcher.runtime.base import ReplicaHandle, ReplicaStatus
+from launcher.plan_types import ReplicaSpec, ServerSpec
+from launcher.runtime.base import ServerHandle, ServerStatus
 from launcher.runtime.process import ProcessRuntime, group_members, last_line, process_alive
+from tests.launcher.support import pgid
 
 DEADLINE_S = 10.0
 
@@ -32,17 +33,19 @@ async def wait_for(
         await asyncio.sleep(0.02)
 
 
-async def running(runtime: ProcessRuntime, handle: ReplicaHandle) -> bool:
+async def running(runtime: ProcessRuntime, handle: ServerHandle) -> bool:
     return (await runtime.status(handle)).running
 
 
-async def exited(runtime: ProcessRuntime, handle: ReplicaHandle) -> bool:
+async def exited(runtime: ProcessRuntime, handle: ServerHandle) -> bool:
     return not await running(runtime, handle)
 
 
 def python_spec(name: str, code: str, gpus: tuple[int, ...] = (), **env: str) -> ReplicaSpec:
     return ReplicaSpec(
         name=name,
+        host="127.0.0.1",
+        model="test-model",
         port=1,
         gpus=gpus,
         tensor_parallel_size=1,
@@ -56,9 +59,9 @@ class TrackingRuntime(ProcessRuntime):
 
     def __init__(self, log_dir: Path, **kwargs: int) -> None:
         super().__init__(log_dir, **kwargs)
-        self.handles: list[ReplicaHandle] = []
+        self.handles: list[ServerHandle] = []
 
-    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start(self, spec: ServerSpec) -> ServerHandle:
         handle = await super().start(spec)
         self.handles.append(handle)
         return handle
@@ -105,15 +108,15 @@ async def test_stop_kills_the_whole_process_group(runtime: TrackingRuntime, tmp_
     grandchild = await read_pid(pid_file)
     await wait_for(lambda: last_line(handle.log_path) == "serving", "the log line")
     assert "gpus 2,3" in handle.log_path.read_text()
-    assert os.getpgid(grandchild) == handle.pid
-    assert await runtime.status(handle) == ReplicaStatus(running=True)
+    assert os.getpgid(grandchild) == pgid(handle)
+    assert await runtime.status(handle) == ServerStatus(running=True)
 
     status = await runtime.stop(handle, timeout=5.0)
 
     assert not status.running
-    assert not process_alive(handle.pid)
+    assert not process_alive(pgid(handle))
     assert not process_alive(grandchild)
-    assert group_members(handle.pid) == []
+    assert group_members(pgid(handle)) == []
 
 
 async def test_sigkill_after_timeout_when_sigterm_is_ignored(
@@ -138,7 +141,7 @@ async def test_sigkill_after_timeout_when_sigterm_is_ignored(
 
     assert elapsed >= 0.5
     assert status.returncode == -9
-    assert not process_alive(handle.pid)
+    assert not process_alive(pgid(handle))
     assert not process_alive(grandchild)
 
 
@@ -166,7 +169,7 @@ async def test_grandchild_outliving_its_parent_is_still_stopped(
 async def test_exit_status_is_reported(runtime: TrackingRuntime) -> None:
     handle = await runtime.start(python_spec("crash", "import sys; print('boom'); sys.exit(3)"))
     await wait_for(lambda: exited(runtime, handle), "the exit")
-    assert await runtime.status(handle) == ReplicaStatus(running=False, returncode=3)
+    assert await runtime.status(handle) == ServerStatus(running=False, returncode=3)
     assert await runtime.last_log_line(handle) == "boom"
 
 
@@ -205,7 +208,7 @@ async def test_log_is_capped_while_the_server_runs(small_log_runtime: TrackingRu
 
 async def test_missing_executable_raises_oserror(runtime: TrackingRuntime) -> None:
     spec = ReplicaSpec(
-        name="nope", port=1, gpus=(), tensor_parallel_size=1, command=("/nonexistent/vllm",)
+        name="nope", host="127.0.0.1", port=1, model="m", command=("/nonexistent/vllm",)
     )
     with pytest.raises(OSError):
         await runtime.start(spec)

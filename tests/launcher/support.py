@@ -1,10 +1,13 @@
-"""Measure how long the event loop was held by one callback: the test of "nothing blocks it"."""
+"""Helpers of the launcher tests: how long the event loop was held (the test of "nothing blocks
+it"), and a started process's group id."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from types import TracebackType
+
+from launcher.runtime.base import ServerHandle
 
 #: the ticker's period; a lag is how much later than this it woke up.
 TICK_S = 0.01
@@ -43,3 +46,9 @@ class LoopLag:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+def pgid(handle: ServerHandle) -> int:
+    """The process group of a server the process runtime started (containers have none)."""
+    assert handle.pgid is not None, f"{handle.spec.name} is {handle.describe()}"
+    return handle.pgid
