@@ -71,6 +71,9 @@ class RouterConfig:
     max_ejection_percent: float = 50.0
     #: On SIGTERM, how long in-flight requests and streams may still run.
     shutdown_grace_s: float = 30.0
+    #: Continue a stream cut by a dying replica on another one (router.continuation); exact
+    #: (same id, token counts, usage) or not attempted, so on by default.
+    stream_continuation: bool = True
     log_level: str = "info"
     log_format: str = "text"
 
@@ -133,6 +136,16 @@ def _dns(text: str) -> tuple[str, int]:
 
 def _text(text: str) -> str:
     return text.strip()
+
+
+_SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
+def _on_off(text: str) -> bool:
+    try:
+        return _SWITCH[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not on or off") from None
 
 
 def _positive(value: float) -> None:
@@ -296,6 +309,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "shutdown_grace_s", "--shutdown-grace", "FLEET_SHUTDOWN_GRACE", _float, _positive,
         "on SIGTERM, seconds in-flight requests may still run before they are cut", "S",
+    ),
+    Option(
+        "stream_continuation", "--stream-continuation", "FLEET_STREAM_CONTINUATION", _on_off,
+        _no_check,
+        "when a replica dies mid-stream, continue the stream on another replica (on|off); "
+        "requests that cannot be continued exactly still end with an SSE error", "on|off",
     ),
     Option(
         "log_level", "--log-level", "FLEET_LOG_LEVEL", _text, _one_of(LOG_LEVELS),
