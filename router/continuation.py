@@ -274,6 +274,15 @@ class Spoiled(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """Why a cut stream cannot go on: ``reason`` is a metric label (telemetry's
+    CONTINUATION_FAILURES), ``detail`` a line for the log."""
+
+    reason: Literal["stream", "limit"]
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Resume:
     """What to do at a break: send ``body`` to another replica, or, when the answer was
     already complete (``body`` is None), write ``tail`` and end the stream."""
@@ -505,7 +514,7 @@ class Stitcher:
 
     # -- breaking and resuming --
 
-    def resume_at_break(self) -> Resume | str:
+    def resume_at_break(self) -> Resume | Refused:
         """At a break: the continuation to send, or the whole end of an answer that was already
         complete, or why the stream cannot go on exactly. Held and partial events are dropped
         (the client never saw them; their tokens are generated again)."""
@@ -514,9 +523,9 @@ class Stitcher:
         if self._done:
             return Resume(None)
         if self.spoiled:
-            return self.spoiled
+            return Refused("stream", self.spoiled)
         if self.segment >= MAX_CONTINUATIONS:
-            return f"the stream was already continued {self.segment} times"
+            return Refused("limit", f"the stream was already continued {self.segment} times")
         if self._finish is not None or self.sent >= self.plan.limit:
             return Resume(None, self._tail(), self.sent)
         text = "".join(self._texts)

@@ -21,6 +21,7 @@ from router.continuation import (
     MAX_EVENT_BYTES,
     Kind,
     Plan,
+    Refused,
     Resume,
     Stitcher,
     continuation_body,
@@ -358,14 +359,14 @@ def test_garbage_is_relayed_as_it_came_and_spoils_the_continuation() -> None:
     stitcher = Stitcher(plan("completion"))
     garbage = b"data: {not json\n\n\x00\xff\xfe junk\n"
     assert stitcher.feed(garbage) + stitcher.end() == garbage
-    assert stitcher.resume_at_break() == "an event that is not JSON"
+    assert stitcher.resume_at_break() == Refused("stream", "an event that is not JSON")
 
 
 def test_a_stream_without_blank_lines_is_relayed_after_a_bound() -> None:
     stitcher = Stitcher(plan("completion"))
     assert stitcher.feed(b"x" * MAX_EVENT_BYTES) == b""
     assert len(stitcher.feed(b"yy")) == MAX_EVENT_BYTES + 2
-    assert isinstance(stitcher.resume_at_break(), str)
+    assert isinstance(stitcher.resume_at_break(), Refused)
 
 
 # -- breaking and stitching ----------------------------------------------------------------------
@@ -494,7 +495,7 @@ def test_streams_that_cannot_go_on_exactly_say_why(event: bytes, why: str) -> No
     stitcher = Stitcher(plan("chat"))
     assert stitcher.feed(sse(event)) == sse(event)  # relayed all the same
     refusal = stitcher.resume_at_break()
-    assert isinstance(refusal, str) and why in refusal
+    assert isinstance(refusal, Refused) and refusal.reason == "stream" and why in refusal.detail
 
 
 def test_a_stream_is_continued_a_bounded_number_of_times() -> None:
@@ -504,5 +505,6 @@ def test_a_stream_is_continued_a_bounded_number_of_times() -> None:
         stitcher.feed(sse(up.token("a")))
         assert isinstance(stitcher.resume_at_break(), Resume)
         stitcher.next_segment()
-    refusal = stitcher.resume_at_break()
-    assert isinstance(refusal, str) and "continued" in refusal
+    assert stitcher.resume_at_break() == Refused(
+        "limit", f"the stream was already continued {MAX_CONTINUATIONS} times"
+    )

@@ -1,0 +1,305 @@
+"""Streams that survive their replica (router.continuation), over simulated replicas.
+
+A replica is killed while it streams an answer (``ignore_eos`` and a fixed ``max_tokens``);
+the client, the official ``openai`` package, must read one uninterrupted answer: exactly
+``max_tokens`` tokens, one ``id``, one role delta, and a final usage counting both parts. The
+simulator streams one token per chunk with running usage, as vLLM does with
+``continuous_usage_stats``; requests that cannot be continued exactly still end with the SSE
+error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from openai.types import Completion
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionMessageParam,
+    ChatCompletionStreamOptionsParam,
+)
+
+from router.continuation import MAX_CONTINUATIONS
+from tests.chaos.conftest import FIGURES
+from tests.support.router import RouterHandle, eventually, running_router
+from tests.support.sim import SIM_MODEL, SimHandle, running_sim, start_sim_process
+
+#: A step of 20 ms: a 60-token answer takes ~1.2 s, time enough to kill its replica mid-way.
+STEP_MS = 20.0
+MAX_TOKENS = 60
+#: Chunks the client reads before the replica dies.
+READ_BEFORE_KILL = 8
+DEADLINE_S = 30.0
+USAGE: ChatCompletionStreamOptionsParam = {"include_usage": True}
+IGNORE_EOS = {"ignore_eos": True}
+
+
+@asynccontextmanager
+async def recording_sims(n: int) -> AsyncIterator[tuple[list[SimHandle], list[dict[str, Any]]]]:
+    """``n`` in-process simulators, and every generation body they received, in order."""
+    bodies: list[dict[str, Any]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "POST" and request.path.startswith("/v1/"):
+            bodies.append(json.loads(await request.read()))
+        return await handler(request)
+
+    def prepare(app: web.Application) -> None:
+        app.middlewares.append(record)
+
+    async with AsyncExitStack() as stack:
+        sims = [
+            await stack.enter_async_context(running_sim(step_ms=STEP_MS, prepare=prepare))
+            for _ in range(n)
+        ]
+        yield sims, bodies
+
+
+def serving(sims: Sequence[SimHandle]) -> SimHandle:
+    """The one simulator generating right now."""
+    busy = [s for s in sims if s.running == 1]
+    assert len(busy) == 1, [s.running for s in sims]
+    return busy[0]
+
+
+def counter(router: RouterHandle, name: str, **labels: str) -> float:
+    value = router.ctx.telemetry.registry.get_sample_value(f"{name}_total", labels)
+    return value or 0.0
+
+
+async def prompt_tokens_of(url: str, path: str, body: dict[str, Any]) -> int:
+    """The prompt_tokens a replica reports for ``body`` (answered whole, not streamed)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}{path}", json={**body, "max_tokens": 1}) as resp,
+    ):
+        assert resp.status == 200
+        tokens: int = (await resp.json())["usage"]["prompt_tokens"]
+        return tokens
+
+
+async def test_a_chat_stream_survives_its_replica_and_reads_as_one_answer() -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Tell me a long story about a lighthouse."}
+    ]
+    async with recording_sims(2) as (sims, bodies), running_router([s.url for s in sims]) as router:
+        expected_prompt = await prompt_tokens_of(
+            sims[0].url, "/v1/chat/completions", {"model": SIM_MODEL, "messages": messages}
+        )
+        bodies.clear()
+        received = [s.stats().received for s in sims]
+        chunks: list[ChatCompletionChunk] = []
+        async with router.openai() as client, asyncio.timeout(DEADLINE_S):
+            stream = await client.chat.completions.create(
+                model=SIM_MODEL,
+                messages=messages,
+                max_tokens=MAX_TOKENS,
+                stream=True,
+                stream_options=USAGE,
+                extra_body=IGNORE_EOS,
+            )
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == READ_BEFORE_KILL:
+                    victim = serving(sims)
+                    await victim.stop()
+        survivor = next(i for i, s in enumerate(sims) if s is not victim)
+        assert sims[survivor].stats().received == received[survivor] + 1  # the continuation
+
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert {c.created for c in chunks} == {chunks[0].created}
+    assert {c.model for c in chunks} == {SIM_MODEL}
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert [d.role for d in deltas if d.role] == ["assistant"]  # no second role delta
+    words = "".join(d.content or "" for d in deltas).split()
+    assert len(words) == MAX_TOKENS  # the simulator's tokens are one word each
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and finishes.count("length") == 1
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (expected_prompt, MAX_TOKENS)
+    assert usage.total_tokens == expected_prompt + MAX_TOKENS
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+
+    first, continuation = bodies
+    assert first["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert continuation["continue_final_message"] is True
+    assert continuation["add_generation_prompt"] is False
+    partial = continuation["messages"][-1]
+    assert continuation["messages"][:-1] == messages and partial["role"] == "assistant"
+    assert len(partial["content"].split()) + continuation["max_tokens"] == MAX_TOKENS
+    assert " ".join(words).startswith(partial["content"].strip())
+    assert counter(router, "vllm_fleet_stream_continuations_attempted") == 1
+    assert counter(router, "vllm_fleet_stream_continuations_succeeded") == 1
+    assert counter(router, "vllm_fleet_stream_errors", reason="disconnect") == 0
+    FIGURES["stream_continuation_chat"] = {
+        "max_tokens": MAX_TOKENS,
+        "tokens_before_the_kill": MAX_TOKENS - continuation["max_tokens"],
+        "tokens_received": len(words),
+        "ids": len({c.id for c in chunks}),
+    }
+
+
+async def test_a_completion_survives_its_replica_process_killed() -> None:
+    """SIGKILL: the replica's process dies with the connection open, as a crashed vLLM does."""
+    prompt = "The history of the lighthouse begins"
+    async with AsyncExitStack() as stack:
+        sims = [
+            await stack.enter_async_context(start_sim_process(step_ms=STEP_MS)) for _ in range(2)
+        ]
+        router = await stack.enter_async_context(running_router([s.url for s in sims]))
+        expected_prompt = await prompt_tokens_of(
+            sims[0].url, "/v1/completions", {"model": SIM_MODEL, "prompt": prompt}
+        )
+        finished = [(await s.stats())["finished"] for s in sims]
+        chunks: list[Completion] = []
+        async with router.openai() as client, asyncio.timeout(DEADLINE_S):
+            stream = await client.completions.create(
+                model=SIM_MODEL,
+                prompt=prompt,
+                max_tokens=MAX_TOKENS,
+                stream=True,
+                stream_options=USAGE,
+                extra_body=IGNORE_EOS,
+            )
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == READ_BEFORE_KILL:
+                    running = [(await s.stats())["running"] for s in sims]
+                    assert sorted(running) == [0, 1]
+                    victim = sims[running.index(1)]
+                    victim.kill()
+        survivor = next(i for i, s in enumerate(sims) if s is not victim)
+        assert (await sims[survivor].stats())["finished"] == finished[survivor] + 1
+
+    assert {c.id for c in chunks} == {chunks[0].id}
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len("".join(texts).split()) == MAX_TOKENS
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == MAX_TOKENS
+    assert usage.prompt_tokens == expected_prompt
+    assert counter(router, "vllm_fleet_stream_continuations_succeeded") == 1
+
+
+async def cut_stream(router: RouterHandle, sims: Sequence[SimHandle], **extra: Any) -> str:
+    """Stream a completion, kill its replica after a few chunks; the error the client got."""
+    async with router.openai() as client, asyncio.timeout(DEADLINE_S):
+        stream = await client.completions.create(
+            model=SIM_MODEL,
+            prompt="x",
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            extra_body={**IGNORE_EOS, **extra},
+        )
+        read = 0
+        with pytest.raises(openai.APIError) as error:
+            async for _ in stream:
+                read += 1
+                if read == READ_BEFORE_KILL:
+                    await serving(sims).stop()
+    assert read < MAX_TOKENS
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"seed": 7},
+        {"stop": ["never"]},
+        {"response_format": {"type": "json_object"}},
+        {"logprobs": 1},
+        {"frequency_penalty": 0.5},
+    ],
+)
+async def test_a_stream_that_cannot_be_continued_exactly_keeps_the_error_event(
+    extra: dict[str, Any],
+) -> None:
+    async with recording_sims(2) as (sims, bodies), running_router([s.url for s in sims]) as router:
+        message = await cut_stream(router, sims, **extra)
+        assert "mid-stream" in message
+        assert len(bodies) == 1 and "stream_options" not in bodies[0]  # forwarded untouched
+        assert counter(router, "vllm_fleet_stream_continuations_failed", reason="request") == 1
+        assert counter(router, "vllm_fleet_stream_continuations_attempted") == 0
+        assert counter(router, "vllm_fleet_stream_errors", reason="disconnect") == 1
+
+
+async def test_with_continuation_off_a_cut_stream_ends_with_the_error_event() -> None:
+    async with (
+        recording_sims(2) as (sims, bodies),
+        running_router([s.url for s in sims], stream_continuation=False) as router,
+    ):
+        assert "mid-stream" in await cut_stream(router, sims)
+        assert len(bodies) == 1 and "stream_options" not in bodies[0]
+        assert counter(router, "vllm_fleet_stream_continuations_failed", reason="request") == 0
+
+
+async def test_with_no_other_replica_the_stream_ends_with_the_error_event() -> None:
+    async with recording_sims(1) as (sims, _), running_router([sims[0].url]) as router:
+        assert "mid-stream" in await cut_stream(router, sims)
+        assert counter(router, "vllm_fleet_stream_continuations_attempted") == 1
+        assert counter(router, "vllm_fleet_stream_continuations_failed", reason="replica") == 1
+        await eventually(lambda: router.fleet.replicas[sims[0].url].in_flight == 0)
+
+
+async def test_a_stream_outlives_several_replicas_up_to_the_limit() -> None:
+    """Each replica dies after a few chunks; the answer completes while replicas remain."""
+    replicas = MAX_CONTINUATIONS + 1
+    async with (
+        recording_sims(replicas) as (sims, bodies),
+        running_router([s.url for s in sims]) as router,
+        router.openai() as client,
+        asyncio.timeout(DEADLINE_S),
+    ):
+        stream = await client.completions.create(
+            model=SIM_MODEL,
+            prompt="x",
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            stream_options=USAGE,
+            extra_body=IGNORE_EOS,
+        )
+        chunks: list[Completion] = []
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) % READ_BEFORE_KILL == 0 and len(bodies) < replicas:
+                await serving([s for s in sims if s.running]).stop()
+        assert len(bodies) == replicas  # the first attempt and MAX_CONTINUATIONS continuations
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == MAX_TOKENS
+    assert len("".join(c.choices[0].text for c in chunks if c.choices).split()) == MAX_TOKENS
+    assert counter(router, "vllm_fleet_stream_continuations_attempted") == MAX_CONTINUATIONS
+
+
+async def test_the_simulator_speaks_what_continuation_relies_on() -> None:
+    """Running usage in every chunk (continuous_usage_stats) and vLLM's checks of
+    continue_final_message, so the tests above exercise what real vLLM does."""
+    async with running_sim() as sim, aiohttp.ClientSession() as session:
+        body: dict[str, Any] = {
+            "model": SIM_MODEL,
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}],
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        }
+        async with session.post(f"{sim.url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            events = [e[6:] for e in (await resp.read()).split(b"\n\n") if e]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 1, 2, 3, 3]
+        for wrong in ({"add_generation_prompt": True}, {"messages": body["messages"][:1]}):
+            async with session.post(
+                f"{sim.url}/v1/chat/completions", json={**body, **wrong}
+            ) as resp:
+                assert resp.status == 400
