@@ -28,6 +28,7 @@ from router.discovery import (
 )
 from router.endpoints import fleet_replicas, get_model, health, list_models, metrics, ready
 from router.health import BreakerPolicy, health_loop
+from router.kv_events import kv_events_loop, parse_kv_events_spec
 from router.middleware import make_outer_middleware
 from router.progress import progress_loop
 from router.proxy import proxy_handler
@@ -123,11 +124,16 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
                 ctx.session,
                 interval_s=config.scrape_interval_s,
                 timeout_s=config.health_timeout_s,
+                prefix_memory_bytes=config.prefix_index_mb << 20,
             ),
             name="scrape",
         ),
         asyncio.create_task(progress_loop(ctx.fleet, ctx.breaker, ctx.telemetry), name="progress"),
     ]
+    if config.kv_events:
+        spec = parse_kv_events_spec(config.kv_events)
+        events = kv_events_loop(ctx.fleet, spec, ctx.session)
+        tasks.append(asyncio.create_task(events, name="kv-events"))
     log.info(
         "router started replicas=%d policy=%s auth=%s",
         len(ctx.fleet.replicas),

@@ -18,6 +18,7 @@ from typing import Any
 from router.balancer import policy_names
 from router.discovery import validate_backend_url
 from router.errors import ConfigError
+from router.kv_events import parse_kv_events_spec
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -74,6 +75,12 @@ class RouterConfig:
     #: Continue a stream cut by a dying replica on another one (router.continuation); exact
     #: (same id, token counts, usage) or not attempted, so on by default.
     stream_continuation: bool = True
+    #: Memory (MB) the approximate prefix index may use over all replicas (router.prefix_index).
+    prefix_index_mb: int = 64
+    #: Where each replica publishes vLLM KV events (router.kv_events): "auto" asks each
+    #: replica (GET /kv_event_sources), a bare PORT means the replica's own host at that port,
+    #: REPLICA_URL=tcp://HOST:PORT names one replica's.
+    kv_events: tuple[str, ...] = ()
     log_level: str = "info"
     log_format: str = "text"
 
@@ -199,6 +206,10 @@ def _keys(value: tuple[str, ...]) -> None:
         raise ValueError("an API key must not be empty")
 
 
+def _kv_events(value: tuple[str, ...]) -> None:
+    parse_kv_events_spec(value)
+
+
 def _no_check(value: Any) -> None:
     return None
 
@@ -309,6 +320,17 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "shutdown_grace_s", "--shutdown-grace", "FLEET_SHUTDOWN_GRACE", _float, _positive,
         "on SIGTERM, seconds in-flight requests may still run before they are cut", "S",
+    ),
+    Option(
+        "prefix_index_mb", "--prefix-index-memory", "FLEET_PREFIX_INDEX_MEMORY", _int,
+        _at_least_one, "MB the approximate prefix-cache index may use over all replicas", "MB",
+    ),
+    Option(
+        "kv_events", "--kv-events", "FLEET_KV_EVENTS", _words, _kv_events,
+        "subscribe to the replicas' vLLM KV events (--kv-events-config publisher zmq): auto "
+        "(ask each replica's GET /kv_event_sources), PORT on each replica's host, or "
+        "REPLICA_URL=tcp://HOST:PORT for one replica (repeatable; env: comma-separated)",
+        "SPEC", repeatable=True,
     ),
     Option(
         "stream_continuation", "--stream-continuation", "FLEET_STREAM_CONTINUATION", _on_off,

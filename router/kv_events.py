@@ -1,0 +1,308 @@
+"""vLLM KV events: each replica's real prefix cache, block by block, over ZMQ.
+
+A replica started with ``--kv-events-config '{"enable_kv_cache_events": true, "publisher":
+"zmq", "endpoint": "tcp://*:PORT"}'`` publishes, after every engine step that changed its
+cache, a msgpack ``KVEventBatch`` as three frames (topic, 8-byte big-endian sequence number,
+payload): ``[ts, [event, ...], data_parallel_rank]``, each event ``BlockStored`` (block hashes,
+parent hash, token ids, block size, LoRA name, medium), ``BlockRemoved`` (block hashes,
+medium) or ``AllBlocksCleared``. vLLM 0.32 encodes events as maps with a ``type`` key; older
+versions as arrays led by the type name: both are read.
+
+The router subscribes once per replica (``--kv-events``) and keeps the replica's block set
+(router.prefix_index.KvBlockSet). The router does not tokenize, so it cannot compute vLLM's
+block hashes of an incoming request, and the events do not decide routing by themselves: they
+CORRECT the approximate record the router keeps per replica (ReplicaPrefixes.correct):
+AllBlocksCleared drops it, BlockRemoved evicts the same share of it, BlockStored confirms.
+What events add over the scrape-time checks: the correction comes within a step of the
+eviction, not after a window of misses, and it covers evictions caused by other routers'
+and clients' traffic.
+
+Only device blocks count (medium GPU, or none given): blocks offloaded to CPU or disk are not
+what the prefix cache of the engine reuses without a transfer. A gap in the sequence numbers
+(the subscriber fell behind the publisher's high-water mark) is counted in ``missed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+import zmq
+import zmq.asyncio
+
+from router.bounded_read import read_capped
+from router.state import Fleet, ReplicaState
+
+log = logging.getLogger("vllm_fleet.router")
+
+#: Largest payload we decode: vLLM batches one engine step's events (a few KB, or a few MB
+#: when a long prompt stores thousands of blocks); anything bigger is not vLLM.
+MAX_PAYLOAD_BYTES = 16 << 20
+#: How long one receive waits before the loop looks at the fleet again (seconds).
+RECEIVE_TIMEOUT_S = 1.0
+#: Device tiers whose blocks the engine's prefix cache reuses directly.
+DEVICE_MEDIA = frozenset({None, "GPU"})
+EVENT_KINDS = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+#: GET /kv_event_sources (``--kv-events auto``): its timeout, answer cap, and how often a
+#: replica that publishes nothing (or was down) is asked again.
+DISCOVERY_TIMEOUT_S = 2.0
+MAX_SOURCES_BYTES = 64 << 10
+REDISCOVER_S = 30.0
+
+
+@dataclass(frozen=True)
+class KvEventsSpec:
+    """Where replicas publish events: one port on every replica's host, explicit endpoints
+    per replica URL, and/or ``auto``: ask each replica (vLLM's GET /kv_event_sources)."""
+
+    port: int | None = None
+    endpoints: dict[str, str] = field(default_factory=dict)
+    auto: bool = False
+
+    def endpoint(self, replica_url: str) -> str | None:
+        """The ZMQ endpoint to subscribe to for ``replica_url``; None when it has none."""
+        named = self.endpoints.get(replica_url.rstrip("/"))
+        if named is not None:
+            return named
+        if self.port is None:
+            return None
+        host = urlsplit(replica_url).hostname
+        if not host:
+            return None
+        return f"tcp://[{host}]:{self.port}" if ":" in host else f"tcp://{host}:{self.port}"
+
+
+def parse_kv_events_spec(values: Sequence[str]) -> KvEventsSpec:
+    """``auto``, ``PORT`` or ``REPLICA_URL=tcp://HOST:PORT`` entries; ValueError naming the
+    bad one."""
+    port: int | None = None
+    endpoints: dict[str, str] = {}
+    auto = False
+    for value in values:
+        if value == "auto":
+            auto = True
+            continue
+        url, sep, endpoint = value.partition("=")
+        if not sep:
+            try:
+                port = int(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not auto, a PORT or REPLICA_URL=tcp://HOST:PORT"
+                ) from None
+            if not 0 < port <= 65535:
+                raise ValueError(f"{value!r}: a port is 1-65535")
+            continue
+        parts = urlsplit(endpoint)
+        if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+            raise ValueError(f"{value!r}: the endpoint must be tcp://HOST:PORT")
+        endpoints[url.rstrip("/")] = endpoint
+    return KvEventsSpec(port=port, endpoints=endpoints, auto=auto)
+
+
+def endpoint_from_sources(payload: Any, replica_url: str) -> str | None:
+    """The subscribe address in a GET /kv_event_sources answer (``{"0": {"endpoint":
+    "tcp://*:5557", "publisher": "zmq", ...}}``, one entry per data-parallel rank; rank 0 is
+    used): a bound wildcard address means the replica's own host."""
+    if not isinstance(payload, dict):
+        return None
+    source = payload.get("0")
+    if not isinstance(source, dict) or source.get("publisher", "zmq") != "zmq":
+        return None
+    endpoint = source.get("endpoint")
+    if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+        return None
+    parts = urlsplit(endpoint.replace("*", "0.0.0.0", 1))
+    if parts.port is None:
+        return None
+    host = parts.hostname
+    if host in (None, "0.0.0.0", "::"):
+        return KvEventsSpec(port=parts.port).endpoint(replica_url)
+    return f"tcp://[{host}]:{parts.port}" if ":" in str(host) else f"tcp://{host}:{parts.port}"
+
+
+async def discover_endpoint(
+    session: aiohttp.ClientSession, replica_url: str, timeout_s: float = DISCOVERY_TIMEOUT_S
+) -> str | None:
+    """Ask the replica where it publishes KV events; None when it does not (or cannot say)."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        url = f"{replica_url}/kv_event_sources"
+        async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
+            if resp.status != 200:
+                return None
+            payload = json.loads(await read_capped(resp, MAX_SOURCES_BYTES))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
+    return endpoint_from_sources(payload, replica_url)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One KV event, whichever encoding it came in."""
+
+    kind: str
+    hashes: tuple[int | bytes, ...] = ()
+    block_size: int = 0
+    medium: str | None = None
+
+
+_DECODER = msgspec.msgpack.Decoder()
+
+
+def decode_batch(payload: bytes) -> list[Event]:
+    """The events of one KVEventBatch payload; ValueError when it is not one."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"event batch of {len(payload)} bytes, over {MAX_PAYLOAD_BYTES}")
+    try:
+        batch = _DECODER.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not msgpack: {exc}") from None
+    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
+        raise ValueError("not a KVEventBatch: expected [ts, [events...], ...]")
+    return [e for raw in batch[1] if (e := _event(raw)) is not None]
+
+
+def _event(raw: Any) -> Event | None:
+    """One event from its map (``{"type": ...}``) or array (``["BlockStored", ...]``) form;
+    None for kinds we do not use or malformed entries."""
+    if isinstance(raw, dict):
+        kind = raw.get("type")
+        hashes, size, medium = raw.get("block_hashes"), raw.get("block_size"), raw.get("medium")
+    elif isinstance(raw, list) and raw:
+        kind = raw[0]
+        hashes = raw[1] if len(raw) > 1 else None
+        if kind == "BlockStored":  # tag, hashes, parent, token_ids, block_size, lora_id, medium
+            size = raw[4] if len(raw) > 4 else None
+            medium = raw[6] if len(raw) > 6 else None
+        else:  # BlockRemoved: tag, hashes, medium
+            size, medium = None, raw[2] if len(raw) > 2 else None
+    else:
+        return None
+    if kind not in EVENT_KINDS:
+        return None
+    if kind == "AllBlocksCleared":
+        return Event(kind)
+    if not isinstance(hashes, list) or not all(isinstance(h, (int, bytes)) for h in hashes):
+        return None
+    return Event(
+        kind,
+        tuple(hashes),
+        size if isinstance(size, int) and size > 0 else 0,
+        medium if isinstance(medium, str) else None,
+    )
+
+
+def apply_batch(replica: ReplicaState, seq: int, events: Iterable[Event]) -> None:
+    """Fold one batch into the replica's block set and correct its prefix record."""
+    prefixes = replica.prefixes
+    for event in events:
+        if event.medium in DEVICE_MEDIA:
+            prefixes.correct(event.kind, event.hashes, event.block_size)
+    if prefixes.events is not None:
+        prefixes.events.note_seq(seq)
+
+
+async def subscribe(
+    ctx: zmq.asyncio.Context, replica: ReplicaState, endpoint: str, fleet: Fleet
+) -> None:
+    """Receive ``replica``'s events until it leaves the fleet or the task is cancelled.
+
+    ZMQ reconnects by itself when the replica restarts; a restarted engine's first batch
+    has a lower sequence number, which starts the count again (its cache is empty: vLLM
+    publishes no AllBlocksCleared for a fresh engine, so the block set is dropped here).
+    """
+    socket = ctx.socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.connect(endpoint)
+    log.info("kv events subscribed url=%s endpoint=%s", replica.url, endpoint)
+    try:
+        while fleet.replicas.get(replica.url) is replica:
+            if not await socket.poll(int(RECEIVE_TIMEOUT_S * 1000)):
+                continue
+            frames = await socket.recv_multipart()
+            _receive(replica, frames)
+    finally:
+        socket.close(linger=0)
+
+
+def _receive(replica: ReplicaState, frames: Sequence[bytes]) -> None:
+    if len(frames) != 3 or len(frames[1]) != 8:
+        log.warning("kv events: unexpected message url=%s frames=%d", replica.url, len(frames))
+        return
+    seq = int.from_bytes(frames[1], "big", signed=True)
+    try:
+        events = decode_batch(frames[2])
+    except ValueError as exc:
+        log.warning("kv events: bad batch url=%s error=%s", replica.url, exc)
+        return
+    known = replica.prefixes.events
+    if known is not None and 0 <= seq < known.last_seq:  # the engine restarted
+        replica.prefixes.correct("AllBlocksCleared", ())
+        known.last_seq = -1
+    apply_batch(replica, seq, events)
+
+
+async def kv_events_loop(
+    fleet: Fleet,
+    spec: KvEventsSpec,
+    session: aiohttp.ClientSession | None = None,
+    interval_s: float = 1.0,
+) -> None:
+    """One subscriber task per replica that has an endpoint, following fleet changes; cancel
+    the task to stop (every subscriber is cancelled and its socket closed). With
+    ``spec.auto`` a reachable replica without a configured endpoint is asked for it at most
+    every REDISCOVER_S."""
+    ctx = zmq.asyncio.Context()
+    tasks: dict[str, asyncio.Task[None]] = {}
+    found: dict[str, str] = {}
+    asked: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            for url, replica in list(fleet.replicas.items()):
+                auto = spec.auto and session is not None and url not in found
+                if auto and replica.check_ok and loop.time() - asked.get(url, -1e9) > REDISCOVER_S:
+                    asked[url] = loop.time()
+                    assert session is not None
+                    if (endpoint := await discover_endpoint(session, url)) is not None:
+                        found[url] = endpoint
+                task = tasks.get(url)
+                if task is not None and not task.done():
+                    continue
+                if task is not None and not task.cancelled() and task.exception() is not None:
+                    log.warning(
+                        "kv events: subscriber failed url=%s error=%r", url, task.exception()
+                    )
+                endpoint = spec.endpoint(url) or found.get(url)
+                if endpoint is not None:
+                    tasks[url] = asyncio.create_task(
+                        subscribe(ctx, replica, endpoint, fleet), name=f"kv-events {url}"
+                    )
+            for url in [u for u in tasks if u not in fleet.replicas]:
+                tasks.pop(url).cancel()
+                found.pop(url, None)
+            await asyncio.sleep(interval_s)
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        for task in tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        ctx.term()
+
+
+def block_hashes(events: Iterable[Event]) -> Iterator[int | bytes]:
+    """Hashes of the stored device blocks in ``events`` (for tests and tools)."""
+    for e in events:
+        if e.kind == "BlockStored" and e.medium in DEVICE_MEDIA:
+            yield from e.hashes
