@@ -22,6 +22,8 @@ CONFIG_ERRORS = (ConfigError, RouterConfigError)
 COMMAND_MODULES = (
     "launcher.commands.plan",
     "launcher.commands.up",
+    "launcher.commands.status",
+    "launcher.commands.down",
     "launcher.commands.demo",
     "launcher.commands.compose",
     "router.cli",

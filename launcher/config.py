@@ -64,7 +64,11 @@ def _meta(example: str, check: Check | None = None) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RouterConfig:
+class RouterLaunchConfig:
+    """How the fleet starts its router (the ``router:`` section of fleet.yaml): the few flags
+    the launcher sets on the router's command line. The router's own, complete configuration
+    is ``router.config.RouterConfig``, built from that command line by the router process."""
+
     port: int = field(default=8000, metadata=_meta("router: {port: 8000}", _port))
     host: str = field(default="127.0.0.1", metadata=_meta("router: {host: 0.0.0.0}"))
     #: balancing policy name understood by the router; None keeps the router's default.
@@ -115,8 +119,8 @@ class FleetConfig:
     base_port: int = field(default=8001, metadata=_meta("base_port: 8001", _port))
     #: address the engine servers bind to.
     host: str = field(default="127.0.0.1", metadata=_meta("host: 127.0.0.1"))
-    router: RouterConfig = field(
-        default_factory=RouterConfig, metadata=_meta("router: {port: 8000}")
+    router: RouterLaunchConfig = field(
+        default_factory=RouterLaunchConfig, metadata=_meta("router: {port: 8000}")
     )
     replicas: int | None = field(default=None, metadata=_meta("replicas: 2", _opt(_at_least(1))))
     tensor_parallel_size: int | None = field(

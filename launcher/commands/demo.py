@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from launcher.config import FleetConfig, RestartConfig, RouterConfig
+from launcher.config import FleetConfig, RestartConfig, RouterLaunchConfig
 from launcher.errors import ConfigError
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
 from launcher.plan_types import Inventory, ModelSize, Plan, ReplicaSpec
@@ -96,7 +96,7 @@ def demo_fleet(args: argparse.Namespace) -> tuple[FleetConfig, tuple[ReplicaSpec
         "replicas": args.replicas,
         "base_port": args.base_port,
         "engine": args.engine,
-        "router": RouterConfig(port=args.port),
+        "router": RouterLaunchConfig(port=args.port),
         "run_dir": args.run_dir,
         "health_interval_s": 0.5,
         "stop_timeout_s": 10.0,

@@ -1,12 +1,11 @@
-"""`vllm-fleet up`, `status` and `down`: run a fleet, look at it, stop it.
+"""`vllm-fleet up`: plan a fleet and run it.
 
 ``up`` plans, then runs the fleet in this process (``launcher.fleet``) or, with ``--detach``,
 in a background supervisor started in its own session, returning once the fleet is ready.
-Everything another shell needs is in the run directory, so ``status`` and ``down`` work from
-anywhere that can see it.
+Everything another shell needs is in the run directory, so `status` (``commands/status.py``)
+and `down` (``commands/down.py``) work from anywhere that can see it.
 
-``--runtime docker`` runs each engine in a container (``launcher.runtime.docker``); ``down``
-then also removes whatever containers of that fleet a dead supervisor left behind. Only docker
+``--runtime docker`` runs each engine in a container (``launcher.runtime.docker``). Only docker
 fleets talk to Docker: a process fleet needs neither the daemon nor the images.
 """
 
@@ -14,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,31 +23,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiohttp
 import yaml
 
 from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
+from launcher.commands.run_dir_option import DEFAULT_RUN_DIR, add_run_dir_argument
 from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
 from launcher.errors import ConfigError
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
 from launcher.model_size import check_local_path
 from launcher.plan_types import Plan, ReplicaSpec
 from launcher.planner import PlanOptions, plan
-from launcher.rundir import FleetState, RunDir, UnitRecord, atomic_write_text
-from launcher.runtime.docker import docker_client, fleet_name_for, remove_fleet_containers
+from launcher.rundir import RunDir, atomic_write_text
 from launcher.runtime.process import (
-    group_members,
-    process_alive,
     rotate_log,
-    stop_process_group,
 )
 
 #: model name the sim engine serves when none is given.
 SIM_DEFAULT_MODEL = "sim-model"
 PLAN_FILE = "plan.json"
 RESOLVED_CONFIG_FILE = "fleet.resolved.yaml"
-#: `down`: extra seconds beyond the fleet's own stop timeout for the supervisor to exit.
-DOWN_MARGIN_S = 15.0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -65,36 +56,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     add_up_arguments(up)
     up.set_defaults(func=run_up)
-
-    status = sub.add_parser(
-        "status",
-        help="show the running fleet: replicas, GPUs, ports, health and load",
-        description="Read the run directory of a fleet started by `up` and query it live.",
-    )
-    add_run_dir_argument(status)
-    status.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    status.set_defaults(func=run_status)
-
-    down = sub.add_parser(
-        "down",
-        help="stop a fleet started by `up` (e.g. with --detach)",
-        description=(
-            "Ask the fleet's supervisor to stop (router first, then replicas), check that "
-            "every process is gone and kill any leftover (for a --runtime docker fleet: also "
-            "remove every container of the fleet)."
-        ),
-    )
-    add_run_dir_argument(down)
-    down.set_defaults(func=run_down)
-
-
-def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--run-dir",
-        default=None,
-        metavar="DIR",
-        help="where state.json, backends.yaml and logs/ live (default: .fleet)",
-    )
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -279,7 +240,7 @@ def detach(
         child.wait()
         return 130
     if status == 0:
-        flag = "" if run_dir.path == Path(".fleet") else f" --run-dir {run_dir.path}"
+        flag = "" if run_dir.path == DEFAULT_RUN_DIR else f" --run-dir {run_dir.path}"
         print(
             f"Supervisor running in the background (pid {child.pid}); logs in "
             f"{run_dir.logs_dir}. See `vllm-fleet status{flag}`, stop with "
@@ -330,214 +291,3 @@ def _follow_child(
                 print(f"vllm-fleet up: not ready after {deadline_s:g}s; stopped", file=out)
                 return 1
             time.sleep(0.1)
-
-
-# --------------------------------------------------------------------------- status
-
-
-def run_status(args: argparse.Namespace) -> int:
-    run_dir = RunDir(Path(args.run_dir or ".fleet"))
-    state = run_dir.read_state()
-    if state is None:
-        print(f"No fleet running ({run_dir.state_path} does not exist).")
-        return 1
-    alive = process_alive(state.supervisor_pid)
-    live = asyncio.run(_live_view(state)) if alive else LiveView({}, {}, "")
-    if args.json:
-        print(json.dumps(_status_json(state, alive, live), indent=2))
-    else:
-        _print_status(state, alive, live, run_dir, sys.stdout)
-    return 0 if alive else 1
-
-
-@dataclasses.dataclass(frozen=True)
-class LiveView:
-    #: unit name -> "ok" / "HTTP 503" / "down".
-    health: dict[str, str]
-    #: replica url -> the router's row from /fleet/replicas.
-    load: dict[str, dict[str, Any]]
-    #: why the router's view is missing ("" when present).
-    router_problem: str
-
-
-async def _live_view(state: FleetState) -> LiveView:
-    timeout = aiohttp.ClientTimeout(total=3.0)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-
-        async def health(unit: UnitRecord) -> tuple[str, str]:
-            try:
-                async with session.get(f"{unit.url}/health") as resp:
-                    return unit.name, "ok" if resp.status == 200 else f"HTTP {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                return unit.name, "down"
-
-        async def load() -> tuple[dict[str, dict[str, Any]], str]:
-            try:
-                async with session.get(f"{state.router_url}/fleet/replicas") as resp:
-                    if resp.status != 200:
-                        return {}, f"router answered HTTP {resp.status}"
-                    rows = await resp.json()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                return {}, f"router unreachable ({type(exc).__name__})"
-            return {str(r.get("url", "")).rstrip("/"): r for r in rows}, ""
-
-        checks = await asyncio.gather(*(health(u) for u in state.units))
-        rows, problem = await load()
-    return LiveView(dict(checks), rows, problem)
-
-
-def _status_json(state: FleetState, alive: bool, live: LiveView) -> dict[str, Any]:
-    data = dataclasses.asdict(state)
-    data["endpoint"] = state.endpoint
-    data["supervisor_alive"] = alive
-    for unit in data["units"]:
-        unit["health"] = live.health.get(unit["name"], "unknown")
-        unit["load"] = live.load.get(unit["url"])
-    data["router_problem"] = live.router_problem
-    return data
-
-
-def _print_status(
-    state: FleetState, alive: bool, live: LiveView, run_dir: RunDir, out: TextIO
-) -> None:
-    healthy = sum(1 for u in state.replicas() if u.state == "healthy")
-    uptime = _duration(time.time() - state.started_at) if state.started_at else "?"
-    print(f"Fleet {state.endpoint}: {state.status} ({healthy}/{len(state.replicas())} "
-          f"replicas healthy)", file=out)  # fmt: skip
-    print(f"  model {state.model}, engine {state.engine}, runtime {state.runtime}, supervisor "
-          f"pid {state.supervisor_pid}, up {uptime}, run dir {run_dir.path}", file=out)  # fmt: skip
-    if not alive:
-        print(f"  the supervisor (pid {state.supervisor_pid}) is gone: run `vllm-fleet down` "
-              "to clean up leftovers", file=out)  # fmt: skip
-    if state.message and state.status != "ready":
-        print(f"  {state.message}", file=out)
-    header = ("NAME", "STATE", "HEALTH", "PORT", "GPUS", "PGID/CONTAINER", "RESTARTS",
-              "IN-FLIGHT", "WAITING", "RUNNING", "SERVED")  # fmt: skip
-    rows: list[tuple[str, ...]] = [header]
-    for u in state.units:
-        load = live.load.get(u.url) or {}
-        rows.append(
-            (
-                u.name,
-                u.state,
-                live.health.get(u.name, "-"),
-                str(u.port),
-                ",".join(str(g) for g in u.gpus) or "-",
-                str(u.pgid or u.container or "-"),
-                str(u.restarts),
-                *(_num(load.get(k)) for k in ("in_flight", "waiting", "running", "served")),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(),
-              file=out)  # fmt: skip
-    if live.router_problem and alive:
-        print(f"  load unavailable: {live.router_problem}", file=out)
-    for u in state.units:
-        if u.state in ("failed", "restarting") and u.last_log_line:
-            print(f"  {u.name} last log: {u.last_log_line}", file=out)
-
-
-def _num(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-# --------------------------------------------------------------------------- down
-
-
-def run_down(args: argparse.Namespace) -> int:
-    run_dir = RunDir(Path(args.run_dir or ".fleet"))
-    state = run_dir.read_state()
-    if state is None:
-        print(f"No fleet running ({run_dir.state_path} does not exist); nothing to stop.")
-        return 0
-    supervisor = state.supervisor_pid
-    if process_alive(supervisor) and _is_fleet_process(supervisor):
-        os.kill(supervisor, signal.SIGTERM)
-        _wait_gone(supervisor, state.stop_timeout_s * 2 + DOWN_MARGIN_S)
-        if process_alive(supervisor):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(supervisor, signal.SIGKILL)
-            print(f"the supervisor (pid {supervisor}) did not exit; killed it")
-    # the supervisor may have restarted units after we read the state: read the latest.
-    state = run_dir.read_state() or state
-    grace = min(5.0, state.stop_timeout_s)
-    containers: list[str] = []
-    if state.runtime == "docker":
-        # before clear_state: without the daemon this fails and the state stays for a retry.
-        containers = _remove_containers(run_dir, grace)
-    leftovers = []
-    host_units = _host_units(state)
-    for unit in host_units:
-        if unit.pgid is not None and group_members(unit.pgid):
-            stop_process_group(unit.pgid, timeout=grace)
-            leftovers.append(f"{unit.name} (pgid {unit.pgid})")
-    run_dir.clear_state()
-    units = ", ".join(
-        f"{u.name} ({f'pgid {u.pgid}' if u.pgid is not None else f'container {u.container}'})"
-        for u in state.units
-        if u.pgid is not None or u.container
-    )
-    print(f"Stopped fleet {state.endpoint}: supervisor (pid {supervisor})"
-          + (f", {units}" if units else "") + ".")  # fmt: skip
-    if leftovers:
-        print(f"Killed leftover processes: {', '.join(leftovers)}.")
-    if containers:
-        print(f"Removed leftover containers: {', '.join(containers)}.")
-    survivors = [u.name for u in host_units if u.pgid is not None and group_members(u.pgid)]
-    if survivors or process_alive(supervisor):
-        print(f"vllm-fleet down: still running: {', '.join(survivors) or 'supervisor'}",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
-
-
-def _remove_containers(run_dir: RunDir, timeout: float) -> list[str]:
-    """Every container labelled with this run directory's fleet: none after an orderly stop,
-    whatever a killed supervisor left otherwise."""
-    client = docker_client(
-        lambda exc: (
-            f"--run-dir {run_dir.path}: its fleet runs in Docker containers, but the "
-            f"daemon is unreachable ({exc}); start dockerd (check DOCKER_HOST) and run "
-            "`vllm-fleet down` again"
-        )
-    )
-    return remove_fleet_containers(fleet_name_for(run_dir.path), client=client, timeout=timeout)
-
-
-def _host_units(state: FleetState) -> list[UnitRecord]:
-    """The units that are host process groups. A docker fleet's replicas are containers (no
-    pgid; a state file of the previous version held their init's pid): removing the containers
-    stops them, signalling would not."""
-    if state.runtime == "docker":
-        return [u for u in state.units if u.role != "replica"]
-    return list(state.units)
-
-
-def _is_fleet_process(pid: int) -> bool:
-    """Guard against a recycled pid: only signal a process that runs vllm-fleet."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except FileNotFoundError:
-        return not Path("/proc").is_dir()
-    except OSError:
-        return True
-    return b"launcher.cli" in cmdline or b"vllm-fleet" in cmdline
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
