@@ -1,27 +1,32 @@
 """How much memory a model needs: weights, and KV cache per token of context.
 
-Read from what is on disk, without importing torch or transformers: ``config.json`` for the
-shape, ``model.safetensors.index.json`` (``metadata.total_size``) or the safetensors headers
-for the exact checkpoint size. When nothing local exists, ``--params 70B`` stands in for the
-checkpoint and a known architecture of that size stands in for the shape.
+Read from what is on disk (``launcher.model_files`` finds and reads it), without importing
+torch or transformers: ``config.json`` for the shape, ``model.safetensors.index.json``
+(``metadata.total_size``) or the safetensors headers for the exact checkpoint size. When
+nothing local exists, ``--params 70B`` stands in for the checkpoint and a known architecture
+of that size stands in for the shape.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import re
-import socket
-import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from launcher.errors import ConfigError
+from launcher.model_files import (
+    SIZE_HINT,
+    Fetcher,
+    fetch_from_hub,
+    find_model_dir,
+    hub_cache_dir,
+    read_checkpoint,
+    read_config_json,
+)
 from launcher.plan_types import ModelSize
 
 #: bytes per element of the dtypes a checkpoint or a server may use.
@@ -47,26 +52,6 @@ DTYPE_ALIASES = {
     "float": "float32",
     "float32": "float32",
 }
-#: safetensors header dtype -> bytes per element.
-SAFETENSORS_BYTES = {
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-    "F32": 4,
-    "I32": 4,
-    "U32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I16": 2,
-    "U16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-
-SIZE_HINT = "pass a local model directory as --model, or --params 70B --dtype bf16"
 
 
 @dataclass(frozen=True)
@@ -119,125 +104,6 @@ def human_params(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.1f}{unit}"
     return str(count)
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: 8 bytes little-endian length, then the JSON."""
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        if len(prefix) != 8:
-            raise ConfigError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100 * 1024**2:
-            raise ConfigError(f"{path}: safetensors header of {length} bytes is implausible")
-        try:
-            header: dict[str, Any] = json.loads(file.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ConfigError(f"{path}: safetensors header is not JSON") from None
-    return header
-
-
-def safetensors_totals(paths: list[Path]) -> tuple[int, int]:
-    """(parameters, bytes) over every tensor in the given files."""
-    params = 0
-    size = 0
-    for path in paths:
-        for name, info in read_safetensors_header(path).items():
-            if name == "__metadata__":
-                continue
-            count = math.prod(int(d) for d in info["shape"])
-            params += count
-            size += count * SAFETENSORS_BYTES.get(str(info["dtype"]).upper(), 2)
-    return params, size
-
-
-# --------------------------------------------------------------------------- finding files
-
-
-def hub_cache_dir(env: Mapping[str, str]) -> Path:
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    xdg = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME", "~")) / ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
-
-
-def cached_snapshot(model: str, env: Mapping[str, str]) -> Path | None:
-    """The snapshot directory of ``org/name`` in the HF cache: refs/main, else the newest."""
-    repo = hub_cache_dir(env) / ("models--" + model.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo / "snapshots" / ref.read_text().strip()
-        if (snapshot / "config.json").is_file():
-            return snapshot
-    snapshots = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()]
-    return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
-
-
-def check_local_path(model: str) -> None:
-    """Refuse a --model written as a filesystem path that is not a directory.
-
-    Hub names are ``org/name`` and never start with "/", "." or "~", so such a name is meant
-    as a local directory. Without this, a typo would surface only when vLLM fails to start,
-    over and over, while the supervisor restarts it. Only for engines started on this host: a
-    container's model path may live in its image.
-    """
-    if not model.startswith(("/", ".", "~")):
-        return
-    local = Path(model).expanduser()
-    if not local.exists():
-        raise ConfigError(
-            f"--model {model}: no such directory; give an existing local model directory, "
-            "or a Hugging Face name like org/model"
-        )
-    if not local.is_dir():
-        raise ConfigError(f"--model {model}: not a directory; give the model's directory")
-
-
-def find_model_dir(model: str, env: Mapping[str, str]) -> Path | None:
-    """A local directory with config.json: the path itself (as vLLM reads it), else the cache."""
-    local = Path(model).expanduser()
-    if (local / "config.json").is_file():
-        return local
-    if local.is_dir():
-        raise ConfigError(f"--model {model}: directory has no config.json; {SIZE_HINT}")
-    return cached_snapshot(model, env) if "/" in model else None
-
-
-#: fetches ``config.json`` and the safetensors index of a hub repo into the cache; returns the
-#: directory holding them, or None when the hub does not answer.
-Fetcher = Callable[[str, Mapping[str, str]], "Path | None"]
-
-
-def _hub_reachable(env: Mapping[str, str], timeout: float = 2.0) -> bool:
-    """One quick TCP connect, because huggingface_hub retries for ~20 s when offline."""
-    url = urlparse(env.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def fetch_from_hub(model: str, env: Mapping[str, str]) -> Path | None:
-    """Download only config.json (+ the index when the checkpoint is sharded)."""
-    if env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or "/" not in model:
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        return None
-    if not _hub_reachable(env):
-        return None
-    try:
-        config = Path(hf_hub_download(model, "config.json", cache_dir=hub_cache_dir(env)))
-    except Exception:  # gated, missing, network: all mean "cannot size from the hub"
-        return None
-    # single-file checkpoints have no index; the config alone then estimates the size.
-    with contextlib.suppress(Exception):
-        hf_hub_download(model, "model.safetensors.index.json", cache_dir=hub_cache_dir(env))
-    return config.parent
 
 
 # --------------------------------------------------------------------------- sizing
@@ -350,30 +216,6 @@ def kv_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
     return 2 * layers * kv_heads * head_dim, heads, kv_heads
 
 
-def _index_total(directory: Path) -> int | None:
-    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        path = directory / name
-        if path.is_file():
-            try:
-                total = json.loads(path.read_text())["metadata"]["total_size"]
-                return int(total)
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(f"{path}: no metadata.total_size; {SIZE_HINT}") from None
-    return None
-
-
-def _checkpoint(directory: Path) -> tuple[int | None, int | None, str]:
-    """(exact parameters or None, checkpoint bytes or None, where they came from)."""
-    total = _index_total(directory)
-    if total is not None:
-        return None, total, "model.safetensors.index.json"
-    files = sorted(directory.glob("*.safetensors"))
-    if files:
-        params, size = safetensors_totals(files)
-        return params, size, f"{len(files)} safetensors header(s)"
-    return None, None, ""
-
-
 def size_from_config(
     name: str,
     config: Mapping[str, Any],
@@ -469,17 +311,6 @@ def size_from_params(name: str, params: int, dtype: str = "auto") -> ModelSize:
     )
 
 
-def load_config(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config.json ({exc}); {SIZE_HINT}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: config.json is not a JSON object; {SIZE_HINT}")
-    return data
-
-
 def display_name(model: str) -> str:
     return Path(model.rstrip("/")).name or model
 
@@ -507,8 +338,8 @@ def size_model(
                 f"cache ({hub_cache_dir(env)}) and the hub is unreachable; {SIZE_HINT}"
             )
         return size_from_params(name, count, dtype)
-    config = load_config(directory)
-    checkpoint_params, checkpoint_bytes, source = _checkpoint(directory)
+    config = read_config_json(directory)
+    checkpoint_params, checkpoint_bytes, source = read_checkpoint(directory)
     try:
         return size_from_config(
             name,

@@ -18,13 +18,8 @@ from typing import Any
 
 from launcher.errors import ConfigError
 from launcher.inventory import resolve_inventory
-from launcher.model_size import (
-    Fetcher,
-    fetch_from_hub,
-    human_params,
-    normalize_dtype,
-    size_model,
-)
+from launcher.model_files import Fetcher, fetch_from_hub
+from launcher.model_size import human_params, normalize_dtype, size_model
 from launcher.plan_types import GIB, FitCheck, Inventory, ModelSize, Plan
 from launcher.planner import PlanOptions, gib, plan
 

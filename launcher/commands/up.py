@@ -30,7 +30,7 @@ from launcher.commands.run_dir_option import DEFAULT_RUN_DIR, add_run_dir_argume
 from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
 from launcher.errors import ConfigError
 from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
-from launcher.model_size import check_local_path
+from launcher.model_files import check_local_path
 from launcher.plan_types import Plan, ReplicaSpec
 from launcher.planner import PlanOptions, plan
 from launcher.rundir import RunDir, atomic_write_text

@@ -10,13 +10,12 @@ from typing import Any
 import pytest
 
 from launcher.errors import ConfigError
+from launcher.model_files import cached_snapshot, read_safetensors_header
 from launcher.model_size import (
-    cached_snapshot,
     estimate_params,
     kv_shape,
     normalize_dtype,
     parse_params,
-    read_safetensors_header,
     size_from_config,
     size_model,
 )
