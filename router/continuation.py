@@ -250,18 +250,31 @@ _USAGE = (
 _ENVELOPE_END = rb'(?:,"[a-z_]+":(?:null|' + _STR + rb"))*\}"
 
 
-def _fast(obj: bytes, choice: bytes) -> re.Pattern[bytes]:
-    return re.compile(
-        rb'data: \{"id":' + _STR + rb',"object":"' + obj + rb'","created":\d+,"model":' + _STR
-        + rb',"choices":\[\{"index":0,' + choice + _CHOICE_END + _USAGE + _ENVELOPE_END
-    )  # fmt: skip
-
-
-#: A token event exactly as vLLM serializes it (pydantic, exclude_unset), with running usage.
+#: Where the part of a token event the fast path reads begins. The envelope before it (id,
+#: object, created, model) is relayed as it is and not looked at: it cannot contain this
+#: sequence, because a quote inside a JSON string is always escaped.
+_CHOICES = b',"choices":[{"index":0,'
+#: The rest of a token event exactly as vLLM serializes it (pydantic, exclude_unset), with
+#: running usage: one choice, text only, no logprobs.
 _FAST: Final[Mapping[Kind, re.Pattern[bytes]]] = {
-    "chat": _fast(b"chat\\.completion\\.chunk", rb'"delta":\{"content":' + _TEXT + rb"\},"),
-    "completion": _fast(b"text_completion", rb'"text":' + _TEXT + b","),
-}
+    "chat": re.compile(
+        re.escape(_CHOICES) + rb'"delta":\{"content":' + _TEXT + rb"\},"
+        + _CHOICE_END + _USAGE + _ENVELOPE_END
+    ),
+    "completion": re.compile(
+        re.escape(_CHOICES) + rb'"text":' + _TEXT + b"," + _CHOICE_END + _USAGE + _ENVELOPE_END
+    ),
+}  # fmt: skip
+
+
+def fast_match(kind: Kind, event: bytes) -> re.Match[bytes] | None:
+    """The fast path's reading of a token event, or None for any other event (parsed whole)."""
+    if not event.startswith(b"data: {"):
+        return None
+    start = event.find(_CHOICES)
+    return _FAST[kind].fullmatch(event, start) if start > 0 else None
+
+
 _CHUNK_OBJECT: Final[Mapping[Kind, str]] = {
     "chat": "chat.completion.chunk",
     "completion": "text_completion",
@@ -353,7 +366,7 @@ class Stitcher:
             return
         fast = None
         if self.segment == 0 and self._id is not None:
-            fast = _FAST[self.plan.kind].fullmatch(event)
+            fast = fast_match(self.plan.kind, event)
         if fast is not None:
             raw = fast["text"]
             try:
