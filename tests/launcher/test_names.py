@@ -68,4 +68,4 @@ def test_launcher_modules_stay_short_enough_to_find_things_in() -> None:
     }
     over = {name for name, count in lengths.items() if count > MAX_LINES}
     assert over - OVER_LIMIT_TODAY == set(), {n: lengths[n] for n in over}
-    assert OVER_LIMIT_TODAY <= over, "split already: remove it from OVER_LIMIT_TODAY"
+    assert over >= OVER_LIMIT_TODAY, "split already: remove it from OVER_LIMIT_TODAY"
