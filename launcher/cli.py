@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "launcher.commands.down",
     "launcher.commands.demo",
     "launcher.commands.compose",
+    "launcher.commands.batch",
     "router.cli",
     "launcher.sim.cli",
 )
