@@ -13,8 +13,11 @@ which is how "no router at all" is measured.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
 import itertools
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +67,13 @@ class RequestSpec:
     prompt: str
     max_tokens: int | None
     stream: bool
+    #: The chat to send, (role, content) in order; empty = one user message with `prompt`.
+    messages: tuple[tuple[str, str], ...] = ()
+    #: What a client-side affinity pick keys on (the prefix group, the conversation); "" = none.
+    group: str = ""
+    #: Index of the turn this request continues: it is sent when that one has answered (and
+    #: not before `at`), as a user waits for the reply before typing the next message.
+    follows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,10 +132,149 @@ def make_schedule(mix: RequestMix) -> list[RequestSpec]:
     return specs
 
 
-class Target(Protocol):
-    """Where the next request goes; `release` is called when its response is fully read."""
+def _text(rng: random.Random, head: str, tokens: int) -> str:
+    """`head` and seeded words up to about `tokens` tokens (4 bytes a token, as the simulator
+    and most BPE tokenizers on English count)."""
+    words = [head]
+    size = len(head)
+    while size < 4 * tokens:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)
 
-    def acquire(self) -> str: ...
+
+@dataclass(frozen=True)
+class PrefixMix:
+    """Shared-prefix traffic: each request is one of `groups` system prompts (~`prefix_tokens`)
+    followed by a fresh question, as an application with many assistants or RAG over the same
+    documents sends."""
+
+    #: mean arrivals per second (Poisson).
+    rate: float
+    duration: float
+    seed: int = 1
+    groups: int = 64
+    prefix_tokens: int = 1500
+    question_tokens: tuple[int, int] = (80, 120)
+    output_tokens: tuple[int, int] = (16, 64)
+    #: Zipf exponent of the groups' popularity (group g drawn with weight 1/(g+1)^zipf);
+    #: 0 = every group equally likely.
+    zipf: float = 0.0
+    stream_fraction: float = 1.0
+
+    def group_weights(self) -> list[float]:
+        return [1.0 / (g + 1) ** self.zipf for g in range(self.groups)]
+
+
+def make_prefix_schedule(mix: PrefixMix) -> list[RequestSpec]:
+    """The seeded shared-prefix sequence: Poisson arrivals, group by `mix.group_weights()`."""
+    rng = random.Random(mix.seed)
+    # The group number leads its prompt, so two groups differ from their first block on.
+    systems = [
+        _text(rng, f"You are assistant {g} of seed {mix.seed}.", mix.prefix_tokens)
+        for g in range(mix.groups)
+    ]
+    weights = mix.group_weights()
+    specs: list[RequestSpec] = []
+    at = rng.expovariate(mix.rate)
+    while at < mix.duration:
+        index = len(specs)
+        group = rng.choices(range(mix.groups), weights)[0]
+        question = _text(rng, f"Question {index}:", rng.randint(*mix.question_tokens))
+        messages = (("system", systems[group]), ("user", question))
+        specs.append(
+            RequestSpec(
+                index,
+                at,
+                question,
+                rng.randint(*mix.output_tokens),
+                rng.random() < mix.stream_fraction,
+                messages=messages,
+                group=f"group-{group}",
+            )
+        )
+        at += rng.expovariate(mix.rate)
+    return specs
+
+
+@dataclass(frozen=True)
+class ConversationMix:
+    """Multi-turn chats that resend their history: conversations start as a Poisson process,
+    each opens with one of a few system prompts and a long first message, and every later turn
+    sends the whole conversation so far (the replies as the client received them) plus a new
+    message, `think_s` after the previous turn was sent and never before it was answered."""
+
+    #: new conversations per second.
+    rate: float
+    #: seconds during which turns are sent (later turns are left out).
+    duration: float
+    seed: int = 1
+    system_prompts: int = 8
+    system_tokens: int = 400
+    first_tokens: tuple[int, int] = (150, 400)
+    turn_tokens: tuple[int, int] = (30, 120)
+    output_tokens: tuple[int, int] = (32, 96)
+    turns: tuple[int, int] = (3, 8)
+    think_s: tuple[float, float] = (3.0, 8.0)
+    stream_fraction: float = 1.0
+
+
+def make_conversation_schedule(mix: ConversationMix) -> list[RequestSpec]:
+    """The seeded multi-turn sequence, every turn a request, in order of sending time."""
+    rng = random.Random(mix.seed)
+    systems = [
+        _text(rng, f"You are chat assistant {s} of seed {mix.seed}.", mix.system_tokens)
+        for s in range(mix.system_prompts)
+    ]
+    # (at, conversation, turn, chat, max_tokens, stream) per turn, indexed after sorting.
+    turns: list[tuple[float, int, int, tuple[tuple[str, str], ...], int, bool]] = []
+    start = rng.expovariate(mix.rate)
+    conversation = 0
+    while start < mix.duration:
+        chat: tuple[tuple[str, str], ...] = (("system", rng.choice(systems)),)
+        at = start
+        for turn in range(rng.randint(*mix.turns)):
+            span = mix.first_tokens if turn == 0 else mix.turn_tokens
+            chat += (("user", _text(rng, f"Chat {conversation} turn {turn}:", rng.randint(*span))),)
+            max_tokens = rng.randint(*mix.output_tokens)
+            turns.append(
+                (at, conversation, turn, chat, max_tokens, rng.random() < mix.stream_fraction)
+            )
+            # What the client will have received: max_tokens tokens of answer text.
+            chat += (("assistant", _text(rng, f"Answer {turn}:", max_tokens)),)
+            at += rng.uniform(*mix.think_s)
+            if at >= mix.duration:
+                break
+        conversation += 1
+        start += rng.expovariate(mix.rate)
+    turns.sort(key=lambda t: t[0])
+    index_of: dict[tuple[int, int], int] = {}
+    specs: list[RequestSpec] = []
+    for index, (at, conv, turn, chat, max_tokens, stream) in enumerate(turns):
+        index_of[(conv, turn)] = index
+        specs.append(
+            RequestSpec(
+                index,
+                at,
+                chat[-1][1],
+                max_tokens,
+                stream,
+                messages=chat,
+                group=f"chat-{conv}",
+                follows=index_of.get((conv, turn - 1)),
+            )
+        )
+    return specs
+
+
+class Target(Protocol):
+    """Where the next request goes; `release` is called when its response is fully read.
+
+    `key` is the request's affinity key (RequestSpec.group); only affinity picks read it.
+    """
+
+    def acquire(self, key: str = "") -> str: ...
 
     def release(self, url: str) -> None: ...
 
@@ -136,7 +285,7 @@ class FixedTarget:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
-    def acquire(self) -> str:
+    def acquire(self, key: str = "") -> str:
         return self.url
 
     def release(self, url: str) -> None:
@@ -149,7 +298,7 @@ class RoundRobinTarget:
     def __init__(self, urls: Sequence[str]) -> None:
         self._cycle = itertools.cycle([u.rstrip("/") for u in urls])
 
-    def acquire(self) -> str:
+    def acquire(self, key: str = "") -> str:
         return next(self._cycle)
 
     def release(self, url: str) -> None:
@@ -167,7 +316,7 @@ class JoinShortestQueue:
         self.in_flight = {u.rstrip("/"): 0 for u in urls}
         self._turn = 0
 
-    def acquire(self) -> str:
+    def acquire(self, key: str = "") -> str:
         urls = list(self.in_flight)
         self._turn = (self._turn + 1) % len(urls)
         rotated = urls[self._turn :] + urls[: self._turn]
@@ -179,10 +328,56 @@ class JoinShortestQueue:
         self.in_flight[url] -= 1
 
 
+def _ring_hash(text: str) -> int:
+    """A stable 64-bit hash (Python's str hash changes per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class BoundedLoadHash:
+    """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018) on the
+    request's affinity key, done by the client with exact in-flight counts.
+
+    What a prefix-aware client does without any cache knowledge: a key keeps going to the
+    replica it hashes to, so that replica keeps the key's prefix cached, unless that replica
+    already runs more than `balance` times the mean load, in which case the next replica on
+    the ring takes it. `balance` 1.25 is the paper's and HAProxy's `hash-balance-factor 125`.
+    Requests without a key go to the least-busy replica.
+    """
+
+    def __init__(self, urls: Sequence[str], balance: float = 1.25, points: int = 64) -> None:
+        self.in_flight = {u.rstrip("/"): 0 for u in urls}
+        self.balance = balance
+        ring = [(_ring_hash(f"{url}#{i}"), url) for url in self.in_flight for i in range(points)]
+        ring.sort()
+        self._ring_keys = [h for h, _ in ring]
+        self._ring_urls = [u for _, u in ring]
+
+    def acquire(self, key: str = "") -> str:
+        if not key:
+            url = min(self.in_flight, key=self.in_flight.__getitem__)
+        else:
+            load = sum(self.in_flight.values()) + 1
+            cap = math.ceil(self.balance * load / len(self.in_flight))
+            start = bisect.bisect(self._ring_keys, _ring_hash(key))
+            size = len(self._ring_urls)
+            url = self._ring_urls[start % size]
+            for step in range(size):  # bounded: some replica is always under the cap
+                candidate = self._ring_urls[(start + step) % size]
+                if self.in_flight[candidate] + 1 <= cap:
+                    url = candidate
+                    break
+        self.in_flight[url] += 1
+        return url
+
+    def release(self, url: str) -> None:
+        self.in_flight[url] -= 1
+
+
 def request_body(spec: RequestSpec, model: str) -> dict[str, object]:
+    chat = spec.messages or (("user", spec.prompt),)
     body: dict[str, object] = {
         "model": model,
-        "messages": [{"role": "user", "content": spec.prompt}],
+        "messages": [{"role": role, "content": content} for role, content in chat],
         "stream": spec.stream,
     }
     if spec.max_tokens is not None:
@@ -246,7 +441,7 @@ async def send_one(
     timeout: float,
 ) -> RequestRecord:
     """Send one request and time it; never raises (failures become the record's error)."""
-    url = target.acquire()
+    url = target.acquire(spec.group)
     start = time.perf_counter() - t0
     ttft: float | None = None
     tokens = 0
@@ -299,20 +494,42 @@ async def run_open_loop(
 ) -> list[RequestRecord]:
     """Send every request of `schedule` at its time; wait for the answers (bounded).
 
-    Requests still running `drain_timeout` seconds after the last send are cancelled and
-    recorded as errors, so a stuck router cannot hang the benchmark. `t0` (a perf_counter
-    value) lets a scenario time its own actions (a crash, a slowdown) on the same clock.
+    A request that `follows` another is sent once that one has answered (a chat's next turn),
+    so it may leave after its `at`. Requests still running `drain_timeout` seconds after the
+    last send are cancelled and recorded as errors, so a stuck router cannot hang the benchmark.
+    `t0` (a perf_counter value) lets a scenario time its own actions (a crash, a slowdown) on
+    the same clock.
     """
     async with make_session() as session:
         t0 = time.perf_counter() if t0 is None else t0
         tasks: list[asyncio.Task[RequestRecord]] = []
+        by_index: dict[int, asyncio.Task[RequestRecord]] = {}
+
+        async def send_after(
+            spec: RequestSpec, previous: asyncio.Task[RequestRecord]
+        ) -> RequestRecord:
+            try:
+                await asyncio.wait([previous])
+            except asyncio.CancelledError:
+                now = time.perf_counter() - t0
+                cut = "cut at the drain deadline (the turn before it never answered)"
+                return RequestRecord(
+                    spec.index, spec.stream, spec.max_tokens, now, None, now, 0, 0, cut, ""
+                )
+            return await send_one(session, target, spec, model, t0, request_timeout)
+
         for spec in schedule:
             delay = spec.at - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(
-                asyncio.create_task(send_one(session, target, spec, model, t0, request_timeout))
-            )
+            previous = by_index.get(spec.follows) if spec.follows is not None else None
+            if previous is None or previous.done():
+                send = send_one(session, target, spec, model, t0, request_timeout)
+            else:
+                send = send_after(spec, previous)
+            task = asyncio.create_task(send)
+            tasks.append(task)
+            by_index[spec.index] = task
         if tasks:
             await asyncio.wait(tasks, timeout=drain_timeout)
         for task in tasks:

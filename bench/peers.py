@@ -27,7 +27,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.cpu import tree_cpu_seconds
-from bench.load import FixedTarget, JoinShortestQueue, RoundRobinTarget, Target
+from bench.load import BoundedLoadHash, FixedTarget, JoinShortestQueue, RoundRobinTarget, Target
 from bench.stamp import current_stamp
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
@@ -143,6 +143,26 @@ class ClientRoundRobinPeer(Peer):
         return RoundRobinTarget(self._backends)
 
 
+class AffinityPeer(Peer):
+    """Bounded-load consistent hashing on the request's group by the load generator, no hop:
+    what prefix affinity gives a client that knows the groups but nothing of the caches."""
+
+    name = "client consistent hash (bounded load)"
+    settings = (
+        "load generator hashes the request's prefix group (multi-turn: the conversation) onto a "
+        "ring of the replicas, 64 points each; the next replica when that one has more than "
+        "1.25 x the mean in flight; no proxy"
+    )
+
+    async def start(self, backends: list[str]) -> str:
+        self._backends = list(backends)
+        self.url = "client-side"
+        return self.url
+
+    def target(self) -> Target:
+        return BoundedLoadHash(self._backends)
+
+
 class DirectPeer(Peer):
     """Straight to the first replica: the latency floor for router overhead."""
 
@@ -160,17 +180,35 @@ class DirectPeer(Peer):
 class OursPeer(Peer):
     """vllm-fleet's router, started the way users start it."""
 
-    def __init__(self, workdir: Path, policy: str, python: str = sys.executable) -> None:
+    def __init__(
+        self, workdir: Path, policy: str, python: str = sys.executable, prefix_index: bool = True
+    ) -> None:
         super().__init__(workdir)
         self.policy = policy
         self.python = python
+        self.prefix_index = prefix_index
         self.name = f"ours {policy}"
         self.settings = f"`vllm-fleet router --policy {policy}`, defaults otherwise"
+        if not prefix_index:
+            self.name += " (prefix index off)"
+            self.settings += "; router.proxy.request_prefix replaced by one returning no keys"
+
+    def command(self) -> list[str]:
+        """`python -m launcher.cli` as users run it; with the prefix index off, the same CLI
+        behind a stub that gives every request no prefix keys (the router has no switch for
+        it): nothing is hashed, matched or recorded, everything else is unchanged."""
+        if self.prefix_index:
+            return [self.python, "-m", "launcher.cli"]
+        stub = (
+            "import sys, router.proxy as proxy, launcher.cli as cli; "
+            "proxy.request_prefix = lambda model, payload: (); sys.exit(cli.main())"
+        )
+        return [self.python, "-c", stub]
 
     async def start(self, backends: list[str]) -> str:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        argv = [self.python, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
+        argv = [*self.command(), "router", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--policy", self.policy, "--log-level", "warning"]
         for backend in backends:
             argv += ["--backend", backend]
@@ -194,6 +232,45 @@ class OursPeer(Peer):
 
     def version(self) -> str:
         return f"git {current_stamp(REPO).label}"
+
+
+class OursPairPeer(Peer):
+    """Two of our routers in front of the same replicas, the load generator alternating between
+    them per request (as a Service spreads clients over two router pods): each router only
+    knows what it sent itself, so this is what the prefix index is worth when it is split."""
+
+    def __init__(self, workdir: Path, policy: str, python: str = sys.executable) -> None:
+        super().__init__(workdir)
+        self.routers = [OursPeer(workdir / f"router-{i}", policy, python) for i in range(2)]
+        self.name = f"2 x ours {policy}"
+        self.settings = (
+            f"two `vllm-fleet router --policy {policy}` processes, requests alternating "
+            "between them; defaults otherwise"
+        )
+
+    async def start(self, backends: list[str]) -> str:
+        try:
+            for router in self.routers:
+                await router.start(backends)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = self.routers[0].url
+        return self.url
+
+    def stop(self) -> None:
+        for router in self.routers:
+            router.stop()
+
+    def target(self) -> Target:
+        return RoundRobinTarget([router.url for router in self.routers])
+
+    def cpu_seconds(self) -> float | None:
+        used = [router.cpu_seconds() for router in self.routers]
+        return None if any(u is None for u in used) else sum(u or 0.0 for u in used)
+
+    def version(self) -> str:
+        return self.routers[0].version()
 
 
 def _healthy_count(body: object) -> int:
@@ -398,7 +475,8 @@ class SglangRouterPeer(Peer):
 
 #: Every peer by its key on the command line (`--peers ours-lb,nginx-lc`).
 PEER_KEYS = (
-    "ours-cost", "ours-lb", "ours-rr", "ideal", "direct-rr", "direct",
+    "ours-cost", "ours-lb", "ours-rr", "ours-cost-x2", "ours-cost-noindex", "ideal", "chash",
+    "direct-rr", "direct",
     "nginx-lc", "nginx-rr", "haproxy-lc", "haproxy-rr",
     "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
 )  # fmt: skip
@@ -411,7 +489,10 @@ def make_peer(key: str, workdir: Path, python: str) -> Peer:
         "ours-lb": lambda: OursPeer(d, "least-busy", python),
         "ours-rr": lambda: OursPeer(d, "round-robin", python),
         "ours-cost": lambda: OursPeer(d, "cost", python),
+        "ours-cost-x2": lambda: OursPairPeer(d, "cost", python),
+        "ours-cost-noindex": lambda: OursPeer(d, "cost", python, prefix_index=False),
         "ideal": lambda: IdealPeer(d),
+        "chash": lambda: AffinityPeer(d),
         "direct-rr": lambda: ClientRoundRobinPeer(d),
         "direct": lambda: DirectPeer(d),
         "nginx-lc": lambda: NginxPeer(d, "least_conn"),

@@ -34,6 +34,9 @@ class SimSettings:
     step_ms: float = 20.0
     batch_slowdown: float = 0.05
     speed: float = 1.0
+    #: KV capacity and context length (None: the simulator's defaults).
+    kv_cache_tokens: int | None = None
+    max_model_len: int | None = None
 
 
 @dataclass
@@ -51,7 +54,8 @@ class SimReplica:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        argv = sim_command(self.port, self.python, **dataclasses.asdict(self.settings))
+        flags = {k: v for k, v in dataclasses.asdict(self.settings).items() if v is not None}
+        argv = sim_command(self.port, self.python, **flags)
         self.child = ChildProcess(argv, self.workdir / f"sim-{self.port}.log")
         await wait_http(f"{self.url}/health", 30.0, self.child)
 
@@ -101,6 +105,39 @@ class SimFleet:
                 except (aiohttp.ClientError, TimeoutError):
                     out.append(-1)
             return out
+
+    async def prefix_counters(self) -> list[tuple[float, float]]:
+        """Per replica, its `vllm:prefix_cache_hits_total` and `queries_total` (tokens) so far:
+        the hit rate a scenario reports is the replicas' own, not a router's estimate."""
+        out = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            for replica in self.replicas:
+                async with session.get(f"{replica.url}/metrics") as response:
+                    samples = parse_samples(await response.text())
+                out.append(
+                    (
+                        metric_value(samples, "vllm:prefix_cache_hits_total"),
+                        metric_value(samples, "vllm:prefix_cache_queries_total"),
+                    )
+                )
+        return out
+
+    async def reset_prefix_caches(self, deadline_s: float = 30.0) -> None:
+        """Empty every replica's prefix cache (`POST /reset_prefix_cache`), so a router never
+        finds what the one before it left cached. The replicas refuse (409) while requests
+        run: wait for idle and retry, bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            for replica in self.replicas:
+                while True:
+                    async with session.post(f"{replica.url}/reset_prefix_cache") as response:
+                        if response.status == 200:
+                            break
+                        if response.status != 409 or loop.time() > deadline:
+                            response.raise_for_status()
+                            raise TimeoutError(f"{replica.url} kept refusing to reset its cache")
+                    await asyncio.sleep(0.2)
 
     async def reset_speeds(self) -> None:
         for replica in self.replicas:

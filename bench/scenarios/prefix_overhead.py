@@ -1,0 +1,122 @@
+"""What the prefix index costs the router: CPU per request with 4,000-token prompts at 64 in
+flight, our cost policy with the index against the same router with the index stubbed out.
+
+The replicas answer at once (0.1 ms steps), so the router's own work is what is measured. The
+router has no switch for its index; `ours-cost-noindex` runs the same CLI with
+`router.proxy.request_prefix` returning no keys (bench.peers.OursPeer.command), so nothing is
+hashed, matched or recorded. The two alternate, twice each, to spread the machine's other load
+over both; CPU is utime + stime of the router's process tree per completed request.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from bench.load import RequestRecord, RequestSpec, Target, run_closed_loop
+from bench.peers import Peer
+from bench.replicas import SimFleet, SimSettings
+from bench.scenarios.harness import MODEL, Options, RunLoad, measure, started
+from bench.scenarios.prefix import TargetCheck
+from bench.section import PeerRun, Table
+
+PROMPT_TOKENS = 4000
+CONCURRENCY = 64
+GROUPS = 64
+#: Replicas that answer at once, with room for 256 running 4,000-token prompts.
+INSTANT_LONG = SimSettings(
+    model=MODEL,
+    max_num_seqs=256,
+    step_ms=0.1,
+    batch_slowdown=0.0,
+    kv_cache_tokens=1 << 21,
+    max_model_len=8192,
+)
+OUTPUT_TOKENS = 16
+#: The target: the index may add this fraction to the router's CPU per request.
+LIMIT = 0.10
+
+
+def long_prompt_spec(index: int) -> RequestSpec:
+    """One of 64 shared 3,900-token prefixes and a fresh ~100-token question (~16 KB of
+    text): the index hashes ~125 blocks per request and finds most of them held."""
+    group = index % GROUPS
+    rng = random.Random(group)
+    system = f"System prompt {group}: " + " ".join(
+        rng.choice(("fleet", "router", "token", "cache", "prefix")) for _ in range(2600)
+    )
+    question = f"Question {index}: " + " ".join(["why", "is", "the", "sky", "blue"] * 16)
+    messages = (("system", system[: 4 * (PROMPT_TOKENS - 100)]), ("user", question))
+    return RequestSpec(index, 0.0, question, OUTPUT_TOKENS, True, messages=messages)
+
+
+@dataclass(frozen=True)
+class Overhead:
+    table: Table
+    target: TargetCheck
+    text: str
+
+
+def cpu_per_request(runs: list[PeerRun]) -> float:
+    """Router CPU ms per request over several runs of one router (total CPU / total requests)."""
+    cpu = sum(r.cpu_s or 0.0 for r in runs)
+    requests = sum(len(r.records) for r in runs)
+    return 1000 * cpu / requests if requests else float("nan")
+
+
+async def index_overhead(opts: Options) -> Overhead:
+    duration = 3.0 if opts.quick else 6.0
+    rounds = 1 if opts.quick else 2
+
+    async def closed(target: Target, peer: Peer) -> list[RequestRecord]:
+        return await run_closed_loop(
+            target, long_prompt_spec, MODEL, concurrency=CONCURRENCY, duration=duration
+        )
+
+    run: RunLoad = closed
+    fleet = SimFleet.of([INSTANT_LONG, INSTANT_LONG], opts.workdir / "s8-cpu", opts.python)
+    runs: dict[str, list[PeerRun]] = {"ours-cost": [], "ours-cost-noindex": []}
+    async with started(fleet):
+        for _ in range(rounds):
+            for key in runs:
+                runs[key].append(await measure(key, opts, fleet, run))
+    rows = []
+    per_request: dict[str, float] = {}
+    for key, done in runs.items():
+        ran = [r for r in done if not r.unavailable]
+        if not ran:
+            rows.append([done[0].name, "not started", "", "", ""])
+            continue
+        per_request[key] = cpu_per_request(ran)
+        requests = sum(len(r.records) for r in ran)
+        errors = sum(r.summary.errors for r in ran)
+        rate = sum(r.summary.requests_per_s for r in ran) / len(ran)
+        rows.append(
+            [ran[0].name, str(requests), str(errors), f"{rate:.0f}", f"{per_request[key]:.2f}"]
+        )
+    table = Table(
+        ["router", "requests", "errors", "requests/s", "router CPU ms/req"],
+        rows,
+        title=f"Router CPU with {PROMPT_TOKENS:,}-token prompts at {CONCURRENCY} in flight",
+    )
+    on, off = per_request.get("ours-cost"), per_request.get("ours-cost-noindex")
+    if on is None or off is None:
+        target = TargetCheck("prefix index adds <= 10 % router CPU per request", "not run", None)
+    else:
+        added = on / off - 1
+        target = TargetCheck(
+            "prefix index adds <= 10 % router CPU per request "
+            f"({PROMPT_TOKENS:,}-token prompts, {CONCURRENCY} in flight)",
+            f"{on:.2f} vs {off:.2f} ms/req without it: {added:+.1%}",
+            added <= LIMIT,
+        )
+    text = (
+        f"Router CPU check: 2 simulated replicas that answer at once (0.1 ms steps), closed "
+        f"loop at {CONCURRENCY} in flight for {duration:g} s per run, {rounds} run(s) each "
+        f"alternating; prompts are one of {GROUPS} shared ~{PROMPT_TOKENS - 100:,}-token system "
+        f"prompts and a ~100-token question ({OUTPUT_TOKENS} tokens out, streamed). "
+        '"prefix index off" is the same router with `router.proxy.request_prefix` stubbed '
+        "to return no keys (the router has no flag for it). CPU is utime+stime of the "
+        "router's process tree per request; the load generator and replicas share the cores."
+    )
+    return Overhead(table, target, text)
