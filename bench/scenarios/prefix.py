@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 from bench.fmt import fmt_ms, fmt_pct, fmt_s
 from bench.load import RequestSpec
+from bench.prefix_oracle import prompt_ids
 from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL, Options, measure, open_loop
 from bench.scenarios.tables import not_started_row
 from bench.section import PeerRun, Table
+from launcher.sim.config import BATCH_SLOWDOWN, SimConfig
+from launcher.sim.engine import StepTiming
 
 #: 4 replicas of the simulator with vLLM V1's prefix cache. 20 ms steps of up to 16 requests;
 #: the prefill and attention costs are the simulator's measured shape (docs/simulator.md).
@@ -24,9 +27,46 @@ REPLICAS = 4
 KV_CACHE_TOKENS = 49_152
 BLOCK_SIZE = 16
 PREFIX_REPLICA = SimSettings(
-    model=MODEL, max_num_seqs=16, step_ms=20.0, kv_cache_tokens=KV_CACHE_TOKENS, max_model_len=8192
+    model=MODEL,
+    max_num_seqs=16,
+    step_ms=20.0,
+    batch_slowdown=BATCH_SLOWDOWN,
+    kv_cache_tokens=KV_CACHE_TOKENS,
+    max_model_len=8192,
 )
 LABELS = tuple(f"r{i}" for i in range(REPLICAS))
+
+
+def uncached_capacity(schedule: Sequence[RequestSpec]) -> float:
+    """Requests per second the fleet serves at full batches when no prompt token is cached,
+    from the simulator's own step law (launcher.sim.engine.StepTiming) and the sequence's
+    mean prompt and output: what "load" means in the scenarios' text.
+
+    Per request: its share of the decode steps of a full batch (each reading every running
+    request's context) plus the steps' extra time for computing its whole prompt once.
+    """
+    settings = PREFIX_REPLICA
+    law = StepTiming.from_config(
+        SimConfig(
+            step_ms=settings.step_ms,
+            batch_slowdown=settings.batch_slowdown,
+            kv_cache_tokens=KV_CACHE_TOKENS,
+            max_model_len=8192,
+        )
+    )
+    prompt = sum(len(prompt_ids(s)) for s in schedule) / len(schedule)
+    output = sum(s.max_tokens or 0 for s in schedule) / len(schedule)
+    n = settings.max_num_seqs
+    context = prompt + output / 2
+    decode_step = law.step_duration(n, n, int(n * context), 1.0)
+    prefill = law.step_duration(0, int(prompt), int(prompt), 1.0) - law.step_duration(0, 0, 0, 1.0)
+    per_request = output / n * decode_step + prefill
+    return REPLICAS / per_request
+
+
+def offered_load(schedule: Sequence[RequestSpec], duration: float) -> float:
+    """The sequence's request rate as a fraction of `uncached_capacity`."""
+    return len(schedule) / duration / uncached_capacity(schedule)
 
 
 def prefix_fleet(opts: Options, name: str) -> SimFleet:

@@ -15,6 +15,7 @@ from bench.scenarios.prefix import (
     by_key,
     cache_use,
     measure_cached,
+    offered_load,
     prefix_fleet,
     prefix_table,
     setting_text,
@@ -26,8 +27,8 @@ from bench.section import PeerRun, Section
 KEY = "8"
 PEERS = ("ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2")
 QUICK_PEERS = ("ideal", "ours-cost")
-#: ~70 % of what the 4 replicas serve when nothing is cached (bench.scenarios.prefix).
-RATE = 12.0
+#: ~70 % of what the 4 replicas serve when nothing is cached (prefix.uncached_capacity).
+RATE = 11.3
 
 
 def mix(opts: Options) -> PrefixMix:
@@ -103,7 +104,9 @@ async def run_scenario(opts: Options) -> Section:
             f"seed {traffic.seed}), each a chat of one of {traffic.groups} system prompts of "
             f"~{traffic.prefix_tokens} tokens (every group equally likely) and a fresh question "
             f"of {traffic.question_tokens[0]}-{traffic.question_tokens[1]} tokens, "
-            f"{traffic.output_tokens[0]}-{traffic.output_tokens[1]} tokens out, streamed.",
+            f"{traffic.output_tokens[0]}-{traffic.output_tokens[1]} tokens out, streamed. "
+            f"Offered load {fmt_pct(offered_load(schedule, traffic.duration))} of what the "
+            "replicas serve with nothing cached (the simulator's step law at full batches).",
             best,
         )
     )
