@@ -25,10 +25,11 @@ from aiohttp import web
 from launcher.config import RestartConfig
 from launcher.plan_types import ReplicaSpec
 from launcher.runtime.docker import DockerRuntime, DockerSettings, SplitRuntime
-from launcher.runtime.process import ProcessRuntime, group_members, process_alive
+from launcher.runtime.process import ProcessRuntime, group_members, last_line, process_alive
 from launcher.supervisor import SupervisedUnit, Supervisor, SupervisorSettings, UnitState
 from tests.launcher.support import LoopLag, pgid
 from tests.support.ports import free_port
+from tests.support.sim import wait_until
 
 #: how long each fake Docker daemon request takes (a slow daemon; real ones take 5-50 ms).
 DAEMON_CALL_S = 0.3
@@ -137,8 +138,6 @@ async def test_supervising_a_container_never_blocks_the_loop(
         host="127.0.0.1",
         model="test-model",
         port=health_server,
-        gpus=(),
-        tensor_parallel_size=1,
         command=("python3", "-m", "server", "--host", "127.0.0.1", "--port", str(health_server)),
     )
     supervisor = Supervisor(runtime, [SupervisedUnit(spec)], SETTINGS)
@@ -174,17 +173,11 @@ async def test_stopping_a_stubborn_process_never_blocks_the_loop(tmp_path: Path)
         host="127.0.0.1",
         model="test-model",
         port=1,
-        gpus=(),
-        tensor_parallel_size=1,
         command=(sys.executable, "-c", textwrap.dedent(STUBBORN)),
     )
     handle = await runtime.start(spec)
     try:
-        for _ in range(500):
-            if await runtime.last_log_line(handle) == "ready":
-                break
-            await asyncio.sleep(0.02)
-        assert await runtime.last_log_line(handle) == "ready"
+        await wait_until(lambda: last_line(handle.log_path) == "ready", 10.0, what="the process")
         async with LoopLag() as lag:
             started = time.monotonic()
             status = await runtime.stop(handle, timeout=1.0)

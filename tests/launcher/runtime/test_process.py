@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,9 @@ from launcher.plan_types import ReplicaSpec, ServerSpec
 from launcher.runtime.base import ServerHandle, ServerStatus
 from launcher.runtime.process import ProcessRuntime, group_members, last_line, process_alive
 from tests.launcher.support import pgid
+from tests.support.sim import wait_until
 
 DEADLINE_S = 10.0
-
-
-async def wait_for(
-    predicate: Callable[[], bool | Awaitable[bool]], what: str, deadline_s: float = DEADLINE_S
-) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        done = predicate()
-        if not isinstance(done, bool):
-            done = await done
-        if done:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def running(runtime: ProcessRuntime, handle: ServerHandle) -> bool:
@@ -96,7 +81,7 @@ SPAWNS_GRANDCHILD = """
 
 
 async def read_pid(path: Path) -> int:
-    await wait_for(path.exists, f"{path}")
+    await wait_until(path.exists, DEADLINE_S, what=f"{path}")
     return int(path.read_text())
 
 
@@ -106,7 +91,9 @@ async def test_stop_kills_the_whole_process_group(runtime: TrackingRuntime, tmp_
         python_spec("r0", SPAWNS_GRANDCHILD, gpus=(2, 3), PID_FILE=str(pid_file))
     )
     grandchild = await read_pid(pid_file)
-    await wait_for(lambda: last_line(handle.log_path) == "serving", "the log line")
+    await wait_until(
+        lambda: last_line(handle.log_path) == "serving", DEADLINE_S, what="the log line"
+    )
     assert "gpus 2,3" in handle.log_path.read_text()
     assert os.getpgid(grandchild) == pgid(handle)
     assert await runtime.status(handle) == ServerStatus(running=True)
@@ -168,17 +155,17 @@ async def test_grandchild_outliving_its_parent_is_still_stopped(
 
 async def test_exit_status_is_reported(runtime: TrackingRuntime) -> None:
     handle = await runtime.start(python_spec("crash", "import sys; print('boom'); sys.exit(3)"))
-    await wait_for(lambda: exited(runtime, handle), "the exit")
+    await wait_until(lambda: exited(runtime, handle), DEADLINE_S, what="the exit")
     assert await runtime.status(handle) == ServerStatus(running=False, returncode=3)
     assert await runtime.last_log_line(handle) == "boom"
 
 
 async def test_restart_rotates_the_log(runtime: TrackingRuntime) -> None:
     first = await runtime.start(python_spec("r0", "print('first run')"))
-    await wait_for(lambda: exited(runtime, first), "first run to end")
+    await wait_until(lambda: exited(runtime, first), DEADLINE_S, what="first run to end")
     await runtime.stop(first, timeout=1.0)
     second = await runtime.start(python_spec("r0", "print('second run')"))
-    await wait_for(lambda: exited(runtime, second), "second run to end")
+    await wait_until(lambda: exited(runtime, second), DEADLINE_S, what="second run to end")
 
     assert second.log_path == first.log_path
     assert "second run" in second.log_path.read_text()
@@ -196,7 +183,9 @@ async def test_log_is_capped_while_the_server_runs(small_log_runtime: TrackingRu
         time.sleep(60)
     """
     handle = await rt.start(python_spec("chatty", code))
-    await wait_for(lambda: last_line(handle.log_path) == "tail line", "all output")
+    await wait_until(
+        lambda: last_line(handle.log_path) == "tail line", DEADLINE_S, what="all output"
+    )
 
     await rt.status(handle)  # notices the size and rotates
 
