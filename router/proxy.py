@@ -510,12 +510,14 @@ async def send_with_failover(
             raise ReplicasExhausted(answered_5xx[-1])
         candidates = ctx.fleet.candidates(info.model, tried)
         if not candidates:
-            candidates = ctx.fleet.panic_candidates(info.model, tried)
+            candidates = ctx.fleet.panic_candidates(info.model, tried, time.monotonic())
             if candidates:
                 ctx.telemetry.panic_requests.inc()
         if not candidates and answered_5xx:
             # A replica that answered is reachable: the retry may go back to it.
-            usable = ctx.fleet.candidates(info.model) or ctx.fleet.panic_candidates(info.model)
+            usable = ctx.fleet.candidates(info.model) or ctx.fleet.panic_candidates(
+                info.model, (), time.monotonic()
+            )
             candidates = [r for r in usable if r.url == answered_5xx[-1].replica]
         if not candidates:
             if not failures:
@@ -645,12 +647,13 @@ async def relay_stream(
                 chunk = await content.readany()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = _failure_of(reply.replica.url, exc)
+                replica.relays.discard(relay)  # it failed: it owes this stream nothing more
                 if not await _stream_broke(response, reply, exchange, ctx, failure, resume):
                     return response, False
-                replica.relays.discard(relay)  # continued: relay the new replica's stream
-                watchdog.close()
+                watchdog.close()  # continued: relay the new replica's stream
                 replica, content = reply.replica, reply.response.content
-                relay = replace(relay, sent_at=loop.time())  # its abandon() reads `content`
+                # its abandon() reads `content`; a new replica, so not abandoned there yet
+                relay = replace(relay, sent_at=loop.time(), abandoned=False)
                 replica.relays.add(relay)
                 watchdog = IdleWatchdog(content, ctx.config.first_byte_timeout_s, loop)
                 continue

@@ -27,6 +27,11 @@ class Breaker(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+#: Panic mode's last resort: a replica that sent bytes this recently is reachable, whatever its
+#: health check says (see Fleet.panic_candidates).
+PANIC_RECENT_S = 10.0
+
+
 @dataclass(eq=False, slots=True)
 class Attempt:
     """One request sent to a replica and still waiting for its first byte.
@@ -169,22 +174,32 @@ class Fleet:
         return found
 
     def panic_candidates(
-        self, model: str | None, exclude: Iterable[str] = ()
+        self, model: str | None, exclude: Iterable[str] = (), now: float = 0.0
     ) -> list[ReplicaState]:
         """The least-bad replicas when no healthy one is left (panic mode, as Envoy and nginx).
 
-        Replicas the breaker ejected for failed requests but whose /health still answers: a
-        replica that answers most requests beats a 503 for all of them. Replicas whose check
-        fails (refused, hung, unhealthy) are not reachable and stay out.
+        First choice: replicas the breaker ejected for failed requests but whose /health still
+        answers; a replica that answers most requests beats a 503 for all of them. When no
+        check passes anywhere (every check timing out at once says more about the router's
+        host or network than about the replicas), the replicas that sent bytes within
+        PANIC_RECENT_S of ``now`` are reachable and are used. Replicas suspected of hanging
+        (router.progress) and replicas that refused a connection stay out.
         """
         skip = set(exclude)
-        return [
+        serving = [
             r
             for r in self.replicas.values()
-            if r.check_ok
-            and not r.suspect
-            and r.url not in skip
-            and (model is None or model in r.models)
+            if not r.suspect and r.url not in skip and (model is None or model in r.models)
+        ]
+        passing = [r for r in serving if r.check_ok]
+        if passing or now <= 0.0:
+            return passing
+        return [
+            r
+            for r in serving
+            if r.last_byte_at > 0.0
+            and now - r.last_byte_at < PANIC_RECENT_S
+            and not r.check_error.startswith("connect")
         ]
 
     def ejected_count(self) -> int:

@@ -142,3 +142,22 @@ def test_suspects_get_nothing_new_while_another_candidate_is_fine() -> None:
     assert fleet.candidates("m") == [b]
     b.suspect = True  # both suspect: no better choice, keep both
     assert fleet.candidates("m") == [a, b]
+
+
+def test_when_every_check_fails_panic_mode_uses_replicas_that_sent_bytes_recently() -> None:
+    """Every health check timing out at once (a starved router host) is no reason for a 503
+    while replicas are streaming answers to us."""
+    fleet = Fleet()
+    fleet.set_backends(["http://a:1", "http://b:1", "http://c:1"])
+    a, b, c = fleet.replicas.values()
+    for r in (a, b, c):
+        apply_check(r, True, 100.0, POLICY)
+        r.models = frozenset({"m"})
+        apply_check(r, False, 101.0, POLICY)  # timed out
+    a.last_byte_at = 104.0  # still answering
+    b.last_byte_at = 80.0  # silent for long
+    c.last_byte_at = 104.5
+    c.check_error = "connect: [Errno 111] Connect call failed"  # refused: nothing listens
+    assert fleet.candidates("m") == []
+    assert fleet.panic_candidates("m", (), now=105.0) == [a]
+    assert fleet.panic_candidates("m", (), now=200.0) == []  # nothing recent: a real 503
