@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -345,3 +346,48 @@ async def test_kill_now_cuts_the_grace_period_short(tmp_path: Path) -> None:
 
         await asyncio.wait_for(shutdown, 10.0)  # far less than the 60 s grace
         assert not process_alive(pid)
+
+
+class CreatesInAThread:
+    """A runtime whose start does its work in a thread, as the Docker runtime creates a
+    container: cancelling the awaiting task does not stop the thread from creating it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.created: list[ServerHandle] = []
+        self.stopped: list[ServerHandle] = []
+        self.creating = asyncio.Event()
+
+    def _create(self, spec: ServerSpec) -> ServerHandle:
+        time.sleep(0.3)  # the daemon creating and starting a container
+        handle = ServerHandle(
+            spec=spec, log_path=self.tmp_path / "x.log", started_at=0.0, container="c-0"
+        )
+        self.created.append(handle)
+        return handle
+
+    async def start(self, spec: ServerSpec) -> ServerHandle:
+        self.creating.set()
+        return await asyncio.to_thread(self._create, spec)
+
+    async def stop(self, handle: ServerHandle, timeout: float) -> ServerStatus:
+        self.stopped.append(handle)
+        return ServerStatus(running=False)
+
+    async def status(self, handle: ServerHandle) -> ServerStatus:
+        return ServerStatus(running=True)
+
+    async def last_log_line(self, handle: ServerHandle) -> str:
+        return ""
+
+
+async def test_a_shutdown_during_start_stops_what_the_start_created(tmp_path: Path) -> None:
+    runtime = CreatesInAThread(tmp_path)
+    supervisor = Supervisor(runtime, [SupervisedUnit(python_spec("replica-0", "pass"))], FAST)
+    await supervisor.start()
+    await asyncio.wait_for(runtime.creating.wait(), DEADLINE_S)
+
+    await supervisor.shutdown()
+
+    assert len(runtime.created) == 1
+    assert runtime.stopped == runtime.created  # nothing orphaned
