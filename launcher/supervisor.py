@@ -49,8 +49,8 @@ class SupervisedUnit:
 
     @property
     def role(self) -> str:
-        """ "replica" (listed in the backends file when healthy) or "router", from the spec's
-        type, so a unit cannot be one while its spec says the other."""
+        """The unit's role, from its spec's type: "replica" (listed in the backends file when
+        healthy) or "router"; a unit cannot be one while its spec says the other."""
         return "replica" if isinstance(self.spec, ReplicaSpec) else "router"
 
 
