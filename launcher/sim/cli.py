@@ -28,7 +28,7 @@ _TUNING_FLAGS: tuple[tuple[str, type, str], ...] = (
 #: Flags whose default follows --step-ms (the calibrated shape): (flag, help).
 _DERIVED_FLAGS: tuple[tuple[str, str], ...] = (
     ("--prefill-ms-per-token", "step milliseconds per computed token"),
-    ("--attention-ms-per-ktoken", "step milliseconds per 1000 tokens attended to"),
+    ("--attention-ms-per-ktoken", "step milliseconds per 1000 KV tokens read"),
 )
 
 

@@ -102,6 +102,12 @@ class KvEventsConfig:
                 f"kv_events_config.{name}",
                 "use a zmq endpoint such as tcp://*:5557 or ipc:///tmp/kv",
             )
+        # vLLM connects to an endpoint without * (the subscriber binds): port 0 cannot work
+        _require(
+            not (config.endpoint.endswith(":0") and "*" not in config.endpoint),
+            "kv_events_config.endpoint",
+            "port 0 needs a bound endpoint: tcp://*:0 (see /kv_event_sources for the port)",
+        )
         return config
 
 

@@ -219,6 +219,7 @@ async def test_without_the_flag_there_is_no_event_source() -> None:
         ('{"enable_kv_cache_events": true, "endpoint": 5}', "kv_events_config.endpoint"),
         ('{"enable_kv_cache_events": true, "endpont": "tcp://*:1"}', "kv_events_config.endpont"),
         ('{"enable_kv_cache_events": true, "publisher": "kafka"}', "kv_events_config.publisher"),
+        ('{"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:0"}', "tcp://*:0"),
     ],
 )
 def test_a_bad_kv_events_config_is_one_line_naming_the_key(
