@@ -29,7 +29,7 @@ class Breaker(enum.Enum):
 
 #: Panic mode's last resort: a replica that sent bytes this recently is reachable, whatever its
 #: health check says (see Fleet.panic_candidates).
-PANIC_RECENT_S = 10.0
+PANIC_RECENT_S = 3.0
 
 
 @dataclass(eq=False, slots=True)
@@ -181,9 +181,10 @@ class Fleet:
         First choice: replicas the breaker ejected for failed requests but whose /health still
         answers; a replica that answers most requests beats a 503 for all of them. When no
         check passes anywhere (every check timing out at once says more about the router's
-        host or network than about the replicas), the replicas that sent bytes within
-        PANIC_RECENT_S of ``now`` are reachable and are used. Replicas suspected of hanging
-        (router.progress) and replicas that refused a connection stay out.
+        host or network than about the replicas), the replicas that were not ejected and sent
+        bytes within PANIC_RECENT_S of ``now`` are reachable and are used. Replicas suspected
+        of hanging (router.progress), ejected ones whose check fails (a hung replica is
+        ejected so) and ones that refused a connection stay out.
         """
         skip = set(exclude)
         serving = [
@@ -197,7 +198,8 @@ class Fleet:
         return [
             r
             for r in serving
-            if r.last_byte_at > 0.0
+            if r.breaker is Breaker.CLOSED
+            and r.last_byte_at > 0.0
             and now - r.last_byte_at < PANIC_RECENT_S
             and not r.check_error.startswith("connect")
         ]

@@ -161,3 +161,7 @@ def test_when_every_check_fails_panic_mode_uses_replicas_that_sent_bytes_recentl
     assert fleet.candidates("m") == []
     assert fleet.panic_candidates("m", (), now=105.0) == [a]
     assert fleet.panic_candidates("m", (), now=200.0) == []  # nothing recent: a real 503
+    record_failure(a, 105.0, POLICY, refused=False)
+    record_failure(a, 105.1, POLICY, refused=False)
+    assert a.breaker is Breaker.OPEN  # ejected (a hung replica is): out of panic mode too
+    assert fleet.panic_candidates("m", (), now=105.2) == []
