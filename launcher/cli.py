@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "launcher.commands.demo",
     "launcher.commands.compose",
     "launcher.commands.batch",
+    "launcher.commands.slurm",
     "router.cli",
     "launcher.sim.cli",
 )

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from launcher.errors import ConfigError
+from launcher.slurm.settings import SlurmSettings
 
 if typing.TYPE_CHECKING:
     from launcher.planner import PlanOptions
@@ -155,6 +156,10 @@ class FleetConfig:
     )
     #: grace period between SIGTERM and SIGKILL when stopping a process group.
     stop_timeout_s: float = field(default=30.0, metadata=_meta("stop_timeout_s: 30", _at_least(0)))
+    #: how the fleet runs as a SLURM job (`vllm-fleet slurm`; launcher.slurm.settings).
+    slurm: SlurmSettings = field(
+        default_factory=SlurmSettings, metadata=_meta("slurm: {partition: gpu}")
+    )
 
     @property
     def router_url(self) -> str:

@@ -21,6 +21,7 @@ from launcher.commands.run_dir_option import add_run_dir_argument, run_dir_from_
 from launcher.rundir import FleetState, RunDir, UnitRecord
 from launcher.runtime.docker import docker_client, fleet_name_for, remove_fleet_containers
 from launcher.runtime.process import group_members, process_alive, stop_process_group
+from launcher.slurm.job import add_job_arguments, job_down_command
 
 #: extra seconds beyond the fleet's own stop timeout for the supervisor to exit.
 DOWN_MARGIN_S = 15.0
@@ -37,10 +38,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         ),
     )
     add_run_dir_argument(down)
+    add_job_arguments(down)
     down.set_defaults(func=run_down)
 
 
 def run_down(args: argparse.Namespace) -> int:
+    if args.job:
+        return job_down_command(args)
     run_dir = run_dir_from_args(args)
     state = run_dir.read_state()
     if state is None:

@@ -20,6 +20,7 @@ import aiohttp
 from launcher.commands.run_dir_option import add_run_dir_argument, run_dir_from_args
 from launcher.rundir import FleetState, RunDir, UnitRecord
 from launcher.runtime.process import process_alive
+from launcher.slurm.job import add_job_arguments, job_status_command
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -30,10 +31,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     add_run_dir_argument(status)
     status.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_job_arguments(status)
     status.set_defaults(func=run_status)
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if args.job:
+        return job_status_command(args)
     run_dir = run_dir_from_args(args)
     state = run_dir.read_state()
     if state is None:
