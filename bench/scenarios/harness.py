@@ -116,5 +116,7 @@ def finish(section: Section) -> Section:
             "requests_per_s": s.requests_per_s,
             "cpu_ms_per_request": run.cpu_ms_per_request,
             "last_replica_share": run.shares[-1] if run.shares else math.nan,
+            # Scenario-specific figures (e.g. the replicas' prefix-cache hits and queries).
+            **run.extra,
         }
     return section
