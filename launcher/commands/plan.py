@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     add_plan_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="plan for N nodes like this one (the shape `vllm-fleet slurm` runs)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -162,6 +168,18 @@ def options_from_args(
 
 def run(args: argparse.Namespace) -> int:
     options, inventory, model = options_from_args(args)
+    if args.nodes is not None:
+        from launcher.slurm.layout import plan_nodes
+
+        nodes = plan_nodes(inventory, model, options, args.nodes)
+        layout_notes = set(nodes.node_plan.notes)
+        if args.json:
+            print(json.dumps({"shape": nodes.shape, "nodes": nodes.nodes,
+                              "node_plan": plan_to_json(nodes.node_plan)}, indent=2))  # fmt: skip
+        else:
+            notes = "".join(f"\n  - {note}" for note in nodes.notes if note not in layout_notes)
+            print(f"{nodes.describe()}{notes}\nEach node:\n{render(nodes.node_plan, options)}")
+        return 0
     layout = plan(inventory, model, options)
     if args.json:
         print(json.dumps(plan_to_json(layout), indent=2))
