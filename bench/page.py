@@ -19,8 +19,11 @@ from bench.section import Section
 from bench.store import load_sections
 
 TITLE = "# Benchmarks: vllm-fleet's router against the routers people use today"
-#: How bench/findings.md names the results it was written for (its first line).
-FINDINGS_COMMIT = re.compile(r"<!--\s*written for the results of commit\s+([0-9a-f]+)\s*-->")
+#: How bench/findings.md names the results it was written for (its first line): one commit,
+#: or several ("commits c4ff45e, 1a2b3c4") when scenarios ran at different commits.
+FINDINGS_COMMIT = re.compile(
+    r"<!--\s*written for the results of commits?\s+([0-9a-f]+(?:\s*,\s*[0-9a-f]+)*)\s*-->"
+)
 
 
 def machine() -> list[str]:
@@ -54,13 +57,14 @@ def findings_note(findings: str, sections: Sequence[Section]) -> str:
             "(bench/findings.md's first line should be "
             "`<!-- written for the results of commit HASH -->`).*"
         )
-    written = match.group(1)
-    moved = [s for s in sections if not s.commit.startswith(written)]
+    written = [c.strip() for c in match.group(1).split(",")]
+    moved = [s for s in sections if not any(s.commit.startswith(c) for c in written)]
     if not moved:
         return ""
     where = ", ".join(f"scenario {s.key} at {s.stamp.label}" for s in moved)
+    commits = f"commit {written[0]}" if len(written) == 1 else f"commits {', '.join(written)}"
     return (
-        f"*These notes were written by hand for the results of commit {written}; the tables "
+        f"*These notes were written by hand for the results of {commits}; the tables "
         f"below now hold {where}: figures quoted in the notes may not match them.*"
     )
 

@@ -101,6 +101,11 @@ def test_findings_say_when_the_tables_moved_on() -> None:
     assert "scenario 1" not in note
     assert findings_note(findings, sections()[:1]) == ""
     assert "do not say which results" in findings_note("notes", sections())
+    two = findings_note("<!-- written for the results of commits aaaaaaa, bbbbbbb -->", sections())
+    assert "commits aaaaaaa, bbbbbbb" in two and "scenario 7 at ccccccc" in two
+    assert "scenario 5" not in two
+    every = "<!-- written for the results of commits aaaaaaa,bbbbbbb, ccccccc -->\nnotes"
+    assert findings_note(every, sections()) == ""
     page = render_page(sections(), "img/", findings)
     assert "<!-- written for" not in page and note in page
 
