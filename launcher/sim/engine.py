@@ -32,7 +32,8 @@ One engine step is one scheduler iteration, as in vLLM V1 (vllm/v1/core/sched/sc
 4. at the end of the step every request whose computed tokens caught up with its prompt and
    output gets one token (a prefill that completed samples its first one; a partial chunk gets
    none); a request finishes, with reason "length", at `max_tokens` tokens and frees its
-   blocks (cached ones stay in the prefix cache until evicted, `launcher.sim.kvcache`).
+   blocks (cached ones stay in the prefix cache until evicted, `launcher.sim.kvcache`). Full
+   blocks are cached as they are computed, output blocks too, as in vLLM.
 
 The caller drives it: ``plan = begin_step(now, speed)``, wait ``plan.duration``,
 ``end_step(now)``. Requests aborted between the two calls get no token.
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 
 from launcher.sim.config import SimConfig
 from launcher.sim.kvcache import BlockPool
-from launcher.sim.tokens import block_hashes
+from launcher.sim.tokens import extend_block_hashes, output_token_id
 
 
 @dataclass
@@ -56,8 +57,11 @@ class Sequence:
     prompt_tokens: int
     max_tokens: int
     arrived_at: float
-    #: Prompt token ids (None: a prompt that shares nothing with any other).
-    prompt_token_ids: tuple[int, ...] | None = None
+    #: Prompt ids, then each generated token's id as it is sampled (None: a prompt that shares
+    #: nothing with any other, or prefix caching off).
+    token_ids: list[int] | None = field(default=None, repr=False)
+    #: Picks the generated words (and so their ids), as `launcher.sim.tokens.output_token_id`.
+    text_offset: int = 0
     generated: int = 0
     #: Tokens whose KV the engine holds (prefix hits included).
     computed: int = 0
@@ -70,6 +74,7 @@ class Sequence:
     finished_at: float | None = None
     finish_reason: str | None = None
     blocks: list[int] = field(default_factory=list, repr=False)
+    #: Chained hashes of the full blocks of `token_ids`, extended as blocks fill.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     #: Leading blocks already registered in the prefix cache (or found there).
     registered_blocks: int = 0
@@ -247,7 +252,10 @@ class SimEngine:
         max_tokens: int,
         now: float,
         prompt_token_ids: Seq[int] | None = None,
+        text_offset: int = 0,
     ) -> Sequence:
+        """Queue a request. With `prompt_token_ids` its blocks (prompt, then output) take part
+        in prefix caching; `text_offset` picks its output words (`launcher.sim.tokens`)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if prompt_tokens < 1:
@@ -261,10 +269,10 @@ class SimEngine:
                 f"{prompt_tokens + max_tokens} tokens do not fit the KV cache "
                 f"({self.pool.num_blocks * self.block_size} tokens)"
             )
-        ids = tuple(prompt_token_ids) if prompt_token_ids is not None else None
-        seq = Sequence(request_id, prompt_tokens, max_tokens, arrived_at=now, prompt_token_ids=ids)
-        if ids is not None and self.enable_prefix_caching:
-            seq.block_hashes = block_hashes(ids, self.block_size)
+        seq = Sequence(request_id, prompt_tokens, max_tokens, arrived_at=now)
+        seq.text_offset = text_offset
+        if prompt_token_ids is not None and self.enable_prefix_caching:
+            seq.token_ids = list(prompt_token_ids)
         self.waiting[request_id] = seq
         self.stats.received += 1
         return seq
@@ -310,12 +318,20 @@ class SimEngine:
         seq.blocks += self.pool.take((), missing)
         return True
 
+    def _hashes(self, seq: Sequence, blocks: int) -> list[bytes]:
+        """`seq`'s block hashes, extended to `blocks` full blocks where its ids allow."""
+        if seq.token_ids is not None:
+            extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, blocks)
+        return seq.block_hashes
+
     def _register(self, seq: Sequence, tokens: int) -> None:
-        """Put the prompt blocks that `tokens` computed tokens fill into the prefix cache."""
-        full = min(len(seq.block_hashes), tokens // self.block_size)
-        if full > seq.registered_blocks and seq.prompt_token_ids is not None:
+        """Put the blocks that `tokens` computed tokens fill into the prefix cache."""
+        if seq.token_ids is None:
+            return
+        full = len(self._hashes(seq, tokens // self.block_size))
+        if full > seq.registered_blocks:
             self.pool.register(
-                seq.blocks, seq.block_hashes, seq.prompt_token_ids, seq.registered_blocks, full
+                seq.blocks, seq.block_hashes, seq.token_ids, seq.registered_blocks, full
             )
             seq.registered_blocks = full
 
@@ -356,7 +372,8 @@ class SimEngine:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = next(iter(self.waiting.values()))
             total = seq.total_tokens
-            hit_blocks = self.pool.cached_prefix(seq.block_hashes, (total - 1) // self.block_size)
+            lookup = (total - 1) // self.block_size
+            hit_blocks = self.pool.cached_prefix(self._hashes(seq, lookup), lookup)
             hit = len(hit_blocks) * self.block_size
             tokens = min(total - hit, budget)
             new_blocks = self.pool.blocks_for(hit + tokens) - len(hit_blocks)
@@ -430,6 +447,8 @@ class SimEngine:
                 continue  # a prefill chunk: no token yet
             index = seq.generated
             seq.generated += 1
+            if seq.token_ids is not None:
+                seq.token_ids.append(output_token_id(seq.text_offset, index))
             inter_token = None if seq.last_token_at is None else now - seq.last_token_at
             if seq.first_token_at is None:
                 seq.first_token_at = now

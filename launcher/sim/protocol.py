@@ -5,8 +5,9 @@ Prompts are tokenized by a fixed rule, not a tokenizer (`launcher.sim.tokens`): 
 rendered like a chat template: 4 tokens per message (role and markers) around its content, plus
 2 for the assistant header. The same leading text therefore gives the same leading token ids,
 which is what vLLM's prefix cache keys on.
-Generated text is filler words, one word (with its leading space) per token, chosen by the token
-index and a hash of the prompt, so the same request always yields the same text.
+Generated text is filler words, one 4-byte word (a space and three letters) per token, chosen by
+the token index and a hash of the prompt, so the same request always yields the same text, and a
+reply sent back in the next turn re-tokenizes to the generated ids (`launcher.sim.tokens`).
 """
 
 from __future__ import annotations
@@ -29,19 +30,11 @@ from launcher.sim.config import (
 from launcher.sim.tokens import (
     BYTES_PER_TOKEN,
     chat_token_ids,
+    filler_word,
     text_token_ids,
 )
 
 Kind = Literal["completion", "chat"]
-
-
-FILLER_WORDS = (
-    "lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do",
-    "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua", "enim",
-    "ad", "minim", "veniam", "quis", "nostrud", "exercitation", "ullamco", "laboris", "nisi",
-    "aliquip", "ex", "ea", "commodo", "consequat", "duis", "aute", "irure", "in", "voluptate",
-    "velit", "esse", "cillum", "fugiat", "nulla", "pariatur", "excepteur", "sint", "occaecat",
-)  # fmt: skip
 
 
 class ApiError(Exception):
@@ -97,7 +90,7 @@ def estimate_text_tokens(text: str) -> int:
 
 
 def filler_token(text_offset: int, index: int) -> str:
-    return " " + FILLER_WORDS[(text_offset + index) % len(FILLER_WORDS)]
+    return filler_word(text_offset, index)
 
 
 def filler_text(text_offset: int, count: int) -> str:

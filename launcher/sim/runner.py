@@ -109,13 +109,19 @@ class SimRunner:
         *,
         stream: bool,
         prompt_token_ids: Seq[int] | None = None,
+        text_offset: int = 0,
     ) -> AsyncIterator[Generation]:
         """Queue a request; leaving the block early (cancel, write error) aborts it at once.
 
         ValueError (before anything is queued) when the request can never fit the KV cache.
         """
         seq = self.engine.add(
-            request_id, prompt_tokens, max_tokens, self.now(), prompt_token_ids=prompt_token_ids
+            request_id,
+            prompt_tokens,
+            max_tokens,
+            self.now(),
+            prompt_token_ids=prompt_token_ids,
+            text_offset=text_offset,
         )
         generation = Generation(seq, stream)
         self._generations[request_id] = generation

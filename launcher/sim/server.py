@@ -232,6 +232,7 @@ async def _generate(
         gen.max_tokens,
         stream=gen.stream,
         prompt_token_ids=gen.prompt_token_ids,
+        text_offset=gen.text_offset,
     )
     async with generation_context as generation:
         if not gen.stream:

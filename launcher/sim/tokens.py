@@ -12,6 +12,10 @@ The rule (about 4 bytes per token, like English text through a BPE tokenizer):
   in order, then the generation prompt ``[ROLE(assistant), NEWLINE]``. The next turn of a chat
   therefore starts with every id of the previous turn's prompt, as with a real template.
 - a prompt given as token ids keeps its ids.
+- generated text: one filler word per token, each word exactly 4 bytes (a space and three
+  letters), and the token's id is that word's id under the text rule. So a reply sent back as
+  the next turn's assistant message re-tokenizes to the ids that were generated, and the blocks
+  cached while generating it are hits for the next turn, as with a real tokenizer.
 
 Special ids sit above 2**32, so no text piece can produce one.
 
@@ -25,6 +29,7 @@ default). So the same ids give the same hashes in the simulator and in vLLM 0.32
 from __future__ import annotations
 
 import array
+import functools
 import hashlib
 import os
 import pickle
@@ -51,6 +56,15 @@ ROLE_OTHER_BASE = SPECIAL_BASE + 256
 CHAT_TOKENS_PER_MESSAGE = 4
 CHAT_REPLY_PRIMER_TOKENS = 2
 
+#: Generated words, 4 bytes each (one token each under the text rule).
+FILLER_WORDS = (
+    " the", " and", " for", " are", " but", " not", " you", " all", " any", " can", " her",
+    " was", " one", " our", " out", " day", " get", " has", " him", " his", " how", " man",
+    " new", " now", " old", " see", " two", " way", " who", " boy", " did", " its", " let",
+    " put", " say", " she", " too", " use", " sky", " sea", " sun", " run", " big", " red",
+    " fox", " dog", " cat", " map",
+)  # fmt: skip
+
 #: vLLM's NONE_HASH seed when PYTHONHASHSEED is unset (vllm/v1/core/kv_cache_utils.py).
 DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 _INT_HASH_MASK = (1 << 64) - 1
@@ -72,6 +86,22 @@ def text_token_ids(text: str) -> list[int]:
     if sys.byteorder != "little":  # pragma: no cover - x86 and arm64 are little-endian
         words.byteswap()
     return words.tolist()
+
+
+def filler_word(text_offset: int, index: int) -> str:
+    """Generated token number `index` of a request whose prompt picked `text_offset`."""
+    return FILLER_WORDS[(text_offset + index) % len(FILLER_WORDS)]
+
+
+@functools.cache
+def _word_id(word: str) -> int:
+    (token,) = text_token_ids(word)
+    return token
+
+
+def output_token_id(text_offset: int, index: int) -> int:
+    """The id of generated token `index`: its word's id under the text rule."""
+    return _word_id(filler_word(text_offset, index))
 
 
 def role_id(role: str) -> int:
@@ -102,6 +132,11 @@ def none_hash(seed: str | None = None) -> bytes:
     """vLLM's parent hash of a first block, from PYTHONHASHSEED or vLLM's fixed default."""
     if seed is None:
         seed = os.environ.get("PYTHONHASHSEED", DEFAULT_NONE_HASH_SEED)
+    return _seeded_none_hash(seed)
+
+
+@functools.cache
+def _seeded_none_hash(seed: str) -> bytes:
     return _sha256_pickle(seed)
 
 
@@ -109,12 +144,25 @@ def block_hashes(
     token_ids: Sequence[int], block_size: int, root: bytes | None = None
 ) -> list[bytes]:
     """Chained sha256 hashes of the full blocks of `token_ids` (a partial tail has none)."""
-    parent = root if root is not None else none_hash()
     hashes: list[bytes] = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
+    extend_block_hashes(hashes, token_ids, block_size, len(token_ids) // block_size, root)
+    return hashes
+
+
+def extend_block_hashes(
+    hashes: list[bytes],
+    token_ids: Sequence[int],
+    block_size: int,
+    blocks: int,
+    root: bytes | None = None,
+) -> None:
+    """Grow `hashes` (the chain of `token_ids` so far) to `blocks` hashes, as ids allow."""
+    blocks = min(blocks, len(token_ids) // block_size)
+    parent = hashes[-1] if hashes else (root if root is not None else none_hash())
+    for index in range(len(hashes), blocks):
+        start = index * block_size
         parent = _sha256_pickle((parent, tuple(token_ids[start : start + block_size]), None))
         hashes.append(parent)
-    return hashes
 
 
 def external_hash(block_hash: bytes) -> int:

@@ -482,3 +482,29 @@ async def test_reset_prefix_cache_forgets_cached_blocks(sim: SimHandle) -> None:
     assert hits_before > 0
     assert sim.stats().prefix_cache_hits == hits_before
     assert sim.engine.pool.num_cached > 0  # the last request cached its blocks again
+
+
+async def test_the_next_turn_of_a_chat_hits_the_previous_prompt_and_reply(sim: SimHandle) -> None:
+    """The reply re-tokenizes to the generated ids, so its blocks are hits too (as in vLLM)."""
+    messages = [
+        {"role": "system", "content": "Answer briefly. " * 10},
+        {"role": "user", "content": "Tell me about the fleet."},
+    ]
+    status, first = await post(
+        f"{sim.url}/v1/chat/completions", {"messages": messages, "max_tokens": 40}
+    )
+    assert status == 200
+    reply = first["choices"][0]["message"]["content"]
+    followup = [
+        *messages,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And?"},
+    ]
+    hits_before = sim.stats().prefix_cache_hits
+    status, second = await post(
+        f"{sim.url}/v1/chat/completions", {"messages": followup, "max_tokens": 1}
+    )
+    assert status == 200
+    computed_by_first = first["usage"]["prompt_tokens"] + 40 - 1  # the last token is not fed back
+    assert sim.stats().prefix_cache_hits - hits_before == computed_by_first // 16 * 16
+    assert second["usage"]["prompt_tokens"] > computed_by_first

@@ -8,7 +8,9 @@ from launcher.sim.tokens import (
     block_hashes,
     chat_token_ids,
     external_hash,
+    filler_word,
     none_hash,
+    output_token_id,
     text_token_ids,
 )
 
@@ -44,3 +46,8 @@ def test_block_hashes_are_vllm_sha256_chained_over_full_blocks() -> None:
     assert external_hash(hashes[0]) == VLLM_FIRST_BLOCK_HASH
     other = block_hashes([99, *ids[1:]], 16, root=none_hash(DEFAULT_NONE_HASH_SEED))
     assert other[1] != hashes[1]  # a block's hash depends on every block before it
+
+
+def test_a_generated_reply_re_tokenizes_to_the_generated_ids() -> None:
+    reply = "".join(filler_word(7, i) for i in range(50))
+    assert text_token_ids(reply) == [output_token_id(7, i) for i in range(50)]
