@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     add("--gpus-per-node", metavar="G", help="GPUs to request per node (default: --gpus)")
     add("--gpus", help="one node's GPUs, e.g. 8x80GB (login nodes have none to detect)")
     add("--model", help="override the file's model")
+    add("--params", help="parameter count when no config.json is at hand, e.g. 70B")
     add("--engine", help="vllm (default) or sim")
     add("--shape", help="auto (default: the planner decides), replicas, or ray")
     for name, text in (
@@ -123,11 +124,15 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     return config
 
 
-def plan_job(config: FleetConfig, nodes: int) -> tuple[NodesPlan, Inventory]:
+def plan_job(
+    config: FleetConfig, nodes: int, params: str | None = None
+) -> tuple[NodesPlan, Inventory]:
     """The nodes' layout. A node's GPUs are declared (gpus:, --gpus): the machine running this
     command is a login node, whose GPUs (if any) say nothing about the compute nodes."""
     options = dataclasses.replace(config.to_plan_options(), python=PY)
-    inventory, model = load_plan_inputs(options, config.gpus or "none", cpu_count=lambda: None)
+    inventory, model = load_plan_inputs(
+        options, config.gpus or "none", params, cpu_count=lambda: None
+    )
     wanted = config.slurm.gpus_per_node
     if wanted and not inventory.gpus:
         raise ConfigError(
@@ -204,7 +209,7 @@ def run_slurm(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nodes {args.nodes}: must be at least 1")
     script_path, batch = _paths(args)
     config = config_from_args(args)
-    layout, _ = plan_job(config, args.nodes)
+    layout, _ = plan_job(config, args.nodes, args.params)
     log_dir = Path(config.slurm.log_dir).resolve()
     # sbatch does not create the --output directory: a job whose log cannot be opened fails
     # without a word, so it exists before the script is handed over.

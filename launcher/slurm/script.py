@@ -359,7 +359,7 @@ def _shape_ray(spec: JobSpec) -> list[str]:
     ]
     head = 'step fleet-ray-head --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --'
     worker = (
-        f'step fleet-ray-workers --nodes={workers} --ntasks-per-node=1 --exclude="$HEAD_NODE" --'
+        'step fleet-ray-workers --nodes="$WORKERS" --ntasks-per-node=1 --exclude="$HEAD_NODE" --'
     )
     return [
         f"# --- shape 2: one server across {layout.nodes} node(s) with Ray. The head first, on the",
@@ -369,7 +369,8 @@ def _shape_ray(spec: JobSpec) -> list[str]:
         "RAY_HEAD_PID=$!",
         "# Workers only once the head answers (a worker started first cannot join).",
         _ray_wait(spec, 1),
-        f"if [ {workers} -gt 0 ]; then",
+        f"WORKERS={workers}",
+        'if [ "$WORKERS" -gt 0 ]; then',
         "    # one worker per other node; the agent gives each its own dashboard-agent port",
         "    # (from SLURM_PROCID) so two on one host would not clash either.",
         "    " + _wrapped([worker, *_ray_node(head=False)], indent="        ") + " &",
