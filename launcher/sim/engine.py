@@ -328,7 +328,7 @@ class SimEngine:
         """Put the blocks that `tokens` computed tokens fill into the prefix cache."""
         if seq.token_ids is None:
             return
-        full = len(self._hashes(seq, tokens // self.block_size))
+        full = min(tokens // self.block_size, len(self._hashes(seq, tokens // self.block_size)))
         if full > seq.registered_blocks:
             self.pool.register(
                 seq.blocks, seq.block_hashes, seq.token_ids, seq.registered_blocks, full

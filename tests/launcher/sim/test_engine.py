@@ -203,6 +203,20 @@ def test_stats_add_up() -> None:
     )
 
 
+def test_a_chunked_prompt_caches_its_blocks_chunk_by_chunk() -> None:
+    engine = make_engine(max_num_batched_tokens=40, max_model_len=256)
+    prompt = ids(300, 150)
+    clock = FakeClock()
+    engine.add("a", len(prompt), 1, 0.0, prompt_token_ids=prompt)
+    plan = engine.begin_step(0.0)
+    assert engine.pool.num_cached == 40 // BLOCK  # only what the first chunk filled
+    clock.now += plan.duration
+    engine.end_step(clock.now)
+    run_until_idle(engine, clock)
+    engine.add("b", len(prompt), 1, clock.now, prompt_token_ids=prompt)
+    assert engine.begin_step(clock.now).cache_hits == 144
+
+
 def test_kv_cache_usage_counts_the_blocks_requests_hold() -> None:
     engine = make_engine(kv_cache_tokens=160, max_model_len=160)
     engine.add("a", prompt_tokens=10, max_tokens=50, now=0.0)
