@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 #: Routes a batch line may POST to. vLLM serves these; an unknown route is most often a typo
 #: ("/v1/chat/completion"), so it is refused per line rather than sent and 404ed.
 KNOWN_URLS = (
@@ -103,10 +105,24 @@ def _error(line: int, message: str, custom_id: str | None = None) -> InputError:
     return InputError(line, custom_id, f"line {line}: {message}")
 
 
+#: msgspec decodes JSON several times faster than the json module (a million lines: seconds
+#: instead of tens of seconds); json re-parses what it refuses, for its precise error message
+#: (and integers beyond 64 bits, which msgspec does not take).
+_DECODER = msgspec.json.Decoder()
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse one JSON document; json.JSONDecodeError when it is not one."""
+    try:
+        return _DECODER.decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
+
+
 def validate_openai_line(line: int, text: str, urls: tuple[str, ...] = KNOWN_URLS) -> InputItem:
     """One OpenAI Batch line, checked (all but id uniqueness)."""
     try:
-        raw = json.loads(text)
+        raw = loads(text)
     except json.JSONDecodeError as exc:
         return _error(line, f"not JSON ({exc.msg} at column {exc.colno}); one object per line")
     if not isinstance(raw, dict):
@@ -141,7 +157,7 @@ def plain_prompt(text: str, options: PlainOptions) -> tuple[str | None, str]:
     if options.field is None and options.template is None:
         return None, text
     try:
-        raw = json.loads(text)
+        raw = loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON ({exc.msg}); --field/--template read JSON objects") from None
     if not isinstance(raw, dict):

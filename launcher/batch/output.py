@@ -7,15 +7,14 @@ and the next run appends after the last whole line.
 
 Why hashes: resuming skips every ``custom_id`` that already has a final line. Keeping the ids
 themselves would grow with the file (a million ids of 40 characters is ~100 MB of Python
-strings); keeping a 60-bit BLAKE2b hash of each is ~60 bytes an id in a Python set (int object
+strings); keeping a 60-bit hash of each is ~60 bytes an id in a Python set (int object
 plus hash-table slot), ~60 MB for a million. Two different ids share a hash with probability
 about n^2 / 2^61 (4e-7 for a million ids); the cost of that would be one line skipped.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import asyncio
 import os
 import time
 import uuid
@@ -23,19 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import msgspec
+
+from launcher.batch.input import loads
+
 #: Results are flushed to the OS and fsynced at least this often (seconds).
 SYNC_INTERVAL_S = 1.0
 #: How far back from the end a torn last line is looked for, per read.
 _TAIL_CHUNK = 1 << 16
+_ENCODER = msgspec.json.Encoder()
 #: 60 bits: Python keeps ints below 2^60 in its smallest multi-digit object (32 bytes).
 _HASH_MASK = (1 << 60) - 1
 
 
 def id_hash(custom_id: str) -> int:
-    return (
-        int.from_bytes(hashlib.blake2b(custom_id.encode("utf-8"), digest_size=8).digest(), "little")
-        & _HASH_MASK
-    )
+    """Python's own string hash (SipHash, 64 bits), cut to 60. It is salted per process, which
+    is fine: the set is rebuilt from the result files by every run, never stored."""
+    return hash(custom_id) & _HASH_MASK
 
 
 class IdSet:
@@ -99,7 +102,7 @@ def scan_results(paths: list[Path], state: ResumeState | None = None) -> ResumeS
         with path.open("rb") as handle:
             for raw in handle:
                 try:
-                    record = json.loads(raw)
+                    record = loads(raw)
                 except ValueError:
                     continue  # not ours: a line we could not have written; leave it be
                 if not isinstance(record, dict):
@@ -170,7 +173,7 @@ class ResultWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """One whole line in one write: a kill tears at most the line being written."""
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        line = _ENCODER.encode(record) + b"\n"
         target = self._errors if self._errors is not None and is_failure(record) else self._output
         target.write(line)
         self._dirty = True
@@ -179,18 +182,32 @@ class ResultWriter:
     def due(self, now: float) -> bool:
         return self._dirty and now - self._last_sync >= self._interval
 
-    def sync(self) -> None:
-        """Flush and fsync both files (blocking: at most a second of results)."""
+    def flush(self) -> list[int]:
+        """Hand buffered lines to the OS; returns the descriptors to fsync."""
+        descriptors = []
         for handle in (self._output, self._errors):
             if handle is not None:
                 handle.flush()
-                os.fsync(handle.fileno())
+                descriptors.append(handle.fileno())
         self._last_sync = time.monotonic()
         self._dirty = False
+        return descriptors
+
+    def sync(self) -> None:
+        """Flush and fsync both files, blocking (at the end of a run)."""
+        for descriptor in self.flush():
+            os.fsync(descriptor)
 
     def maybe_sync(self, now: float | None = None) -> None:
         if self.due(time.monotonic() if now is None else now):
             self.sync()
+
+    async def maybe_sync_async(self) -> None:
+        """`maybe_sync` with the fsync on a worker thread: a slow disk must not stall the
+        requests (the lines are already flushed to the OS, so appends go on meanwhile)."""
+        if self.due(time.monotonic()):
+            for descriptor in self.flush():
+                await asyncio.to_thread(os.fsync, descriptor)
 
     def close(self) -> None:
         self.sync()

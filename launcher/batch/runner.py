@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from launcher.batch.input import (
     PlainOptions,
     count_lines,
     duplicate_error,
+    loads,
     read_input,
 )
 from launcher.batch.limit import AdaptiveLimit, LimitSettings, initial_limit
@@ -121,7 +121,7 @@ def _retry_after(headers: Any) -> float:
 
 def _decode(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return loads(raw)
     except ValueError:
         return raw.decode("utf-8", "replace")
 
@@ -305,7 +305,7 @@ class BatchRun:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_S)
-            writer.maybe_sync()
+            await writer.maybe_sync_async()
             self.stats.limit = self._limit(loop.time())
             progress.refresh(time.monotonic())
 
