@@ -295,9 +295,10 @@ def request_cost(
     its last scrape (see freshness)::
 
         T      = max_tokens, or D when the request gives none
-        P      = prompt tokens the replica must compute: body bytes / 4 (no tokenizer in the
-                 router) minus the prefix the replica is predicted to hold cached
-                 (ReplicaPrefixes.cached_tokens: matched bytes / 4, whole KV blocks, x trust)
+        P      = prompt tokens the replica must compute: (body bytes / 4 (no tokenizer in
+                 the router) minus the prefix the replica is predicted to hold cached
+                 (ReplicaPrefixes.cached_tokens: matched bytes / 4, whole KV blocks, x trust))
+                 x the replica's real tokens per estimated token (ReplicaPrefixes.token_scale)
         N      = in_flight + w * other clients' running + waiting     (as in load_score)
         n      = min(N + 1, C)                          batch size while this request runs
         queue  = max(0, N + 1 - C) * QUEUE_PLACE_REQUESTS * a * (1 + b * C) * D
@@ -339,8 +340,10 @@ def request_cost(
     a, b, limit = speed.token_s, speed.batch_slowdown, speed.batch_limit
     tokens = float(request.max_tokens) if request.max_tokens is not None else typical_tokens
     tokens = max(1.0, tokens)
-    cached = replica.prefixes.cached_tokens(request.prefix) if request.prefix else 0.0
-    prefill = max(0.0, request.prompt_tokens - cached) * speed.prefill_s_per_token
+    prefixes = replica.prefixes
+    cached = prefixes.cached_tokens(request.prefix) if request.prefix else 0.0
+    computed = max(0.0, request.prompt_tokens - cached) * prefixes.token_scale
+    prefill = computed * speed.prefill_s_per_token
     batch = min(busy + 1.0, limit)
     ahead = max(0.0, busy + 1.0 - limit)
     # ``ahead`` > 0 only when the limit is finite (0 * inf would be NaN).

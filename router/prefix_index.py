@@ -69,6 +69,10 @@ MIN_TRUST = 0.1
 FORGOT_RATIO = 0.2
 #: Tokens queried (replica side) and predicted (router side) before the comparison counts.
 MIN_COMPARE_TOKENS = 4096.0
+#: Bounds of ReplicaPrefixes.token_scale (real tokens per estimated token): 1 to 8 bytes a
+#: token covers byte-level to large-vocabulary tokenizers.
+TOKEN_SCALE_MIN = 0.5
+TOKEN_SCALE_MAX = 4.0
 #: Half-life (s) of the predicted / measured hit-rate windows.
 HIT_HALF_LIFE_S = 30.0
 #: Position multipliers of prefix_keys (fixed seed: the same text gives the same keys run to
@@ -256,6 +260,22 @@ class ReplicaPrefixes:
     def predicted_hit_rate(self) -> float | None:
         """Share of the prompt bytes sent here that the record said were cached."""
         return self.predicted_bytes / self.sent_bytes if self.sent_bytes > 0 else None
+
+    @property
+    def token_scale(self) -> float:
+        """Real prompt tokens per estimated token (bytes / BYTES_PER_TOKEN) on this replica:
+        its queried prompt tokens over the routing text this router sent it, both recent.
+
+        vLLM's prefill price is learned per real token, while the router estimates prompts at
+        4 bytes a token; a byte-level tokenizer (the tiny test model: ~1.6 bytes a token)
+        makes every prompt 2.5x longer than estimated, and a cached prefix 2.5x more valuable.
+        Other clients of the replica inflate the ratio (their prompts count, their bytes do
+        not): it is clamped to [TOKEN_SCALE_MIN, TOKEN_SCALE_MAX] and 1 until both sides have
+        MIN_COMPARE_TOKENS."""
+        estimated = self.sent_bytes / BYTES_PER_TOKEN
+        if estimated < MIN_COMPARE_TOKENS or self.measured_queries < MIN_COMPARE_TOKENS:
+            return 1.0
+        return min(TOKEN_SCALE_MAX, max(TOKEN_SCALE_MIN, self.measured_queries / estimated))
 
     @property
     def measured_hit_rate(self) -> float | None:

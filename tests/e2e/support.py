@@ -114,13 +114,16 @@ def start_vllm_replicas(
     ]
 
 
-def start_router(backends: Sequence[str], log_dir: Path) -> Server:
+def start_router(
+    backends: Sequence[str], log_dir: Path, extra: Sequence[str] = (), name: str = "router"
+) -> Server:
+    """`vllm-fleet router` over `backends`; `extra` are more router flags (e.g. --policy)."""
     port = free_port()
     argv = [sys.executable, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--health-interval", "0.5", "--scrape-interval", "0.5"]
     for url in backends:
         argv += ["--backend", url]
-    return start_server("router", f"http://127.0.0.1:{port}", argv, {}, log_dir)
+    return start_server(name, f"http://127.0.0.1:{port}", [*argv, *extra], {}, log_dir)
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

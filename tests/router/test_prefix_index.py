@@ -17,6 +17,7 @@ from router.prefix_index import (
     ENTRY_BYTES,
     MAX_PREFIX_BYTES,
     MIN_COMPARE_TOKENS,
+    TOKEN_SCALE_MAX,
     ReplicaPrefixes,
     fit_budget,
     memory_bytes,
@@ -274,3 +275,18 @@ def test_a_replica_without_cache_info_gets_the_default_size() -> None:
     metrics = "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
     apply_metrics(r, parse_vllm_metrics(metrics), now=1.0)
     assert r.prefixes.capacity == DEFAULT_CACHE_TOKENS * BYTES_PER_TOKEN // BLOCK_BYTES
+
+
+def test_token_scale_learns_real_tokens_per_estimated_token() -> None:
+    """A byte-level tokenizer (~1.6 bytes a token): the replica queries 2.5x the tokens the
+    router estimated at 4 bytes a token; the scale follows, within its bounds."""
+    record = ReplicaPrefixes()
+    assert record.token_scale == 1.0  # nothing measured yet
+    keys = prefix_keys("m", SYSTEM * 10)
+    at = feed(record, keys, 20, 0.0)
+    estimated = record.sent_bytes / BYTES_PER_TOKEN
+    record.observe_counters(0, 0, at)
+    record.observe_counters(hits=0.9 * 2.5 * estimated, queries=2.5 * estimated, at=at)
+    assert record.token_scale == pytest.approx(2.5)
+    record.observe_counters(hits=0.9 * 100 * estimated, queries=100 * estimated, at=at)
+    assert record.token_scale == TOKEN_SCALE_MAX  # other clients' prompts: bounded

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -124,11 +125,21 @@ def test_events_keep_the_block_set_and_correct_the_record() -> None:
 # --- against a simulated replica that publishes events --------------------------------------
 
 
+@dataclass
+class Tally:
+    """What an independent subscriber received: the device blocks held, batches seen."""
+
+    held: set[int | bytes] = field(default_factory=set)
+    batches: int = 0
+    cleared: int = 0
+
+
 @asynccontextmanager
-async def independent_subscriber(endpoint: str) -> AsyncIterator[set[int | bytes]]:
+async def independent_subscriber(endpoint: str) -> AsyncIterator[Tally]:
     """A subscriber of our own, to compare the router's block set with: it keeps the stored
     minus removed device blocks of every batch it receives."""
-    held: set[int | bytes] = set()
+    tally = Tally()
+    held = tally.held
     ctx = zmq.asyncio.Context()
     socket = ctx.socket(zmq.SUB)
     socket.setsockopt(zmq.SUBSCRIBE, b"")
@@ -137,6 +148,7 @@ async def independent_subscriber(endpoint: str) -> AsyncIterator[set[int | bytes
     async def receive() -> None:
         while True:
             _, _, payload = await socket.recv_multipart()
+            tally.batches += 1
             for e in decode_batch(payload):
                 if e.kind == "BlockStored":
                     held.update(e.hashes)
@@ -144,10 +156,11 @@ async def independent_subscriber(endpoint: str) -> AsyncIterator[set[int | bytes
                     held.difference_update(e.hashes)
                 else:
                     held.clear()
+                    tally.cleared += 1
 
     task = asyncio.create_task(receive())
     try:
-        yield held
+        yield tally
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -172,17 +185,30 @@ async def chats(router: RouterHandle, groups: int, per_group: int) -> None:
                     assert resp.status == 200, await resp.text()
 
 
-async def subscribed(router: RouterHandle, publish_port: int) -> None:
-    """Until the router's subscriber gets batches: a ZMQ SUB joins a little after connect()
-    and misses what was published before (the slow-joiner), so poke the sim until a batch
-    arrives (bounded)."""
+async def reset(url: str) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/reset_prefix_cache") as resp,
+    ):
+        assert resp.status == 200
+
+
+async def aligned(router: RouterHandle, theirs: Tally) -> None:
+    """Until both subscribers get batches, then a reset of the prefix cache, so both count
+    from the same AllBlocksCleared. A ZMQ SUB joins a little after connect() and misses what
+    was published before (the slow joiner): the sim is poked with a chat until it joined."""
     replica = next(iter(router.fleet.replicas.values()))
     deadline = time.monotonic() + 10
     i = 0
-    while replica.prefixes.events is None or replica.prefixes.events.batches == 0:
-        assert time.monotonic() < deadline, "the router never received a KV event batch"
+    while (
+        replica.prefixes.events is None or not replica.prefixes.events.batches or not theirs.batches
+    ):
+        assert time.monotonic() < deadline, "a subscriber never received a KV event batch"
         await chats(router, 1, 1) if i == 0 else await asyncio.sleep(0.05)
         i = (i + 1) % 10
+    await reset(replica.url)
+    events = replica.prefixes.events
+    await eventually(lambda: events.cleared == 1 and not theirs.held, what="both cleared")
 
 
 @pytest.mark.parametrize("spec", ["port", "auto"])
@@ -200,19 +226,15 @@ async def test_the_router_block_set_matches_the_replica_events(spec: str) -> Non
             independent_subscriber(f"tcp://127.0.0.1:{port}") as theirs,
             running_router([sim.url], kv_events=(flag,)) as router,
         ):
-            await subscribed(router, port)
+            await aligned(router, theirs)
             await chats(router, groups=4, per_group=3)  # 4 groups of ~8 blocks: evicts
             replica = router.fleet.replicas[sim.url]
             ours = replica.prefixes.events
             assert ours is not None
-            await eventually(lambda: ours.hashes == theirs, what="the same block set")
+            await eventually(lambda: ours.hashes == theirs.held, what="the same block set")
             assert ours.removed > 0, "the small cache should have evicted blocks"
             assert ours.missed == 0
-            async with (
-                aiohttp.ClientSession() as session,
-                session.post(f"{sim.url}/reset_prefix_cache") as resp,
-            ):
-                assert resp.status == 200
-            await eventually(lambda: ours.cleared == 1, what="AllBlocksCleared")
-            assert ours.hashes == set() == theirs
+            await reset(sim.url)
+            await eventually(lambda: ours.cleared == 2, what="AllBlocksCleared")
+            assert ours.hashes == set() == theirs.held
             assert len(replica.prefixes) == 0
