@@ -1,0 +1,125 @@
+"""Batch throughput: `vllm-fleet batch --max-inflight auto` against a sweep of fixed limits.
+
+    python -m bench.batch_sweep [--requests 400] [--out bench/.work/batch_sweep.json]
+
+A helper rather than a numbered scenario: it measures the batch client, not a line-up of
+routers. Two simulated replicas (max_num_seqs 16, 20 ms step growing 5 % a running request:
+the default calibrated shape) behind our router (a child process, like the simulators); each
+run is the real CLI in its own process on the same seeded file (max_tokens 16-64), reporting
+output tokens/s from its --json summary. Auto runs twice: first against the fresh router
+(no batch limit learned yet: slow start probes) and again last (the router has seen full
+batches). Throughput against concurrency is the curve seed notebook 003 draws for batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.replicas import SimFleet, SimSettings
+from tests.support.ports import free_port
+from tests.support.procs import ChildProcess, wait_http
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "sim-model"
+FIXED = (4, 8, 16, 32, 48, 64, 128)
+REPLICA = SimSettings(model=MODEL, max_num_seqs=16, step_ms=20.0)
+
+
+def write_input(path: Path, count: int, seed: int = 3) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for n in range(count):
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"summarise document {n} " * 8}],
+                "max_tokens": rng.randint(16, 64),
+            }
+            line = {"custom_id": f"doc-{n}", "method": "POST", "url": "/v1/chat/completions"}
+            handle.write(json.dumps({**line, "body": body}) + "\n")
+
+
+def run_batch_cli(source: Path, workdir: Path, endpoint: str, limit: str) -> dict[str, Any]:
+    output = workdir / f"out-{limit}-{time.monotonic_ns()}.jsonl"
+    argv = [sys.executable, "-m", "launcher.cli", "batch", str(source), "-o", str(output)]
+    argv += ["--endpoint", endpoint, "--max-inflight", limit, "--json", "--quiet"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"batch --max-inflight {limit} failed: {done.stderr[-1000:]}")
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary
+
+
+async def sweep(requests: int, workdir: Path) -> list[dict[str, Any]]:
+    fleet = SimFleet.of([REPLICA, REPLICA], workdir, sys.executable)
+    await fleet.start()
+    port = free_port()
+    router_argv = [sys.executable, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
+    router_argv += ["--port", str(port), "--log-level", "warning"]
+    for url in fleet.urls:
+        router_argv += ["--backend", url]
+    router = ChildProcess(router_argv, workdir / "router.log", cwd=REPO)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{endpoint}/ready", 30.0, router)
+        source = workdir / "input.jsonl"
+        write_input(source, requests)
+        rows: list[dict[str, Any]] = []
+        for limit in ("auto", *map(str, FIXED), "auto"):
+            label = "auto (fresh router)" if limit == "auto" and not rows else limit
+            summary = await asyncio.to_thread(run_batch_cli, source, workdir, endpoint, limit)
+            row = {
+                "max_inflight": label,
+                "output_tokens_per_s": summary["output_tokens_per_s"],
+                "requests_per_s": summary["requests_per_s"],
+                "latency_p50_s": summary["latency_p50_s"],
+                "latency_p99_s": summary["latency_p99_s"],
+                "final_limit": summary["final_limit"],
+                "duration_s": summary["duration_s"],
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        router.stop()
+        fleet.stop()
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    best = max(r["output_tokens_per_s"] for r in rows if not str(r["max_inflight"]).startswith("a"))
+    lines = [
+        "| --max-inflight | output tok/s | vs best fixed | p50 s | p99 s | final limit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['max_inflight']} | {r['output_tokens_per_s']:.0f} | "
+            f"{100 * r['output_tokens_per_s'] / best:.0f} % | {r['latency_p50_s']:.2f} | "
+            f"{r['latency_p99_s']:.2f} | {r['final_limit']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / ".work" / "batch_sweep.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = asyncio.run(sweep(args.requests, Path(tmp)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
