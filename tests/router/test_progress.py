@@ -67,7 +67,8 @@ def test_a_silent_replica_with_overdue_requests_is_suspect_while_peers_progress(
 
 def test_a_replica_with_a_running_stream_must_keep_sending() -> None:
     _, (r, _) = fleet_of(2)
-    r.streams = 1
+    r.relays.add(Abandons().attempt(100.0, due_in=float("inf")))
+    assert r.streams == 1
     assert not review(r, True, 100.0 + SILENCE_S / 2).suspect
     assert review(r, True, 100.0 + SILENCE_S + 0.01).suspect
 
