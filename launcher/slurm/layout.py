@@ -57,6 +57,11 @@ class NodesPlan:
                 f"Shape 1 (replicas): {self.nodes} node(s) x {per} replica(s) "
                 f"(TP{tp}) = {self.nodes * per} replicas behind one router on the first node"
             )
+        if self.node_plan.engine == "sim":
+            return (
+                f"Shape 2 (ray): Ray across {self.nodes} nodes, the simulator standing in for "
+                "the vLLM server on the first node, behind one router there"
+            )
         return (
             f"Shape 2 (ray): one {self.node_plan.engine} server across {self.nodes} nodes, "
             f"tensor parallel {self.gpus_per_node} per node x pipeline parallel {self.nodes}, "

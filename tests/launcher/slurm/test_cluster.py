@@ -93,7 +93,7 @@ def test_shape_one_runs_as_a_job_serves_and_leaves_nothing(submitted: tuple[str,
     def ready() -> bool:
         if not endpoint.exists():
             return False
-        state = json.loads(endpoint.read_text())["state"]
+        state = str(json.loads(endpoint.read_text())["state"])
         assert state in ("starting", "ready"), log.read_text()
         return state == "ready"
 
