@@ -220,8 +220,19 @@ class ConversationMix:
     stream_fraction: float = 1.0
 
 
-def make_conversation_schedule(mix: ConversationMix) -> list[RequestSpec]:
-    """The seeded multi-turn sequence, every turn a request, in order of sending time."""
+#: The assistant's answer to a chat of `max_tokens` tokens, as the client will have it.
+Reply = Callable[[tuple[tuple[str, str], ...], int], str]
+
+
+def make_conversation_schedule(
+    mix: ConversationMix, reply: Reply | None = None
+) -> list[RequestSpec]:
+    """The seeded multi-turn sequence, every turn a request, in order of sending time.
+
+    `reply` gives the answer each turn gets, which the next turn sends back; the simulator's
+    answers are fixed by the chat (bench.prefix_oracle.reply_text), so the history is exactly
+    what a client would have received from any replica. Without it, seeded words stand in.
+    """
     rng = random.Random(mix.seed)
     systems = [
         _text(rng, f"You are chat assistant {s} of seed {mix.seed}.", mix.system_tokens)
@@ -242,7 +253,8 @@ def make_conversation_schedule(mix: ConversationMix) -> list[RequestSpec]:
                 (at, conversation, turn, chat, max_tokens, rng.random() < mix.stream_fraction)
             )
             # What the client will have received: max_tokens tokens of answer text.
-            chat += (("assistant", _text(rng, f"Answer {turn}:", max_tokens)),)
+            answer = reply(chat, max_tokens) if reply else _text(rng, f"Answer {turn}:", max_tokens)
+            chat += (("assistant", answer),)
             at += rng.uniform(*mix.think_s)
             if at >= mix.duration:
                 break

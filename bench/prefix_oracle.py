@@ -7,8 +7,10 @@ request's prompt blocks cached the moment it is sent, no room taken by running r
 router over the real replicas can do better than that (short of beating LRU by knowing the
 future); what is left is each group's first request and what LRU evicts from the pooled size.
 
-Blocks are counted the simulator's way (launcher.sim.tokens: 4 bytes a token, the chat
-template, `block_size`-token blocks) and a hit the way vLLM counts it
+Tokens are the simulator's own (its request parser, launcher.sim.protocol.parse_chat: 4 bytes
+a token, the chat template), and so is the reply (its filler words, fixed by the prompt); a
+request leaves its prompt and all but the last generated token cached, in `block_size`-token
+blocks, as vLLM does. A hit is counted the way vLLM counts it
 (`vllm:prefix_cache_hits_total / queries_total`, tokens): the longest cached run of leading
 full blocks, never the last prompt token, over every prompt token sent.
 """
@@ -18,13 +20,35 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from bench.load import RequestSpec
-from launcher.sim.tokens import chat_token_ids
+from bench.load import RequestSpec, request_body
+from launcher.sim.config import SimConfig
+from launcher.sim.protocol import GenerationRequest, filler_text, parse_chat
+from launcher.sim.tokens import text_token_ids
+
+#: A simulator configuration that accepts any prompt (only its parser is used here).
+_PARSER = SimConfig(model="sim-model", max_model_len=1 << 20, kv_cache_tokens=1 << 20)
+
+
+def simulated(messages: Sequence[tuple[str, str]], max_tokens: int) -> GenerationRequest:
+    """What the simulator makes of a chat request: its prompt ids and reply offset."""
+    body = request_body(RequestSpec(0, 0.0, "", max_tokens, False, tuple(messages)), "sim-model")
+    body["model"] = _PARSER.model
+    return parse_chat(body, _PARSER)
+
+
+def reply_text(messages: Sequence[tuple[str, str]], max_tokens: int) -> str:
+    """The answer a simulated replica gives this chat (the same on every replica): what a
+    client keeps and sends back in the next turn."""
+    return filler_text(simulated(messages, max_tokens).text_offset, max_tokens)
+
+
+def _chat(spec: RequestSpec) -> tuple[tuple[str, str], ...]:
+    return spec.messages or (("user", spec.prompt),)
 
 
 def prompt_ids(spec: RequestSpec) -> list[int]:
     """The prompt's token ids as the simulator makes them from the chat the request sends."""
-    return chat_token_ids(spec.messages or (("user", spec.prompt),))
+    return list(simulated(_chat(spec), spec.max_tokens or 1).prompt_token_ids)
 
 
 def best_hit_rate(schedule: Sequence[RequestSpec], block_size: int, capacity_blocks: int) -> float:
@@ -32,11 +56,15 @@ def best_hit_rate(schedule: Sequence[RequestSpec], block_size: int, capacity_blo
     cache: OrderedDict[int, None] = OrderedDict()
     hits = queries = 0
     for spec in sorted(schedule, key=lambda s: s.at):
-        ids = prompt_ids(spec)
+        request = simulated(_chat(spec), spec.max_tokens or 1)
+        ids = list(request.prompt_token_ids)
+        output = text_token_ids(filler_text(request.text_offset, request.max_tokens))
+        # The last generated token is never fed back: its KV is not computed.
+        computed = ids + output[:-1]
         keys: list[int] = []
         parent = 0
-        for start in range(0, len(ids) - block_size + 1, block_size):
-            parent = hash((parent, tuple(ids[start : start + block_size])))
+        for start in range(0, len(computed) - block_size + 1, block_size):
+            parent = hash((parent, tuple(computed[start : start + block_size])))
             keys.append(parent)
         hittable = (len(ids) - 1) // block_size
         found = 0

@@ -16,8 +16,8 @@ from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL, Options, measure, open_loop
 from bench.scenarios.tables import not_started_row
 from bench.section import PeerRun, Table
+from launcher.sim.capacity import saturation_rps
 from launcher.sim.config import BATCH_SLOWDOWN, SimConfig
-from launcher.sim.engine import StepTiming
 
 #: 4 replicas of the simulator with vLLM V1's prefix cache. 20 ms steps of up to 16 requests;
 #: the prefill and attention costs are the simulator's measured shape (docs/simulator.md).
@@ -38,30 +38,21 @@ LABELS = tuple(f"r{i}" for i in range(REPLICAS))
 
 
 def uncached_capacity(schedule: Sequence[RequestSpec]) -> float:
-    """Requests per second the fleet serves at full batches when no prompt token is cached,
-    from the simulator's own step law (launcher.sim.engine.StepTiming) and the sequence's
-    mean prompt and output: what "load" means in the scenarios' text.
-
-    Per request: its share of the decode steps of a full batch (each reading every running
-    request's context) plus the steps' extra time for computing its whole prompt once.
-    """
+    """Requests per second the fleet completes with the whole sequence queued at once and
+    nothing cached: the simulator's own engine run offline (launcher.sim.capacity) with prefix
+    caching off, times the replicas. What "load" means in the scenarios' text."""
     settings = PREFIX_REPLICA
-    law = StepTiming.from_config(
-        SimConfig(
-            step_ms=settings.step_ms,
-            batch_slowdown=settings.batch_slowdown,
-            kv_cache_tokens=KV_CACHE_TOKENS,
-            max_model_len=8192,
-        )
+    config = SimConfig(
+        model=settings.model,
+        max_num_seqs=settings.max_num_seqs,
+        step_ms=settings.step_ms,
+        batch_slowdown=settings.batch_slowdown,
+        kv_cache_tokens=KV_CACHE_TOKENS,
+        max_model_len=8192,
+        enable_prefix_caching=False,
     )
-    prompt = sum(len(prompt_ids(s)) for s in schedule) / len(schedule)
-    output = sum(s.max_tokens or 0 for s in schedule) / len(schedule)
-    n = settings.max_num_seqs
-    context = prompt + output / 2
-    decode_step = law.step_duration(n, n, int(n * context), 1.0)
-    prefill = law.step_duration(0, int(prompt), int(prompt), 1.0) - law.step_duration(0, 0, 0, 1.0)
-    per_request = output / n * decode_step + prefill
-    return REPLICAS / per_request
+    requests = [(prompt_ids(s), s.max_tokens or 1) for s in schedule]
+    return REPLICAS * saturation_rps(config, requests)
 
 
 def offered_load(schedule: Sequence[RequestSpec], duration: float) -> float:

@@ -106,7 +106,8 @@ async def run_scenario(opts: Options) -> Section:
             f"of {traffic.question_tokens[0]}-{traffic.question_tokens[1]} tokens, "
             f"{traffic.output_tokens[0]}-{traffic.output_tokens[1]} tokens out, streamed. "
             f"Offered load {fmt_pct(offered_load(schedule, traffic.duration))} of what the "
-            "replicas serve with nothing cached (the simulator's step law at full batches).",
+            "replicas serve with nothing cached (the simulator's engine run offline, "
+            "launcher.sim.capacity).",
             best,
         )
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench.fmt import fmt_ms, fmt_pct
 from bench.load import ConversationMix, make_conversation_schedule
-from bench.prefix_oracle import best_hit_rate
+from bench.prefix_oracle import best_hit_rate, reply_text
 from bench.scenarios.harness import Options, line_up, started
 from bench.scenarios.prefix import (
     BLOCK_SIZE,
@@ -65,7 +65,7 @@ def multi_turn_targets(runs: list[PeerRun], best: float) -> list[TargetCheck]:
 
 async def run_scenario(opts: Options) -> Section:
     traffic = mix(opts)
-    schedule = make_conversation_schedule(traffic)
+    schedule = make_conversation_schedule(traffic, reply_text)
     best = best_hit_rate(schedule, BLOCK_SIZE, REPLICAS * KV_CACHE_TOKENS // BLOCK_SIZE)
     conversations = len({s.group for s in schedule})
     load = offered_load(schedule, traffic.duration)
@@ -78,12 +78,14 @@ async def run_scenario(opts: Options) -> Section:
             f"~{traffic.system_tokens} tokens and a first message of "
             f"{traffic.first_tokens[0]}-{traffic.first_tokens[1]} tokens, then "
             f"{traffic.turns[0]}-{traffic.turns[1]} turns in all (cut at the end of the run), "
-            f"each sending the whole chat so far (the replies as {traffic.output_tokens[0]}-"
-            f"{traffic.output_tokens[1]}-token texts) and a new message of "
+            f"each sending the whole chat so far (with the replies of {traffic.output_tokens[0]}-"
+            f"{traffic.output_tokens[1]} tokens exactly as the replicas gave them: the "
+            "simulator's answer is fixed by the chat) and a new message of "
             f"{traffic.turn_tokens[0]}-{traffic.turn_tokens[1]} tokens, "
             f"{traffic.think_s[0]:g}-{traffic.think_s[1]:g} s after the previous turn was sent "
             f"and never before it was answered; streamed. Offered load {fmt_pct(load)} of what "
-            "the replicas serve with nothing cached (the simulator's step law at full batches).",
+            "the replicas serve with nothing cached (the simulator's engine run offline, "
+            "launcher.sim.capacity).",
             best,
         )
     )

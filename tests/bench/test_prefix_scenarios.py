@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+
+import aiohttp
 
 from bench.load import (
     BoundedLoadHash,
@@ -16,10 +19,11 @@ from bench.load import (
     RequestSpec,
     make_conversation_schedule,
     make_prefix_schedule,
+    request_body,
     run_open_loop,
 )
 from bench.peers import OursPairPeer, OursPeer
-from bench.prefix_oracle import best_hit_rate, prompt_ids
+from bench.prefix_oracle import best_hit_rate, prompt_ids, reply_text
 from bench.replicas import SimFleet, SimReplica, SimSettings
 from bench.scenarios.prefix import by_key, cache_use, offered_load, prefix_table
 from bench.scenarios.s8_shared_prefix import shared_prefix_targets
@@ -72,6 +76,37 @@ def test_each_turn_resends_its_conversation_and_follows_the_turn_before() -> Non
         assert prompt_ids(spec)[: len(prompt_ids(previous))] == prompt_ids(previous)
     firsts = [s for s in schedule if s.follows is None]
     assert len({s.group for s in firsts}) == len(firsts)
+
+
+async def test_a_turn_resends_the_reply_the_simulator_gave_and_hits_it() -> None:
+    schedule = make_conversation_schedule(
+        ConversationMix(rate=1.0, duration=8.0, seed=2, turns=(2, 2), think_s=(1.0, 1.0)),
+        reply_text,
+    )
+    first = next(s for s in schedule if s.follows is None)
+    second = next(s for s in schedule if s.follows == first.index)
+    async with running_sims(1, step_ms=1.0) as sims:
+        url = sims[0].url
+        body = request_body(replace(first, stream=False), SIM_MODEL)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{url}/v1/chat/completions", json=body) as response,
+        ):
+            answer = (await response.json())["choices"][0]["message"]["content"]
+        assert second.messages[len(first.messages)] == ("assistant", answer)
+        before = await scrape_metrics(url)
+        await run_open_loop(FixedTarget(url), [replace(second, at=0.0, follows=None)], SIM_MODEL)
+        after = await scrape_metrics(url)
+    hits = metric_value(after, "vllm:prefix_cache_hits_total") - metric_value(
+        before, "vllm:prefix_cache_hits_total"
+    )
+    # The first turn's prompt and all but the last generated token were cached, whole blocks.
+    assert first.max_tokens is not None
+    computed = len(prompt_ids(first)) + first.max_tokens - 1
+    assert hits == computed - computed % 16
+    assert best_hit_rate([first, second], 16, 10_000) == hits / (
+        len(prompt_ids(first)) + len(prompt_ids(second))
+    )
 
 
 def _chat(index: int, system: str, question: str) -> RequestSpec:
