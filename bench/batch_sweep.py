@@ -30,7 +30,7 @@ from tests.support.procs import ChildProcess, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "sim-model"
-FIXED = (4, 8, 16, 32, 48, 64, 128)
+FIXED = (8, 16, 32, 48, 64, 128)
 REPLICA = SimSettings(model=MODEL, max_num_seqs=16, step_ms=20.0)
 
 
