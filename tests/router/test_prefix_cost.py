@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from router.balancer import CostAware, RequestInfo, Speed, request_cost
-from router.prefix_index import BLOCK_BYTES, BYTES_PER_TOKEN, prefix_keys
+from router.prefix_index import BLOCK_BYTES, BYTES_PER_TOKEN, prefix_bytes, prefix_keys
 from router.speed import SpeedEstimate
 from router.state import ReplicaState
 
@@ -56,7 +56,7 @@ def test_prefill_is_priced_for_the_tokens_not_cached() -> None:
     before = request_cost(holder, info, speed, 100.0, NOW)
     holder.prefixes.record(prefix_keys("m", SYSTEM), NOW)
     after = request_cost(holder, info, speed, 100.0, NOW)
-    cached = (len(SYSTEM) // BLOCK_BYTES) * BLOCK_BYTES / BYTES_PER_TOKEN
+    cached = prefix_bytes(len(prefix_keys("m", SYSTEM))) / BYTES_PER_TOKEN
     assert before - after == pytest.approx(cached * PREFILL_S * 1.0, rel=1e-6)
 
 

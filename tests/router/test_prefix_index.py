@@ -13,14 +13,17 @@ import pytest
 from router.prefix_index import (
     BLOCK_BYTES,
     BYTES_PER_TOKEN,
+    COARSE_BYTES,
     DEFAULT_CACHE_TOKENS,
     ENTRY_BYTES,
+    FINE_BYTES,
     MAX_PREFIX_BYTES,
     MIN_COMPARE_TOKENS,
     TOKEN_SCALE_MAX,
     ReplicaPrefixes,
     fit_budget,
     memory_bytes,
+    prefix_bytes,
     prefix_keys,
     request_prefix,
     routing_text,
@@ -89,7 +92,21 @@ def test_keys_are_chained_per_full_block() -> None:
 
 
 def test_keys_stop_at_the_cap() -> None:
-    assert len(prefix_keys("m", "x" * (MAX_PREFIX_BYTES * 2))) == MAX_PREFIX_BYTES // BLOCK_BYTES
+    keys = prefix_keys("m", "x" * (MAX_PREFIX_BYTES * 2))
+    fine = FINE_BYTES // BLOCK_BYTES
+    assert len(keys) == fine + (MAX_PREFIX_BYTES - FINE_BYTES) // COARSE_BYTES
+    assert prefix_bytes(len(keys)) == MAX_PREFIX_BYTES
+
+
+def test_blocks_are_coarser_past_the_first_kilobytes() -> None:
+    text = "y" * (FINE_BYTES + 3 * COARSE_BYTES + 100)
+    keys = prefix_keys("m", text)
+    assert len(keys) == FINE_BYTES // BLOCK_BYTES + 3
+    assert [prefix_bytes(n) for n in (1, FINE_BYTES // BLOCK_BYTES, len(keys))] == [
+        BLOCK_BYTES,
+        FINE_BYTES,
+        FINE_BYTES + 3 * COARSE_BYTES,
+    ]
 
 
 def test_non_ascii_and_lone_surrogates_hash() -> None:
@@ -154,14 +171,14 @@ def test_memory_is_counted_per_key() -> None:
 
 
 def test_evict_drops_the_least_recent_keys_first() -> None:
-    record = ReplicaPrefixes(capacity=60)
-    old = prefix_keys("m", "a" * BLOCK_BYTES * 30)
-    new = prefix_keys("m", "b" * BLOCK_BYTES * 20)
+    old = prefix_keys("m", "a" * BLOCK_BYTES * 30)  # 16 + 4 keys
+    new = prefix_keys("m", "b" * BLOCK_BYTES * 20)  # 16 + 1 keys
+    record = ReplicaPrefixes(capacity=2 * len(old))
     record.record(old, 0.0)  # fills half the capacity: becomes the old generation
     record.record(new, 0.0)
-    record.evict(30)
+    record.evict(len(old))
     assert record.match(old) == 0
-    assert record.match(new) == 20
+    assert record.match(new) == len(new)
 
 
 # --- corrections from the replica's counters ------------------------------------------------
