@@ -90,7 +90,7 @@ def plan_nodes(
         try:
             one_node = plan(inventory, model, options)
         except PlanError:
-            if shape == "replicas" or model is None or nodes == 1:
+            if shape == "replicas" or model is None:
                 raise
         else:
             return NodesPlan("replicas", nodes, gpus, one_node, one_node.notes)
@@ -111,7 +111,7 @@ def _plan_ray(
     inventory: Inventory, model: ModelSize | None, options: PlanOptions, nodes: int
 ) -> NodesPlan:
     gpus = len(inventory.gpus)
-    if nodes < 2 and options.engine != "sim":
+    if nodes < 2 and options.engine != "sim" and model is None:
         raise PlanError("the ray shape spans nodes: use --nodes 2 or more")
     ray_flags = ("--pipeline-parallel-size", str(nodes), "--distributed-executor-backend", "ray")
     notes: list[str] = []
@@ -135,7 +135,7 @@ def _plan_ray(
     )
     if model is not None:
         needed = _stages_needed(inventory, model, stage_options)
-        if needed == 0 or needed > nodes:
+        if needed == 0 or needed > max(nodes, 1) or nodes < 2:
             more = f"--nodes {needed}" if needed else f"more than {MAX_HINT_NODES} nodes"
             raise PlanError(
                 f"{model.name} does not fit on {nodes} node(s) of {gpus} GPUs as pipeline "
