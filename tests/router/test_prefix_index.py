@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from router.health import BreakerPolicy, apply_check, begin_check, eject
 from router.prefix_index import (
     BLOCK_BYTES,
     BYTES_PER_TOKEN,
@@ -307,3 +308,18 @@ def test_token_scale_learns_real_tokens_per_estimated_token() -> None:
     assert record.token_scale == pytest.approx(2.5)
     record.observe_counters(hits=0.9 * 100 * estimated, queries=100 * estimated, at=at)
     assert record.token_scale == TOKEN_SCALE_MAX  # other clients' prompts: bounded
+
+
+def test_a_replica_readmitted_after_an_ejection_starts_with_an_empty_record() -> None:
+    """Out long enough to be ejected (a refused connection: the process was gone), it most
+    likely restarted with an empty cache: the breaker closing again drops the record."""
+    policy = BreakerPolicy()
+    r = ReplicaState(url="http://a:1", healthy=True, check_ok=True, ever_healthy=True)
+    keys = prefix_keys("m", SYSTEM)
+    r.prefixes.record(keys, 0.0)
+    assert eject(r, 1.0, policy, why="refused")
+    assert r.prefixes.match(keys) == len(keys)  # still there while it is out
+    begin_check(r, 1.0 + r.cooldown_s)
+    apply_check(r, True, 1.0 + r.cooldown_s, policy)
+    assert r.healthy
+    assert r.prefixes.match(keys) == 0
