@@ -8,6 +8,7 @@ OpenAI-compatible server shows neither, and the limit then learns from latency a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes] | 
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
         async with session.get(url, timeout=timeout) as response:
             return response.status, await response.read()
-    except (aiohttp.ClientError, TimeoutError):
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
 
 

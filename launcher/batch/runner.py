@@ -165,7 +165,7 @@ class BatchRun:
             if self.limiter is not None:
                 self.limiter.on_overload()
             raise Retryable(f"cannot connect: {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
         body = _decode(raw)
         if status in OVERLOAD_STATUSES and self.limiter is not None:
@@ -378,7 +378,7 @@ class BatchRun:
                 continue
             while self.stats.in_flight >= self._limit(loop.time()):
                 self._slot_freed.clear()
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), TICK_S)
                 if self.stop_requested.is_set():
                     return True
