@@ -139,3 +139,54 @@ def test_shape_one_runs_as_a_job_serves_and_leaves_nothing(submitted: tuple[str,
     assert json.loads(endpoint.read_text())["state"] == "stopped"
     ended = _cli("status", "--job", job_id)
     assert f"Job {job_id}: ENDED (SLURM COMPLETED)" in ended.stdout, ended.stdout
+
+
+def _submit(tmp_path: Path, settings: str, *flags: str) -> str:
+    config = tmp_path / "fleet.yaml"
+    config.write_text(
+        f"engine: sim\nreplicas: 2\nslurm: {{log_dir: {tmp_path / 'logs'}, {settings}}}\n"
+    )
+    out = _cli("slurm", "--config", str(config), "--nodes", "1", "--submit", *flags)
+    assert out.returncode == 0, out.stderr
+    found = re.search(r"Submitted job (\d+)", out.stdout)
+    assert found, out.stdout
+    return found.group(1)
+
+
+def test_a_batch_job_runs_its_input_through_its_fleet_and_ends(
+    cluster: None, tmp_path: Path
+) -> None:
+    deadline = time.monotonic() + BUDGET_S
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "sim-model", "prompt": f"p{i}", "max_tokens": 4}}
+        for i in range(5)
+    ]  # fmt: skip
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = tmp_path / "out.jsonl"
+    job_id = _submit(tmp_path, "time: '5'", "--batch", str(requests), "-o", str(results),
+                     "--script", str(tmp_path / "batch.sbatch"))  # fmt: skip
+    try:
+        log = tmp_path / "logs" / f"{job_id}.log"
+        _wait(lambda: slurm_job(job_id).state == "COMPLETED", "the job completing", deadline, log)
+        done = [json.loads(line) for line in results.read_text().splitlines()]
+        assert sorted(d["custom_id"] for d in done) == [f"r{i}" for i in range(5)]
+        assert all(d["response"]["status_code"] == 200 for d in done)
+        assert f"job {job_id} ended (completed)" in log.read_text()
+        _wait(lambda: not job_processes(job_id), "every process of the job gone", deadline, log)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def test_a_pending_job_shows_slurms_reason_and_is_cancelled(cluster: None, tmp_path: Path) -> None:
+    job_id = _submit(tmp_path, "extra_sbatch: ['--begin=now+1hour']", "-o", str(tmp_path / "j.sh"))
+    try:
+        status = _cli("status", "--job", job_id)
+        assert f"Job {job_id}: PENDING (SLURM PENDING)" in status.stdout, status.stdout
+        assert "waiting: BeginTime" in status.stdout
+        down = _cli("down", "--job", job_id)
+        assert f"Job {job_id}: cancelled while pending." in down.stdout
+        assert slurm_job(job_id).state == "CANCELLED"
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
