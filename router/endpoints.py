@@ -100,6 +100,7 @@ def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:
             "cleared": events.cleared,
             "batches": events.batches,
             "missed": events.missed,
+            "overflows": events.overflows,
             "last_seq": events.last_seq,
         },
     }

@@ -79,6 +79,10 @@ MIN_TRUST = 0.1
 FORGOT_RATIO = 0.2
 #: Tokens queried (replica side) and predicted (router side) before the comparison counts.
 MIN_COMPARE_TOKENS = 4096.0
+#: Most blocks a replica's event block set may hold (~35 MB of set): far above any GPU's block
+#: count (an 80 GB H100 with an 8B model holds ~30,000 16-token blocks); more means removals
+#: were missed (batches beyond the publisher's high-water mark) and the set is dropped.
+MAX_EVENT_BLOCKS = 1 << 19
 #: Bounds of ReplicaPrefixes.token_scale (real tokens per estimated token): 1 to 8 bytes a
 #: token covers byte-level to large-vocabulary tokenizers.
 TOKEN_SCALE_MIN = 0.5
@@ -358,6 +362,8 @@ class KvBlockSet:
     missed: int = 0
     #: Batches received (the subscriber is alive when this grows).
     batches: int = 0
+    #: Times the set outgrew MAX_EVENT_BLOCKS and was dropped.
+    overflows: int = 0
 
     def apply(self, kind: str, hashes: Sequence[int | bytes], block_size: int = 0) -> float:
         """Apply one event; returns the share in [0, 1] of the held blocks it removed."""
@@ -365,6 +371,9 @@ class KvBlockSet:
             self.hashes.update(hashes)
             self.stored += len(hashes)
             self.block_size = block_size or self.block_size
+            if len(self.hashes) > MAX_EVENT_BLOCKS:  # removals were lost: the set is wrong
+                self.hashes.clear()
+                self.overflows += 1
             return 0.0
         if kind == "BlockRemoved":
             held = len(self.hashes)

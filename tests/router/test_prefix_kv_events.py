@@ -28,7 +28,7 @@ from router.kv_events import (
     endpoint_from_sources,
     parse_kv_events_spec,
 )
-from router.prefix_index import prefix_keys
+from router.prefix_index import MAX_EVENT_BLOCKS, prefix_keys
 from router.state import ReplicaState
 from tests.support.ports import free_port
 from tests.support.router import RouterHandle, eventually, running_router
@@ -120,6 +120,15 @@ def test_events_keep_the_block_set_and_correct_the_record() -> None:
     assert events.hashes == {3, 4} and events.missed == 1
     apply_batch(replica, 4, [Event("AllBlocksCleared")])
     assert events.hashes == set() and len(replica.prefixes) == 0 and events.cleared == 1
+
+
+def test_a_block_set_that_outgrows_any_cache_is_dropped() -> None:
+    replica = ReplicaState(url="http://a:1")
+    apply_batch(replica, 0, [Event("BlockStored", tuple(range(MAX_EVENT_BLOCKS)), 16, "GPU")])
+    events = replica.prefixes.events
+    assert events is not None and len(events.hashes) == MAX_EVENT_BLOCKS
+    apply_batch(replica, 1, [Event("BlockStored", (-1,), 16, "GPU")])
+    assert events.hashes == set() and events.overflows == 1
 
 
 # --- against a simulated replica that publishes events --------------------------------------
