@@ -232,7 +232,10 @@ class ReplicaPrefixes:
         self.predicted_bytes = self.predicted_bytes * keep + prefix_bytes(self.match(keys))
         self.sent_bytes = self.sent_bytes * keep + prefix_bytes(len(keys))
         young = self._young
-        young.update(dict.fromkeys(keys))
+        # Last block first: a chain's early blocks are then the most recent and are evicted
+        # last, as in vLLM (it frees a request's blocks tail first), so held keys stay a
+        # prefix of the chain when evict() takes the least recent ones.
+        young.update(dict.fromkeys(reversed(keys)))
         if len(young) >= max(1, self.capacity // 2):
             self._old = young
             self._young = {}

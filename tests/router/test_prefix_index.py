@@ -182,6 +182,17 @@ def test_evict_drops_the_least_recent_keys_first() -> None:
     assert record.match(new) == len(new)
 
 
+def test_partial_eviction_takes_a_chain_from_its_tail() -> None:
+    """Evicting part of one chain must leave a prefix of it (vLLM frees tail blocks first);
+    a hole at the start would make the binary search report blocks vLLM cannot use."""
+    record = ReplicaPrefixes()
+    keys = prefix_keys("m", SYSTEM)
+    record.record(keys, 0.0)
+    record.evict(5)
+    assert record.match(keys) == len(keys) - 5
+    assert all(record.match(keys[:i]) == i for i in range(len(keys) - 5))
+
+
 # --- corrections from the replica's counters ------------------------------------------------
 
 
