@@ -110,8 +110,9 @@ def read_endpoint(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def last_log_line(path: str) -> str:
-    """The newest non-empty line of the job's log ("" when there is none)."""
+def last_log_line(path: str, prefer: str = "") -> str:
+    """The newest non-empty line of the job's log ("" when there is none); with ``prefer``, the
+    newest line containing it if any (a failure's error, not the trap's goodbye after it)."""
     try:
         with open(path, "rb") as log:
             log.seek(0, 2)
@@ -119,7 +120,9 @@ def last_log_line(path: str) -> str:
             lines = log.read().decode("utf-8", errors="replace").splitlines()
     except OSError:
         return ""
-    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+    lines = [line.strip() for line in lines if line.strip()]
+    preferred = [line for line in lines if prefer and prefer in line.lower()]
+    return (preferred or lines or [""])[-1]
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ def job_status(
     if job.state == "PENDING":
         return JobStatus(job_id, "PENDING", job.state, f"waiting: {job.reason}")
     if job.state in FAILED_STATES or fleet_state == "failed":
-        why = (endpoint or {}).get("message") or last_log_line(log) or job.reason
+        why = (endpoint or {}).get("message") or last_log_line(log, "error") or job.reason
         return JobStatus(job_id, "FAILED", job.state, str(why), url)
     if job.state in RUNNING_STATES:
         if fleet_state == "ready":

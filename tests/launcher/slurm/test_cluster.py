@@ -190,3 +190,24 @@ def test_a_pending_job_shows_slurms_reason_and_is_cancelled(cluster: None, tmp_p
         assert slurm_job(job_id).state == "CANCELLED"
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def test_a_plain_scancel_leaves_nothing_either(cluster: None, tmp_path: Path) -> None:
+    """What SLURM does on its own (scancel, the time limit): every step and the batch script get
+    SIGTERM at once, SIGKILL after KillWait; the trap still runs and nothing survives."""
+    deadline = time.monotonic() + BUDGET_S
+    job_id = _submit(tmp_path, "time: '5'", "-o", str(tmp_path / "j.sbatch"))
+    try:
+        endpoint = tmp_path / "logs" / f"{job_id}.json"
+        log = tmp_path / "logs" / f"{job_id}.log"
+
+        def ready() -> bool:
+            return endpoint.exists() and json.loads(endpoint.read_text())["state"] == "ready"
+
+        _wait(ready, "the job ready", deadline, log)
+        assert job_processes(job_id)
+        subprocess.run(["scancel", job_id], check=True, capture_output=True)
+        _wait(lambda: not job_processes(job_id), "every process of the job gone", deadline, log)
+        assert slurm_job(job_id).state == "CANCELLED"
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)

@@ -74,7 +74,9 @@ def test_starting_and_ready_come_from_the_endpoint_file(tmp_path: Path) -> None:
 
 
 def test_failed_shows_the_last_log_line(tmp_path: Path) -> None:
-    (tmp_path / "42.log").write_text("loading\nvllm-fleet: error: Ray cluster: not after 60s\n\n")
+    (tmp_path / "42.log").write_text(
+        "loading\nvllm-fleet: error: Ray cluster: not after 60s\n\nvllm-fleet: stopping x\n"
+    )
     status = job_status("42", None, run=FakeSlurm(_running(tmp_path, "FAILED")))
     assert (status.state, status.detail) == (
         "FAILED",
