@@ -29,7 +29,7 @@ from openai.types.chat import (
 )
 
 from router.continuation import MAX_CONTINUATIONS
-from tests.chaos.conftest import FIGURES
+from tests.chaos.conftest import FIGURES, MODELS_BODY, raw_server, read_request
 from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim, start_sim_process
 
@@ -278,6 +278,120 @@ async def test_a_stream_outlives_several_replicas_up_to_the_limit() -> None:
     assert usage is not None and usage.completion_tokens == MAX_TOKENS
     assert len("".join(c.choices[0].text for c in chunks if c.choices).split()) == MAX_TOKENS
     assert counter(router, "vllm_fleet_stream_continuations_attempted") == MAX_CONTINUATIONS
+
+
+async def test_a_replica_that_goes_silent_mid_stream_is_continued_elsewhere() -> None:
+    """The idle bound (--first-byte-timeout between chunks, or the hung-replica monitor,
+    whichever comes first) ends the silent replica's part; another replica finishes."""
+    async with (
+        recording_sims(2) as (sims, bodies),
+        running_router([s.url for s in sims], first_byte_timeout_s=2.0) as router,
+        router.openai() as client,
+        asyncio.timeout(DEADLINE_S),
+    ):
+        stream = await client.completions.create(
+            model=SIM_MODEL,
+            prompt="x",
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            stream_options=USAGE,
+            extra_body=IGNORE_EOS,
+        )
+        chunks: list[Completion] = []
+        victim: SimHandle | None = None
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == READ_BEFORE_KILL:
+                victim = serving(sims)
+                await victim.control(hang=True)
+        assert victim is not None
+        await victim.control(hang=False)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == MAX_TOKENS
+    assert len("".join(c.choices[0].text for c in chunks if c.choices).split()) == MAX_TOKENS
+    assert len(bodies) == 2 and counter(router, "vllm_fleet_stream_continuations_succeeded") == 1
+
+
+def _sse_chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def test_broken_chunked_framing_mid_stream_is_continued_elsewhere() -> None:
+    """A replica streams a few events in vLLM's format, then breaks the chunked framing."""
+    posts: list[bytes] = []
+    relayed = asyncio.Event()  # the client holds the broken replica's events
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line, body = await read_request(reader)
+        if line.startswith("GET /v1/models") or line.startswith("GET /health"):
+            answer = MODELS_BODY.encode() if "models" in line else b""
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(answer)}\r\nConnection: close\r\n"
+            writer.write(head.encode() + b"Content-Type: application/json\r\n\r\n" + answer)
+        elif line.startswith("POST "):
+            posts.append(body)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            )
+            for i in range(1, 4):
+                event = {
+                    "id": "cmpl-broken",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": SIM_MODEL,
+                    "choices": [
+                        {"index": 0, "text": f" w{i}", "logprobs": None, "finish_reason": None}
+                    ],
+                    "usage": {"prompt_tokens": 2, "total_tokens": 2 + i, "completion_tokens": i},
+                }
+                data = b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+                writer.write(_sse_chunk(data))
+            await writer.drain()
+            await relayed.wait()  # the bad framing comes in a later packet
+            writer.write(b"zz\r\nnot a chunk\r\n")
+        else:
+            writer.write(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        await writer.drain()
+
+    async with (
+        raw_server(broken) as port,
+        recording_sims(1) as (sims, bodies),
+        # aiohttp's parser drops a stream whose framing breaks without failing its reader: the
+        # idle bound ends it (tests/chaos/test_network_faults.py), here 2 s instead of 600.
+        running_router(
+            [f"http://127.0.0.1:{port}", sims[0].url], first_byte_timeout_s=2.0
+        ) as router,
+        router.openai() as client,
+    ):
+        for _ in range(20):  # until the balancer picks the broken replica (bounded)
+            async with asyncio.timeout(DEADLINE_S):
+                stream = await client.completions.create(
+                    model=SIM_MODEL,
+                    prompt="x",
+                    max_tokens=10,
+                    stream=True,
+                    stream_options=USAGE,
+                    extra_body=IGNORE_EOS,
+                )
+                chunks = []
+                async for chunk in stream:
+                    chunks.append(chunk)
+                    if posts and len(chunks) == 3:
+                        relayed.set()
+            if posts:
+                break
+        assert len(posts) == 1
+        texts = [c.choices[0].text for c in chunks if c.choices]
+        assert "".join(texts).startswith(" w1 w2 w3")  # the broken replica's part, then the rest
+        assert len("".join(texts).split()) == 10
+        usage = chunks[-1].usage
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (2, 10)
+        assert {c.id for c in chunks} == {"cmpl-broken"}
+        assert bodies[-1]["max_tokens"] == 7
+        assert bodies[-1]["prompt"] == "x w1 w2 w3"
+        assert counter(router, "vllm_fleet_stream_continuations_succeeded") == 1
 
 
 async def test_the_simulator_speaks_what_continuation_relies_on() -> None:
