@@ -50,6 +50,16 @@ def _check_image(value: str | None) -> str | None:
     return "must be an image reference or a .sif path, e.g. docker://vllm/vllm-openai:v0.32.0"
 
 
+def _check_env(value: dict[str, str]) -> str | None:
+    bad = [k for k in value if not k.isidentifier()]
+    return f"{bad[0]!r} is not a variable name; use letters, digits and _" if bad else None
+
+
+def _check_sbatch(value: tuple[str, ...]) -> str | None:
+    bad = [v for v in value if not v.startswith("--") or "\n" in v]
+    return f"{bad[0]!r} is not an sbatch option; write it like --mem=0" if bad else None
+
+
 def _at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v is None or v >= low else f"must be >= {low:g}"
 
@@ -82,7 +92,8 @@ class SlurmSettings:
     )
     #: variables exported in the job (HF_HOME, NCCL settings...).
     env: dict[str, str] = field(
-        default_factory=dict, metadata=_meta("slurm: {env: {HF_HOME: /scratch/hf}}")
+        default_factory=dict,
+        metadata=_meta("slurm: {env: {HF_HOME: /scratch/hf}}", _check_env),
     )
     #: image every fleet process runs in; None runs on the node's own software.
     container: str | None = field(
@@ -110,5 +121,5 @@ class SlurmSettings:
     )
     #: further #SBATCH options, verbatim (e.g. --mem=0).
     extra_sbatch: tuple[str, ...] = field(
-        default=(), metadata=_meta("slurm: {extra_sbatch: ['--mem=0']}")
+        default=(), metadata=_meta("slurm: {extra_sbatch: ['--mem=0']}", _check_sbatch)
     )

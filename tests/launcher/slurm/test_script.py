@@ -174,6 +174,20 @@ def test_bad_flags_are_one_line_naming_the_flag(
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("{env: {'A B': x}}", "slurm.env: 'A B' is not a variable name"),
+        ("{extra_sbatch: ['mem=0']}", "slurm.extra_sbatch: 'mem=0' is not an sbatch option"),
+        ("{exclusive: maybe}", "slurm.exclusive: expected true/false"),
+    ],
+)
+def test_bad_slurm_settings_name_the_key(tmp_path: Path, section: str, message: str) -> None:
+    config = _config(tmp_path, f"engine: sim\nslurm: {section}\n")
+    with pytest.raises(ConfigError, match=message):
+        render(config, 1, tmp_path)
+
+
 def test_a_typo_in_the_slurm_section_names_the_key(tmp_path: Path) -> None:
     config = _config(tmp_path, "model: org/m\nslurm: {partion: gpu}\n")
     with pytest.raises(ConfigError, match=r"slurm.partion: unknown key \(did you mean 'partition'"):
