@@ -16,7 +16,7 @@ from pathlib import Path
 
 from launcher.batch.input import PlainOptions
 from launcher.batch.progress import BatchSummary
-from launcher.batch.runner import DEFAULT_PRIORITY, BatchOptions, run_batch_async
+from launcher.batch.runner import DEFAULT_PRIORITY, BatchOptions, BatchRun, run_batch_async
 
 __all__ = ["BatchOptions", "BatchSummary", "PlainOptions", "run_batch", "run_batch_async"]
 
@@ -54,5 +54,25 @@ def run_batch(
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(run_batch_async(options))
+    return _run_in_thread(options)
+
+
+def _run_in_thread(options: BatchOptions) -> BatchSummary:
+    """A notebook already runs a loop in this thread: the batch gets its own loop on a helper
+    thread. Interrupting the kernel (KeyboardInterrupt here) stops the batch as Ctrl-C does."""
+    loops: list[asyncio.AbstractEventLoop] = []
+    run: list[BatchRun] = []
+
+    async def main() -> BatchSummary:
+        loops.append(asyncio.get_running_loop())
+        run.append(BatchRun(options))
+        return await run_batch_async(options, handle_signals=False, run=run[0])
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, run_batch_async(options, handle_signals=False)).result()
+        future = pool.submit(asyncio.run, main())
+        while True:
+            try:
+                return future.result()
+            except KeyboardInterrupt:
+                if loops and run:
+                    loops[0].call_soon_threadsafe(run[0].request_stop)

@@ -10,7 +10,8 @@ the files every second. Why this gives "never loses or repeats work":
 - before sending, the id is checked against the ids earlier runs wrote (``ResumeState``) and
   the ids this run took; a request still in flight when the process stops has no line, so the
   next run sends it again;
-- SIGINT / SIGTERM stop sending, cancel what is in flight and fsync; ``kill -9`` loses at most
+- SIGINT / SIGTERM stop sending, give the requests in flight `BatchOptions.stop_grace_s` to
+  finish (a second signal cuts that short), drop the rest and fsync; ``kill -9`` loses at most
   the last second of results (sent again next time) and perhaps tears the last line, which the
   next run drops.
 
@@ -91,6 +92,8 @@ class BatchOptions:
     connect_timeout_s: float = 10.0
     limit_settings: LimitSettings = field(default_factory=LimitSettings)
     quiet: bool = False
+    #: After a stop request, seconds the requests in flight get to finish (their work is kept).
+    stop_grace_s: float = 5.0
 
 
 class Retryable(Exception):
@@ -134,6 +137,7 @@ class BatchRun:
         self.base = base_url(options.endpoint)
         self.stats = BatchStats()
         self.stop_requested = asyncio.Event()
+        self._stop_now = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_ids = IdSet()
@@ -142,6 +146,13 @@ class BatchRun:
             self._headers["Authorization"] = f"Bearer {options.api_key}"
         self.limiter: AdaptiveLimit | None = None
         self._kind = "other"
+
+    def request_stop(self) -> None:
+        """First call: send nothing more, let what is in flight finish within the grace.
+        Second call: drop what is in flight now."""
+        if self.stop_requested.is_set():
+            self._stop_now.set()
+        self.stop_requested.set()
 
     # -- one request -----------------------------------------------------------------------
 
@@ -339,6 +350,8 @@ class BatchRun:
                 )
                 if not interrupted:
                     interrupted = await self._drain()
+                if interrupted:
+                    await self._grace()
                 await self._cancel_in_flight()
         finally:
             for task in background:
@@ -397,6 +410,22 @@ class BatchRun:
             stop.cancel()
         return False
 
+    async def _grace(self) -> None:
+        """Stopping: the requests in flight may finish within the grace (or a second signal)."""
+        if not self._tasks or self.options.stop_grace_s <= 0:
+            return
+        now = asyncio.create_task(self._stop_now.wait())
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.options.stop_grace_s
+            while self._tasks and not self._stop_now.is_set() and loop.time() < deadline:
+                await asyncio.wait(
+                    [*self._tasks, now], timeout=deadline - loop.time(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+        finally:
+            now.cancel()
+
     async def _cancel_in_flight(self) -> None:
         """Requests still in flight get no line: the next run sends them again."""
         for task in list(self._tasks):
@@ -405,16 +434,19 @@ class BatchRun:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def run_batch_async(options: BatchOptions, handle_signals: bool = True) -> BatchSummary:
+async def run_batch_async(
+    options: BatchOptions, handle_signals: bool = True, run: BatchRun | None = None
+) -> BatchSummary:
     """Run one batch in the current loop. With ``handle_signals``, SIGINT and SIGTERM stop it
-    cleanly (results so far fsynced, in-flight requests left for the next run)."""
-    run = BatchRun(options)
+    cleanly (results so far fsynced, unfinished requests left for the next run). ``run`` lets
+    a caller in another thread reach `BatchRun.request_stop`."""
+    run = run or BatchRun(options)
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     if handle_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, run.stop_requested.set)
+                loop.add_signal_handler(sig, run.request_stop)
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (Jupyter's helper thread) or no signals here
