@@ -11,10 +11,6 @@ from launcher.planner import PlanError, PlanOptions, plan
 from launcher.slurm.layout import plan_nodes
 
 
-def _model(params: str) -> object:
-    return size_model("m", params=params)
-
-
 def test_a_model_that_fits_a_node_is_the_single_node_plan_on_every_node() -> None:
     inventory = parse_declared("8x80GB")
     model = size_model("m", params="8B")
@@ -56,3 +52,16 @@ def test_pipeline_flags_are_the_layouts_not_extra_arguments() -> None:
     options = PlanOptions(model="m", extra_args=("--pipeline-parallel-size=2",))
     with pytest.raises(PlanError, match="set by the SLURM layout"):
         plan_nodes(parse_declared("8x80GB"), None, options, 2)
+
+
+def test_plan_nodes_prints_the_shape_and_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher.cli import main
+
+    status = main(["plan", "--model", "m", "--params", "70B", "--gpus", "4x24GB", "--nodes", "2"])
+
+    out = capsys.readouterr().out
+    assert status == 0
+    assert out.startswith(
+        "Shape 2 (ray): one vllm server across 2 nodes, tensor parallel 4 per node"
+    )
+    assert "--pipeline-parallel-size 2 --distributed-executor-backend ray" in out
