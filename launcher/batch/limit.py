@@ -17,7 +17,9 @@ concurrency-limits and Envoy's adaptive concurrency filter do, once per window (
    replicas`` waiting requests. In slow start (no queue seen yet) the limit doubles while the
    queue is below target; afterwards it moves by half the gap, ``limit += (target - waiting) / 2``
    (a proportional step: the queue is the error signal, the limit the actuator), at least one
-   request a window upwards.
+   request a window upwards, and by a quarter of itself when nothing waits at all (the engines
+   have idle slots: after a decrease, or when replicas join, the limit is far below capacity
+   and one step of half the target would take minutes to climb back).
 4. **No queue signal** (any other OpenAI-compatible server): Netflix's Gradient2 on seconds per
    output token, ``gradient = clamp(tolerance x long / short, 0.5, 1)``, ``new = limit x
    gradient + sqrt(limit)``, smoothed by `smoothing`; ``long`` is a slow average of ``short``
@@ -33,6 +35,9 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+
+#: Growth a window while the engines have no queue at all (rule 3).
+IDLE_GROWTH = 0.25
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,8 @@ class AdaptiveLimit:
         step = (target - queue.waiting) / 2.0
         if step > 0:
             step = max(1.0, step)
+        if queue.waiting <= 0:
+            step = max(step, self.limit * IDLE_GROWTH)
         return self.limit + step
 
     def _gradient_rule(self) -> float:

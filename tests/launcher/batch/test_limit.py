@@ -46,6 +46,22 @@ def test_queue_rule_settles_where_the_engines_keep_the_target_queue() -> None:
     assert 35 <= limit.limit <= 37
 
 
+def test_after_overload_the_limit_climbs_back_quickly_while_nothing_waits() -> None:
+    """A fleet that runs 32 at once, the limit cut to 4 by a burst of 503s: idle engines (no
+    queue) grow it by a quarter a window, then the queue rule settles it."""
+    limit = AdaptiveLimit(4, slow_start=False)
+    seconds = 0
+    while limit.limit < 32 and seconds < 60:
+        seconds += 1
+        limit.on_queue(QueueSignal(waiting=max(0, limit.limit - 32), replicas=2))
+        window(limit, float(seconds))
+    assert seconds <= 12
+    for more in range(30):
+        limit.on_queue(QueueSignal(waiting=max(0, limit.limit - 32), replicas=2))
+        window(limit, float(seconds + more + 1))
+    assert 35 <= limit.limit <= 37
+
+
 def test_an_unused_limit_is_held() -> None:
     limit = AdaptiveLimit(50, slow_start=False)
     limit.on_queue(QueueSignal(waiting=0, replicas=1))
