@@ -28,7 +28,8 @@ _TUNING_FLAGS: tuple[tuple[str, type, str], ...] = (
 #: Flags whose default follows --step-ms (the calibrated shape): (flag, help).
 _DERIVED_FLAGS: tuple[tuple[str, str], ...] = (
     ("--prefill-ms-per-token", "step milliseconds per computed token"),
-    ("--attention-ms-per-ktoken", "step milliseconds per 1000 KV tokens read"),
+    ("--attention-ms-per-ktoken", "step milliseconds per 1000 KV tokens decodes read"),
+    ("--prefill-attention-ms-per-mpair", "step milliseconds per 1e6 prefill query-key pairs"),
 )
 
 
@@ -82,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         batch_slowdown=args.batch_slowdown,
         prefill_ms_per_token=args.prefill_ms_per_token,
         attention_ms_per_ktoken=args.attention_ms_per_ktoken,
+        prefill_attention_ms_per_mpair=args.prefill_attention_ms_per_mpair,
         speed=args.speed,
         fail_rate=args.fail_rate,
         startup_delay=args.startup_delay,

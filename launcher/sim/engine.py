@@ -20,19 +20,21 @@ One engine step is one scheduler iteration, as in vLLM V1 (vllm/v1/core/sched/sc
    computed), and the rest is scheduled like above (a chunk if the budget is short);
 3. the step lasts (`StepTiming`)::
 
-       (step_ms + per_seq_ms * requests + per_token_ms * tokens + attention_ms * kv_read / 1000)
-       / speed
+       (step_ms + per_seq_ms * requests + per_token_ms * tokens
+        + attention_ms * kv_read / 1000 + prefill_attention_ms * pairs / 1e6) / speed
 
-   where `tokens` is every token computed this step (decode and prefill), and `kv_read` the KV
-   tokens the step reads: each scheduled request reads its whole context once (a decode its
-   context length L, a prefill chunk of c tokens after p cached or computed ones p + c). That is
-   the term that makes a batch of long conversations slower than a batch of short ones of the
-   same size. It is linear, not quadratic, in a prefill's length: on vLLM's CPU backend prefill
-   time grows linearly up to 1,900 tokens (docs/simulator.md has the measurements);
+   where `tokens` is every token computed this step (decode and prefill), `kv_read` the KV
+   tokens the decodes read (each its context length: what makes a batch of long conversations
+   slower than a batch of short ones of the same size), and `pairs` the prefill attention work
+   (a chunk of c tokens after p cached or computed ones: c * p + c * (c + 1) / 2 query-key
+   pairs; quadratic in a cold prompt, and what a cached prefix still costs its new tokens).
+   Both kinds of attention are measured on vLLM (docs/simulator.md): a decode's KV read costs
+   about ten times a prefill's query-key pair;
 4. at the end of the step every request whose computed tokens caught up with its prompt and
    output gets one token (a prefill that completed samples its first one; a partial chunk gets
    none); a request finishes, with reason "length", at `max_tokens` tokens and frees its
-   blocks (cached ones stay in the prefix cache until evicted, `launcher.sim.kvcache`). Full
+   blocks (cached ones stay in the prefix cache until evicted,
+       `launcher.sim.kvcache`). Full
    blocks are cached as they are computed, output blocks too, as in vLLM.
 
 The caller drives it: ``plan = begin_step(now, speed)``, wait ``plan.duration``,
@@ -60,7 +62,8 @@ class Sequence:
     #: Prompt ids, then each generated token's id as it is sampled (None: a prompt that shares
     #: nothing with any other, or prefix caching off).
     token_ids: list[int] | None = field(default=None, repr=False)
-    #: Picks the generated words (and so their ids), as `launcher.sim.tokens.output_token_id`.
+    #: Picks the generated words (and so their ids), as
+    #: `launcher.sim.tokens.output_token_id`.
     text_offset: int = 0
     generated: int = 0
     #: Tokens whose KV the engine holds (prefix hits included).
@@ -119,8 +122,10 @@ class StepPlan:
     #: Prefix-cache lookups of this step's admissions: prompt tokens asked for, and found.
     cache_queries: int = 0
     cache_hits: int = 0
-    #: KV tokens the step reads: every scheduled request's context (computed + new tokens).
+    #: KV tokens the step's decodes read (each its context, computed + new tokens).
     kv_read: int = 0
+    #: Query-key pairs of the step's prefill chunks (`prefill_attention_pairs`).
+    prefill_pairs: int = 0
     #: Tokens computed for requests that were not decoding (prompt chunks, recomputation).
     prefill_tokens: int = 0
 
@@ -166,6 +171,7 @@ class StepTiming:
     batch_slowdown: float
     prefill_ms_per_token: float
     attention_ms_per_ktoken: float = 0.0
+    prefill_attention_ms_per_mpair: float = 0.0
 
     @classmethod
     def from_config(cls, config: SimConfig) -> StepTiming:
@@ -175,6 +181,7 @@ class StepTiming:
             batch_slowdown=config.batch_slowdown,
             prefill_ms_per_token=config.effective_prefill_ms_per_token,
             attention_ms_per_ktoken=config.effective_attention_ms_per_ktoken,
+            prefill_attention_ms_per_mpair=config.effective_prefill_attention_ms_per_mpair,
         )
 
     def duration(
@@ -184,14 +191,22 @@ class StepTiming:
         plus `prefill_tokens` prompt tokens, reading `kv_read` KV tokens in all."""
         return self.step_duration(batch_size, batch_size + prefill_tokens, kv_read, speed)
 
-    def step_duration(self, requests: int, tokens: int, kv_read: int, speed: float) -> float:
+    def step_duration(
+        self, requests: int, tokens: int, kv_read: int, speed: float, prefill_pairs: int = 0
+    ) -> float:
         """Seconds of a step computing `tokens` tokens for `requests` requests."""
         ms = (
             self.step_ms * (1.0 + self.batch_slowdown * requests)
             + self.prefill_ms_per_token * tokens
             + self.attention_ms_per_ktoken * kv_read / 1000.0
+            + self.prefill_attention_ms_per_mpair * prefill_pairs / 1e6
         )
         return ms / speed / 1000.0
+
+
+def prefill_attention_pairs(computed: int, tokens: int) -> int:
+    """Query-key pairs of `tokens` new tokens after `computed` ones (causal attention)."""
+    return tokens * computed + tokens * (tokens + 1) // 2
 
 
 def kv_read_tokens(computed: int, tokens: int) -> int:
@@ -255,7 +270,8 @@ class SimEngine:
         text_offset: int = 0,
     ) -> Sequence:
         """Queue a request. With `prompt_token_ids` its blocks (prompt, then output) take part
-        in prefix caching; `text_offset` picks its output words (`launcher.sim.tokens`)."""
+        in prefix caching; `text_offset` picks its output words
+        (`launcher.sim.tokens`)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if prompt_tokens < 1:
@@ -412,12 +428,17 @@ class SimEngine:
         stats.prefix_cache_hits += hits
         batch_size = len(self.running)
         stats.max_running_seen = max(stats.max_running_seen, batch_size)
-        kv_read = sum(kv_read_tokens(seq.computed, n) for seq, n in scheduled)
+        kv_read = sum(kv_read_tokens(seq.computed, n) for seq, n in scheduled if _decoding(seq))
+        pairs = sum(
+            prefill_attention_pairs(seq.computed, n) for seq, n in scheduled if not _decoding(seq)
+        )
         tokens = sum(n for _, n in scheduled)
         prefill = sum(n for seq, n in scheduled if not _decoding(seq))
         plan = StepPlan(
             started_at=now,
-            duration=self.timing.step_duration(len(scheduled), tokens, kv_read, speed),
+            duration=self.timing.step_duration(
+                len(scheduled), tokens, kv_read, speed, prefill_pairs=pairs
+            ),
             batch_size=batch_size,
             admitted=tuple(admitted),
             scheduled=tuple(scheduled),
@@ -425,6 +446,7 @@ class SimEngine:
             cache_queries=queries,
             cache_hits=hits,
             kv_read=kv_read,
+            prefill_pairs=pairs,
             prefill_tokens=prefill,
         )
         stats.prompt_tokens += prefill

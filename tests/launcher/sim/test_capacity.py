@@ -17,7 +17,7 @@ def test_long_prompts_halve_what_short_ones_allow_and_speed_scales_it() -> None:
     assert saturation_rps(config, short, speed=0.5) == pytest.approx(short_rps / 2)
     no_context = SimConfig(
         step_ms=20.0, batch_slowdown=0.05, max_num_seqs=16, prefill_ms_per_token=0.0,
-        attention_ms_per_ktoken=0.0,
+        attention_ms_per_ktoken=0.0, prefill_attention_ms_per_mpair=0.0,
     )  # fmt: skip
     # the old law: batches of 16 requests, 64 steps each (the prefill step samples token 1)
     assert saturation_rps(no_context, short) == pytest.approx(16 / (64 * 0.036))

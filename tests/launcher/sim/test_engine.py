@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from launcher.sim.config import SimConfig
-from launcher.sim.engine import SimEngine, StepTiming, TokenEvent, kv_read_tokens
+from launcher.sim.engine import (
+    SimEngine,
+    StepTiming,
+    TokenEvent,
+    kv_read_tokens,
+    prefill_attention_pairs,
+)
 
 BLOCK = 16
 
@@ -18,6 +24,7 @@ def make_engine(**overrides: float) -> SimEngine:
         batch_slowdown=overrides.pop("batch_slowdown", 0.1),
         prefill_ms_per_token=overrides.pop("prefill_ms_per_token", 0.0),
         attention_ms_per_ktoken=overrides.pop("attention_ms_per_ktoken", 0.0),
+        prefill_attention_ms_per_mpair=overrides.pop("prefill_attention_ms_per_mpair", 0.0),
         kv_cache_tokens=int(overrides.pop("kv_cache_tokens", 1024)),
         max_model_len=int(overrides.pop("max_model_len", 512)),
         max_num_batched_tokens=int(overrides.pop("max_num_batched_tokens", 2048)),
@@ -95,7 +102,24 @@ def test_step_time_grows_with_the_context_so_it_is_not_a_function_of_the_batch_s
     long = timing.step_duration(8, 8, kv_read=8 * 3000, speed=1.0)
     assert long - short == pytest.approx(0.5 * (24.0 - 0.8) / 1000)
     assert kv_read_tokens(computed=99, tokens=1) == 100  # a decode reads its context
-    assert kv_read_tokens(computed=32, tokens=64) == 96  # a chunk reads prefix and itself
+
+
+def test_a_prefill_pays_for_its_attention_pairs_so_a_cached_prefix_still_costs_a_little() -> None:
+    engine = make_engine(prefill_attention_ms_per_mpair=1000.0, batch_slowdown=0.0)
+    prompt = ids(1, 256)
+    clock = FakeClock()
+    engine.add("cold", len(prompt), 1, 0.0, prompt_token_ids=prompt)
+    cold = engine.begin_step(0.0)
+    clock.now += cold.duration
+    engine.end_step(clock.now)
+    run_until_idle(engine, clock)
+    engine.add("warm", len(prompt), 1, clock.now, prompt_token_ids=prompt)
+    warm = engine.begin_step(clock.now)
+    assert cold.prefill_pairs == prefill_attention_pairs(0, 256) == 256 * 257 // 2
+    assert warm.prefill_pairs == prefill_attention_pairs(240, 16) == 16 * 240 + 16 * 17 // 2
+    assert cold.duration == pytest.approx(0.010 + cold.prefill_pairs / 1e6)
+    assert warm.duration == pytest.approx(0.010 + warm.prefill_pairs / 1e6)
+    assert warm.kv_read == cold.kv_read == 0  # prefills are priced by pairs, decodes by reads
 
 
 def test_plan_charges_prefill_only_in_the_admission_step() -> None:
