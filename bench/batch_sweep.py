@@ -49,7 +49,15 @@ def write_input(path: Path, count: int, seed: int = 3) -> None:
 
 def run_batch_cli(source: Path, workdir: Path, endpoint: str, limit: str) -> dict[str, Any]:
     output = workdir / f"out-{limit}-{time.monotonic_ns()}.jsonl"
-    argv = [sys.executable, "-m", "launcher.cli", "batch", str(source), "-o", str(output)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm_fleet.launcher.cli",
+        "batch",
+        str(source),
+        "-o",
+        str(output),
+    ]
     argv += ["--endpoint", endpoint, "--max-inflight", limit, "--json", "--quiet"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
     if done.returncode != 0:
@@ -58,11 +66,13 @@ def run_batch_cli(source: Path, workdir: Path, endpoint: str, limit: str) -> dic
     return summary
 
 
-async def sweep(requests: int, workdir: Path) -> list[dict[str, Any]]:
+async def sweep(
+    requests: int, workdir: Path, limits: tuple[str, ...] = ("auto", *map(str, FIXED), "auto")
+) -> list[dict[str, Any]]:
     fleet = SimFleet.of([REPLICA, REPLICA], workdir, sys.executable)
     await fleet.start()
     port = free_port()
-    router_argv = [sys.executable, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
+    router_argv = [sys.executable, "-m", "vllm_fleet.launcher.cli", "router", "--host", "127.0.0.1"]
     router_argv += ["--port", str(port), "--log-level", "warning"]
     for url in fleet.urls:
         router_argv += ["--backend", url]
@@ -73,7 +83,7 @@ async def sweep(requests: int, workdir: Path) -> list[dict[str, Any]]:
         source = workdir / "input.jsonl"
         write_input(source, requests)
         rows: list[dict[str, Any]] = []
-        for limit in ("auto", *map(str, FIXED), "auto"):
+        for limit in limits:
             label = "auto (fresh router)" if limit == "auto" and not rows else limit
             summary = await asyncio.to_thread(run_batch_cli, source, workdir, endpoint, limit)
             row = {
@@ -111,10 +121,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument(
+        "--limits",
+        default=",".join(("auto", *map(str, FIXED), "auto")),
+        help="comma-separated --max-inflight values, in order (default: the whole sweep)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / ".work" / "batch_sweep.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = asyncio.run(sweep(args.requests, Path(tmp)))
+        rows = asyncio.run(sweep(args.requests, Path(tmp), tuple(args.limits.split(","))))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))

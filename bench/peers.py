@@ -194,11 +194,11 @@ class OursPeer(Peer):
             self.settings += "; router.proxy.request_prefix replaced by one returning no keys"
 
     def command(self) -> list[str]:
-        """`python -m launcher.cli` as users run it; with the prefix index off, the same CLI
-        behind a stub that gives every request no prefix keys (the router has no switch for
+        """`python -m vllm_fleet.launcher.cli` as users run it; with the prefix index off, the same
+        CLI behind a stub that gives every request no prefix keys (the router has no switch for
         it): nothing is hashed, matched or recorded, everything else is unchanged."""
         if self.prefix_index:
-            return [self.python, "-m", "launcher.cli"]
+            return [self.python, "-m", "vllm_fleet.launcher.cli"]
         stub = (
             "import sys, router.proxy as proxy, launcher.cli as cli; "
             "proxy.request_prefix = lambda model, payload: (); sys.exit(cli.main())"

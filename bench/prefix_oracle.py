@@ -7,8 +7,8 @@ request's prompt blocks cached the moment it is sent, no room taken by running r
 router over the real replicas can do better than that (short of beating LRU by knowing the
 future); what is left is each group's first request and what LRU evicts from the pooled size.
 
-Tokens are the simulator's own (its request parser, launcher.sim.protocol.parse_chat: 4 bytes
-a token, the chat template), and so is the reply (its filler words, fixed by the prompt); a
+Tokens are the simulator's own (its request parser, vllm_fleet.launcher.sim.protocol.parse_chat: 4
+bytes a token, the chat template), and so is the reply (its filler words, fixed by the prompt); a
 request leaves its prompt and all but the last generated token cached, in `block_size`-token
 blocks, as vLLM does. A hit is counted the way vLLM counts it
 (`vllm:prefix_cache_hits_total / queries_total`, tokens): the longest cached run of leading
@@ -21,9 +21,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from bench.load import RequestSpec, request_body
-from launcher.sim.config import SimConfig
-from launcher.sim.protocol import GenerationRequest, filler_text, parse_chat
-from launcher.sim.tokens import text_token_ids
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.protocol import GenerationRequest, filler_text, parse_chat
+from vllm_fleet.launcher.sim.tokens import text_token_ids
 
 #: A simulator configuration that accepts any prompt (only its parser is used here).
 _PARSER = SimConfig(model="sim-model", max_model_len=1 << 20, kv_cache_tokens=1 << 20)

@@ -17,12 +17,12 @@ from typing import Protocol
 
 import aiohttp
 
-from launcher.commands.demo import tiny_cpu_plan
-from launcher.commands.plan import host_cpus
 from tests.support.metrics import metric_value, parse_samples
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
 from tests.support.sim import get_stats, post_control, sim_command
+from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
+from vllm_fleet.launcher.commands.plan import host_cpus
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class SimFleet:
 
 # -- real vLLM on the CPU -------------------------------------------------------------------
 
-#: Served name of launcher.tiny_model's model.
+#: Served name of vllm_fleet.launcher.tiny_model's model.
 TINY_MODEL = "tiny-llama"
 
 

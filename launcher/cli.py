@@ -12,24 +12,24 @@ import os
 import sys
 from collections.abc import Sequence
 
-from launcher.errors import ConfigError
-from router.errors import ConfigError as RouterConfigError
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.router.errors import ConfigError as RouterConfigError
 
 #: the one-line mistakes of every subcommand: the launcher's own and the router's (`router`).
 CONFIG_ERRORS = (ConfigError, RouterConfigError)
 
 #: modules that each add one or more subcommands, in help order.
 COMMAND_MODULES = (
-    "launcher.commands.plan",
-    "launcher.commands.up",
-    "launcher.commands.status",
-    "launcher.commands.down",
-    "launcher.commands.demo",
-    "launcher.commands.compose",
-    "launcher.commands.batch",
-    "launcher.commands.slurm",
-    "router.cli",
-    "launcher.sim.cli",
+    "vllm_fleet.launcher.commands.plan",
+    "vllm_fleet.launcher.commands.up",
+    "vllm_fleet.launcher.commands.status",
+    "vllm_fleet.launcher.commands.down",
+    "vllm_fleet.launcher.commands.demo",
+    "vllm_fleet.launcher.commands.compose",
+    "vllm_fleet.launcher.commands.batch",
+    "vllm_fleet.launcher.commands.slurm",
+    "vllm_fleet.router.cli",
+    "vllm_fleet.launcher.sim.cli",
 )
 
 

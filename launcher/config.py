@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
-from launcher.errors import ConfigError
-from launcher.slurm.settings import SlurmSettings
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.slurm.settings import SlurmSettings
 
 if typing.TYPE_CHECKING:
-    from launcher.planner import PlanOptions
+    from vllm_fleet.launcher.planner import PlanOptions
 
 Engine = Literal["vllm", "sim"]
 RuntimeKind = Literal["process", "docker"]
@@ -54,7 +54,7 @@ def _opt(check: Check) -> Check:
 
 
 def _known_policy(name: str) -> str | None:
-    from router.balancer import policy_names
+    from vllm_fleet.router.balancer import policy_names
 
     names = policy_names()
     return None if name in names else f"unknown policy; use one of {', '.join(names)}"
@@ -68,7 +68,8 @@ def _meta(example: str, check: Check | None = None) -> dict[str, Any]:
 class RouterLaunchConfig:
     """How the fleet starts its router (the ``router:`` section of fleet.yaml): the few flags
     the launcher sets on the router's command line. The router's own, complete configuration
-    is ``router.config.RouterConfig``, built from that command line by the router process."""
+    is ``vllm_fleet.router.config.RouterConfig``, built from that command line by the router
+    process."""
 
     port: int = field(default=8000, metadata=_meta("router: {port: 8000}", _port))
     host: str = field(default="127.0.0.1", metadata=_meta("router: {host: 0.0.0.0}"))
@@ -129,7 +130,7 @@ class FleetConfig:
     )
     engine: Engine = field(default="vllm", metadata=_meta("engine: vllm"))
     #: process: each replica is a local process group; docker: each replica is a container
-    #: (launcher.runtime.docker), the router stays a local process.
+    #: (vllm_fleet.launcher.runtime.docker), the router stays a local process.
     runtime: RuntimeKind = field(default="process", metadata=_meta("runtime: docker"))
     #: engine image of ``runtime: docker`` replicas; None: the Docker runtime's default for the
     #: plan (the official vLLM image on GPUs, vllm-fleet-engine-cpu without; the router image,
@@ -156,7 +157,7 @@ class FleetConfig:
     )
     #: grace period between SIGTERM and SIGKILL when stopping a process group.
     stop_timeout_s: float = field(default=30.0, metadata=_meta("stop_timeout_s: 30", _at_least(0)))
-    #: how the fleet runs as a SLURM job (`vllm-fleet slurm`; launcher.slurm.settings).
+    #: how the fleet runs as a SLURM job (`vllm-fleet slurm`; vllm_fleet.launcher.slurm.settings).
     slurm: SlurmSettings = field(
         default_factory=SlurmSettings, metadata=_meta("slurm: {partition: gpu}")
     )
@@ -179,8 +180,8 @@ class FleetConfig:
         return from_mapping(data, source="command line")
 
     def to_plan_options(self) -> PlanOptions:
-        from launcher.model_size import normalize_dtype
-        from launcher.planner import PlanOptions
+        from vllm_fleet.launcher.model_size import normalize_dtype
+        from vllm_fleet.launcher.planner import PlanOptions
 
         return PlanOptions(
             model=self.model or "",

@@ -1,7 +1,8 @@
 """The launcher's own error type, so nothing in launcher/ needs the router to report a mistake.
 
-``launcher.tiny_model`` is copied alone into the CPU engine image to build the test model; with
-the error type here that copy is two files of launcher/, not a piece of the router as well.
+``vllm_fleet.launcher.tiny_model`` is copied alone into the CPU engine image to build the test
+model; with the error type here that copy is two files of launcher/, not a piece of the router as
+well.
 """
 
 
@@ -10,5 +11,5 @@ class ConfigError(ValueError):
 
     The message is one line naming the offending field and how to fix it; ``vllm-fleet``
     prints it without a traceback and exits with status 2 (as for the router's own
-    ``router.errors.ConfigError``).
+    ``vllm_fleet.router.errors.ConfigError``).
     """

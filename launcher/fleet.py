@@ -20,14 +20,14 @@ from typing import TextIO, cast
 
 import aiohttp
 
-from launcher.config import FleetConfig
-from launcher.errors import ConfigError
-from launcher.plan_types import ReplicaSpec, RouterSpec
-from launcher.rundir import FleetState, RunDir
-from launcher.runtime.base import Runtime
-from launcher.runtime.docker import DockerRuntime, docker_fleet_runtime
-from launcher.runtime.process import ProcessRuntime, group_members, process_alive
-from launcher.supervisor import (
+from vllm_fleet.launcher.config import FleetConfig
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.plan_types import ReplicaSpec, RouterSpec
+from vllm_fleet.launcher.rundir import FleetState, RunDir
+from vllm_fleet.launcher.runtime.base import Runtime
+from vllm_fleet.launcher.runtime.docker import DockerRuntime, docker_fleet_runtime
+from vllm_fleet.launcher.runtime.process import ProcessRuntime, group_members, process_alive
+from vllm_fleet.launcher.supervisor import (
     Supervisor,
     SupervisorEvent,
     SupervisorSettings,
@@ -55,7 +55,7 @@ def router_spec(config: FleetConfig, backends_file: Path) -> RouterSpec:
     command = [
         sys.executable,
         "-m",
-        "launcher.cli",
+        "vllm_fleet.launcher.cli",
         "router",
         "--host",
         r.host,

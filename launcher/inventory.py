@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from launcher.errors import ConfigError
-from launcher.plan_types import GIB, Gpu, Inventory
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.plan_types import GIB, Gpu, Inventory
 
 #: memory of GPUs users name without a size, as NVIDIA labels it ("80GB" taken as GiB: an
 #: A100-80GB reports 81920 MiB). Names with two sizes (A100, V100) must carry the size.

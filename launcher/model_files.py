@@ -3,8 +3,8 @@
 ``--model`` names a local directory (as vLLM reads it) or a Hugging Face repo, found in the
 local cache or, when the hub answers, fetched there (config.json and the safetensors index
 only). The checkpoint's size comes from the index's ``metadata.total_size`` or, without one,
-from the safetensors headers; no tensor is read, no torch imported. ``launcher.model_size``
-turns what this module reads into a ``ModelSize``.
+from the safetensors headers; no tensor is read, no torch imported.
+``vllm_fleet.launcher.model_size`` turns what this module reads into a ``ModelSize``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from launcher.errors import ConfigError
+from vllm_fleet.launcher.errors import ConfigError
 
 #: safetensors header dtype -> bytes per element.
 SAFETENSORS_BYTES = {

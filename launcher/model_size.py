@@ -1,7 +1,7 @@
 """How much memory a model needs: weights, and KV cache per token of context.
 
-Read from what is on disk (``launcher.model_files`` finds and reads it), without importing
-torch or transformers: ``config.json`` for the shape, ``model.safetensors.index.json``
+Read from what is on disk (``vllm_fleet.launcher.model_files`` finds and reads it), without
+importing torch or transformers: ``config.json`` for the shape, ``model.safetensors.index.json``
 (``metadata.total_size``) or the safetensors headers for the exact checkpoint size. When
 nothing local exists, ``--params 70B`` stands in for the checkpoint and a known architecture
 of that size stands in for the shape.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import ConfigError
-from launcher.model_files import (
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.model_files import (
     SIZE_HINT,
     Fetcher,
     fetch_from_hub,
@@ -27,7 +27,7 @@ from launcher.model_files import (
     read_checkpoint,
     read_config_json,
 )
-from launcher.plan_types import ModelSize
+from vllm_fleet.launcher.plan_types import ModelSize
 
 #: bytes per element of the dtypes a checkpoint or a server may use.
 DTYPE_BYTES: dict[str, float] = {

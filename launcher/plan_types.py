@@ -1,9 +1,9 @@
 """The plan's types, the plain data that flows through the launcher: inventory -> model size
--> plan -> server specs (the function that makes a plan is ``launcher.planner``).
+-> plan -> server specs (the function that makes a plan is ``vllm_fleet.launcher.planner``).
 
 The planner is a pure function from the first two to a ``Plan``; the
-runtimes (``launcher.runtime``) turn each ``ServerSpec`` (a ``ReplicaSpec`` of the plan, or the
-``RouterSpec`` the fleet adds) into a running server.
+runtimes (``vllm_fleet.launcher.runtime``) turn each ``ServerSpec`` (a ``ReplicaSpec`` of the plan,
+or the ``RouterSpec`` the fleet adds) into a running server.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 class ServerSpec:
     """One server to start and keep running: everything a runtime needs, nothing it must compute.
 
-    The runtimes (``launcher.runtime``) take this; the plan's replicas and the router are its
-    two kinds, so nothing has to pretend the router is a replica.
+    The runtimes (``vllm_fleet.launcher.runtime``) take this; the plan's replicas and the router are
+    its two kinds, so nothing has to pretend the router is a replica.
     """
 
     name: str

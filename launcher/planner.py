@@ -23,10 +23,23 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from launcher.errors import ConfigError
-from launcher.model_size import normalize_dtype
-from launcher.plan_types import GIB, FitCheck, Gpu, Inventory, ModelSize, Plan, ReplicaSpec
-from launcher.vllm_args import DEFAULT_KV_CACHE_GIB, OWNED_FLAGS, cpu_engine_env, vllm_command
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.model_size import normalize_dtype
+from vllm_fleet.launcher.plan_types import (
+    GIB,
+    FitCheck,
+    Gpu,
+    Inventory,
+    ModelSize,
+    Plan,
+    ReplicaSpec,
+)
+from vllm_fleet.launcher.vllm_args import (
+    DEFAULT_KV_CACHE_GIB,
+    OWNED_FLAGS,
+    cpu_engine_env,
+    vllm_command,
+)
 
 #: tensor-parallel sizes tried, smallest first (more GPUs per replica = fewer replicas).
 TP_SIZES = (1, 2, 4, 8)
@@ -140,7 +153,8 @@ def _ports(options: PlanOptions, count: int) -> list[int]:
 def _vllm_command(
     options: PlanOptions, port: int, tp: int, max_model_len: int | None, on_gpu: bool
 ) -> tuple[str, ...]:
-    """The replica's vLLM command line, from launcher.vllm_args (the only builder of one)."""
+    """The replica's vLLM command line, from vllm_fleet.launcher.vllm_args (the only builder of
+    one)."""
     return vllm_command(
         python=options.python,
         model=options.model,
@@ -161,7 +175,7 @@ def _sim_command(options: PlanOptions, port: int) -> tuple[str, ...]:
     argv = [
         options.python,
         "-m",
-        "launcher.cli",
+        "vllm_fleet.launcher.cli",
         "sim",
         "--host",
         options.host,
@@ -233,10 +247,11 @@ def _plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOption
         )
     space = _cpu_kv_space_gib(options)
     count = options.replicas or 1
-    # Measured settings that let several CPU replicas share a small machine (launcher.vllm_args);
-    # the user's env wins. Offline mode only when the user asks: a hub model must download.
-    # The thread count comes from the inventory's CPU count, a fact of the host that runs the
-    # replicas: read at the command line's edge (up, demo), given by `compose --cpus`, or unknown.
+    # Measured settings that let several CPU replicas share a small machine
+    # (vllm_fleet.launcher.vllm_args); the user's env wins. Offline mode only when the user asks: a
+    # hub model must download. The thread count comes from the inventory's CPU count, a fact of the
+    # host that runs the replicas: read at the command line's edge (up, demo), given by `compose
+    # --cpus`, or unknown.
     env = {**cpu_engine_env(count, inventory.cpus, kv_cache_gib=space), **options.env}
     notes = [
         "no GPU found: using vLLM's CPU engine "

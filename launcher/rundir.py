@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from launcher.errors import ConfigError
+from vllm_fleet.launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ restart it with exponential backoff when it exits or stays unhealthy. A restart 
 instead of a fleet that silently burns GPUs forever. A restarted replica keeps its spec, so it
 gets the same GPUs and port back.
 
-Every runtime call is awaited (``launcher.runtime.base``): nothing here blocks the loop that
-checks every replica's health.
+Every runtime call is awaited (``vllm_fleet.launcher.runtime.base``): nothing here blocks the loop
+that checks every replica's health.
 
 The router learns about replicas only through the backends file, which lists the URLs of
 replicas that passed their health check and were not declared dead since.
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import aiohttp
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
-from launcher.config import FleetConfig, RestartConfig
-from launcher.plan_types import ReplicaSpec, RouterSpec, ServerSpec
-from launcher.rundir import UnitRecord
-from launcher.runtime.base import Runtime, ServerHandle
+from vllm_fleet.launcher.config import FleetConfig, RestartConfig
+from vllm_fleet.launcher.plan_types import ReplicaSpec, RouterSpec, ServerSpec
+from vllm_fleet.launcher.rundir import UnitRecord
+from vllm_fleet.launcher.runtime.base import Runtime, ServerHandle
 
 
 class UnitState(enum.Enum):

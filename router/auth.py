@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from router.openai_errors import ApiError
+from vllm_fleet.router.openai_errors import ApiError
 
 PROTECTED_PREFIXES = ("/v1/", "/fleet/")
 ADMIN_PREFIXES = ("/fleet/", "/metrics")

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from router.errors import ConfigError
-from router.speed import B_PRIOR, SpeedEstimate
-from router.state import ReplicaState
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.speed import B_PRIOR, SpeedEstimate
+from vllm_fleet.router.state import ReplicaState
 
 #: Scraped engine gauges younger than this count fully (a few scrape intervals of 1 s).
 FRESH_S = 3.0
@@ -42,8 +42,9 @@ class RequestInfo:
     prompt_tokens: int = 0
     max_tokens: int | None = None
     stream: bool = False
-    #: Chained keys of the routing text's 128-byte blocks (router.prefix_index.prefix_keys):
-    #: what a replica may hold cached of this prompt. Empty when the body has no prompt.
+    #: Chained keys of the routing text's 128-byte blocks
+    #: (vllm_fleet.router.prefix_index.prefix_keys): what a replica may hold cached of this prompt.
+    #: Empty when the body has no prompt.
     prefix: tuple[int, ...] = ()
 
 
@@ -331,8 +332,8 @@ def request_cost(
       them queues (the queue term grows by whole mean requests, the saving stays fixed);
       a request that shares only a few blocks saves a few tokens' prefill, far less than
       one more running request costs (tests/router/test_prefix_cost.py shows both).
-    - Speeds are per replica and learned (router.speed): the measured speed and batch limit
-      say how much a replica can take, so a bigger one (tensor-parallel, larger max_num_seqs)
+    - Speeds are per replica and learned (vllm_fleet.router.speed): the measured speed and batch
+      limit say how much a replica can take, so a bigger one (tensor-parallel, larger max_num_seqs)
       shows up as a faster or wider one.
 
     O(1) per replica: no per-request bookkeeping beyond the in-flight count.

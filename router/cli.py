@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from router.config import add_arguments, config_from_args
+from vllm_fleet.router.config import add_arguments, config_from_args
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -23,6 +23,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.serve import serve  # the server stack loads only when this command runs
+    from vllm_fleet.router.serve import serve  # the server stack loads only when this command runs
 
     return serve(config_from_args(args))

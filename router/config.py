@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.balancer import policy_names
-from router.discovery import validate_backend_url
-from router.errors import ConfigError
-from router.kv_events import parse_kv_events_spec
+from vllm_fleet.router.balancer import policy_names
+from vllm_fleet.router.discovery import validate_backend_url
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.kv_events import parse_kv_events_spec
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -43,9 +43,9 @@ class RouterConfig:
     admin_api_keys: tuple[str, ...] = field(default=(), repr=False)
     #: Key the router sends to the replicas (vLLM ``--api-key``); None = send none.
     upstream_api_key: str | None = field(default=None, repr=False)
-    #: Balancing policy (router.balancer.POLICIES). "cost" beat "least-busy" in the benchmark:
-    #: mean x0.96 and p99 x0.63 of the least-busy ideal against x1.00 and x0.97 (scenario 1,
-    #: docs/benchmarks.md).
+    #: Balancing policy (vllm_fleet.router.balancer.POLICIES). "cost" beat "least-busy" in the
+    #: benchmark: mean x0.96 and p99 x0.63 of the least-busy ideal against x1.00 and x0.97 (scenario
+    #: 1, docs/benchmarks.md).
     policy: str = "cost"
     max_body_bytes: int = 32 * 1024 * 1024
     #: Longest a client may take to send its request body (408 after): a client trickling a
@@ -64,7 +64,7 @@ class RouterConfig:
     discovery_interval_s: float = 5.0
     #: Consecutive gateway failures (refused, reset, timeout, 502/503/504) that eject a
     #: replica, and the first cool-down before a re-probe. A plain 500 is the request's problem
-    #: and does not count (router.outliers).
+    #: and does not count (vllm_fleet.router.outliers).
     failure_threshold: int = 3
     breaker_cooldown_s: float = 1.0
     #: Most of the fleet the breaker may hold out at once (at least one replica), as Envoy's
@@ -72,12 +72,13 @@ class RouterConfig:
     max_ejection_percent: float = 50.0
     #: On SIGTERM, how long in-flight requests and streams may still run.
     shutdown_grace_s: float = 30.0
-    #: Continue a stream cut by a dying replica on another one (router.continuation); exact
-    #: (same id, token counts, usage) or not attempted, so on by default.
+    #: Continue a stream cut by a dying replica on another one (vllm_fleet.router.continuation);
+    #: exact (same id, token counts, usage) or not attempted, so on by default.
     stream_continuation: bool = True
-    #: Memory (MB) the approximate prefix index may use over all replicas (router.prefix_index).
+    #: Memory (MB) the approximate prefix index may use over all replicas
+    #: (vllm_fleet.router.prefix_index).
     prefix_index_mb: int = 64
-    #: Where each replica publishes vLLM KV events (router.kv_events): "auto" asks each
+    #: Where each replica publishes vLLM KV events (vllm_fleet.router.kv_events): "auto" asks each
     #: replica (GET /kv_event_sources), a bare PORT means the replica's own host at that port,
     #: REPLICA_URL=tcp://HOST:PORT names one replica's.
     kv_events: tuple[str, ...] = ()

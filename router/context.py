@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from router.balancer import Policy
-from router.config import RouterConfig
-from router.health import BreakerPolicy
-from router.state import Fleet
-from router.telemetry import Telemetry
+from vllm_fleet.router.balancer import Policy
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.health import BreakerPolicy
+from vllm_fleet.router.state import Fleet
+from vllm_fleet.router.telemetry import Telemetry
 
 
 @dataclass

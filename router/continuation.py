@@ -41,7 +41,7 @@ from typing import Any, Final, Literal
 
 from multidict import CIMultiDict
 
-from router.balancer import RequestInfo
+from vllm_fleet.router.balancer import RequestInfo
 
 Kind = Literal["completion", "chat"]
 

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from router.errors import ConfigError
-from router.state import Fleet
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.state import Fleet
 
 log = logging.getLogger("vllm_fleet.router")
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import aiohttp
 
-from router.bounded_read import read_capped
-from router.replica_tasks import ReplicaTasks
-from router.state import Breaker, Fleet, ReplicaState
+from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.replica_tasks import ReplicaTasks
+from vllm_fleet.router.state import Breaker, Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -69,8 +69,8 @@ class BreakerPolicy:
     #: A refused connection (nothing listening) opens the breaker at once.
     eject_on_refused: bool = True
     #: Most of the fleet (percent, at least one replica) that failed requests may eject at
-    #: once (router.outliers.may_eject). Refused connections and failed checks are not capped:
-    #: such a replica cannot answer anyway.
+    #: once (vllm_fleet.router.outliers.may_eject). Refused connections and failed checks are not
+    #: capped: such a replica cannot answer anyway.
     max_ejection_percent: float = 50.0
 
 
@@ -144,8 +144,8 @@ def record_failure(
 def eject(r: ReplicaState, now: float, policy: BreakerPolicy, *, why: str) -> bool:
     """Open ``r``'s breaker now (a CLOSED -> OPEN transition); False when it was not CLOSED.
 
-    Used by record_failure, and directly for a hung replica (router.progress) and a 5xx-rate
-    outlier (router.outliers), which need no streak of consecutive failures.
+    Used by record_failure, and directly for a hung replica (vllm_fleet.router.progress) and a
+    5xx-rate outlier (vllm_fleet.router.outliers), which need no streak of consecutive failures.
     """
     if r.breaker is not Breaker.CLOSED:
         return False

@@ -9,8 +9,8 @@ medium) or ``AllBlocksCleared``. vLLM 0.32 encodes events as maps with a ``type`
 versions as arrays led by the type name: both are read.
 
 The router subscribes once per replica (``--kv-events``) and keeps the replica's block set
-(router.prefix_index.KvBlockSet). The router does not tokenize, so it cannot compute vLLM's
-block hashes of an incoming request, and the events do not decide routing by themselves: they
+(vllm_fleet.router.prefix_index.KvBlockSet). The router does not tokenize, so it cannot compute
+vLLM's block hashes of an incoming request, and the events do not decide routing by themselves: they
 CORRECT the approximate record the router keeps per replica (ReplicaPrefixes.correct):
 AllBlocksCleared drops it, BlockRemoved evicts the same share of it, BlockStored confirms.
 What events add over the scrape-time checks: the correction comes within a step of the
@@ -38,8 +38,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from router.bounded_read import read_capped
-from router.state import Fleet, ReplicaState
+from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from router.openai_errors import ApiError, error_response
-from router.telemetry import CLIENT_CLOSED, NO_REPLICA, Telemetry
+from vllm_fleet.router.openai_errors import ApiError, error_response
+from vllm_fleet.router.telemetry import CLIENT_CLOSED, NO_REPLICA, Telemetry
 
 log = logging.getLogger("vllm_fleet.router")
 access_log = logging.getLogger("vllm_fleet.access")

@@ -7,7 +7,7 @@ requests. So, as Envoy separates ``consecutive_gateway_failure`` from ``consecut
 
 - **gateway failures** (refused or reset connections, timeouts, broken framing, a hung
   replica, and the gateway statuses 502/503/504) count toward the breaker's consecutive
-  failures (router.health.record_failure);
+  failures (vllm_fleet.router.health.record_failure);
 - **other 5xx answers** only feed a per-replica error rate, exponentially forgotten over
   ``WINDOW_S``. A replica is an outlier, and is ejected, when its rate is both high in absolute
   terms and far above its peers' (a poison request costs every replica alike, so it moves no
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from router.state import Outcomes, ReplicaState
+from vllm_fleet.router.state import Outcomes, ReplicaState
 
 #: Outcomes older than this weigh 1/e; a few seconds of traffic at tens of requests per second.
 WINDOW_S = 10.0
@@ -77,7 +77,7 @@ def is_outlier(replica: ReplicaState, peers: Sequence[ReplicaState], now: float)
     """Is ``replica``'s 5xx rate high and far above its peers' (those with enough volume)?
 
     With no judged peer the gap is measured against 0: a lone replica failing most requests is
-    ejected, and then served in panic mode if it is the only one left (router.state).
+    ejected, and then served in panic mode if it is the only one left (vllm_fleet.router.state).
     """
     rate = error_rate(replica.outcomes, now)
     if rate is None or rate < MIN_OUTLIER_RATE:

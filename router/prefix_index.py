@@ -190,7 +190,7 @@ class ReplicaPrefixes:
     measured_hits: float = 0.0
     measured_queries: float = 0.0
     _counters: tuple[float, float, float] | None = field(default=None, repr=False)
-    #: What the replica's KV events said (router.kv_events); None when it publishes none.
+    #: What the replica's KV events said (vllm_fleet.router.kv_events); None when it publishes none.
     events: KvBlockSet | None = None
     _young: dict[int, None] = field(default_factory=dict, repr=False)
     _old: dict[int, None] = field(default_factory=dict, repr=False)
@@ -344,8 +344,8 @@ class ReplicaPrefixes:
 
 @dataclass
 class KvBlockSet:
-    """The blocks a replica reports holding through vLLM KV events (router.kv_events), and
-    what those events did to its approximate record.
+    """The blocks a replica reports holding through vLLM KV events (vllm_fleet.router.kv_events),
+    and what those events did to its approximate record.
 
     This is the replica's real prefix cache, block hash by block hash. Matching a request
     against it needs vLLM's own block hashes of the request (same tokenizer, chat template and

@@ -13,11 +13,11 @@ The router knows every request it has in flight, so it sees the hang first:
   and has sent nothing at all for ``SILENCE_S``, while some other replica is making progress
   (if every replica went quiet at once, the router itself or the network is the likelier
   cause, and nobody is blamed). A suspect gets no new request while another candidate is fine
-  (router.state.Fleet.candidates);
+  (vllm_fleet.router.state.Fleet.candidates);
 - a suspect whose health check then fails, or that stays silent for ``STALL_EJECT_S`` while
   its peers progress (an engine hung behind an API server that still answers /health), is
   ejected, and every attempt waiting there for its first byte is abandoned: the proxy cancels
-  it upstream and sends the request to another replica at once (router.proxy.send_once).
+  it upstream and sends the request to another replica at once (vllm_fleet.router.proxy.send_once).
 
 So a hung replica stops getting requests about ``SILENCE_S`` after it hangs, and loses none of
 the requests it was holding. --first-byte-timeout stays the outer bound for everything else.
@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from router.balancer import RequestInfo
-from router.health import BreakerPolicy, eject
-from router.state import Breaker, Fleet, ReplicaState
-from router.telemetry import Telemetry
+from vllm_fleet.router.balancer import RequestInfo
+from vllm_fleet.router.health import BreakerPolicy, eject
+from vllm_fleet.router.state import Breaker, Fleet, ReplicaState
+from vllm_fleet.router.telemetry import Telemetry
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -174,8 +174,8 @@ def abandon_waiting(replica: ReplicaState, telemetry: Telemetry, sent_before: fl
 
 def cut_streams(replica: ReplicaState, telemetry: Telemetry) -> int:
     """End every stream relayed from a replica found hung: nothing more will come, and each
-    relay then continues the stream elsewhere or ends it with an SSE error (router.proxy),
-    instead of waiting --first-byte-timeout with its client."""
+    relay then continues the stream elsewhere or ends it with an SSE error
+    (vllm_fleet.router.proxy), instead of waiting --first-byte-timeout with its client."""
     cut = 0
     for relay in list(replica.relays):
         if relay.abandoned:

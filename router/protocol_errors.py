@@ -8,7 +8,7 @@ is not ``{"error": {...}}``. aiohttp has no option for either, so ``RouterRunner
 AppRunner whose connections use ``OpenAIErrorRequestHandler``: aiohttp's handler with the two
 methods those answers pass through (``handle_error`` builds the parser's, ``finish_response``
 sends every response) turning them into our JSON body. aiohttp still logs parser errors
-(router.logs makes them one warning line each).
+(vllm_fleet.router.logs makes them one warning line each).
 
 tests/chaos/test_hostile_input.py checks that every answer to the fuzzers is OpenAI-style JSON.
 """
@@ -19,7 +19,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-from router.openai_errors import error_response
+from vllm_fleet.router.openai_errors import error_response
 
 #: Messages by status; none echoes the request (it may hold anything, including CR/LF).
 _MESSAGES = {

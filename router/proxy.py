@@ -31,18 +31,18 @@ from tenacity import (
     wait_none,
 )
 
-from router.balancer import RequestInfo
-from router.context import ROUTER, RouterContext
-from router.continuation import Continuation, Refused
-from router.continuation import prepare as prepare_continuation
-from router.health import eject, record_failure, record_success
-from router.middleware import REQUEST_ID, Exchange, exchange_of
-from router.openai_errors import ApiError, error_response, sse_error_event
-from router.outliers import is_gateway_failure, is_outlier, may_eject, record_answer
-from router.prefix_index import request_prefix
-from router.progress import first_byte_due_s
-from router.state import Attempt, Fleet, ReplicaState
-from router.telemetry import CLIENT_CLOSED
+from vllm_fleet.router.balancer import RequestInfo
+from vllm_fleet.router.context import ROUTER, RouterContext
+from vllm_fleet.router.continuation import Continuation, Refused
+from vllm_fleet.router.continuation import prepare as prepare_continuation
+from vllm_fleet.router.health import eject, record_failure, record_success
+from vllm_fleet.router.middleware import REQUEST_ID, Exchange, exchange_of
+from vllm_fleet.router.openai_errors import ApiError, error_response, sse_error_event
+from vllm_fleet.router.outliers import is_gateway_failure, is_outlier, may_eject, record_answer
+from vllm_fleet.router.prefix_index import request_prefix
+from vllm_fleet.router.progress import first_byte_due_s
+from vllm_fleet.router.state import Attempt, Fleet, ReplicaState
+from vllm_fleet.router.telemetry import CLIENT_CLOSED
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -110,7 +110,8 @@ class UpstreamFailure(Exception):
 
     @property
     def gateway(self) -> bool:
-        """Does this failure say the replica (not the request) is in trouble? (router.outliers)"""
+        """Does this failure say the replica (not the request) is in trouble?
+        (vllm_fleet.router.outliers)"""
         return is_gateway_failure(self.reason, self.status)
 
 
@@ -233,7 +234,7 @@ def _filtered(
 
 def upstream_headers(incoming: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """The client's end-to-end headers minus its credentials; --upstream-api-key, when set, is
-    added by the session (router.app.upstream_session)."""
+    added by the session (vllm_fleet.router.app.upstream_session)."""
     return _filtered(incoming, _drop_set(_DROP_UPSTREAM, incoming), request_id)
 
 
@@ -375,8 +376,8 @@ async def send_once(
     """One attempt on ``replica``. On success its in_flight stays counted until finish().
 
     While it waits for its first byte the attempt is registered on the replica, with the time
-    it becomes overdue, so the progress monitor (router.progress) can tell a hung replica and
-    abandon the attempt: it is then cancelled here (closing the connection makes vLLM drop it)
+    it becomes overdue, so the progress monitor (vllm_fleet.router.progress) can tell a hung replica
+    and abandon the attempt: it is then cancelled here (closing the connection makes vLLM drop it)
     and fails as "stalled", which the caller re-sends elsewhere; nothing reached the client.
     """
     task = asyncio.current_task()
@@ -433,7 +434,7 @@ def _note_failure(ctx: RouterContext, replica: ReplicaState, failure: UpstreamFa
     """Count a failed attempt toward the replica's ejection, by what kind of failure it was.
 
     Gateway failures feed the breaker's consecutive count; any other 5xx answer only the
-    replica's error rate (router.outliers). Either ejection is capped by
+    replica's error rate (vllm_fleet.router.outliers). Either ejection is capped by
     --max-ejection-percent; a refused connection is not (nothing listens there).
     """
     now = time.monotonic()
@@ -497,7 +498,7 @@ async def send_with_failover(
     ejection). When no other replica is left, the one that answered may take the retry
     (within --max-attempts): a replica failing some requests is still worth asking again.
     When no healthy replica is left, the least-bad ones are used (panic mode,
-    router.state.Fleet.panic_candidates): 503 only when none is reachable at all.
+    vllm_fleet.router.state.Fleet.panic_candidates): 503 only when none is reachable at all.
     Attempts abandoned on a hung replica (reason "stalled") are not counted toward
     --max-attempts: the request was never answered, through no fault of its own.
     """
@@ -628,8 +629,9 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     watchdog = IdleWatchdog(content, ctx.config.first_byte_timeout_s, loop)
     first = True
-    # The progress monitor (router.progress) expects bytes from a replica with running streams,
-    # and records when they come: streams and last_byte_at follow the replica being relayed.
+    # The progress monitor (vllm_fleet.router.progress) expects bytes from a replica with running
+    # streams, and records when they come: streams and last_byte_at follow the replica being
+    # relayed.
     replica = reply.replica
     relay = Attempt(
         sent_at=loop.time(),
@@ -723,7 +725,7 @@ async def _continue_stream(
     ctx: RouterContext,
     resume: Continuation,
 ) -> str | None:
-    """Ask another replica for the rest of a cut stream (router.continuation).
+    """Ask another replica for the rest of a cut stream (vllm_fleet.router.continuation).
 
     None when its stream is to be relayed next (``reply`` is switched to it in place, and the
     broken one released), "" when the answer was already complete and has been ended here,

@@ -1,9 +1,10 @@
 """Engine load gauges from each replica's Prometheus /metrics endpoint.
 
 The router's own in-flight count is instant but misses load from other clients; the engine's
-gauges see everything but are ~1 s old. The balancer combines both (router.balancer.load_score).
-A failed scrape keeps the last values: their age (``scraped_at``) already makes the balancer
-trust them less, and ejecting is the health checker's job, not ours.
+gauges see everything but are ~1 s old. The balancer combines both
+(vllm_fleet.router.balancer.load_score). A failed scrape keeps the last values: their age
+(``scraped_at``) already makes the balancer trust them less, and ejecting is the health checker's
+job, not ours.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.bounded_read import read_capped
-from router.prefix_index import DEFAULT_CACHE_TOKENS, DEFAULT_MEMORY_BYTES, fit_budget
-from router.replica_tasks import ReplicaTasks
-from router.speed import CounterSample
-from router.state import Fleet, ReplicaState
+from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.prefix_index import DEFAULT_CACHE_TOKENS, DEFAULT_MEMORY_BYTES, fit_budget
+from vllm_fleet.router.replica_tasks import ReplicaTasks
+from vllm_fleet.router.speed import CounterSample
+from vllm_fleet.router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -47,7 +48,7 @@ PROMPT_TOKENS = "vllm:prompt_tokens"
 PREEMPTIONS = "vllm:num_preemptions"
 #: Finished requests, one sample per finish reason (summed).
 REQUEST_SUCCESS = "vllm:request_success"
-#: Histograms whose _sum and _count the speed estimator uses (router.speed); buckets are
+#: Histograms whose _sum and _count the speed estimator uses (vllm_fleet.router.speed); buckets are
 #: dropped before parsing. Inter-token latency: current name first, then the older name of the
 #: same per-token histogram.
 INTER_TOKEN_LATENCY = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
@@ -280,7 +281,7 @@ def apply_metrics(
 
 def apply_prefix_metrics(r: ReplicaState, m: EngineMetrics, now: float, budget: int) -> None:
     """Size the replica's prefix record from its KV cache and check it against the replica's
-    own prefix-cache counters (router.prefix_index)."""
+    own prefix-cache counters (vllm_fleet.router.prefix_index)."""
     prefixes = r.prefixes
     if m.cache_blocks is not None and m.cache_block_size is not None:
         prefixes.set_capacity(m.cache_blocks * m.cache_block_size, m.cache_block_size, budget)

@@ -5,7 +5,7 @@ load balancer moves on, while requests and streams already running get up to
 --shutdown-grace seconds to finish; whatever is still running then is cut and the process
 exits 0. aiohttp's runner implements exactly this sequence; we configure it and mark the app
 as draining so /ready turns 503 during the grace period. The loop around it is
-``web.run_app``'s, with router.protocol_errors.RouterRunner in place of the AppRunner.
+``web.run_app``'s, with vllm_fleet.router.protocol_errors.RouterRunner in place of the AppRunner.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from router.app import make_app
-from router.config import RouterConfig
-from router.errors import ConfigError
-from router.logs import configure_logging
-from router.protocol_errors import RouterRunner
+from vllm_fleet.router.app import make_app
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.logs import configure_logging
+from vllm_fleet.router.protocol_errors import RouterRunner
 
 log = logging.getLogger("vllm_fleet.router")
 

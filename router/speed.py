@@ -1,7 +1,7 @@
 """How fast each replica generates, learned from its own /metrics counters (never configured).
 
-The cost policy (router.balancer.CostAware) needs, per replica, the time of one decode step
-as a function of the batch size, ``step_s(n) = token_s * (1 + batch_slowdown * n)``, the
+The cost policy (vllm_fleet.router.balancer.CostAware) needs, per replica, the time of one decode
+step as a function of the batch size, ``step_s(n) = token_s * (1 + batch_slowdown * n)``, the
 batch size beyond which requests queue, and how long requests are. vLLM exports everything
 needed as cumulative counters; each scrape hands them to ``SpeedEstimate.observe`` and the
 difference to the previous scrape is one observation of the last interval:

@@ -11,8 +11,8 @@ import enum
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from router.prefix_index import ReplicaPrefixes
-from router.speed import SpeedEstimate
+from vllm_fleet.router.prefix_index import ReplicaPrefixes
+from vllm_fleet.router.speed import SpeedEstimate
 
 
 class Breaker(enum.Enum):
@@ -50,7 +50,7 @@ class Attempt:
 
 @dataclass(eq=False, slots=True)
 class Outcomes:
-    """Recent request outcomes of one replica, exponentially forgotten (router.outliers).
+    """Recent request outcomes of one replica, exponentially forgotten (vllm_fleet.router.outliers).
 
     Only answers count here: a 5xx the replica sent (``errors``) or a success. Gateway failures
     (refused, reset, timeouts) go to the breaker's consecutive count instead.
@@ -91,7 +91,7 @@ class ReplicaState:
     #: Total requests the router finished on this replica (for /fleet/replicas and tests).
     served: int = 0
     #: Outcome of the last active health check (GET /health). ``healthy`` is kept equal to
-    #: ``breaker is CLOSED and check_ok`` by router.health.
+    #: ``breaker is CLOSED and check_ok`` by vllm_fleet.router.health.
     check_ok: bool = False
     #: True once the replica has passed a health check: failures before that mean "still
     #: starting" (loading weights can take minutes) and do not trip the breaker.
@@ -111,24 +111,25 @@ class ReplicaState:
     #: Why the last /metrics scrape failed; empty when it succeeded (logged on change only).
     scrape_error: str = ""
     #: Decode speed, batch slowdown, batch limit and request sizes learned from the engine's
-    #: counters at every scrape (router.speed); the cost policy reads it.
+    #: counters at every scrape (vllm_fleet.router.speed); the cost policy reads it.
     speed: SpeedEstimate = field(default_factory=SpeedEstimate)
-    #: Prompt prefixes this router sent here and believes cached (router.prefix_index); the
-    #: cost policy reads it, the proxy records into it, scrapes and KV events correct it.
+    #: Prompt prefixes this router sent here and believes cached (vllm_fleet.router.prefix_index);
+    #: the cost policy reads it, the proxy records into it, scrapes and KV events correct it.
     prefixes: ReplicaPrefixes = field(default_factory=ReplicaPrefixes)
-    #: Attempts waiting for their first byte (router.proxy.send_once adds and removes them).
+    #: Attempts waiting for their first byte (vllm_fleet.router.proxy.send_once adds and removes
+    #: them).
     awaiting: set[Attempt] = field(default_factory=set)
     #: Streams being relayed from this replica right now; ``abandon`` cuts one (its relay then
-    #: sees the replica fail mid-stream, and continues or ends it: router.proxy).
+    #: sees the replica fail mid-stream, and continues or ends it: vllm_fleet.router.proxy).
     relays: set[Attempt] = field(default_factory=set)
     #: monotonic time any byte last came from this replica (answer headers, a body, a chunk).
     last_byte_at: float = 0.0
     #: Set by the progress monitor: requests here are overdue and the replica says nothing.
-    #: Suspects get no new request while another candidate is fine (router.progress).
+    #: Suspects get no new request while another candidate is fine (vllm_fleet.router.progress).
     suspect: bool = False
     #: monotonic time the replica became a suspect (0 when it is not one).
     suspect_since: float = 0.0
-    #: Answers by status class, for the 5xx-rate outlier detection (router.outliers).
+    #: Answers by status class, for the 5xx-rate outlier detection (vllm_fleet.router.outliers).
     outcomes: Outcomes = field(default_factory=Outcomes)
 
     @property
@@ -183,7 +184,7 @@ class Fleet:
         check passes anywhere (every check timing out at once says more about the router's
         host or network than about the replicas), the replicas that were not ejected and sent
         bytes within PANIC_RECENT_S of ``now`` are reachable and are used. Replicas suspected
-        of hanging (router.progress), ejected ones whose check fails (a hung replica is
+        of hanging (vllm_fleet.router.progress), ejected ones whose check fails (a hung replica is
         ejected so) and ones that refused a connection stay out.
         """
         skip = set(exclude)

@@ -18,18 +18,19 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.prefix_index import memory_bytes
-from router.state import Fleet
+from vllm_fleet.router.prefix_index import memory_bytes
+from vllm_fleet.router.state import Fleet
 
 #: The replica label when no replica was involved (validation errors, 503 before a pick).
 NO_REPLICA = "none"
 #: The status recorded when the client went away first (nginx's convention).
 CLIENT_CLOSED = 499
 #: Failure reasons for retries and stream errors.
-#: "stalled": the attempt waited on a replica found hung and was re-sent (router.progress).
+#: "stalled": the attempt waited on a replica found hung and was re-sent
+#: (vllm_fleet.router.progress).
 REASONS = ("connect", "timeout", "status", "disconnect", "stalled")
-#: Why a cut stream was not continued (router.continuation): the request's parameters, what
-#: was streamed, no replica could take the rest, or the stream broke too many times.
+#: Why a cut stream was not continued (vllm_fleet.router.continuation): the request's parameters,
+#: what was streamed, no replica could take the rest, or the stream broke too many times.
 CONTINUATION_FAILURES = ("request", "stream", "replica", "limit")
 
 #: LLM requests last from milliseconds (embeddings) to minutes (long generations).
@@ -91,8 +92,8 @@ class FleetCollector(Collector):
 
 
 class PrefixCollector(Collector):
-    """The prefix index per replica (router.prefix_index): what the router predicted next to
-    what the replica measured, how far it is trusted, its size; KV-event block counts where
+    """The prefix index per replica (vllm_fleet.router.prefix_index): what the router predicted next
+    to what the replica measured, how far it is trusted, its size; KV-event block counts where
     replicas publish them. Hit rates are recent (30 s half-life) and absent until known."""
 
     def __init__(self, fleet: Fleet) -> None:

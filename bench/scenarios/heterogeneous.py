@@ -9,8 +9,8 @@ from dataclasses import replace
 from bench.load import RequestMix
 from bench.replicas import SimSettings
 from bench.scenarios.harness import MODEL, Options
-from launcher.sim.config import DEFAULT_CHAT_MAX_TOKENS
-from launcher.sim.engine import StepTiming
+from vllm_fleet.launcher.sim.config import DEFAULT_CHAT_MAX_TOKENS
+from vllm_fleet.launcher.sim.engine import StepTiming
 
 FULL = SimSettings(model=MODEL)
 HALF = replace(FULL, speed=0.5)

@@ -16,8 +16,8 @@ from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL, Options, measure, open_loop
 from bench.scenarios.tables import not_started_row
 from bench.section import PeerRun, Table
-from launcher.sim.capacity import saturation_rps
-from launcher.sim.config import BATCH_SLOWDOWN, SimConfig
+from vllm_fleet.launcher.sim.capacity import saturation_rps
+from vllm_fleet.launcher.sim.config import BATCH_SLOWDOWN, SimConfig
 
 #: 4 replicas of the simulator with vLLM V1's prefix cache. 20 ms steps of up to 16 requests;
 #: the prefill and attention costs are the simulator's measured shape (docs/simulator.md).
@@ -39,8 +39,8 @@ LABELS = tuple(f"r{i}" for i in range(REPLICAS))
 
 def uncached_capacity(schedule: Sequence[RequestSpec]) -> float:
     """Requests per second the fleet completes with the whole sequence queued at once and
-    nothing cached: the simulator's own engine run offline (launcher.sim.capacity) with prefix
-    caching off, times the replicas. What "load" means in the scenarios' text."""
+    nothing cached: the simulator's own engine run offline (vllm_fleet.launcher.sim.capacity) with
+    prefix caching off, times the replicas. What "load" means in the scenarios' text."""
     settings = PREFIX_REPLICA
     config = SimConfig(
         model=settings.model,

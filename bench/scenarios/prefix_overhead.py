@@ -3,9 +3,9 @@ flight, our cost policy with the index against the same router with the index st
 
 The replicas answer at once (0.1 ms steps), so the router's own work is what is measured. The
 router has no switch for its index; `ours-cost-noindex` runs the same CLI with
-`router.proxy.request_prefix` returning no keys (bench.peers.OursPeer.command), so nothing is
-hashed, matched or recorded. The two alternate, twice each, to spread the machine's other load
-over both; CPU is utime + stime of the router's process tree per completed request.
+`vllm_fleet.router.proxy.request_prefix` returning no keys (bench.peers.OursPeer.command), so
+nothing is hashed, matched or recorded. The two alternate, twice each, to spread the machine's other
+load over both; CPU is utime + stime of the router's process tree per completed request.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL, Options, RunLoad, measure, started
 from bench.scenarios.prefix import TargetCheck
 from bench.section import PeerRun, Table
-from router.prefix_index import ReplicaPrefixes, request_prefix
+from vllm_fleet.router.prefix_index import ReplicaPrefixes, request_prefix
 
 PROMPT_TOKENS = 4000
 CONCURRENCY = 64
@@ -61,9 +61,9 @@ class Overhead:
 
 def index_work_ms(requests: int = 2000, replicas: int = 2) -> float:
     """CPU ms per request of the index's own work, timed in this process: the prefix keys of
-    the parsed body (router.proxy's parse does this for every request), one match per replica
-    (the cost policy prices each) and the record at the chosen one. A steadier figure than the
-    difference of two router runs on a shared machine."""
+    the parsed body (vllm_fleet.router.proxy's parse does this for every request), one match per
+    replica (the cost policy prices each) and the record at the chosen one. A steadier figure than
+    the difference of two router runs on a shared machine."""
     records = [ReplicaPrefixes() for _ in range(replicas)]
     bodies = [request_body(long_prompt_spec(i), MODEL) for i in range(requests)]
     started = time.process_time()

@@ -8,7 +8,7 @@ from bench.scenarios.harness import Options, line_up, measure, open_loop, starte
 from bench.scenarios.heterogeneous import HETERO_LABELS, HETEROGENEOUS, base_mix, setting_text
 from bench.scenarios.tables import latency_table
 from bench.section import Section
-from launcher.sim.config import DEFAULT_CHAT_MAX_TOKENS
+from vllm_fleet.launcher.sim.config import DEFAULT_CHAT_MAX_TOKENS
 
 KEY = "3"
 

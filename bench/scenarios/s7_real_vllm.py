@@ -35,10 +35,14 @@ async def run_scenario(opts: Options) -> Section:
     # Built by the vLLM interpreter: it has the model builder's dependencies (tokenizers,
     # safetensors), which the bench venv does not need.
     build = await asyncio.create_subprocess_exec(
-        python, "-m", "launcher.tiny_model", str(model_dir), stdout=asyncio.subprocess.DEVNULL
+        python,
+        "-m",
+        "vllm_fleet.launcher.tiny_model",
+        str(model_dir),
+        stdout=asyncio.subprocess.DEVNULL,
     )
     if await build.wait() != 0:
-        section.text.append(f"Not run: `{python} -m launcher.tiny_model` failed.")
+        section.text.append(f"Not run: `{python} -m vllm_fleet.launcher.tiny_model` failed.")
         return section
     workdir = opts.workdir / "s7"
     fleet = VllmFleet([VllmReplica(model_dir, python, 2, workdir) for _ in range(2)])

@@ -1,6 +1,6 @@
 """Batch jobs through the fleet: a file of requests in, results out (``vllm-fleet batch``).
 
-    from launcher.batch import run_batch
+    from vllm_fleet.launcher.batch import run_batch
     summary = run_batch("prompts.jsonl", "results.jsonl", endpoint="http://127.0.0.1:8000")
 
 Modules: `input` (streaming parse and validation), `output` (append-only results, resume),
@@ -14,9 +14,14 @@ import asyncio
 import concurrent.futures
 from pathlib import Path
 
-from launcher.batch.input import PlainOptions
-from launcher.batch.progress import BatchSummary
-from launcher.batch.runner import DEFAULT_PRIORITY, BatchOptions, BatchRun, run_batch_async
+from vllm_fleet.launcher.batch.input import PlainOptions
+from vllm_fleet.launcher.batch.progress import BatchSummary
+from vllm_fleet.launcher.batch.runner import (
+    DEFAULT_PRIORITY,
+    BatchOptions,
+    BatchRun,
+    run_batch_async,
+)
 
 __all__ = ["BatchOptions", "BatchSummary", "PlainOptions", "run_batch", "run_batch_async"]
 

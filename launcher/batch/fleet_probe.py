@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from launcher.batch.limit import QueueSignal
+from vllm_fleet.launcher.batch.limit import QueueSignal
 
 #: Probes are quick GETs: a server that takes longer is treated as not having the endpoint.
 PROBE_TIMEOUT_S = 5.0

@@ -11,7 +11,7 @@ Two formats, read one line at a time so a file of any length costs the same memo
 
 A bad line never aborts the batch: it becomes an `InputError` naming its line number, which the
 runner writes as one error line. Duplicate ids are the runner's to find: only it knows which
-ids an earlier run already finished (`launcher.batch.output.ResumeState`).
+ids an earlier run already finished (`vllm_fleet.launcher.batch.output.ResumeState`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from launcher.batch.input import loads
+from vllm_fleet.launcher.batch.input import loads
 
 #: Results are flushed to the OS and fsynced at least this often (seconds).
 SYNC_INTERVAL_S = 1.0

@@ -1,10 +1,10 @@
 """The batch engine: read, send through the fleet, retry, write, resume.
 
 One asyncio loop does everything: it reads the input lazily, keeps up to the adaptive limit
-(`launcher.batch.limit`) of requests in flight over one ``aiohttp.ClientSession``, retries
-429 / 5xx / connection errors / timeouts with exponential backoff and full jitter (tenacity,
-honouring ``Retry-After``), writes each final result once (`launcher.batch.output`) and syncs
-the files every second. Why this gives "never loses or repeats work":
+(`vllm_fleet.launcher.batch.limit`) of requests in flight over one ``aiohttp.ClientSession``,
+retries 429 / 5xx / connection errors / timeouts with exponential backoff and full jitter (tenacity,
+honouring ``Retry-After``), writes each final result once (`vllm_fleet.launcher.batch.output`) and
+syncs the files every second. Why this gives "never loses or repeats work":
 
 - a result line is written only when its request is final, in one write, and never changed;
 - before sending, the id is checked against the ids earlier runs wrote (``ResumeState``) and
@@ -40,8 +40,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from launcher.batch import fleet_probe
-from launcher.batch.input import (
+from vllm_fleet.launcher.batch import fleet_probe
+from vllm_fleet.launcher.batch.input import (
     BatchRequest,
     InputError,
     PlainOptions,
@@ -50,9 +50,9 @@ from launcher.batch.input import (
     loads,
     read_input,
 )
-from launcher.batch.limit import AdaptiveLimit, LimitSettings, initial_limit
-from launcher.batch.output import IdSet, ResultWriter, result_record, scan_results
-from launcher.batch.progress import BatchStats, BatchSummary, Progress, summarize
+from vllm_fleet.launcher.batch.limit import AdaptiveLimit, LimitSettings, initial_limit
+from vllm_fleet.launcher.batch.output import IdSet, ResultWriter, result_record, scan_results
+from vllm_fleet.launcher.batch.progress import BatchStats, BatchSummary, Progress, summarize
 
 #: The header that marks batch traffic for a router (its cost policy can keep interactive
 #: requests ahead of it).

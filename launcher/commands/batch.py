@@ -3,7 +3,7 @@
 ``--endpoint`` uses a running router (or any OpenAI-compatible server); ``--config`` starts the
 fleet of that fleet.yaml in the background (``up --detach``, run directory ``OUTPUT.fleet``),
 runs the batch through its router and stops it (``down``), whatever happens in between.
-The work itself is `launcher.batch`; this module only parses and calls.
+The work itself is `vllm_fleet.launcher.batch`; this module only parses and calls.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from launcher.batch import BatchOptions, PlainOptions
-from launcher.batch.runner import DEFAULT_PRIORITY, PRIORITY_HEADER, run_batch_async
-from launcher.config import load_config
-from launcher.errors import ConfigError
+from vllm_fleet.launcher.batch import BatchOptions, PlainOptions
+from vllm_fleet.launcher.batch.runner import DEFAULT_PRIORITY, PRIORITY_HEADER, run_batch_async
+from vllm_fleet.launcher.config import load_config
+from vllm_fleet.launcher.errors import ConfigError
 
 #: Environment variable for the bearer key when --api-key is not given.
 API_KEY_ENV = "VLLM_FLEET_API_KEY"
@@ -132,7 +132,7 @@ def options_from_args(args: argparse.Namespace, endpoint: str) -> BatchOptions:
 def fleet_from_config(config_path: str, run_dir: Path) -> Iterator[str]:
     """`up --detach` this fleet.yaml, yield its router URL, always `down` it."""
     config = load_config(config_path)
-    base = [sys.executable, "-m", "launcher.cli"]
+    base = [sys.executable, "-m", "vllm_fleet.launcher.cli"]
     started = subprocess.run(
         [*base, "up", "--config", config_path, "--detach", "--run-dir", str(run_dir)],
         stdout=sys.stderr,

@@ -1,10 +1,10 @@
 """`vllm-fleet compose`: write a Docker Compose file for the plan `vllm-fleet up` would run.
 
 The file comes from the same planner and the same spec-to-container translation as
-``--runtime docker`` (``launcher.runtime.docker.container_config``), so a compose deployment and
-a launcher deployment of one fleet.yaml get the same replicas, GPUs, tensor-parallel size and
-engine arguments. The hand-written compose/docker-compose.yml covers the common layouts from a
-``.env``; this command covers every other plan.
+``--runtime docker`` (``vllm_fleet.launcher.runtime.docker.container_config``), so a compose
+deployment and a launcher deployment of one fleet.yaml get the same replicas, GPUs, tensor-parallel
+size and engine arguments. The hand-written compose/docker-compose.yml covers the common layouts
+from a ``.env``; this command covers every other plan.
 
 Each replica is one service with its ``device_ids``; the router gets the replica list as static
 backends (service DNS names, each replica on its planned port) and is the only published port.
@@ -25,14 +25,14 @@ from typing import Any
 
 import yaml
 
-from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
-from launcher.commands.up import config_from_args
-from launcher.config import FleetConfig
-from launcher.errors import ConfigError
-from launcher.plan_types import Plan, ReplicaSpec
-from launcher.planner import PlanOptions, plan
-from launcher.rundir import atomic_write_text
-from launcher.runtime.docker import (
+from vllm_fleet.launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
+from vllm_fleet.launcher.commands.up import config_from_args
+from vllm_fleet.launcher.config import FleetConfig
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.plan_types import Plan, ReplicaSpec
+from vllm_fleet.launcher.planner import PlanOptions, plan
+from vllm_fleet.launcher.rundir import atomic_write_text
+from vllm_fleet.launcher.runtime.docker import (
     DEFAULT_CPU_IMAGE,
     DEFAULT_GPU_IMAGE,
     DockerSettings,

@@ -18,13 +18,13 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from launcher.config import FleetConfig, RestartConfig, RouterLaunchConfig
-from launcher.errors import ConfigError
-from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
-from launcher.plan_types import Inventory, ModelSize, Plan, ReplicaSpec
-from launcher.planner import PlanOptions, plan
-from launcher.rundir import FleetState, RunDir
-from launcher.vllm_args import OFFLINE_ENV
+from vllm_fleet.launcher.config import FleetConfig, RestartConfig, RouterLaunchConfig
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free
+from vllm_fleet.launcher.plan_types import Inventory, ModelSize, Plan, ReplicaSpec
+from vllm_fleet.launcher.planner import PlanOptions, plan
+from vllm_fleet.launcher.rundir import FleetState, RunDir
+from vllm_fleet.launcher.vllm_args import OFFLINE_ENV
 
 DEMO_PROMPT = "Say hello to the fleet in five words."
 #: how long a CPU replica may take to load (first start compiles kernels).
@@ -89,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def demo_fleet(args: argparse.Namespace) -> tuple[FleetConfig, tuple[ReplicaSpec, ...]]:
-    from launcher.tiny_model import SERVED_MODEL_NAME
+    from vllm_fleet.launcher.tiny_model import SERVED_MODEL_NAME
 
     common: dict[str, Any] = {
         "served_model_name": SERVED_MODEL_NAME,
@@ -124,8 +124,8 @@ def demo_inventory(engine: str) -> Inventory:
     cores; the simulator plans CPU replicas and needs neither."""
     if engine != "vllm":
         return Inventory(gpus=(), source="none")
-    from launcher.commands.plan import host_cpus
-    from launcher.inventory import detect_inventory
+    from vllm_fleet.launcher.commands.plan import host_cpus
+    from vllm_fleet.launcher.inventory import detect_inventory
 
     return dataclasses.replace(detect_inventory(), cpus=host_cpus())
 
@@ -147,9 +147,9 @@ def tiny_cpu_options(
 
     The demo's fleet config says the same (``tiny_cpu_config``), and the e2e tests and the bench
     plan their replicas from these options too, so every one of them runs vLLM with the command
-    line `up` would use (launcher.vllm_args builds it).
+    line `up` would use (vllm_fleet.launcher.vllm_args builds it).
     """
-    from launcher.tiny_model import SERVED_MODEL_NAME  # numpy: not at every CLI start
+    from vllm_fleet.launcher.tiny_model import SERVED_MODEL_NAME  # numpy: not at every CLI start
 
     return PlanOptions(
         model=model_dir,
@@ -196,8 +196,8 @@ def tiny_cpu_config(config: FleetConfig, model_dir: str) -> FleetConfig:
 def _vllm_cpu_setup(config: FleetConfig) -> tuple[FleetConfig, ModelSize]:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(INSTALL_HINT.format(python=sys.executable))
-    from launcher.model_size import size_model
-    from launcher.tiny_model import build_tiny_model, default_tiny_model_dir
+    from vllm_fleet.launcher.model_size import size_model
+    from vllm_fleet.launcher.tiny_model import build_tiny_model, default_tiny_model_dir
 
     model_dir = default_tiny_model_dir()
     print(f"vllm-fleet demo: tiny model in {model_dir}", flush=True)

@@ -17,11 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.commands.run_dir_option import add_run_dir_argument, run_dir_from_args
-from launcher.rundir import FleetState, RunDir, UnitRecord
-from launcher.runtime.docker import docker_client, fleet_name_for, remove_fleet_containers
-from launcher.runtime.process import group_members, process_alive, stop_process_group
-from launcher.slurm.job import add_job_arguments, job_down_command
+from vllm_fleet.launcher.commands.run_dir_option import add_run_dir_argument, run_dir_from_args
+from vllm_fleet.launcher.rundir import FleetState, RunDir, UnitRecord
+from vllm_fleet.launcher.runtime.docker import (
+    docker_client,
+    fleet_name_for,
+    remove_fleet_containers,
+)
+from vllm_fleet.launcher.runtime.process import group_members, process_alive, stop_process_group
+from vllm_fleet.launcher.slurm.job import add_job_arguments, job_down_command
 
 #: extra seconds beyond the fleet's own stop timeout for the supervisor to exit.
 DOWN_MARGIN_S = 15.0
@@ -121,7 +125,7 @@ def _is_fleet_process(pid: int) -> bool:
         return not Path("/proc").is_dir()
     except OSError:
         return True
-    return b"launcher.cli" in cmdline or b"vllm-fleet" in cmdline
+    return b"vllm_fleet.launcher.cli" in cmdline or b"vllm-fleet" in cmdline
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

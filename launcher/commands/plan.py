@@ -16,12 +16,12 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from launcher.errors import ConfigError
-from launcher.inventory import resolve_inventory
-from launcher.model_files import Fetcher, fetch_from_hub
-from launcher.model_size import human_params, normalize_dtype, size_model
-from launcher.plan_types import GIB, FitCheck, Inventory, ModelSize, Plan
-from launcher.planner import PlanOptions, gib, plan
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.inventory import resolve_inventory
+from vllm_fleet.launcher.model_files import Fetcher, fetch_from_hub
+from vllm_fleet.launcher.model_size import human_params, normalize_dtype, size_model
+from vllm_fleet.launcher.plan_types import GIB, FitCheck, Inventory, ModelSize, Plan
+from vllm_fleet.launcher.planner import PlanOptions, gib, plan
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -169,7 +169,7 @@ def options_from_args(
 def run(args: argparse.Namespace) -> int:
     options, inventory, model = options_from_args(args)
     if args.nodes is not None:
-        from launcher.slurm.layout import plan_nodes
+        from vllm_fleet.launcher.slurm.layout import plan_nodes
 
         nodes = plan_nodes(inventory, model, options, args.nodes)
         layout_notes = set(nodes.node_plan.notes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launcher.rundir import RunDir
+from vllm_fleet.launcher.rundir import RunDir
 
 #: the run directory when neither --run-dir nor (for `up`) run_dir: in --config names one.
 DEFAULT_RUN_DIR = Path(".fleet")

@@ -1,9 +1,9 @@
 """`vllm-fleet slurm`: the fleet as a SLURM job, one sbatch script from the same planner.
 
 Reads fleet.yaml (its ``slurm:`` section for the site: partition, setup lines, container...),
-lets flags override it, plans the nodes (``launcher.slurm.layout``), writes the script
-(``launcher.slurm.script``) and, with ``--submit``, hands it to sbatch. `vllm-fleet status --job`
-and `down --job` follow the job (``launcher.slurm.job``).
+lets flags override it, plans the nodes (``vllm_fleet.launcher.slurm.layout``), writes the script
+(``vllm_fleet.launcher.slurm.script``) and, with ``--submit``, hands it to sbatch. `vllm-fleet
+status --job` and `down --job` follow the job (``vllm_fleet.launcher.slurm.job``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 
 import yaml
 
-from launcher.commands.plan import load_plan_inputs
-from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
-from launcher.errors import ConfigError
-from launcher.fleet import router_spec
-from launcher.plan_types import Inventory
-from launcher.slurm.layout import NodesPlan, plan_nodes
-from launcher.slurm.script import BACKENDS, PY, JobSpec, render_script
+from vllm_fleet.launcher.commands.plan import load_plan_inputs
+from vllm_fleet.launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.fleet import router_spec
+from vllm_fleet.launcher.plan_types import Inventory
+from vllm_fleet.launcher.slurm.layout import NodesPlan, plan_nodes
+from vllm_fleet.launcher.slurm.script import BACKENDS, PY, JobSpec, render_script
 
 #: model name of the sim engine when the file names none (as `up` does).
 SIM_MODEL = "sim-model"

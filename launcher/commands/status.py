@@ -17,10 +17,10 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from launcher.commands.run_dir_option import add_run_dir_argument, run_dir_from_args
-from launcher.rundir import FleetState, RunDir, UnitRecord
-from launcher.runtime.process import process_alive
-from launcher.slurm.job import add_job_arguments, job_status_command
+from vllm_fleet.launcher.commands.run_dir_option import add_run_dir_argument, run_dir_from_args
+from vllm_fleet.launcher.rundir import FleetState, RunDir, UnitRecord
+from vllm_fleet.launcher.runtime.process import process_alive
+from vllm_fleet.launcher.slurm.job import add_job_arguments, job_status_command
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -1,12 +1,12 @@
 """`vllm-fleet up`: plan a fleet and run it.
 
-``up`` plans, then runs the fleet in this process (``launcher.fleet``) or, with ``--detach``,
-in a background supervisor started in its own session, returning once the fleet is ready.
-Everything another shell needs is in the run directory, so `status` (``commands/status.py``)
+``up`` plans, then runs the fleet in this process (``vllm_fleet.launcher.fleet``) or, with
+``--detach``, in a background supervisor started in its own session, returning once the fleet is
+ready. Everything another shell needs is in the run directory, so `status` (``commands/status.py``)
 and `down` (``commands/down.py``) work from anywhere that can see it.
 
-``--runtime docker`` runs each engine in a container (``launcher.runtime.docker``). Only docker
-fleets talk to Docker: a process fleet needs neither the daemon nor the images.
+``--runtime docker`` runs each engine in a container (``vllm_fleet.launcher.runtime.docker``). Only
+docker fleets talk to Docker: a process fleet needs neither the daemon nor the images.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from typing import Any, TextIO
 
 import yaml
 
-from launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
-from launcher.commands.run_dir_option import DEFAULT_RUN_DIR, add_run_dir_argument
-from launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
-from launcher.errors import ConfigError
-from launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
-from launcher.model_files import check_local_path
-from launcher.plan_types import Plan, ReplicaSpec
-from launcher.planner import PlanOptions, plan
-from launcher.rundir import RunDir, atomic_write_text
-from launcher.runtime.process import (
+from vllm_fleet.launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
+from vllm_fleet.launcher.commands.run_dir_option import DEFAULT_RUN_DIR, add_run_dir_argument
+from vllm_fleet.launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
+from vllm_fleet.launcher.model_files import check_local_path
+from vllm_fleet.launcher.plan_types import Plan, ReplicaSpec
+from vllm_fleet.launcher.planner import PlanOptions, plan
+from vllm_fleet.launcher.rundir import RunDir, atomic_write_text
+from vllm_fleet.launcher.runtime.process import (
     rotate_log,
 )
 
@@ -219,7 +219,7 @@ def detach(
     atomic_write_text(config_path, yaml.safe_dump(config_to_mapping(config), sort_keys=False))
     write_plan_file(plan_path, model_label, replicas)
     command = [
-        sys.executable, "-m", "launcher.cli", "up",
+        sys.executable, "-m", "vllm_fleet.launcher.cli", "up",
         "--config", str(config_path), "--plan-file", str(plan_path), "--run-dir", str(base),
     ]  # fmt: skip
     log_path = run_dir.supervisor_log_path

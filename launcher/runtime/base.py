@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from launcher.plan_types import ServerSpec
+from vllm_fleet.launcher.plan_types import ServerSpec
 
 
 @dataclass

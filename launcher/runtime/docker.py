@@ -45,10 +45,10 @@ import docker.errors
 import docker.types
 from docker.models.containers import Container
 
-from launcher.errors import ConfigError
-from launcher.plan_types import ReplicaSpec, ServerSpec
-from launcher.runtime.base import Runtime, ServerHandle, ServerStatus
-from launcher.runtime.process import HEADER_PREFIX, ProcessRuntime, last_line, rotate_log
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.plan_types import ReplicaSpec, ServerSpec
+from vllm_fleet.launcher.runtime.base import Runtime, ServerHandle, ServerStatus
+from vllm_fleet.launcher.runtime.process import HEADER_PREFIX, ProcessRuntime, last_line, rotate_log
 
 LABEL_FLEET = "vllm-fleet.fleet"
 LABEL_REPLICA = "vllm-fleet.replica"

@@ -23,8 +23,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from launcher.plan_types import ServerSpec
-from launcher.runtime.base import ServerHandle, ServerStatus
+from vllm_fleet.launcher.plan_types import ServerSpec
+from vllm_fleet.launcher.runtime.base import ServerHandle, ServerStatus
 
 #: first line of every log, so a log can be matched to its command; not shown as progress.
 HEADER_PREFIX = "# vllm-fleet:"

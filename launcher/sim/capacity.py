@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from launcher.sim.config import SimConfig
-from launcher.sim.engine import SimEngine
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.engine import SimEngine
 
 #: Steps after which the run gives up (a bound; a few thousand requests need far fewer).
 MAX_STEPS = 10_000_000
@@ -22,8 +22,8 @@ def saturation_rps(
 ) -> float:
     """Requests per second `config`'s replica completes with all `requests` queued at once.
 
-    `requests` are (prompt token ids, max_tokens), e.g. from `launcher.sim.protocol` parsing the
-    bodies a benchmark sends; shared prefixes then count as they would on the replica.
+    `requests` are (prompt token ids, max_tokens), e.g. from `vllm_fleet.launcher.sim.protocol`
+    parsing the bodies a benchmark sends; shared prefixes then count as they would on the replica.
     """
     engine = SimEngine.from_config(config)
     count = 0

@@ -31,8 +31,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from launcher.sim.config import KvEventsConfig
-from launcher.sim.kvcache import CacheEvent, ClearedEvent, RemovedEvent, StoredEvent
+from vllm_fleet.launcher.sim.config import KvEventsConfig
+from vllm_fleet.launcher.sim.kvcache import CacheEvent, ClearedEvent, RemovedEvent, StoredEvent
 
 #: vLLM's medium of device blocks, and the attention kind of a plain decoder's single group.
 MEDIUM_GPU = "GPU"

@@ -11,7 +11,7 @@ What matters for routing, and so what is modelled:
   still be hit; allocation takes from the head and then forgets the hash. A request frees its
   blocks last-first, so its tail blocks are evicted before its head blocks, as in vLLM;
 - the events vLLM publishes for all this (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`),
-  collected here as plain records and sent by `launcher.sim.kv_events`.
+  collected here as plain records and sent by `vllm_fleet.launcher.sim.kv_events`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from launcher.sim.tokens import external_hash
+from vllm_fleet.launcher.sim.tokens import external_hash
 
 
 @dataclass(frozen=True)

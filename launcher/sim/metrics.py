@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from launcher.sim.engine import Sequence, SimEngine, StepPlan, TokenEvent
+from vllm_fleet.launcher.sim.engine import Sequence, SimEngine, StepPlan, TokenEvent
 
 _LABELS = ("model_name", "engine")
 

@@ -1,13 +1,14 @@
 """The OpenAI wire format as vLLM speaks it: request validation and response bodies (no I/O).
 
-Prompts are tokenized by a fixed rule, not a tokenizer (`launcher.sim.tokens`): one token per
-4 UTF-8 bytes of text, at least 1; a prompt given as token ids keeps its ids. A chat prompt is
+Prompts are tokenized by a fixed rule, not a tokenizer (`vllm_fleet.launcher.sim.tokens`): one token
+per 4 UTF-8 bytes of text, at least 1; a prompt given as token ids keeps its ids. A chat prompt is
 rendered like a chat template: 4 tokens per message (role and markers) around its content, plus
 2 for the assistant header. The same leading text therefore gives the same leading token ids,
 which is what vLLM's prefix cache keys on.
 Generated text is filler words, one 4-byte word (a space and three letters) per token, chosen by
 the token index and a hash of the prompt, so the same request always yields the same text, and a
-reply sent back in the next turn re-tokenizes to the generated ids (`launcher.sim.tokens`).
+reply sent back in the next turn re-tokenizes to the generated ids
+(`vllm_fleet.launcher.sim.tokens`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from launcher.sim.config import (
+from vllm_fleet.launcher.sim.config import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
     SimConfig,
 )
-from launcher.sim.tokens import (
+from vllm_fleet.launcher.sim.tokens import (
     BYTES_PER_TOKEN,
     chat_token_ids,
     filler_word,
@@ -76,7 +77,7 @@ class GenerationRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
-    #: The prompt's token ids (`launcher.sim.tokens`); the prefix cache keys on them.
+    #: The prompt's token ids (`vllm_fleet.launcher.sim.tokens`); the prefix cache keys on them.
     prompt_token_ids: tuple[int, ...]
     #: Picks the filler words, so equal prompts give equal text.
     text_offset: int

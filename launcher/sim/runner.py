@@ -15,10 +15,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from launcher.sim.config import SimKnobs
-from launcher.sim.engine import Sequence, SimEngine, TokenEvent
-from launcher.sim.kvcache import CacheEvent
-from launcher.sim.metrics import SimMetrics
+from vllm_fleet.launcher.sim.config import SimKnobs
+from vllm_fleet.launcher.sim.engine import Sequence, SimEngine, TokenEvent
+from vllm_fleet.launcher.sim.kvcache import CacheEvent
+from vllm_fleet.launcher.sim.metrics import SimMetrics
 
 #: Lateness (seconds) the cadence absorbs by catching up; a longer stall restarts it.
 #: Several timer ticks, far below any simulated step people configure (5-50 ms).
@@ -26,7 +26,8 @@ STALL_S = 0.005
 
 
 class EventSink(Protocol):
-    """Where the block events of each step go (`launcher.sim.kv_events.KvEventPublisher`)."""
+    """Where the block events of each step go
+    (`vllm_fleet.launcher.sim.kv_events.KvEventPublisher`)."""
 
     def publish(self, events: Seq[CacheEvent]) -> None: ...
 

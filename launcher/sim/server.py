@@ -20,11 +20,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from launcher.sim.config import SIM_VLLM_VERSION, SimConfig, SimKnobs, apply_knobs
-from launcher.sim.engine import SimEngine
-from launcher.sim.kv_events import KvEventPublisher, open_publisher
-from launcher.sim.metrics import SimMetrics
-from launcher.sim.protocol import (
+from vllm_fleet.launcher.sim.config import SIM_VLLM_VERSION, SimConfig, SimKnobs, apply_knobs
+from vllm_fleet.launcher.sim.engine import SimEngine
+from vllm_fleet.launcher.sim.kv_events import KvEventPublisher, open_publisher
+from vllm_fleet.launcher.sim.metrics import SimMetrics
+from vllm_fleet.launcher.sim.protocol import (
     ApiError,
     GenerationRequest,
     ResponseBuilder,
@@ -36,7 +36,7 @@ from launcher.sim.protocol import (
     parse_completion,
     parse_embedding,
 )
-from launcher.sim.runner import Generation, SimRunner
+from vllm_fleet.launcher.sim.runner import Generation, SimRunner
 
 
 @dataclass

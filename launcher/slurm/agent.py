@@ -1,7 +1,8 @@
 """The job's helper on the nodes: the steps of the sbatch script a shell does badly.
 
-``python -m launcher.slurm.agent COMMAND``, called by the script ``launcher.slurm.script``
-renders. Each command is small, bounded in time and says in one line what went wrong:
+``python -m vllm_fleet.launcher.slurm.agent COMMAND``, called by the script
+``vllm_fleet.launcher.slurm.script`` renders. Each command is small, bounded in time and says in one
+line what went wrong:
 
 * ``endpoint``: write the endpoint file (``<log dir>/<job id>.json``) atomically;
 * ``backends``: the router's backends file from the node names and the planned ports;
@@ -30,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from launcher.rundir import atomic_write_text
-from launcher.runtime.process import process_alive
+from vllm_fleet.launcher.rundir import atomic_write_text
+from vllm_fleet.launcher.runtime.process import process_alive
 
 #: seconds between two polls of `ray status` or the router.
 POLL_INTERVAL_S = 1.0
@@ -107,7 +108,7 @@ def node_ip() -> str:
 def _node_up(args: argparse.Namespace) -> None:
     host = socket.gethostname().split(".")[0]
     run_dir = Path(args.run_dir) / host
-    argv = [sys.executable, "-m", "launcher.cli", *args.rest, "--run-dir", str(run_dir)]
+    argv = [sys.executable, "-m", "vllm_fleet.launcher.cli", *args.rest, "--run-dir", str(run_dir)]
     print(f"vllm-fleet: {host}: {' '.join(argv[3:])}", flush=True)
     os.execv(sys.executable, argv)
 
@@ -259,7 +260,7 @@ def _await_ready(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launcher.slurm.agent")
+    parser = argparse.ArgumentParser(prog="python -m vllm_fleet.launcher.slurm.agent")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("endpoint")
     p.add_argument("--file", required=True)

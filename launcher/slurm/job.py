@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import ConfigError
+from vllm_fleet.launcher.errors import ConfigError
 
 #: runs one SLURM command, returns (exit status, stdout).
 Runner = Callable[[Sequence[str]], tuple[int, str]]

@@ -8,7 +8,7 @@
    executor. Whether N stages fit is the planner's own memory model asked about one stage: a
    model with 1/N of the weights and of the KV cache per token on one node at TP = GPUs per node
    (a pipeline stage holds 1/N of the layers). The command line is the planner's
-   (``launcher.vllm_args`` through ``plan``) with the pipeline and executor flags added.
+   (``vllm_fleet.launcher.vllm_args`` through ``plan``) with the pipeline and executor flags added.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from launcher.plan_types import Inventory, ModelSize, Plan, ReplicaSpec
-from launcher.planner import MAX_HINT_NODES, PlanError, PlanOptions, plan
+from vllm_fleet.launcher.plan_types import Inventory, ModelSize, Plan, ReplicaSpec
+from vllm_fleet.launcher.planner import MAX_HINT_NODES, PlanError, PlanOptions, plan
 
 Shape = Literal["replicas", "ray"]
 

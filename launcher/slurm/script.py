@@ -2,9 +2,10 @@
 
 The script is meant to be read: each block says what it does and why. Everything that is a
 decision lives elsewhere: the layout and every command line come from the planner
-(``launcher.slurm.layout``, whose engine commands ``launcher.vllm_args`` builds), the router's
-command from ``launcher.fleet.router_spec``, the site's settings from fleet.yaml's ``slurm:``
-section. The script only places them on nodes, in this order, and stops them in reverse:
+(``vllm_fleet.launcher.slurm.layout``, whose engine commands ``vllm_fleet.launcher.vllm_args``
+builds), the router's command from ``vllm_fleet.launcher.fleet.router_spec``, the site's settings
+from fleet.yaml's ``slurm:`` section. The script only places them on nodes, in this order, and stops
+them in reverse:
 
 * shape 1 (replicas): `vllm-fleet up` on every node (one srun task per node), one router on the
   first node over every node's replicas (the backends file is written from `scontrol show
@@ -23,8 +24,8 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launcher.slurm.layout import NodesPlan
-from launcher.slurm.settings import SlurmSettings
+from vllm_fleet.launcher.slurm.layout import NodesPlan
+from vllm_fleet.launcher.slurm.settings import SlurmSettings
 
 #: first port of the per-job ranges; job j uses PORT_BASE = FIRST_PORT + (j % PORT_SLOTS) * 400.
 FIRST_PORT = 20000
@@ -56,7 +57,7 @@ class JobSpec:
     log_dir: str
     #: Python with vllm-fleet on the nodes (``python3`` in a container).
     python: str
-    #: the router's argv (launcher.fleet.router_spec), with PY and BACKENDS tokens.
+    #: the router's argv (vllm_fleet.launcher.fleet.router_spec), with PY and BACKENDS tokens.
     router_command: tuple[str, ...]
     #: shape 1: the fleet file every node's `vllm-fleet up` reads (YAML text).
     node_config: str
@@ -207,7 +208,7 @@ def _variables(spec: JobSpec) -> list[str]:
         "    shift",
         f"    exec {step_srun} {run}",
         "}",
-        f'agent() {{ {agent_prefix}"$PY" -m launcher.slurm.agent "$@"; }}',
+        f'agent() {{ {agent_prefix}"$PY" -m vllm_fleet.launcher.slurm.agent "$@"; }}',
         "# A long wait in the background, so SIGTERM (the trap) is handled at once.",
         'interruptible() { "$@" & wait "$!"; }',
         "",
@@ -294,7 +295,7 @@ def _endpoint_start(spec: JobSpec) -> list[str]:
     ]
 
 
-AGENT = '"$PY" -m launcher.slurm.agent'
+AGENT = '"$PY" -m vllm_fleet.launcher.slurm.agent'
 
 
 def _shape_replicas(spec: JobSpec) -> list[str]:
@@ -426,7 +427,7 @@ def _router_and_wait(spec: JobSpec) -> list[str]:
             "# resume: `vllm-fleet batch` skips what the output already holds).",
             _wrapped(
                 [
-                    f'"$PY" -m launcher.cli batch {shlex.quote(spec.batch_input)}',
+                    f'"$PY" -m vllm_fleet.launcher.cli batch {shlex.quote(spec.batch_input)}',
                     f"--output {shlex.quote(spec.batch_output)}",
                     '--endpoint "http://127.0.0.1:$ROUTER_PORT"',
                 ]

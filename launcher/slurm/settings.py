@@ -1,9 +1,9 @@
 """fleet.yaml's ``slurm:`` section: everything site-specific about running the fleet as a job.
 
 Clusters differ in partitions, accounts, modules to load and container runtimes; none of that is
-hard-coded in the script (``launcher.slurm.script``), it all comes from here, and every value can
-be given as a `vllm-fleet slurm` flag too. ``launcher.config`` validates this section like the
-rest of the file (unknown keys, types, and the checks in each field's metadata).
+hard-coded in the script (``vllm_fleet.launcher.slurm.script``), it all comes from here, and every
+value can be given as a `vllm-fleet slurm` flag too. ``vllm_fleet.launcher.config`` validates this
+section like the rest of the file (unknown keys, types, and the checks in each field's metadata).
 """
 
 from __future__ import annotations

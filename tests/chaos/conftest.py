@@ -25,12 +25,12 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from router.app import SOURCES, make_app
-from router.config import RouterConfig
-from router.protocol_errors import RouterRunner
-from router.serve import server_options
 from tests.support.router import FAST, RouterHandle
 from tests.support.sim import SimHandle, running_sim
+from vllm_fleet.router.app import SOURCES, make_app
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.protocol_errors import RouterRunner
+from vllm_fleet.router.serve import server_options
 
 #: Figures gathered by the tests of this session, by test name (see pytest_sessionfinish).
 FIGURES: dict[str, dict[str, Any]] = {}

@@ -12,7 +12,6 @@ import random
 
 import aiohttp
 
-from router.app import make_app
 from tests.chaos.conftest import (
     FIGURES,
     Receptions,
@@ -23,6 +22,7 @@ from tests.chaos.conftest import (
 )
 from tests.support.router import eventually, running_router
 from tests.support.sim import SIM_MODEL
+from vllm_fleet.router.app import make_app
 
 SEED = 7
 

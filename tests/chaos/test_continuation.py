@@ -1,4 +1,4 @@
-"""Streams that survive their replica (router.continuation), over simulated replicas.
+"""Streams that survive their replica (vllm_fleet.router.continuation), over simulated replicas.
 
 A replica is killed while it streams an answer (``ignore_eos`` and a fixed ``max_tokens``);
 the client, the official ``openai`` package, must read one uninterrupted answer: exactly
@@ -28,10 +28,10 @@ from openai.types.chat import (
     ChatCompletionStreamOptionsParam,
 )
 
-from router.continuation import MAX_CONTINUATIONS
 from tests.chaos.conftest import FIGURES, MODELS_BODY, raw_server, read_request
 from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim, start_sim_process
+from vllm_fleet.router.continuation import MAX_CONTINUATIONS
 
 #: A step of 20 ms: a 60-token answer takes ~1.2 s, time enough to kill its replica mid-way.
 STEP_MS = 20.0

@@ -28,10 +28,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from openai import AsyncOpenAI
 
-from router.state import Breaker
 from tests.chaos.conftest import FIGURES
 from tests.support.router import DEFAULT_TIMINGS, RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim
+from vllm_fleet.router.state import Breaker
 
 #: A request still unanswered after this long is lost (far above any legitimate wait).
 CLIENT_DEADLINE_S = 60.0

@@ -27,13 +27,13 @@ from aiohttp.http_exceptions import BadHttpMessage
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from router.app import make_app
-from router.cli import register
-from router.config import OPTIONS, config_from_args
-from router.errors import ConfigError
-from router.logs import ClientProtocolErrors
 from tests.chaos.conftest import FIGURES, LogTally, is_openai_error, router_config, serving
 from tests.support.router import Recorder, running_recorder
+from vllm_fleet.router.app import make_app
+from vllm_fleet.router.cli import register
+from vllm_fleet.router.config import OPTIONS, config_from_args
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.logs import ClientProtocolErrors
 
 CLIENT_KEY = "sk-client-7f3a9c"
 ADMIN_KEY = "sk-admin-41d2e8"
@@ -181,7 +181,7 @@ def check_answer(served: Served, answer: Answer, *, allow_ok: bool, head: bool =
     assert served.internal not in answer.raw, answer.raw[:500]
     if answer.status >= 400:
         # Every error, including bytes aiohttp's parser rejects before the app runs
-        # (router.protocol_errors), is an OpenAI-style JSON body.
+        # (vllm_fleet.router.protocol_errors), is an OpenAI-style JSON body.
         assert answer.headers.get("content-type", "").startswith("application/json"), answer.raw[
             :500
         ]
@@ -328,7 +328,7 @@ def test_hostile_input_left_no_router_traceback_in_the_logs(open_router: Served)
 
 
 def test_bytes_that_are_not_http_are_one_warning_line_not_a_traceback() -> None:
-    """router.logs installs this filter on aiohttp.server (configure_logging)."""
+    """vllm_fleet.router.logs installs this filter on aiohttp.server (configure_logging)."""
     try:
         raise BadHttpMessage("Invalid header token:\n\n  b'X-A b'\n       ^")
     except BadHttpMessage:
@@ -379,7 +379,7 @@ def test_missing_or_wrong_keys_are_401_everywhere_protected(
         return  # not sendable as an HTTP/1.1 header
     answer = exchange(locked_router.port, raw)
     if answer.status == 400:
-        # Not a valid header at all: refused by the HTTP parser (router.protocol_errors).
+        # Not a valid header at all: refused by the HTTP parser (vllm_fleet.router.protocol_errors).
         assert is_openai_error(answer.body), answer.raw[:300]
         assert json.loads(answer.body)["error"]["code"] == "bad_request"
         return

@@ -16,15 +16,20 @@ import sys
 import textwrap
 from pathlib import Path
 
-from launcher.config import RestartConfig
-from launcher.plan_types import ReplicaSpec
-from launcher.runtime.process import group_members, process_alive
-from launcher.supervisor import SupervisedUnit, SupervisorSettings, UnitState, backoff_delay
 from tests.chaos.conftest import FIGURES
 from tests.launcher.support import pgid
 from tests.launcher.test_supervisor import DEADLINE_S, Harness, sim_spec, supervised, until
 from tests.support.ports import free_port
 from tests.support.sim import post_control
+from vllm_fleet.launcher.config import RestartConfig
+from vllm_fleet.launcher.plan_types import ReplicaSpec
+from vllm_fleet.launcher.runtime.process import group_members, process_alive
+from vllm_fleet.launcher.supervisor import (
+    SupervisedUnit,
+    SupervisorSettings,
+    UnitState,
+    backoff_delay,
+)
 
 #: Serves GET /health with 200 on argv[1]; with argv[2] = seconds, exits 3 after that long
 #: (a crash after becoming healthy); with argv[3] = a path, first starts a worker process in

@@ -16,8 +16,6 @@ from contextlib import asynccontextmanager
 import aiohttp
 from aiohttp import web
 
-from router.discovery import DnsDiscovery
-from router.state import ReplicaState
 from tests.chaos.conftest import (
     FIGURES,
     MODELS_BODY,
@@ -34,6 +32,8 @@ from tests.chaos.conftest import (
 )
 from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL
+from vllm_fleet.router.discovery import DnsDiscovery
+from vllm_fleet.router.state import ReplicaState
 
 REQUEST = {"model": SIM_MODEL, "prompt": "hi", "max_tokens": 3}
 STREAM = {**REQUEST, "stream": True}

@@ -23,8 +23,6 @@ from typing import Any, NamedTuple
 
 import aiohttp
 
-from router.progress import MIN_FIRST_BYTE_S
-from router.state import Fleet
 from tests.chaos.conftest import (
     FIGURES,
     Receptions,
@@ -36,6 +34,8 @@ from tests.chaos.conftest import (
 )
 from tests.support.router import DEFAULT_TIMINGS, RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle
+from vllm_fleet.router.progress import MIN_FIRST_BYTE_S
+from vllm_fleet.router.state import Fleet
 
 SEED = 20261126
 REQUESTS = 10_000
@@ -43,8 +43,8 @@ WARMUP = 300
 CONCURRENCY = 48
 REPLICAS = 4
 #: Whole-request deadline seen by the client: far above any legitimate wait (a hung replica
-#: costs a few seconds before its requests are re-sent: router.progress), so hitting it means
-#: a request got stuck.
+#: costs a few seconds before its requests are re-sent: vllm_fleet.router.progress), so hitting it
+#: means a request got stuck.
 CLIENT_DEADLINE_S = 60.0
 SHORT_TOKENS = (1, 2, 3, 5, 8)
 LONG_TOKENS = (24, 48)

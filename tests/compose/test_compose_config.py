@@ -124,7 +124,8 @@ def test_generated_file_from_the_planner_is_valid(
 ) -> None:
     out = tmp_path / "generated.yml"
     subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "compose", "--model", "meta-llama/Llama-3.1-70B",
+        [sys.executable, "-m", "vllm_fleet.launcher.cli", "compose", "--model",
+         "meta-llama/Llama-3.1-70B",
          "--params", "70B", "--gpus", "8x80GB", "-o", str(out)],
         cwd=REPO_ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router.config import RouterConfig
 from tests.compose.support import COMPOSE_DIR, REPO_ROOT, SAMPLE_ENV
+from vllm_fleet.router.config import RouterConfig
 
 GPU_FILE = COMPOSE_DIR / "docker-compose.yml"
 CPU_FILE = COMPOSE_DIR / "docker-compose.cpu.yml"

@@ -12,7 +12,6 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from launcher.cli import main
 from tests.compose.support import (
     REPO_ROOT,
     ROUTER_IMAGE,
@@ -26,6 +25,7 @@ from tests.compose.support import (
     unique_name,
 )
 from tests.support.ports import free_port
+from vllm_fleet.launcher.cli import main
 
 
 def test_generated_sim_fleet_serves_through_its_router(tmp_path: Path) -> None:
@@ -34,7 +34,8 @@ def test_generated_sim_fleet_serves_through_its_router(tmp_path: Path) -> None:
     port = free_port()
     out = tmp_path / "generated.yml"
     subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "compose", "--engine", "sim", "--replicas", "2",
+        [sys.executable, "-m", "vllm_fleet.launcher.cli", "compose", "--engine", "sim",
+         "--replicas", "2",
          "--port", str(port), "-o", str(out)],
         cwd=REPO_ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -61,7 +62,7 @@ def test_generated_sim_fleet_serves_through_its_router(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [["--replicas", "0"], ["--engine", "nope"], ["--cpus", "0"]])
 def test_bad_flags_are_one_line_errors(bad: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "compose", "--model", "m", *bad],
+        [sys.executable, "-m", "vllm_fleet.launcher.cli", "compose", "--model", "m", *bad],
         cwd=REPO_ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 2

@@ -6,8 +6,8 @@ host process, the fleet detached and stopped by `down`. Two quick ones run the s
 router image: a killed supervisor's containers are removed by `down`, and a missing image is one
 error line before anything starts.
 
-The CLI is run as ``python -m launcher.cli``: the ``vllm-fleet`` entry point's own ``main``,
-under the interpreter running the tests.
+The CLI is run as ``python -m vllm_fleet.launcher.cli``: the ``vllm-fleet`` entry point's own
+``main``, under the interpreter running the tests.
 """
 
 from __future__ import annotations
@@ -27,16 +27,6 @@ import docker
 import pytest
 from openai import OpenAI
 
-from launcher.rundir import FleetState, RunDir
-from launcher.runtime.docker import (
-    DEFAULT_CPU_IMAGE,
-    LABEL_FLEET,
-    LABEL_REPLICA,
-    fleet_containers,
-    fleet_name_for,
-    remove_fleet_containers,
-)
-from launcher.runtime.process import process_alive
 from tests.compose.support import (
     ENGINE_READY_S,
     REPO_ROOT,
@@ -48,6 +38,16 @@ from tests.compose.support import (
     require_images,
 )
 from tests.support.ports import free_port, free_port_run
+from vllm_fleet.launcher.rundir import FleetState, RunDir
+from vllm_fleet.launcher.runtime.docker import (
+    DEFAULT_CPU_IMAGE,
+    LABEL_FLEET,
+    LABEL_REPLICA,
+    fleet_containers,
+    fleet_name_for,
+    remove_fleet_containers,
+)
+from vllm_fleet.launcher.runtime.process import process_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +63,7 @@ router: {extra_args: ['--health-interval', '0.5']}
 
 def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "vllm_fleet.launcher.cli", *args],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher.tiny_model import build_tiny_model
 from tests.e2e.support import (
     ROUTER_READY_DEADLINE_S,
     VLLM_READY_DEADLINE_S,
@@ -26,6 +25,7 @@ from tests.e2e.support import (
     wait_ready,
     wait_until,
 )
+from vllm_fleet.launcher.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

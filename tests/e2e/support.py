@@ -25,12 +25,12 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 from prometheus_client.parser import text_string_to_metric_families
 
-from launcher.commands.demo import tiny_cpu_plan
-from launcher.commands.plan import host_cpus
-from launcher.runtime.process import stop_process_group
-from launcher.tiny_model import SERVED_MODEL_NAME
-from launcher.vllm_args import VLLM_VERSION
 from tests.support.ports import free_port, free_port_run
+from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
+from vllm_fleet.launcher.commands.plan import host_cpus
+from vllm_fleet.launcher.runtime.process import stop_process_group
+from vllm_fleet.launcher.tiny_model import SERVED_MODEL_NAME
+from vllm_fleet.launcher.vllm_args import VLLM_VERSION
 
 MODEL = SERVED_MODEL_NAME
 #: vLLM on 2 busy cores: ~20 s alone, ~35 s for two at once, ~100 s seen under heavy load.
@@ -119,7 +119,7 @@ def start_router(
 ) -> Server:
     """`vllm-fleet router` over `backends`; `extra` are more router flags (e.g. --policy)."""
     port = free_port()
-    argv = [sys.executable, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "vllm_fleet.launcher.cli", "router", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--health-interval", "0.5", "--scrape-interval", "0.5"]
     for url in backends:
         argv += ["--backend", url]

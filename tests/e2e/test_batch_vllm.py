@@ -48,7 +48,15 @@ def test_fifty_requests_through_the_router_each_answered_once(
 ) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_mixed_batch(source)
-    argv = [sys.executable, "-m", "launcher.cli", "batch", str(source), "-o", str(output)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm_fleet.launcher.cli",
+        "batch",
+        str(source),
+        "-o",
+        str(output),
+    ]
     argv += ["--endpoint", router.url, "--json", "--quiet"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

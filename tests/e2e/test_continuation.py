@@ -1,4 +1,5 @@
-"""Streams that survive their replica, with two real vLLM CPU replicas (router.continuation).
+"""Streams that survive their replica, with two real vLLM CPU replicas
+(vllm_fleet.router.continuation).
 
 First what the router relies on, asked of real vLLM 0.32 directly: it takes the continuation
 requests (a chat's partial assistant message with ``continue_final_message: true`` and
@@ -22,9 +23,9 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from launcher.runtime.process import signal_group
-from router.continuation import Kind, Plan, Stitcher, fast_match, plan_for
 from tests.e2e.support import MODEL, Server, get_json, http_get
+from vllm_fleet.launcher.runtime.process import signal_group
+from vllm_fleet.router.continuation import Kind, Plan, Stitcher, fast_match, plan_for
 
 pytestmark = pytest.mark.e2e
 

@@ -18,9 +18,6 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.commands.demo import DEMO_DTYPE, DEMO_MAX_MODEL_LEN
-from launcher.runtime.process import group_members, process_alive, stop_process_group
-from launcher.vllm_args import OFFLINE_ENV
 from tests.e2e.support import (
     MODEL,
     STOP_TIMEOUT_S,
@@ -30,6 +27,9 @@ from tests.e2e.support import (
     wait_until,
 )
 from tests.support.ports import free_port, free_port_run
+from vllm_fleet.launcher.commands.demo import DEMO_DTYPE, DEMO_MAX_MODEL_LEN
+from vllm_fleet.launcher.runtime.process import group_members, process_alive, stop_process_group
+from vllm_fleet.launcher.vllm_args import OFFLINE_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ class Fleet:
 
     def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [self.python, "-m", "launcher.cli", *args, "--run-dir", str(self.run_dir)],
+            [self.python, "-m", "vllm_fleet.launcher.cli", *args, "--run-dir", str(self.run_dir)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -73,8 +73,8 @@ def _fleet_config(model: Path, run_dir: Path) -> dict[str, Any]:
         "engine": "vllm",
         "gpus": "none",
         "replicas": REPLICAS,
-        # The demo's settings (launcher.commands.demo.tiny_cpu_options); the engine flags and the
-        # CPU engine's environment come from the planner, as for any user's fleet.yaml.
+        # The demo's settings (vllm_fleet.launcher.commands.demo.tiny_cpu_options); the engine flags
+        # and the CPU engine's environment come from the planner, as for any user's fleet.yaml.
         "dtype": DEMO_DTYPE,
         "max_model_len": DEMO_MAX_MODEL_LEN,
         "base_port": free_port_run(REPLICAS),
@@ -96,7 +96,15 @@ def fleet(
     config_file = root / "fleet.yaml"
     config_file.write_text(yaml.safe_dump(config))
     up = subprocess.run(
-        [vllm_interpreter, "-m", "launcher.cli", "up", "--config", str(config_file), "--detach"],
+        [
+            vllm_interpreter,
+            "-m",
+            "vllm_fleet.launcher.cli",
+            "up",
+            "--config",
+            str(config_file),
+            "--detach",
+        ],
         capture_output=True,
         text=True,
         timeout=VLLM_READY_DEADLINE_S + 60,

@@ -23,9 +23,6 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI
 
-from launcher.commands.demo import tiny_cpu_plan
-from launcher.commands.plan import host_cpus
-from router.scrape import parse_vllm_metrics
 from tests.e2e.support import (
     MODEL,
     ROUTER_READY_DEADLINE_S,
@@ -41,6 +38,9 @@ from tests.e2e.support import (
 )
 from tests.router.test_prefix_kv_events import independent_subscriber
 from tests.support.ports import free_port, free_port_run
+from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
+from vllm_fleet.launcher.commands.plan import host_cpus
+from vllm_fleet.router.scrape import parse_vllm_metrics
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,6 @@ from typing import Any
 import helm_python as helm
 import pytest
 
-from launcher.vllm_args import SERVER_MODULE
-from router.config import OPTIONS, config_from_args
 from tests.helm.k8s_check import KUBE_VERSIONS, check_object
 from tests.helm.render import (
     CHART_DIR,
@@ -30,6 +28,8 @@ from tests.helm.render import (
     render,
     with_model,
 )
+from vllm_fleet.launcher.vllm_args import SERVER_MODULE
+from vllm_fleet.router.config import OPTIONS, config_from_args
 
 GPU = "nvidia.com/gpu"
 LEADER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from launcher.vllm_args import SERVER_MODULE
 from tests.helm.render import MODEL, load_chart, render, with_model
+from vllm_fleet.launcher.vllm_args import SERVER_MODULE
 
 VALUES = with_model(
     {

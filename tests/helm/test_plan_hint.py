@@ -15,9 +15,9 @@ from typing import Any
 import helm_python as helm
 import pytest
 
-from launcher.cli import main
-from launcher.vllm_args import SERVER_MODULE
 from tests.helm.render import CHART_DIR, ROOT, load_chart, render
+from vllm_fleet.launcher.cli import main
+from vllm_fleet.launcher.vllm_args import SERVER_MODULE
 
 LLAMA_405B = "meta-llama/Llama-3.1-405B"
 

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from types import TracebackType
 
-from launcher.runtime.base import ServerHandle
+from vllm_fleet.launcher.runtime.base import ServerHandle
 
 #: the ticker's period; a lag is how much later than this it woke up.
 TICK_S = 0.01

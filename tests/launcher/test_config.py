@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from launcher.config import (
+from vllm_fleet.launcher.config import (
     FleetConfig,
     RestartConfig,
     config_to_mapping,
@@ -13,7 +13,7 @@ from launcher.config import (
     load_config,
     parse_flag,
 )
-from launcher.errors import ConfigError
+from vllm_fleet.launcher.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "fleet.example.yaml"
 

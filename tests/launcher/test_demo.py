@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import main
 from tests.support.ports import free_port, free_port_run
 from tests.support.sim import REPO_ROOT
+from vllm_fleet.launcher.cli import main
 
 
 def processes_with(text: str) -> list[int]:
@@ -36,7 +36,7 @@ def test_sim_demo_smoke_answers_and_leaves_nothing_running(tmp_path: Path) -> No
     router_port, base_port = free_port(), free_port_run(2)
     run_dir = tmp_path / "run"
     command = [
-        sys.executable, "-m", "launcher.cli", "demo", "--engine", "sim", "--smoke",
+        sys.executable, "-m", "vllm_fleet.launcher.cli", "demo", "--engine", "sim", "--smoke",
         "--port", str(router_port), "--base-port", str(base_port), "--run-dir", str(run_dir),
     ]  # fmt: skip
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from launcher import cli
-from launcher.errors import ConfigError
-from router.errors import ConfigError as RouterConfigError
+from vllm_fleet.launcher import cli
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.router.errors import ConfigError as RouterConfigError
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "launcher"
 
@@ -25,11 +25,12 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_only_the_cli_knows_the_routers_error_type() -> None:
     """The CLI hosts `vllm-fleet router`, so it catches both types; every other launcher
-    module (planner, runtimes, tiny model, simulator) raises launcher.errors.ConfigError."""
+    module (planner, runtimes, tiny model, simulator) raises
+    vllm_fleet.launcher.errors.ConfigError."""
     importers = sorted(
         str(path.relative_to(LAUNCHER))
         for path in LAUNCHER.rglob("*.py")
-        if "router.errors" in _imported_modules(path)
+        if "vllm_fleet.router.errors" in _imported_modules(path)
     )
     assert importers == ["cli.py"]
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from launcher.errors import ConfigError
-from launcher.inventory import (
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.inventory import (
     SMI_QUERY,
     SMI_TOPO,
     apply_visible_devices,
@@ -22,7 +22,7 @@ from launcher.inventory import (
     parse_smi_topology,
     resolve_inventory,
 )
-from launcher.plan_types import GIB, Gpu, Inventory
+from vllm_fleet.launcher.plan_types import GIB, Gpu, Inventory
 
 
 def kinds(inventory: Inventory) -> list[tuple[int, str, float]]:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from launcher.errors import ConfigError
-from launcher.model_files import cached_snapshot, read_safetensors_header
-from launcher.model_size import (
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.model_files import cached_snapshot, read_safetensors_header
+from vllm_fleet.launcher.model_size import (
     estimate_params,
     kv_shape,
     normalize_dtype,

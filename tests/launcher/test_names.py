@@ -12,7 +12,7 @@ import ast
 import importlib
 from pathlib import Path
 
-from launcher import cli
+from vllm_fleet.launcher import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def _classes(*paths: Path) -> dict[str, list[str]]:
 
 def test_the_launchers_config_types_are_not_named_like_the_routers() -> None:
     """fleet.yaml's router: section is not the router's configuration; its type must not be
-    mistaken for router.config.RouterConfig."""
+    mistaken for vllm_fleet.router.config.RouterConfig."""
     launcher_config = _classes(ROOT / "launcher" / "config.py")
     router = _classes(*sorted((ROOT / "router").rglob("*.py")))
     assert sorted(set(launcher_config) & set(router)) == []

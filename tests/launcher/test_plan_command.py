@@ -1,4 +1,5 @@
-"""`vllm-fleet plan` end to end through launcher.cli.main (text, --json, one-line errors)."""
+"""`vllm-fleet plan` end to end through vllm_fleet.launcher.cli.main (text, --json, one-line
+errors)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import main
-from launcher.commands.plan import add_plan_arguments, options_from_args
+from vllm_fleet.launcher.cli import main
+from vllm_fleet.launcher.commands.plan import add_plan_arguments, options_from_args
 
 MODELS = Path(__file__).parent / "models"
 LLAMA_70B = str(MODELS / "Llama-3.1-70B")
@@ -116,7 +117,9 @@ def test_sim_engine(capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(capsys.readouterr().out)
     assert status == 0
     assert data["engine"] == "sim"
-    assert [r["command"][2:5] for r in data["replicas"]] == [["launcher.cli", "sim", "--host"]] * 2
+    assert [r["command"][2:5] for r in data["replicas"]] == [
+        ["vllm_fleet.launcher.cli", "sim", "--host"]
+    ] * 2
 
 
 def test_reduced_context_note(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from launcher.errors import ConfigError
-from launcher.model_size import size_model
-from launcher.plan_types import GIB, Gpu, Inventory, ModelSize
-from launcher.planner import (
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.model_size import size_model
+from vllm_fleet.launcher.plan_types import GIB, Gpu, Inventory, ModelSize
+from vllm_fleet.launcher.planner import (
     MIN_KV_TOKENS,
     OVERHEAD_BYTES,
     PlanError,
@@ -320,7 +320,8 @@ def test_cpu_plan_uses_the_cpu_engine() -> None:
 
     assert [r.port for r in result.replicas] == [8001, 8002]
     assert all(r.gpus == () and r.tensor_parallel_size == 1 for r in result.replicas)
-    # The measured CPU settings of launcher.vllm_args: 8 CPUs, 2 replicas -> (8 - 2) // 2 threads.
+    # The measured CPU settings of vllm_fleet.launcher.vllm_args: 8 CPUs, 2 replicas -> (8 - 2) // 2
+    # threads.
     assert result.replicas[0].env == {
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "OMP_NUM_THREADS": "3",
@@ -414,7 +415,7 @@ def test_sim_engine_one_replica_per_gpu_without_sizing() -> None:
     assert len(on_cpu.replicas) == 1
     assert len(counted.replicas) == 3
     assert on_gpus.replicas[2].command == (
-        "py", "-m", "launcher.cli", "sim", "--host", "127.0.0.1", "--port", "8003",
+        "py", "-m", "vllm_fleet.launcher.cli", "sim", "--host", "127.0.0.1", "--port", "8003",
         "--model", "sim-model", "--max-num-seqs", "8",
     )  # fmt: skip
     assert on_gpus.replicas[0].env == {}

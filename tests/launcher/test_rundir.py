@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from launcher.plan_types import ReplicaSpec
-from launcher.rundir import FleetState, UnitRecord
+from vllm_fleet.launcher.plan_types import ReplicaSpec
+from vllm_fleet.launcher.rundir import FleetState, UnitRecord
 
 
 def test_units_round_trip_with_process_group_or_container() -> None:

@@ -11,11 +11,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.config import RestartConfig
-from launcher.plan_types import ReplicaSpec, RouterSpec, ServerSpec
-from launcher.runtime.base import ServerHandle, ServerStatus
-from launcher.runtime.process import ProcessRuntime, group_members, process_alive
-from launcher.supervisor import (
+from tests.launcher.support import pgid
+from tests.support.ports import free_port
+from tests.support.sim import SIM_MODEL, post_control
+from vllm_fleet.launcher.config import RestartConfig
+from vllm_fleet.launcher.plan_types import ReplicaSpec, RouterSpec, ServerSpec
+from vllm_fleet.launcher.runtime.base import ServerHandle, ServerStatus
+from vllm_fleet.launcher.runtime.process import ProcessRuntime, group_members, process_alive
+from vllm_fleet.launcher.supervisor import (
     SupervisedUnit,
     Supervisor,
     SupervisorEvent,
@@ -24,9 +27,6 @@ from launcher.supervisor import (
     backoff_delay,
     units_for,
 )
-from tests.launcher.support import pgid
-from tests.support.ports import free_port
-from tests.support.sim import SIM_MODEL, post_control
 
 DEADLINE_S = 20.0
 
@@ -43,7 +43,8 @@ FAST = SupervisorSettings(
 def sim_spec(name: str, *flags: str) -> ReplicaSpec:
     port = free_port()
     command = (
-        sys.executable, "-m", "launcher.cli", "sim", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "vllm_fleet.launcher.cli", "sim", "--host", "127.0.0.1", "--port",
+        str(port),
         "--model", SIM_MODEL, "--step-ms", "1", *flags,
     )  # fmt: skip
     return ReplicaSpec(name=name, host="127.0.0.1", port=port, model=SIM_MODEL, command=command)

@@ -13,9 +13,9 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from launcher import tiny_model
-from launcher.errors import ConfigError
-from launcher.tiny_model import (
+from vllm_fleet.launcher import tiny_model
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.tiny_model import (
     MARKER_NAME,
     TinyLlamaSpec,
     build_tiny_model,
@@ -152,12 +152,13 @@ def test_module_entry_point_prints_the_path(
 ENGINE_DOCKERFILE = Path(__file__).resolve().parents[2] / "compose" / "Dockerfile.engine-cpu"
 _BUILD_ALONE = """
 import os, runpy, sys
-sys.modules["router"] = None  # any `import router...` now fails, as in the image
-import launcher.tiny_model
+sys.modules["vllm_fleet.router"] = None  # `import vllm_fleet.router...` fails, as in the image
+import vllm_fleet.launcher.tiny_model
 here = os.path.realpath(os.getcwd())
-assert os.path.realpath(launcher.tiny_model.__file__).startswith(here), "not the staged copy"
+staged = os.path.realpath(vllm_fleet.launcher.tiny_model.__file__)
+assert staged.startswith(here), "not the staged copy"
 sys.argv = ["tiny_model", sys.argv[1]]
-runpy.run_module("launcher.tiny_model", run_name="__main__")
+runpy.run_module("vllm_fleet.launcher.tiny_model", run_name="__main__")
 """
 
 

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from launcher.cli import build_parser
-from launcher.commands.up import config_from_args
-from launcher.config import FleetConfig, from_mapping
-from launcher.fleet import SIM_ENGINE_IMAGE, docker_image_environ, make_runtime
-from launcher.rundir import FleetState, RunDir, UnitRecord
-from launcher.runtime.process import ProcessRuntime, group_members, process_alive
 from tests.support.ports import free_port, free_port_run
 from tests.support.sim import REPO_ROOT
+from vllm_fleet.launcher.cli import build_parser
+from vllm_fleet.launcher.commands.up import config_from_args
+from vllm_fleet.launcher.config import FleetConfig, from_mapping
+from vllm_fleet.launcher.fleet import SIM_ENGINE_IMAGE, docker_image_environ, make_runtime
+from vllm_fleet.launcher.rundir import FleetState, RunDir, UnitRecord
+from vllm_fleet.launcher.runtime.process import ProcessRuntime, group_members, process_alive
 
 DEADLINE_S = 30.0
 
@@ -42,7 +42,7 @@ def cli(
     *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "vllm_fleet.launcher.cli", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -217,7 +217,8 @@ def test_foreground_up_stops_everything_on_sigterm(fleet_files: Fleet, tmp_path:
     out = tmp_path / "up.out"
     with open(out, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "up", "--config", str(fleet_files.config),
+            [sys.executable, "-m", "vllm_fleet.launcher.cli", "up", "--config",
+             str(fleet_files.config),
              *fleet_files.args],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

@@ -20,13 +20,14 @@ import pytest
 import tomllib
 import yaml
 
-from launcher.commands.demo import tiny_cpu_config, tiny_cpu_options, tiny_cpu_plan
-from launcher.config import FleetConfig
-from launcher.plan_types import Inventory
-from launcher.planner import PlanOptions, plan
-from launcher.runtime.docker import DEFAULT_GPU_IMAGE
-from launcher.tiny_model import SERVED_MODEL_NAME
-from launcher.vllm_args import (
+from tests.helm.render import load_chart, render, with_model
+from vllm_fleet.launcher.commands.demo import tiny_cpu_config, tiny_cpu_options, tiny_cpu_plan
+from vllm_fleet.launcher.config import FleetConfig
+from vllm_fleet.launcher.plan_types import Inventory
+from vllm_fleet.launcher.planner import PlanOptions, plan
+from vllm_fleet.launcher.runtime.docker import DEFAULT_GPU_IMAGE
+from vllm_fleet.launcher.tiny_model import SERVED_MODEL_NAME
+from vllm_fleet.launcher.vllm_args import (
     OFFLINE_ENV,
     SERVER_MODULE,
     VLLM_GPU_IMAGE,
@@ -35,7 +36,6 @@ from launcher.vllm_args import (
     threads_per_replica,
     vllm_command,
 )
-from tests.helm.render import load_chart, render, with_model
 
 REPO = Path(__file__).resolve().parents[2]
 #: where programs (not test assertions) live: any vLLM command line built here would drift.

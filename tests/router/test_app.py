@@ -12,12 +12,6 @@ import openai
 import pytest
 from aiohttp import web
 
-from router.app import make_app
-from router.balancer import RequestInfo
-from router.config import RouterConfig
-from router.context import ROUTER
-from router.errors import ConfigError
-from router.state import ReplicaState
 from tests.support.router import (
     RouterHandle,
     eventually,
@@ -27,6 +21,12 @@ from tests.support.router import (
     running_router,
 )
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim
+from vllm_fleet.router.app import make_app
+from vllm_fleet.router.balancer import RequestInfo
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.context import ROUTER
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.state import ReplicaState
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,9 +8,9 @@ import logging
 import openai
 import pytest
 
-from router.auth import bearer_token, key_matches
 from tests.support.router import get_json, post_raw, running_recorder, running_router
 from tests.support.sim import SIM_MODEL, SimHandle
+from vllm_fleet.router.auth import bearer_token, key_matches
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from router.balancer import (
+from tests.support.router import RouterHandle, eventually, running_router
+from tests.support.sim import SIM_MODEL, running_sims
+from vllm_fleet.router.balancer import (
     DEFAULT_TOKENS,
     FRESH_S,
     PREFILL_STEP_PRIOR,
@@ -32,11 +34,9 @@ from router.balancer import (
     replica_speed,
     request_cost,
 )
-from router.errors import ConfigError
-from router.speed import SpeedEstimate
-from router.state import ReplicaState
-from tests.support.router import RouterHandle, eventually, running_router
-from tests.support.sim import SIM_MODEL, running_sims
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.speed import SpeedEstimate
+from vllm_fleet.router.state import ReplicaState
 
 NOW = 1000.0
 REQ = RequestInfo(model="m")

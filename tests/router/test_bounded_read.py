@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router.bounded_read import BodyTooLarge, read_capped
+from vllm_fleet.router.bounded_read import BodyTooLarge, read_capped
 
 CAP = 100_000
 

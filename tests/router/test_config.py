@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from launcher.cli import main
-from router.config import OPTIONS, RouterConfig, add_arguments, config_from_args
-from router.errors import ConfigError
+from vllm_fleet.launcher.cli import main
+from vllm_fleet.router.config import OPTIONS, RouterConfig, add_arguments, config_from_args
+from vllm_fleet.router.errors import ConfigError
 
 B1 = "http://127.0.0.1:8001"
 B2 = "http://127.0.0.1:8002"

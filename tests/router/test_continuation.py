@@ -1,4 +1,4 @@
-"""router.continuation: which requests can be continued, the continuation's body, and the
+"""vllm_fleet.router.continuation: which requests can be continued, the continuation's body, and the
 Stitcher that relays, counts and stitches the events (no I/O).
 
 The events are built exactly as vLLM 0.32 serializes them (key order, compact separators,
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from router.balancer import RequestInfo
-from router.continuation import (
+from vllm_fleet.router.balancer import RequestInfo
+from vllm_fleet.router.continuation import (
     MAX_CONTINUATIONS,
     MAX_EVENT_BYTES,
     Kind,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from router.discovery import (
+from vllm_fleet.router.discovery import (
     Discovery,
     DnsDiscovery,
     FileDiscovery,
@@ -23,8 +23,8 @@ from router.discovery import (
     url_for_address,
     validate_backend_url,
 )
-from router.errors import ConfigError
-from router.state import Fleet
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.state import Fleet
 
 DEADLINE_S = 10.0
 

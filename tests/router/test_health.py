@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from router.health import (
+from tests.router.conftest import ServeFake
+from vllm_fleet.router.health import (
     MODELS_REFRESH_EVERY,
     BreakerPolicy,
     apply_check,
@@ -25,8 +26,7 @@ from router.health import (
     record_failure,
     record_success,
 )
-from router.state import Breaker, Fleet, ReplicaState
-from tests.router.conftest import ServeFake
+from vllm_fleet.router.state import Breaker, Fleet, ReplicaState
 
 POLICY = BreakerPolicy(failure_threshold=3, cooldown_s=5.0, max_cooldown_s=40.0, stable_s=60.0)
 DEADLINE_S = 10.0

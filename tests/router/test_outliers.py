@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from router.health import BreakerPolicy, apply_check, record_failure
-from router.outliers import (
+from vllm_fleet.router.health import BreakerPolicy, apply_check, record_failure
+from vllm_fleet.router.outliers import (
     MIN_VOLUME,
     error_rate,
     is_gateway_failure,
@@ -13,7 +13,7 @@ from router.outliers import (
     may_eject,
     record_answer,
 )
-from router.state import Breaker, Fleet, ReplicaState
+from vllm_fleet.router.state import Breaker, Fleet, ReplicaState
 
 POLICY = BreakerPolicy(failure_threshold=3, cooldown_s=5.0)
 

@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from router.balancer import CostAware, RequestInfo, Speed, request_cost
-from router.prefix_index import BLOCK_BYTES, BYTES_PER_TOKEN, prefix_bytes, prefix_keys
-from router.speed import SpeedEstimate
-from router.state import ReplicaState
+from vllm_fleet.router.balancer import CostAware, RequestInfo, Speed, request_cost
+from vllm_fleet.router.prefix_index import BLOCK_BYTES, BYTES_PER_TOKEN, prefix_bytes, prefix_keys
+from vllm_fleet.router.speed import SpeedEstimate
+from vllm_fleet.router.state import ReplicaState
 
 NOW = 1000.0
 SYSTEM = "You are the support assistant of a large fleet of servers. " * 120  # ~7 KB

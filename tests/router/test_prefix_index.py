@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from router.health import BreakerPolicy, apply_check, begin_check, eject
-from router.prefix_index import (
+from vllm_fleet.router.health import BreakerPolicy, apply_check, begin_check, eject
+from vllm_fleet.router.prefix_index import (
     BLOCK_BYTES,
     BYTES_PER_TOKEN,
     COARSE_BYTES,
@@ -29,9 +29,9 @@ from router.prefix_index import (
     request_prefix,
     routing_text,
 )
-from router.proxy import parse_request
-from router.scrape import apply_metrics, parse_vllm_metrics
-from router.state import ReplicaState
+from vllm_fleet.router.proxy import parse_request
+from vllm_fleet.router.scrape import apply_metrics, parse_vllm_metrics
+from vllm_fleet.router.state import ReplicaState
 
 SYSTEM = "You are a careful assistant for the fleet. " * 40  # 1,720 bytes
 FULL = len(SYSTEM) // BLOCK_BYTES  # full blocks of it

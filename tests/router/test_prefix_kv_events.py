@@ -16,10 +16,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from launcher.sim.config import KvEventsConfig
-from router.config import RouterConfig
-from router.errors import ConfigError
-from router.kv_events import (
+from tests.support.ports import free_port
+from tests.support.router import RouterHandle, eventually, running_router
+from tests.support.sim import SIM_MODEL, running_sim
+from vllm_fleet.launcher.sim.config import KvEventsConfig
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.kv_events import (
     Event,
     KvEventsSpec,
     apply_batch,
@@ -28,11 +31,8 @@ from router.kv_events import (
     endpoint_from_sources,
     parse_kv_events_spec,
 )
-from router.prefix_index import MAX_EVENT_BLOCKS, prefix_keys
-from router.state import ReplicaState
-from tests.support.ports import free_port
-from tests.support.router import RouterHandle, eventually, running_router
-from tests.support.sim import SIM_MODEL, running_sim
+from vllm_fleet.router.prefix_index import MAX_EVENT_BLOCKS, prefix_keys
+from vllm_fleet.router.state import ReplicaState
 
 # --- the flag -------------------------------------------------------------------------------
 

@@ -11,10 +11,10 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 
-from router.prefix_index import request_prefix
-from router.scrape import parse_vllm_metrics
 from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sims
+from vllm_fleet.router.prefix_index import request_prefix
+from vllm_fleet.router.scrape import parse_vllm_metrics
 
 
 #: ~1,500 tokens at the simulator's 4 bytes per token, like the issue's shared-prefix scenario.

@@ -3,9 +3,9 @@ and what waited there for a first byte is abandoned (to be re-sent). Explicit cl
 
 from __future__ import annotations
 
-from router.balancer import RequestInfo
-from router.health import BreakerPolicy, apply_check, record_failure
-from router.progress import (
+from vllm_fleet.router.balancer import RequestInfo
+from vllm_fleet.router.health import BreakerPolicy, apply_check, record_failure
+from vllm_fleet.router.progress import (
     MIN_FIRST_BYTE_S,
     SILENCE_S,
     STALL_EJECT_S,
@@ -13,8 +13,8 @@ from router.progress import (
     review,
     review_fleet,
 )
-from router.state import Attempt, Breaker, Fleet, ReplicaState
-from router.telemetry import Telemetry
+from vllm_fleet.router.state import Attempt, Breaker, Fleet, ReplicaState
+from vllm_fleet.router.telemetry import Telemetry
 
 POLICY = BreakerPolicy(failure_threshold=3, cooldown_s=5.0)
 

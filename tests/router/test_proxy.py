@@ -10,9 +10,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from router.state import Breaker
 from tests.support.router import RouterHandle, eventually, running_recorder, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim, running_sims
+from vllm_fleet.router.state import Breaker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -158,8 +158,8 @@ async def test_replica_dying_mid_stream_ends_the_stream_with_an_error_event(
     sims: list[SimHandle], router: RouterHandle
 ) -> None:
     async with router.openai() as client:
-        # A seeded sample cannot be continued exactly elsewhere (router.continuation): the
-        # stream ends with the error event, as every cut stream does with continuation off.
+        # A seeded sample cannot be continued exactly elsewhere (vllm_fleet.router.continuation):
+        # the stream ends with the error event, as every cut stream does with continuation off.
         stream = await client.completions.create(
             model=SIM_MODEL, prompt="x", max_tokens=400, stream=True, seed=7
         )

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from router.replica_tasks import ReplicaTasks
+from vllm_fleet.router.replica_tasks import ReplicaTasks
 
 
 async def test_one_job_per_url_forgotten_when_done() -> None:

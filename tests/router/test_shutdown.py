@@ -50,9 +50,10 @@ class RouterProcess:
 
 @asynccontextmanager
 async def router_process(*flags: str) -> AsyncIterator[RouterProcess]:
-    """`python -m launcher.cli router ...` on a free port, ready (a healthy replica) on entry."""
+    """`python -m vllm_fleet.launcher.cli router ...` on a free port, ready (a healthy replica)
+    on entry."""
     port = free_port()
-    command = [sys.executable, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "vllm_fleet.launcher.cli", "router", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--health-interval", "0.1", *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with tempfile.TemporaryFile() as log:
@@ -155,7 +156,7 @@ def test_a_port_in_use_is_one_line_naming_the_flag() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "launcher.cli", "router", "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "vllm_fleet.launcher.cli", "router", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--backend", "http://127.0.0.1:9"]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         result = subprocess.run(

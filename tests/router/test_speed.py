@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from router.speed import B_PRIOR, CounterSample, SpeedEstimate
+from vllm_fleet.router.speed import B_PRIOR, CounterSample, SpeedEstimate
 
 #: The simulator's step model: 20 ms, +5% per running request.
 A, B = 0.020, 0.05

@@ -10,11 +10,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.logs import JsonFormatter, TextFormatter
-from router.state import Fleet, ReplicaState
-from router.telemetry import Telemetry
 from tests.support.router import RouterHandle, eventually, post_raw, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim
+from vllm_fleet.router.logs import JsonFormatter, TextFormatter
+from vllm_fleet.router.state import Fleet, ReplicaState
+from vllm_fleet.router.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,7 +1,8 @@
 """Programs a test or the benchmark starts: one process group each, output to a log file,
 ready once an HTTP probe answers, always stopped with the whole group.
 
-    child = ChildProcess([sys.executable, "-m", "launcher.cli", "sim", ...], tmp_path / "sim.log")
+    child = ChildProcess([sys.executable, "-m", "vllm_fleet.launcher.cli", "sim", ...],
+        tmp_path / "sim.log")
     try:
         await wait_http(f"{url}/health", 10.0, child)   # fails at once if the child exits
         ...
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from launcher.runtime.process import signal_group, stop_process_group
+from vllm_fleet.launcher.runtime.process import signal_group, stop_process_group
 
 #: How long a child stopped without a grace of its own gets between SIGTERM and SIGKILL.
 STOP_GRACE_S = 5.0

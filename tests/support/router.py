@@ -25,12 +25,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from openai import AsyncOpenAI
 
-from router.app import make_app
-from router.config import RouterConfig
-from router.context import ROUTER, RouterContext
-from router.protocol_errors import RouterRunner
-from router.serve import server_options
-from router.state import Fleet
+from vllm_fleet.router.app import make_app
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.context import ROUTER, RouterContext
+from vllm_fleet.router.protocol_errors import RouterRunner
+from vllm_fleet.router.serve import server_options
+from vllm_fleet.router.state import Fleet
 
 #: Test timings: checks every 100 ms so replicas join and leave within a fraction of a second.
 FAST: dict[str, Any] = {

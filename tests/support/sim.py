@@ -27,15 +27,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from launcher.sim.config import SimConfig
-from launcher.sim.engine import EngineStats, SimEngine
-from launcher.sim.server import SIM_STATE, SimState, make_sim_app
-
 # Re-exported: the simulator's tests read its metrics through this module.
 from tests.support.metrics import metric_value as metric_value
 from tests.support.metrics import scrape_metrics as scrape_metrics
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.engine import EngineStats, SimEngine
+from vllm_fleet.launcher.sim.server import SIM_STATE, SimState, make_sim_app
 
 #: Default model name of test simulators.
 SIM_MODEL = "sim-model"
@@ -208,7 +207,8 @@ async def running_sims(n: int, **config_overrides: Any) -> AsyncIterator[list[Si
 
 @dataclass
 class SimProcess:
-    """A simulator in its own process (`python -m launcher.cli sim ...`), for kill tests."""
+    """A simulator in its own process (`python -m vllm_fleet.launcher.cli sim ...`), for kill
+    tests."""
 
     url: str
     port: int
@@ -234,12 +234,21 @@ class SimProcess:
 
 
 def sim_command(port: int, python: str = sys.executable, **flags: Any) -> list[str]:
-    """`python -m launcher.cli sim --host 127.0.0.1 --port PORT --flag value ...`.
+    """`python -m vllm_fleet.launcher.cli sim --host 127.0.0.1 --port PORT --flag value ...`.
 
     `flags` are CLI flags with underscores (max_num_seqs=4 -> --max-num-seqs 4). The one
     builder of a simulator's command line for the tests and the benchmark.
     """
-    command = [python, "-m", "launcher.cli", "sim", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        python,
+        "-m",
+        "vllm_fleet.launcher.cli",
+        "sim",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     for name, value in flags.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     return command

@@ -63,11 +63,11 @@ def line_count(path: Path) -> int:
 
 
 def batch_child(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m launcher.cli batch ARGS` in its own process group, output to `log`."""
+    """`python -m vllm_fleet.launcher.cli batch ARGS` in its own process group, output to `log`."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "batch", *args],
+            [sys.executable, "-m", "vllm_fleet.launcher.cli", "batch", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

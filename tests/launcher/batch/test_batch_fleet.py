@@ -14,8 +14,6 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from launcher.batch import BatchOptions, run_batch_async
-from launcher.batch.runner import PRIORITY_HEADER
 from tests.launcher.batch.support import (
     answered_once,
     batch_child,
@@ -25,6 +23,8 @@ from tests.launcher.batch.support import (
 )
 from tests.support.router import running_recorder, running_router
 from tests.support.sim import running_sim, running_sims, wait_until
+from vllm_fleet.launcher.batch import BatchOptions, run_batch_async
+from vllm_fleet.launcher.batch.runner import PRIORITY_HEADER
 
 #: Bound on any single batch run of these tests.
 RUN_DEADLINE_S = 120.0
@@ -203,7 +203,7 @@ async def test_bad_lines_become_error_lines_and_a_rerun_adds_nothing(tmp_path: P
 
 
 def test_cli_refuses_bad_flags_with_one_line(tmp_path: Path) -> None:
-    from launcher.cli import main
+    from vllm_fleet.launcher.cli import main
 
     source = tmp_path / "in.jsonl"
     source.write_text("hello\n")

@@ -31,7 +31,7 @@ def test_config_starts_the_fleet_runs_the_batch_and_stops_it(tmp_path: Path) -> 
     )
     ids = write_batch(tmp_path / "in.jsonl", 40, max_tokens=8)
     output = tmp_path / "out.jsonl"
-    argv = [sys.executable, "-m", "launcher.cli", "batch", str(tmp_path / "in.jsonl")]
+    argv = [sys.executable, "-m", "vllm_fleet.launcher.cli", "batch", str(tmp_path / "in.jsonl")]
     argv += ["-o", str(output), "--config", str(config), "--json", "--quiet"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.batch.input import (
+from vllm_fleet.launcher.batch.input import (
     BatchRequest,
     InputError,
     PlainOptions,
@@ -13,7 +13,7 @@ from launcher.batch.input import (
     read_input,
     validate_openai_line,
 )
-from launcher.batch.output import (
+from vllm_fleet.launcher.batch.output import (
     IdSet,
     ResultWriter,
     drop_torn_tail,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.batch.limit import AdaptiveLimit, LimitSettings, QueueSignal, initial_limit
+from vllm_fleet.launcher.batch.limit import AdaptiveLimit, LimitSettings, QueueSignal, initial_limit
 
 
 def window(limit: AdaptiveLimit, now: float, *, in_flight: int | None = None) -> int:

@@ -7,11 +7,11 @@ import json
 
 import aiohttp
 
-from launcher.batch.fleet_probe import _router_view, look, waiting_from_metrics
-from launcher.batch.limit import QueueSignal
-from launcher.batch.progress import BatchStats, Progress, plain_line, summarize
 from tests.support.router import running_router
 from tests.support.sim import running_sims
+from vllm_fleet.launcher.batch.fleet_probe import _router_view, look, waiting_from_metrics
+from vllm_fleet.launcher.batch.limit import QueueSignal
+from vllm_fleet.launcher.batch.progress import BatchStats, Progress, plain_line, summarize
 
 
 def test_router_view_sums_healthy_replicas_and_keeps_unknown_limits() -> None:

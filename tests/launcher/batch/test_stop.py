@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from launcher.batch import BatchOptions, run_batch
-from launcher.batch.runner import BatchRun, run_batch_async
 from tests.launcher.batch.support import answered_once, line_count, read_results, write_batch
 from tests.support.sim import running_sim, start_sim_process, wait_until
+from vllm_fleet.launcher.batch import BatchOptions, run_batch
+from vllm_fleet.launcher.batch.runner import BatchRun, run_batch_async
 
 
 async def test_a_stop_request_keeps_the_work_in_flight(tmp_path: Path) -> None:

@@ -21,11 +21,13 @@ import docker
 import docker.errors
 import pytest
 
-from launcher.config import RestartConfig
-from launcher.errors import ConfigError
-from launcher.plan_types import ReplicaSpec, RouterSpec
-from launcher.runtime.base import ServerHandle, ServerStatus
-from launcher.runtime.docker import (
+from tests.compose.support import ROUTER_IMAGE, docker_client, require_images
+from tests.support.ports import free_port
+from vllm_fleet.launcher.config import RestartConfig
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.plan_types import ReplicaSpec, RouterSpec
+from vllm_fleet.launcher.runtime.base import ServerHandle, ServerStatus
+from vllm_fleet.launcher.runtime.docker import (
     DEFAULT_CPU_IMAGE,
     DEFAULT_GPU_IMAGE,
     LABEL_FLEET,
@@ -39,10 +41,8 @@ from launcher.runtime.docker import (
     fleet_name_for,
     remove_fleet_containers,
 )
-from launcher.runtime.process import ProcessRuntime
-from launcher.supervisor import Supervisor, SupervisorSettings, UnitState, units_for
-from tests.compose.support import ROUTER_IMAGE, docker_client, require_images
-from tests.support.ports import free_port
+from vllm_fleet.launcher.runtime.process import ProcessRuntime
+from vllm_fleet.launcher.supervisor import Supervisor, SupervisorSettings, UnitState, units_for
 
 T = TypeVar("T")
 
@@ -179,7 +179,7 @@ def fleet(client: docker.DockerClient) -> Iterator[str]:
 
 
 def sim_spec(name: str, port: int) -> ReplicaSpec:
-    command = (sys.executable, "-m", "launcher.cli", "sim", "--host", "127.0.0.1",
+    command = (sys.executable, "-m", "vllm_fleet.launcher.cli", "sim", "--host", "127.0.0.1",
                "--port", str(port), "--model", "sim-model")  # fmt: skip
     return ReplicaSpec(name=name, host="127.0.0.1", port=port, model="sim-model", command=command)
 

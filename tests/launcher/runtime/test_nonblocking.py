@@ -22,14 +22,19 @@ import docker.errors
 import pytest
 from aiohttp import web
 
-from launcher.config import RestartConfig
-from launcher.plan_types import ReplicaSpec
-from launcher.runtime.docker import DockerRuntime, DockerSettings, SplitRuntime
-from launcher.runtime.process import ProcessRuntime, group_members, last_line, process_alive
-from launcher.supervisor import SupervisedUnit, Supervisor, SupervisorSettings, UnitState
 from tests.launcher.support import LoopLag, pgid
 from tests.support.ports import free_port
 from tests.support.sim import wait_until
+from vllm_fleet.launcher.config import RestartConfig
+from vllm_fleet.launcher.plan_types import ReplicaSpec
+from vllm_fleet.launcher.runtime.docker import DockerRuntime, DockerSettings, SplitRuntime
+from vllm_fleet.launcher.runtime.process import (
+    ProcessRuntime,
+    group_members,
+    last_line,
+    process_alive,
+)
+from vllm_fleet.launcher.supervisor import SupervisedUnit, Supervisor, SupervisorSettings, UnitState
 
 #: how long each fake Docker daemon request takes (a slow daemon; real ones take 5-50 ms).
 DAEMON_CALL_S = 0.3

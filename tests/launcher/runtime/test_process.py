@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from launcher.plan_types import ReplicaSpec, ServerSpec
-from launcher.runtime.base import ServerHandle, ServerStatus
-from launcher.runtime.process import ProcessRuntime, group_members, last_line, process_alive
 from tests.launcher.support import pgid
 from tests.support.sim import wait_until
+from vllm_fleet.launcher.plan_types import ReplicaSpec, ServerSpec
+from vllm_fleet.launcher.runtime.base import ServerHandle, ServerStatus
+from vllm_fleet.launcher.runtime.process import (
+    ProcessRuntime,
+    group_members,
+    last_line,
+    process_alive,
+)
 
 DEADLINE_S = 10.0
 

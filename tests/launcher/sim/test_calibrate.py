@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.sim.calibrate import (
+from vllm_fleet.launcher.sim.calibrate import (
     DECODE_TOKENS,
     DecodePoint,
     Fit,
@@ -13,8 +13,8 @@ from launcher.sim.calibrate import (
     fit,
     sim_constants,
 )
-from launcher.sim.config import SimConfig
-from launcher.sim.engine import StepTiming, prefill_attention_pairs
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.engine import StepTiming, prefill_attention_pairs
 
 
 def test_fit_recovers_the_law_it_was_given_and_scales_it_to_step_ms() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.sim.capacity import saturation_rps
-from launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.capacity import saturation_rps
+from vllm_fleet.launcher.sim.config import SimConfig
 
 
 def test_long_prompts_halve_what_short_ones_allow_and_speed_scales_it() -> None:

@@ -6,8 +6,8 @@ import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
-from launcher.cli import main
 from tests.support.sim import SIM_MODEL, get_stats, start_sim_process
+from vllm_fleet.launcher.cli import main
 
 
 async def test_process_serves_then_dies_on_kill() -> None:

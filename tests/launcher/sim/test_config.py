@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.errors import ConfigError
-from launcher.sim.config import SimConfig, SimKnobs, apply_knobs
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.sim.config import SimConfig, SimKnobs, apply_knobs
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.sim.config import SimConfig
-from launcher.sim.engine import (
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.engine import (
     SimEngine,
     StepTiming,
     TokenEvent,

@@ -15,11 +15,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from launcher.cli import main
-from launcher.sim.config import KvEventsConfig
-from launcher.sim.tokens import block_hashes, chat_token_ids, external_hash
 from tests.support.ports import free_port
 from tests.support.sim import running_sim
+from vllm_fleet.launcher.cli import main
+from vllm_fleet.launcher.sim.config import KvEventsConfig
+from vllm_fleet.launcher.sim.tokens import block_hashes, chat_token_ids, external_hash
 
 RECV_TIMEOUT_MS = 5000
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from launcher.sim.kvcache import BlockPool, ClearedEvent, RemovedEvent, StoredEvent
-from launcher.sim.tokens import block_hashes, external_hash
+from vllm_fleet.launcher.sim.kvcache import BlockPool, ClearedEvent, RemovedEvent, StoredEvent
+from vllm_fleet.launcher.sim.tokens import block_hashes, external_hash
 
 SIZE = 4
 

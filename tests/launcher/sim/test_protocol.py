@@ -8,8 +8,12 @@ import struct
 
 import pytest
 
-from launcher.sim.config import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, SimConfig
-from launcher.sim.protocol import (
+from vllm_fleet.launcher.sim.config import (
+    DEFAULT_CHAT_MAX_TOKENS,
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    SimConfig,
+)
+from vllm_fleet.launcher.sim.protocol import (
     ApiError,
     ResponseBuilder,
     embedding_response,

@@ -13,8 +13,6 @@ import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 from openai import AsyncOpenAI
 
-from launcher.sim.config import SimConfig
-from launcher.sim.server import make_sim_app
 from tests.support.sim import (
     SIM_MODEL,
     SimHandle,
@@ -24,6 +22,8 @@ from tests.support.sim import (
     scrape_metrics,
     wait_until,
 )
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.server import make_sim_app
 
 LABELS = {"model_name": SIM_MODEL}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.sim.tokens import (
+from vllm_fleet.launcher.sim.tokens import (
     DEFAULT_NONE_HASH_SEED,
     SPECIAL_BASE,
     block_hashes,

@@ -7,9 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from launcher.commands import slurm as slurm_command
-from launcher.slurm.layout import NodesPlan
-from launcher.slurm.script import render_script
+from vllm_fleet.launcher.commands import slurm as slurm_command
+from vllm_fleet.launcher.slurm.layout import NodesPlan
+from vllm_fleet.launcher.slurm.script import render_script
 
 
 def slurm_args(config: Path, *flags: str) -> argparse.Namespace:

@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from launcher.slurm.job import slurm_job
+from vllm_fleet.launcher.slurm.job import slurm_job
 
 #: the whole test stays under this (submit, ready, requests, status, down).
 BUDGET_S = 110.0
@@ -25,7 +25,7 @@ BUDGET_S = 110.0
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "vllm_fleet.launcher.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import ConfigError
-from launcher.slurm.agent import (
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.slurm.agent import (
     RAY_SLOTS,
     AgentError,
     backend_urls,
@@ -19,7 +19,7 @@ from launcher.slurm.agent import (
     ray_ports,
     update_endpoint,
 )
-from launcher.slurm.job import cancel_job, job_status, parse_sacct, parse_scontrol
+from vllm_fleet.launcher.slurm.job import cancel_job, job_status, parse_sacct, parse_scontrol
 
 PENDING = (
     "JobId=42 JobName=vllm-fleet UserId=u(1) JobState=PENDING Reason=Resources Dependency=(null) "

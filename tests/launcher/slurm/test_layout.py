@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.inventory import parse_declared
-from launcher.model_size import size_model
-from launcher.planner import PlanError, PlanOptions, plan
-from launcher.slurm.layout import plan_nodes
+from vllm_fleet.launcher.inventory import parse_declared
+from vllm_fleet.launcher.model_size import size_model
+from vllm_fleet.launcher.planner import PlanError, PlanOptions, plan
+from vllm_fleet.launcher.slurm.layout import plan_nodes
 
 
 def test_a_model_that_fits_a_node_is_the_single_node_plan_on_every_node() -> None:
@@ -55,7 +55,7 @@ def test_pipeline_flags_are_the_layouts_not_extra_arguments() -> None:
 
 
 def test_plan_nodes_prints_the_shape_and_the_command(capsys: pytest.CaptureFixture[str]) -> None:
-    from launcher.cli import main
+    from vllm_fleet.launcher.cli import main
 
     status = main(["plan", "--model", "m", "--params", "70B", "--gpus", "4x24GB", "--nodes", "2"])
 

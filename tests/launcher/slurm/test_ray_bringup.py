@@ -17,10 +17,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from launcher.slurm.script import FIRST_PORT, PORT_RANGE, PORT_SLOTS
 from tests.launcher.slurm.support import render, shellcheck
 from tests.launcher.slurm.test_cluster import job_processes
 from tests.support.ports import port_free
+from vllm_fleet.launcher.slurm.script import FIRST_PORT, PORT_RANGE, PORT_SLOTS
 
 RAY_PATH = Path(os.environ.get("RAY_DIR", "/var/tmp/vllm-fleet-ray")) / "path"
 #: Ray's head takes ~25 s to start on a loaded 2-core machine, a worker ~5 s more.

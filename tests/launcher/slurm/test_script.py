@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import ConfigError
-from launcher.slurm.script import SIGNAL_LEAD_S
-from launcher.vllm_args import SERVER_MODULE
 from tests.launcher.slurm.support import render, shellcheck
+from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.slurm.script import SIGNAL_LEAD_S
+from vllm_fleet.launcher.vllm_args import SERVER_MODULE
 
 
 def _config(tmp_path: Path, text: str) -> Path:
@@ -136,9 +136,9 @@ def test_containers_wrap_every_step(tmp_path: Path, runtime: str, marks: list[st
 
 
 def test_batch_runs_the_batch_command_against_the_jobs_router(tmp_path: Path) -> None:
-    from launcher.commands import slurm as slurm_command
-    from launcher.slurm.script import render_script
     from tests.launcher.slurm.support import slurm_args
+    from vllm_fleet.launcher.commands import slurm as slurm_command
+    from vllm_fleet.launcher.slurm.script import render_script
 
     config = _config(tmp_path, "engine: sim\n")
     args = slurm_args(config, "--nodes", "1", "--batch", "in.jsonl", "-o", "out.jsonl")
@@ -150,7 +150,9 @@ def test_batch_runs_the_batch_command_against_the_jobs_router(tmp_path: Path) ->
     )
 
     _check_shell(tmp_path, script)
-    assert '"$PY" -m launcher.cli batch /d/in.jsonl --output /d/out.jsonl' in _unwrapped(script)
+    assert '"$PY" -m vllm_fleet.launcher.cli batch /d/in.jsonl --output /d/out.jsonl' in _unwrapped(
+        script
+    )
     assert "FINAL_STATE=completed" in script
 
 
