@@ -9,6 +9,7 @@ run is the real CLI in its own process on the same seeded file (max_tokens 16-64
 output tokens/s from its --json summary. Auto runs twice: first against the fresh router
 (no batch limit learned yet: slow start probes) and again last (the router has seen full
 batches). Throughput against concurrency is the curve seed notebook 003 draws for batch size.
+``--vllm`` runs the same against two real vLLM CPU replicas of the tiny model instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.replicas import SimFleet, SimSettings
+from bench.replicas import (
+    TINY_MODEL,
+    SimFleet,
+    SimSettings,
+    VllmFleet,
+    VllmReplica,
+    find_vllm_python,
+)
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
 
@@ -34,14 +42,15 @@ FIXED = (8, 16, 32, 48, 64, 128)
 REPLICA = SimSettings(model=MODEL, max_num_seqs=16, step_ms=20.0)
 
 
-def write_input(path: Path, count: int, seed: int = 3) -> None:
+def write_input(path: Path, count: int, seed: int = 3, model: str = MODEL) -> None:
     rng = random.Random(seed)
     with path.open("w") as handle:
         for n in range(count):
             body = {
-                "model": MODEL,
+                "model": model,
                 "messages": [{"role": "user", "content": f"summarise document {n} " * 8}],
                 "max_tokens": rng.randint(16, 64),
+                "ignore_eos": True,  # real vLLM: every answer runs to max_tokens, as the sim's
             }
             line = {"custom_id": f"doc-{n}", "method": "POST", "url": "/v1/chat/completions"}
             handle.write(json.dumps({**line, "body": body}) + "\n")
@@ -66,10 +75,28 @@ def run_batch_cli(source: Path, workdir: Path, endpoint: str, limit: str) -> dic
     return summary
 
 
+async def vllm_fleet(workdir: Path) -> VllmFleet:
+    """Two real vLLM CPU replicas of the tiny random-weight model (as scenario 7 starts them)."""
+    python = find_vllm_python(REPO)
+    if not python:
+        raise RuntimeError("no interpreter with vLLM found (set BENCH_VLLM_PYTHON)")
+    model_dir = workdir / "tiny-model"
+    build = [python, "-m", "vllm_fleet.launcher.tiny_model", str(model_dir)]
+    await asyncio.to_thread(subprocess.run, build, check=True, stdout=subprocess.DEVNULL)
+    return VllmFleet([VllmReplica(model_dir, python, 2, workdir) for _ in range(2)])
+
+
 async def sweep(
-    requests: int, workdir: Path, limits: tuple[str, ...] = ("auto", *map(str, FIXED), "auto")
+    requests: int,
+    workdir: Path,
+    limits: tuple[str, ...] = ("auto", *map(str, FIXED), "auto"),
+    real_vllm: bool = False,
 ) -> list[dict[str, Any]]:
-    fleet = SimFleet.of([REPLICA, REPLICA], workdir, sys.executable)
+    fleet: SimFleet | VllmFleet
+    if real_vllm:
+        fleet = await vllm_fleet(workdir)
+    else:
+        fleet = SimFleet.of([REPLICA, REPLICA], workdir, sys.executable)
     await fleet.start()
     port = free_port()
     router_argv = [sys.executable, "-m", "vllm_fleet.launcher.cli", "router", "--host", "127.0.0.1"]
@@ -81,7 +108,7 @@ async def sweep(
     try:
         await wait_http(f"{endpoint}/ready", 30.0, router)
         source = workdir / "input.jsonl"
-        write_input(source, requests)
+        write_input(source, requests, model=TINY_MODEL if real_vllm else MODEL)
         rows: list[dict[str, Any]] = []
         for limit in limits:
             label = "auto (fresh router)" if limit == "auto" and not rows else limit
@@ -126,10 +153,15 @@ def main() -> int:
         default=",".join(("auto", *map(str, FIXED), "auto")),
         help="comma-separated --max-inflight values, in order (default: the whole sweep)",
     )
+    parser.add_argument(
+        "--vllm", action="store_true", help="two real vLLM CPU replicas of the tiny model"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / ".work" / "batch_sweep.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = asyncio.run(sweep(args.requests, Path(tmp), tuple(args.limits.split(","))))
+        rows = asyncio.run(
+            sweep(args.requests, Path(tmp), tuple(args.limits.split(",")), args.vllm)
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
