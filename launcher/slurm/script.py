@@ -37,8 +37,9 @@ NODE_ROUTER_OFFSET = 1
 REPLICA_OFFSET = 2
 ENGINE_OFFSET = 50
 RAY_OFFSET = 60
-#: how long each part may take to stop after SIGTERM before it is killed.
-STOP_GRACE_S = {"router": 15, "engine": 60, "ray": 30}
+#: how long each part may take to stop after SIGTERM before it is killed; all of them (the two
+#: Ray steps stop one after the other) fit in SIGNAL_LEAD_S, so the time limit never cuts it.
+STOP_GRACE_S = {"router": 10, "engine": 50, "ray": 25}
 #: seconds before the time limit at which SLURM sends SIGTERM to the batch shell.
 SIGNAL_LEAD_S = 120
 

@@ -112,6 +112,8 @@ def test_the_trap_stops_router_then_engine_then_ray(tmp_path: Path) -> None:
     ]
 
     assert stops == ["fleet-router", "fleet-engine", "fleet-ray-workers", "fleet-ray-head"]
+    graces = [int(line.split()[3]) for line in script.splitlines() if 'stop_step "$' in line]
+    assert sum(graces) < SIGNAL_LEAD_S  # the whole stop fits before the time limit
     assert "trap cleanup EXIT" in script
 
 
