@@ -191,7 +191,9 @@ class OursPeer(Peer):
         self.settings = f"`vllm-fleet router --policy {policy}`, defaults otherwise"
         if not prefix_index:
             self.name += " (prefix index off)"
-            self.settings += "; router.proxy.request_prefix replaced by one returning no keys"
+            self.settings += (
+                "; vllm_fleet.router.proxy.request_prefix replaced by one returning no keys"
+            )
 
     def command(self) -> list[str]:
         """`python -m vllm_fleet.launcher.cli` as users run it; with the prefix index off, the same
@@ -200,7 +202,7 @@ class OursPeer(Peer):
         if self.prefix_index:
             return [self.python, "-m", "vllm_fleet.launcher.cli"]
         stub = (
-            "import sys, router.proxy as proxy, launcher.cli as cli; "
+            "import sys, vllm_fleet.router.proxy as proxy, vllm_fleet.launcher.cli as cli; "
             "proxy.request_prefix = lambda model, payload: (); sys.exit(cli.main())"
         )
         return [self.python, "-c", stub]

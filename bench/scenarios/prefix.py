@@ -6,11 +6,12 @@ that put each hit rate next to the best the request sequence allows (bench.prefi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from bench.fmt import fmt_ms, fmt_pct, fmt_s
-from bench.load import RequestSpec
+from bench.load import ConversationMix, PrefixMix, RequestSpec
 from bench.prefix_oracle import prompt_ids
 from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL, Options, measure, open_loop
@@ -19,8 +20,10 @@ from bench.section import PeerRun, Table
 from vllm_fleet.launcher.sim.capacity import saturation_rps
 from vllm_fleet.launcher.sim.config import BATCH_SLOWDOWN, SimConfig
 
-#: 4 replicas of the simulator with vLLM V1's prefix cache. 20 ms steps of up to 16 requests;
-#: the prefill and attention costs are the simulator's measured shape (docs/simulator.md).
+Mix = TypeVar("Mix", PrefixMix, ConversationMix)
+
+#: 4 replicas of the simulator with vLLM V1's prefix cache: 8 ms steps of up to 16 requests,
+#: the prefill and attention costs in the simulator's measured shape (docs/simulator.md).
 REPLICAS = 4
 #: KV capacity: 32 of scenario 8's 64 system prompts (~1,530 tokens each with the chat
 #: template's), so one replica can hold about half of them and the fleet all of them twice.
@@ -29,7 +32,7 @@ BLOCK_SIZE = 16
 PREFIX_REPLICA = SimSettings(
     model=MODEL,
     max_num_seqs=16,
-    step_ms=20.0,
+    step_ms=8.0,
     batch_slowdown=BATCH_SLOWDOWN,
     kv_cache_tokens=KV_CACHE_TOKENS,
     max_model_len=8192,
@@ -58,6 +61,22 @@ def uncached_capacity(schedule: Sequence[RequestSpec]) -> float:
 def offered_load(schedule: Sequence[RequestSpec], duration: float) -> float:
     """The sequence's request rate as a fraction of `uncached_capacity`."""
     return len(schedule) / duration / uncached_capacity(schedule)
+
+
+#: The offered load of every prefix scenario, as a fraction of `uncached_capacity`.
+LOAD = 0.70
+
+
+def at_load(
+    make: Callable[[Mix], list[RequestSpec]], mix: Mix, load: float = LOAD
+) -> tuple[Mix, list[RequestSpec]]:
+    """`mix` with its rate scaled so the sequence offers `load` of `uncached_capacity`, and
+    that sequence. The capacity depends on the requests' shape, not their rate, so one pilot
+    sequence at `mix.rate` gives the factor; the simulator's calibration can change without
+    the scenarios' rates going stale."""
+    pilot = offered_load(make(mix), mix.duration)
+    scaled = replace(mix, rate=round(mix.rate * load / pilot, 2))
+    return scaled, make(scaled)
 
 
 def prefix_fleet(opts: Options, name: str) -> SimFleet:

@@ -12,6 +12,7 @@ from bench.scenarios.prefix import (
     KV_CACHE_TOKENS,
     REPLICAS,
     TargetCheck,
+    at_load,
     by_key,
     measure_cached,
     offered_load,
@@ -20,7 +21,6 @@ from bench.scenarios.prefix import (
     setting_text,
     targets_table,
 )
-from bench.scenarios.s8_shared_prefix import RATE
 from bench.section import PeerRun, Section
 
 KEY = "10"
@@ -32,7 +32,8 @@ ZIPF = 1.4
 
 
 def mix(opts: Options) -> PrefixMix:
-    return PrefixMix(rate=RATE, duration=12.0 if opts.quick else 36.0, seed=opts.seed, zipf=ZIPF)
+    """The traffic before `at_load` sets its rate (to 70 % of the uncached capacity)."""
+    return PrefixMix(rate=10.0, duration=12.0 if opts.quick else 36.0, seed=opts.seed, zipf=ZIPF)
 
 
 def zipf_targets(runs: list[PeerRun]) -> list[TargetCheck]:
@@ -52,8 +53,7 @@ def zipf_targets(runs: list[PeerRun]) -> list[TargetCheck]:
 
 
 async def run_scenario(opts: Options) -> Section:
-    traffic = mix(opts)
-    schedule = make_prefix_schedule(traffic)
+    traffic, schedule = at_load(make_prefix_schedule, mix(opts))
     best = best_hit_rate(schedule, BLOCK_SIZE, REPLICAS * KV_CACHE_TOKENS // BLOCK_SIZE)
     hottest = max(
         sum(1 for s in schedule if s.group == group) for group in {s.group for s in schedule}

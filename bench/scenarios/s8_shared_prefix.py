@@ -12,6 +12,7 @@ from bench.scenarios.prefix import (
     KV_CACHE_TOKENS,
     REPLICAS,
     TargetCheck,
+    at_load,
     by_key,
     cache_use,
     measure_cached,
@@ -27,12 +28,11 @@ from bench.section import PeerRun, Section
 KEY = "8"
 PEERS = ("ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2")
 QUICK_PEERS = ("ideal", "ours-cost")
-#: ~70 % of what the 4 replicas serve when nothing is cached (prefix.uncached_capacity).
-RATE = 11.3
 
 
 def mix(opts: Options) -> PrefixMix:
-    return PrefixMix(rate=RATE, duration=12.0 if opts.quick else 40.0, seed=opts.seed)
+    """The traffic before `at_load` sets its rate (to 70 % of the uncached capacity)."""
+    return PrefixMix(rate=10.0, duration=12.0 if opts.quick else 40.0, seed=opts.seed)
 
 
 def shared_prefix_targets(runs: list[PeerRun], best: float) -> list[TargetCheck]:
@@ -94,8 +94,7 @@ def shared_prefix_targets(runs: list[PeerRun], best: float) -> list[TargetCheck]
 
 
 async def run_scenario(opts: Options) -> Section:
-    traffic = mix(opts)
-    schedule = make_prefix_schedule(traffic)
+    traffic, schedule = at_load(make_prefix_schedule, mix(opts))
     best = best_hit_rate(schedule, BLOCK_SIZE, REPLICAS * KV_CACHE_TOKENS // BLOCK_SIZE)
     section = Section(KEY, "Shared prefixes: 64 system prompts, fresh questions")
     section.text.append(

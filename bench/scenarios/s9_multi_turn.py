@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.fmt import fmt_ms, fmt_pct
-from bench.load import ConversationMix, make_conversation_schedule
+from bench.load import ConversationMix, RequestSpec, make_conversation_schedule
 from bench.prefix_oracle import best_hit_rate, reply_text
 from bench.scenarios.harness import Options, line_up, started
 from bench.scenarios.prefix import (
@@ -11,6 +11,7 @@ from bench.scenarios.prefix import (
     KV_CACHE_TOKENS,
     REPLICAS,
     TargetCheck,
+    at_load,
     by_key,
     cache_use,
     measure_cached,
@@ -25,14 +26,17 @@ from bench.section import PeerRun, Section
 KEY = "9"
 PEERS = ("ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2")
 QUICK_PEERS = ("ideal", "ours-cost")
-#: New conversations per second: ~70 % of what the replicas serve uncached (see the text).
-RATE = 2.5
 
 
 def mix(opts: Options) -> ConversationMix:
+    """The traffic before `at_load` sets its rate (to 70 % of the uncached capacity)."""
     return ConversationMix(
-        rate=RATE, duration=12.0 if opts.quick else 40.0, seed=opts.seed, think_s=(2.0, 5.0)
+        rate=2.5, duration=12.0 if opts.quick else 40.0, seed=opts.seed, think_s=(2.0, 5.0)
     )
+
+
+def conversations(traffic: ConversationMix) -> list[RequestSpec]:
+    return make_conversation_schedule(traffic, reply_text)
 
 
 def multi_turn_targets(runs: list[PeerRun], best: float) -> list[TargetCheck]:
@@ -64,15 +68,14 @@ def multi_turn_targets(runs: list[PeerRun], best: float) -> list[TargetCheck]:
 
 
 async def run_scenario(opts: Options) -> Section:
-    traffic = mix(opts)
-    schedule = make_conversation_schedule(traffic, reply_text)
+    traffic, schedule = at_load(conversations, mix(opts))
     best = best_hit_rate(schedule, BLOCK_SIZE, REPLICAS * KV_CACHE_TOKENS // BLOCK_SIZE)
-    conversations = len({s.group for s in schedule})
+    chats = len({s.group for s in schedule})
     load = offered_load(schedule, traffic.duration)
     section = Section(KEY, "Multi-turn chats that resend their history")
     section.text.append(
         setting_text(
-            f"{conversations} conversations (Poisson starts, {traffic.rate:g}/s for "
+            f"{chats} conversations (Poisson starts, {traffic.rate:g}/s for "
             f"{traffic.duration:g} s, seed {traffic.seed}), {len(schedule)} requests: each "
             f"conversation opens with one of {traffic.system_prompts} system prompts of "
             f"~{traffic.system_tokens} tokens and a first message of "
