@@ -135,8 +135,8 @@ async def index_overhead(opts: Options) -> Overhead:
         f"loop at {CONCURRENCY} in flight for {duration:g} s per run, {rounds} run(s) each "
         f"alternating; prompts are one of {GROUPS} shared ~{PROMPT_TOKENS - 100:,}-token system "
         f"prompts and a ~100-token question ({OUTPUT_TOKENS} tokens out, streamed). "
-        '"prefix index off" is the same router with `router.proxy.request_prefix` stubbed '
-        "to return no keys (the router has no flag for it). CPU is utime+stime of the "
+        '"prefix index off" is the same router with `vllm_fleet.router.proxy.request_prefix` '
+        "stubbed to return no keys (the router has no flag for it). CPU is utime+stime of the "
         "router's process tree per request; the load generator and replicas share the cores, "
         "so the difference of two runs is noisy: the target's row also gives the index's own "
         "work (keys of the parsed body, a match per replica, the record) timed alone in the "
