@@ -1,8 +1,8 @@
 """Measure a real vLLM server and fit the simulator's step-time law to it (docs/simulator.md).
 
-    python -m launcher.sim.calibrate --url http://127.0.0.1:8000 --model tiny-llama
+    python -m vllm_fleet.launcher.sim.calibrate --url http://127.0.0.1:8000 --model tiny-llama
 
-Why it exists: the simulator's law (launcher.sim.engine) must have the shape of vLLM's,
+Why it exists: the simulator's law (vllm_fleet.launcher.sim.engine) must have the shape of vLLM's,
 not of our balancer's. Three kinds of points are measured, with new random token ids as prompts
 every run (no prefix-cache hits unless wanted) and `ignore_eos` (exact lengths):
 

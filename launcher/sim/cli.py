@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from launcher.sim.config import KvEventsConfig, SimConfig
-from launcher.sim.server import make_sim_app
+from vllm_fleet.launcher.sim.config import KvEventsConfig, SimConfig
+from vllm_fleet.launcher.sim.server import make_sim_app
 
 #: Optional flags: (flag, type, help). Each maps to the SimConfig field of the same name.
 _TUNING_FLAGS: tuple[tuple[str, type, str], ...] = (

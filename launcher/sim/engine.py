@@ -34,7 +34,7 @@ One engine step is one scheduler iteration, as in vLLM V1 (vllm/v1/core/sched/sc
    output gets one token (a prefill that completed samples its first one; a partial chunk gets
    none); a request finishes, with reason "length", at `max_tokens` tokens and frees its
    blocks (cached ones stay in the prefix cache until evicted,
-       `launcher.sim.kvcache`). Full
+       `vllm_fleet.launcher.sim.kvcache`). Full
    blocks are cached as they are computed, output blocks too, as in vLLM.
 
 The caller drives it: ``plan = begin_step(now, speed)``, wait ``plan.duration``,
@@ -46,9 +46,9 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from launcher.sim.config import SimConfig
-from launcher.sim.kvcache import BlockPool
-from launcher.sim.tokens import extend_block_hashes, output_token_id
+from vllm_fleet.launcher.sim.config import SimConfig
+from vllm_fleet.launcher.sim.kvcache import BlockPool
+from vllm_fleet.launcher.sim.tokens import extend_block_hashes, output_token_id
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Sequence:
     #: nothing with any other, or prefix caching off).
     token_ids: list[int] | None = field(default=None, repr=False)
     #: Picks the generated words (and so their ids), as
-    #: `launcher.sim.tokens.output_token_id`.
+    #: `vllm_fleet.launcher.sim.tokens.output_token_id`.
     text_offset: int = 0
     generated: int = 0
     #: Tokens whose KV the engine holds (prefix hits included).
@@ -271,7 +271,7 @@ class SimEngine:
     ) -> Sequence:
         """Queue a request. With `prompt_token_ids` its blocks (prompt, then output) take part
         in prefix caching; `text_offset` picks its output words
-        (`launcher.sim.tokens`)."""
+        (`vllm_fleet.launcher.sim.tokens`)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if prompt_tokens < 1:
