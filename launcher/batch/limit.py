@@ -15,11 +15,11 @@ concurrency-limits and Envoy's adaptive concurrency filter do, once per window (
 3. **Engine queue known** (the router's ``/fleet/replicas`` or vLLM's ``/metrics``
    ``vllm:num_requests_waiting``, summed over replicas): aim at ``target = queue_per_replica x
    replicas`` waiting requests. In slow start (no queue seen yet) the limit doubles while the
-   queue is below target; afterwards it moves by half the gap, ``limit += (target - waiting) / 2``
-   (a proportional step: the queue is the error signal, the limit the actuator), at least one
-   request a window upwards, and by a quarter of itself when nothing waits at all (the engines
-   have idle slots: after a decrease, or when replicas join, the limit is far below capacity
-   and one step of half the target would take minutes to climb back).
+   queue is below target, deciding every half second; afterwards it moves by half the gap,
+   ``limit += (target - waiting) / 2`` (a proportional step: the queue is the error signal,
+   the limit the actuator), at least one request a window upwards, and by a quarter of itself
+   when nothing waits at all (the engines have idle slots: after a decrease, or when replicas
+   join, the limit is far below capacity and steps of half the target would take minutes).
 4. **No queue signal** (any other OpenAI-compatible server): Netflix's Gradient2 on seconds per
    output token, ``gradient = clamp(tolerance x long / short, 0.5, 1)``, ``new = limit x
    gradient + sqrt(limit)``, smoothed by `smoothing`; ``long`` is a slow average of ``short``
@@ -46,6 +46,9 @@ class LimitSettings:
     max_limit: int = 4096
     #: Seconds between decisions.
     window_s: float = 1.0
+    #: Seconds between decisions in slow start: the probe should take seconds, not a minute,
+    #: and a limit that doubles past the fleet only queues a little until the next decision.
+    slow_start_window_s: float = 0.5
     #: Multiplicative decrease on overload.
     decrease: float = 0.7
     #: Waiting requests per replica the limit aims at (queue signal): enough that a replica
@@ -111,7 +114,8 @@ class AdaptiveLimit:
 
     def update(self, now: float) -> int:
         """The limit in force at ``now``; decides once a window has passed."""
-        if now - self.window_start < self.settings.window_s:
+        window = self.settings.slow_start_window_s if self.slow_start else self.settings.window_s
+        if now - self.window_start < window:
             return self.limit
         self.limit = self._clamp(self._decide())
         self.decisions += 1

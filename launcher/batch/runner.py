@@ -67,7 +67,7 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: Statuses that mean "too much load": the limit shrinks on them.
 OVERLOAD_STATUSES = frozenset({429, 503})
 #: How often the engines' queue is looked at for the adaptive limit.
-QUEUE_POLL_S = 1.0
+QUEUE_POLL_S = 0.5
 #: How often the loop syncs files, updates the limit and redraws progress.
 TICK_S = 0.2
 
@@ -163,7 +163,9 @@ class BatchRun:
 
     async def _attempt(
         self, session: aiohttp.ClientSession, request: BatchRequest
-    ) -> tuple[int, str | None, Any]:
+    ) -> tuple[int, str | None, Any, float]:
+        """One attempt: (status, request id, body, its own seconds) or Retryable."""
+        started = time.monotonic()
         try:
             async with session.post(
                 f"{self.base}{request.url}", json=self._body(request), headers=self._headers
@@ -185,7 +187,7 @@ class BatchRun:
             raise Retryable(f"HTTP {status}", status, body, retry_after)
         if request_id is None and isinstance(body, dict) and isinstance(body.get("id"), str):
             request_id = body["id"]
-        return status, request_id, body
+        return status, request_id, body, time.monotonic() - started
 
     def _wait(self, state: RetryCallState) -> float:
         jitter = wait_random_exponential(
@@ -213,7 +215,7 @@ class BatchRun:
         try:
             async for attempt in retrying:
                 with attempt:
-                    status, request_id, body = await self._attempt(session, request)
+                    status, request_id, body, last = await self._attempt(session, request)
         except Retryable as final:
             latency = time.monotonic() - started
             if final.status is not None:
@@ -233,7 +235,7 @@ class BatchRun:
         )
         ok = 200 <= status < 300
         if ok and self.limiter is not None:
-            self.limiter.on_done(latency, completion)
+            self.limiter.on_done(last, completion)  # the answering attempt: no backoff in it
         self._finish(writer, record, str(status), latency, ok, prompt, completion)
 
     def _finish(

@@ -12,10 +12,17 @@ def window(limit: AdaptiveLimit, now: float, *, in_flight: int | None = None) ->
 
 
 def test_no_decision_before_a_window_has_passed() -> None:
-    limit = AdaptiveLimit(10, window_start=0.0)
+    limit = AdaptiveLimit(10, window_start=0.0, slow_start=False)
     limit.on_overload()
     assert limit.update(0.5) == 10
     assert limit.update(1.0) == 7  # 10 * 0.7
+
+
+def test_slow_start_decides_every_half_second() -> None:
+    limit = AdaptiveLimit(8, window_start=0.0)
+    limit.on_queue(QueueSignal(waiting=0, replicas=1))
+    assert window(limit, 0.25) == 8
+    assert window(limit, 0.5) == 16
 
 
 def test_overload_decreases_multiplicatively_down_to_the_minimum() -> None:
