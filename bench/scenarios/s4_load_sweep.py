@@ -25,7 +25,7 @@ async def run_scenario(opts: Options) -> Section:
     mix0 = base_mix(opts)
     section.text.append(
         setting_text(mix0, HETEROGENEOUS).split(" Poisson")[0]
-        + f" Offered load {', '.join(f'{x:.0%}' for x in loads)} of the calibrated capacity, "
+        + f" Offered load {', '.join(f'{x:.0%}' for x in loads)} of the measured capacity, "
         f"{mix0.duration:g} s each, otherwise scenario 1's traffic (same seed at every load). "
         "A router's point at scenario 1's load is its scenario 1 run when both ran together."
     )
@@ -63,7 +63,7 @@ async def run_scenario(opts: Options) -> Section:
             "s4_load_sweep.png",
             "Scenario 4: load sweep (heterogeneous fleet)",
             throughput,
-            xlabel="offered load (% of calibrated capacity)",
+            xlabel="offered load (% of measured capacity)",
             ylabel="output tokens/s delivered in the load window",
             series2=p99,
             ylabel2="p99 latency / output tokens (ms)",
