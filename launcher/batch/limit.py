@@ -36,6 +36,10 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+#: Where the probe starts, per replica: well below vLLM's default batch limits (max_num_seqs
+#: of 256 to 1024 in vLLM 0.32's API server, by device), so the start never floods a fleet;
+#: slow start finds the rest.
+PROBE_START_PER_REPLICA = 16
 #: Growth a window while the engines have no queue at all (rule 3).
 IDLE_GROWTH = 0.25
 
@@ -171,11 +175,11 @@ def initial_limit(capacities: list[float | None], queue_per_replica: float) -> t
     """(starting limit, slow start) from each healthy replica's batch limit (None: unknown).
 
     Known capacity: start at the fleet's batch capacity plus the target queue, no slow start.
-    Unknown (a fresh router that has not seen a full batch, or not our router): start at 8 a
-    replica and let slow start double it: the probe costs a few seconds.
+    Unknown (a fresh router that has not seen a full batch, or not our router): start at
+    `PROBE_START_PER_REPLICA` a replica and let slow start double it every half second.
     """
     replicas = max(1, len(capacities))
     known = [c for c in capacities if c is not None and c > 0]
     if capacities and len(known) == len(capacities):
         return max(1, math.ceil(sum(known) + queue_per_replica * replicas)), False
-    return 8 * replicas, True
+    return PROBE_START_PER_REPLICA * replicas, True

@@ -104,5 +104,5 @@ def test_gradient_slow_start_stops_at_the_first_latency_rise() -> None:
 
 def test_initial_limit_from_known_and_unknown_capacities() -> None:
     assert initial_limit([16.0, 16.0], queue_per_replica=2.0) == (36, False)
-    assert initial_limit([16.0, None], queue_per_replica=2.0) == (16, True)
-    assert initial_limit([], queue_per_replica=2.0) == (8, True)
+    assert initial_limit([16.0, None], queue_per_replica=2.0) == (32, True)
+    assert initial_limit([], queue_per_replica=2.0) == (16, True)
