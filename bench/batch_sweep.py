@@ -33,12 +33,15 @@ from bench.replicas import (
     VllmReplica,
     find_vllm_python,
 )
+from bench.stamp import current_stamp
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "sim-model"
 FIXED = (8, 16, 32, 48, 64, 128)
+#: Where results go, by fleet (real vLLM or not); `python -m bench.batch_plot` draws them.
+RESULTS = {False: "batch_sweep.json", True: "batch_sweep_vllm.json"}
 REPLICA = SimSettings(model=MODEL, max_num_seqs=16, step_ms=20.0)
 
 
@@ -156,14 +159,23 @@ def main() -> int:
     parser.add_argument(
         "--vllm", action="store_true", help="two real vLLM CPU replicas of the tiny model"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / ".work" / "batch_sweep.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: bench/results/...)"
+    )
     args = parser.parse_args()
+    stamp = current_stamp(REPO)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = asyncio.run(
-            sweep(args.requests, Path(tmp), tuple(args.limits.split(",")), args.vllm)
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        limits = tuple(args.limits.split(","))
+        rows = asyncio.run(sweep(args.requests, Path(tmp), limits, args.vllm))
+    out = args.out or REPO / "bench" / "results" / RESULTS[args.vllm]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "commit": stamp.label,
+        "fleet": "2 real vLLM CPU replicas (tiny model)" if args.vllm else "2 simulated replicas",
+        "requests": args.requests,
+        "rows": rows,
+    }
+    out.write_text(json.dumps(payload, indent=1) + "\n")
     print(table(rows))
     return 0
 
