@@ -192,7 +192,7 @@ class OursPeer(Peer):
         if not prefix_index:
             self.name += " (prefix index off)"
             self.settings += (
-                "; vllm_fleet.router.proxy.request_prefix replaced by one returning no keys"
+                "; vllm_fleet.router.parse.request_prefix replaced by one returning no keys"
             )
 
     def command(self) -> list[str]:
@@ -202,8 +202,8 @@ class OursPeer(Peer):
         if self.prefix_index:
             return [self.python, "-m", "vllm_fleet.launcher.cli"]
         stub = (
-            "import sys, vllm_fleet.router.proxy as proxy, vllm_fleet.launcher.cli as cli; "
-            "proxy.request_prefix = lambda model, payload: (); sys.exit(cli.main())"
+            "import sys, vllm_fleet.router.parse as parse, vllm_fleet.launcher.cli as cli; "
+            "parse.request_prefix = lambda model, payload: (); sys.exit(cli.main())"
         )
         return [self.python, "-c", stub]
 

@@ -7,6 +7,10 @@ partial body), so the cap is enforced over the whole stream instead.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from collections.abc import Awaitable
+
 import aiohttp
 
 CHUNK_BYTES = 64 << 10
@@ -28,3 +32,18 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
             raise BodyTooLarge(f"body is over the {cap}-byte cap")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:
+    """``await read`` for at most ``idle_s`` seconds (asyncio.TimeoutError after).
+
+    Used for client bodies (--body-timeout) and upstream bodies. For the latter, the
+    session's sock_read timeout should already bound every read, but aiohttp's C parser drops
+    it when a replica breaks the chunked framing in the middle of a body: the parser error
+    closes the connection without failing the body's reader, so the read would wait forever
+    (tests/chaos/test_network_faults.py). This timer does not depend on the parser.
+    """
+    if sys.version_info < (3, 11):  # no asyncio.timeout yet; wait_for costs a task per read
+        return await asyncio.wait_for(read, idle_s)
+    async with asyncio.timeout(idle_s):
+        return await read

@@ -8,9 +8,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vllm_fleet.router.context import ROUTER
+from vllm_fleet.router.failover import RETRY_AFTER_S, no_replica_error
 from vllm_fleet.router.openai_errors import error_response
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, memory_bytes
-from vllm_fleet.router.proxy import RETRY_AFTER_S, no_replica_error
 
 
 async def health(request: web.Request) -> web.Response:

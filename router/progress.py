@@ -16,8 +16,8 @@ The router knows every request it has in flight, so it sees the hang first:
   (vllm_fleet.router.state.Fleet.candidates);
 - a suspect whose health check then fails, or that stays silent for ``STALL_EJECT_S`` while
   its peers progress (an engine hung behind an API server that still answers /health), is
-  ejected, and every attempt waiting there for its first byte is abandoned: the proxy cancels
-  it upstream and sends the request to another replica at once (vllm_fleet.router.proxy.send_once).
+  ejected, and every attempt waiting there for its first byte is abandoned: it is cancelled
+  upstream and the request sent to another replica at once (router.upstream.send_once).
 
 So a hung replica stops getting requests about ``SILENCE_S`` after it hangs, and loses none of
 the requests it was holding. --first-byte-timeout stays the outer bound for everything else.
@@ -175,7 +175,7 @@ def abandon_waiting(replica: ReplicaState, telemetry: Telemetry, sent_before: fl
 def cut_streams(replica: ReplicaState, telemetry: Telemetry) -> int:
     """End every stream relayed from a replica found hung: nothing more will come, and each
     relay then continues the stream elsewhere or ends it with an SSE error
-    (vllm_fleet.router.proxy), instead of waiting --first-byte-timeout with its client."""
+    (router.relay), instead of waiting --first-byte-timeout with its client."""
     cut = 0
     for relay in list(replica.relays):
         if relay.abandoned:

@@ -116,11 +116,11 @@ class ReplicaState:
     #: Prompt prefixes this router sent here and believes cached (vllm_fleet.router.prefix_index);
     #: the cost policy reads it, the proxy records into it, scrapes and KV events correct it.
     prefixes: ReplicaPrefixes = field(default_factory=ReplicaPrefixes)
-    #: Attempts waiting for their first byte (vllm_fleet.router.proxy.send_once adds and removes
+    #: Attempts waiting for their first byte (vllm_fleet.router.upstream.send_once adds and removes
     #: them).
     awaiting: set[Attempt] = field(default_factory=set)
     #: Streams being relayed from this replica right now; ``abandon`` cuts one (its relay then
-    #: sees the replica fail mid-stream, and continues or ends it: vllm_fleet.router.proxy).
+    #: sees the replica fail mid-stream, and continues or ends it: vllm_fleet.router.relay).
     relays: set[Attempt] = field(default_factory=set)
     #: monotonic time any byte last came from this replica (answer headers, a body, a chunk).
     last_byte_at: float = 0.0

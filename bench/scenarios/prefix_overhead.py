@@ -3,7 +3,7 @@ flight, our cost policy with the index against the same router with the index st
 
 The replicas answer at once (0.1 ms steps), so the router's own work is what is measured. The
 router has no switch for its index; `ours-cost-noindex` runs the same CLI with
-`vllm_fleet.router.proxy.request_prefix` returning no keys (bench.peers.OursPeer.command), so
+`vllm_fleet.router.parse.request_prefix` returning no keys (bench.peers.OursPeer.command), so
 nothing is hashed, matched or recorded. The two alternate, twice each, to spread the machine's other
 load over both; CPU is utime + stime of the router's process tree per completed request.
 """
@@ -61,7 +61,7 @@ class Overhead:
 
 def index_work_ms(requests: int = 2000, replicas: int = 2) -> float:
     """CPU ms per request of the index's own work, timed in this process: the prefix keys of
-    the parsed body (vllm_fleet.router.proxy's parse does this for every request), one match per
+    the parsed body (vllm_fleet.router.parse does this for every request), one match per
     replica (the cost policy prices each) and the record at the chosen one. A steadier figure than
     the difference of two router runs on a shared machine."""
     records = [ReplicaPrefixes() for _ in range(replicas)]
@@ -135,7 +135,7 @@ async def index_overhead(opts: Options) -> Overhead:
         f"loop at {CONCURRENCY} in flight for {duration:g} s per run, {rounds} run(s) each "
         f"alternating; prompts are one of {GROUPS} shared ~{PROMPT_TOKENS - 100:,}-token system "
         f"prompts and a ~100-token question ({OUTPUT_TOKENS} tokens out, streamed). "
-        '"prefix index off" is the same router with `vllm_fleet.router.proxy.request_prefix` '
+        '"prefix index off" is the same router with `vllm_fleet.router.parse.request_prefix` '
         "stubbed to return no keys (the router has no flag for it). CPU is utime+stime of the "
         "router's process tree per request; the load generator and replicas share the cores, "
         "so the difference of two runs is noisy: the target's row also gives the index's own "

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from vllm_fleet.router.health import BreakerPolicy, apply_check, begin_check, eject
+from vllm_fleet.router.parse import parse_request
 from vllm_fleet.router.prefix_index import (
     BLOCK_BYTES,
     BYTES_PER_TOKEN,
@@ -29,7 +30,6 @@ from vllm_fleet.router.prefix_index import (
     request_prefix,
     routing_text,
 )
-from vllm_fleet.router.proxy import parse_request
 from vllm_fleet.router.scrape import apply_metrics, parse_vllm_metrics
 from vllm_fleet.router.state import ReplicaState
 
