@@ -18,12 +18,13 @@ import aiohttp
 from aiohttp import web
 
 from vllm_fleet.router.context import RouterContext
-from vllm_fleet.router.continuation import Continuation, Refused
+from vllm_fleet.router.continuation import Continuation
 from vllm_fleet.router.failover import ReplicasExhausted, send_with_failover
 from vllm_fleet.router.middleware import Exchange
 from vllm_fleet.router.openai_errors import ApiError, sse_error_event
 from vllm_fleet.router.parse import downstream_headers
 from vllm_fleet.router.state import Attempt
+from vllm_fleet.router.stitcher import Refused
 from vllm_fleet.router.telemetry import CLIENT_CLOSED
 from vllm_fleet.router.upstream import (
     IdleWatchdog,

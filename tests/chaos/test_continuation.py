@@ -31,7 +31,7 @@ from openai.types.chat import (
 from tests.chaos.conftest import FIGURES, MODELS_BODY, raw_server, read_request
 from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sim, start_sim_process
-from vllm_fleet.router.continuation import MAX_CONTINUATIONS
+from vllm_fleet.router.stitcher import MAX_CONTINUATIONS
 
 #: A step of 20 ms: a 60-token answer takes ~1.2 s, time enough to kill its replica mid-way.
 STEP_MS = 20.0

@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.support import MODEL, Server, get_json, http_get
 from vllm_fleet.launcher.runtime.process import signal_group
-from vllm_fleet.router.continuation import Kind, Plan, Stitcher, fast_match, plan_for
+from vllm_fleet.router.continuable import Kind, Plan, plan_for
+from vllm_fleet.router.stitcher import Stitcher, fast_match
 
 pytestmark = pytest.mark.e2e
 

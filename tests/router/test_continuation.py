@@ -15,19 +15,15 @@ import pytest
 from multidict import CIMultiDict
 
 from vllm_fleet.router.balancer import RequestInfo
-from vllm_fleet.router.continuation import (
+from vllm_fleet.router.continuable import Kind, Plan, continuation_body, plan_for, upstream_body
+from vllm_fleet.router.continuation import prepare
+from vllm_fleet.router.stitcher import (
     MAX_CONTINUATIONS,
     MAX_EVENT_BYTES,
-    Kind,
-    Plan,
     Refused,
     Resume,
     Stitcher,
-    continuation_body,
     fast_match,
-    plan_for,
-    prepare,
-    upstream_body,
 )
 
 #: Two events of a real vLLM 0.32 chat stream (tiny model) with continuous usage stats.
