@@ -11,9 +11,9 @@ from vllm_fleet.router.config import add_arguments, config_from_args
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser = sub.add_parser(
         "router",
-        help="route OpenAI API requests to the least busy healthy vLLM replica",
+        help="route OpenAI API requests to the healthy vLLM replica where each finishes soonest",
         description=(
-            "Serve the OpenAI API (/v1/*) from several vLLM replicas: least-busy balancing, "
+            "Serve the OpenAI API (/v1/*) from several vLLM replicas: cost-aware balancing, "
             "health checks, failover, streaming and Prometheus metrics. Every flag can also "
             "be set through the FLEET_* environment variable named in its help; flags win."
         ),
