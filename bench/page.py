@@ -138,6 +138,8 @@ REPRODUCE = """\
 python -m bench                    # scenarios 1-6 (under 25 minutes): bench/results, this page,
                                    # the README's headline
 python -m bench --scenarios 7      # real vLLM on the CPU (needs an interpreter with vllm)
+python -m bench --scenarios 8,9,10 # prefix caching: shared prefixes, multi-turn, Zipf groups
+                                   # (~15 minutes)
 python -m bench --scenarios 1,5    # only these; the other sections keep their last results
 python -m bench --peers ours-lb,nginx-lc --scenarios 1
 python -m bench --quick            # a couple of minutes, writes bench/.work/benchmarks-quick.md
