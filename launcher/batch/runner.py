@@ -355,12 +355,9 @@ class BatchRun:
                 if interrupted:
                     await self._grace()
                 await self._cancel_in_flight()
+                await _stop_tasks(background)  # before the session they use closes
         finally:
-            for task in background:
-                task.cancel()
-            for task in background:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await _stop_tasks(background)
             writer.close()
             progress.close(time.monotonic())
         return summarize(
@@ -434,6 +431,14 @@ class BatchRun:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def run_batch_async(
