@@ -34,10 +34,10 @@ def build_plot(results: list[dict[str, object]]) -> Plot:
         series[f"{fleet}: fixed"] = [(x, r["output_tokens_per_s"]) for x, r in fixed]
         latency[f"{fleet}: fixed"] = [(x, r["latency_p50_s"]) for x, r in fixed]
         auto = [r for r in rows if not str(r["max_inflight"]).isdigit()]
-        series[f"{fleet}: auto"] = [
-            (float(r["final_limit"]), r["output_tokens_per_s"]) for r in auto
-        ]
-        latency[f"{fleet}: auto"] = [(float(r["final_limit"]), r["latency_p50_s"]) for r in auto]
+        for r in auto:  # one point each: fresh router and warm router are different runs
+            label = f"{fleet}: {r['max_inflight']}"
+            series[label] = [(float(r["final_limit"]), r["output_tokens_per_s"])]
+            latency[label] = [(float(r["final_limit"]), r["latency_p50_s"])]
     commits = ", ".join(sorted({str(r["commit"]) for r in results}))
     return Plot(
         kind="sweep",
