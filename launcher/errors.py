@@ -13,3 +13,10 @@ class ConfigError(ValueError):
     prints it without a traceback and exits with status 2 (as for the router's own
     ``vllm_fleet.router.errors.ConfigError``).
     """
+
+
+class PlanError(ConfigError):
+    """The model cannot be laid out on these GPUs (or an override contradicts them).
+
+    The message is one line with the numbers (need X GiB, have Y GiB) and what to do instead.
+    """

@@ -1,16 +1,23 @@
-"""The plan's types, the plain data that flows through the launcher: inventory -> model size
--> plan -> server specs (the function that makes a plan is ``vllm_fleet.launcher.planner``).
+"""The plan's types, the plain data that flows through the launcher: inventory, model size and
+options -> plan -> server specs (the function that makes a plan is
+``vllm_fleet.launcher.planner``).
 
-The planner is a pure function from the first two to a ``Plan``; the
+The planner is a pure function from the first three to a ``Plan``; the
 runtimes (``vllm_fleet.launcher.runtime``) turn each ``ServerSpec`` (a ``ReplicaSpec`` of the plan,
 or the ``RouterSpec`` the fleet adds) into a running server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 GIB = 1024**3
+
+
+def gib(n: float) -> str:
+    """Bytes as the planner's notes and errors print them."""
+    return f"{n / GIB:.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,26 @@ class ModelSize:
     source: str = ""
     #: caveats of the sizing (estimates, quantization, MoE), printed by `vllm-fleet plan`.
     notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user asked of the plan (flags or fleet.yaml); ``plan`` checks it first."""
+
+    model: str
+    engine: str = "vllm"
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int | None = None
+    tensor_parallel_size: int | None = None
+    replicas: int | None = None
+    base_port: int = 8001
+    host: str = "127.0.0.1"
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    python: str = "python3"
 
 
 #: listen addresses that mean "every interface": a server bound there is reached on loopback.

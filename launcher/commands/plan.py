@@ -20,8 +20,8 @@ from vllm_fleet.launcher.errors import ConfigError
 from vllm_fleet.launcher.inventory import resolve_inventory
 from vllm_fleet.launcher.model_files import Fetcher, fetch_from_hub
 from vllm_fleet.launcher.model_size import human_params, normalize_dtype, size_model
-from vllm_fleet.launcher.plan_types import GIB, FitCheck, Inventory, ModelSize, Plan
-from vllm_fleet.launcher.planner import PlanOptions, gib, plan
+from vllm_fleet.launcher.plan_types import GIB, FitCheck, Inventory, ModelSize, Plan, gib
+from vllm_fleet.launcher.planner import PlanOptions, plan
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -18,8 +18,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from vllm_fleet.launcher.plan_multi_node import MAX_HINT_NODES
 from vllm_fleet.launcher.plan_types import Inventory, ModelSize, Plan, ReplicaSpec
-from vllm_fleet.launcher.planner import MAX_HINT_NODES, PlanError, PlanOptions, plan
+from vllm_fleet.launcher.planner import PlanError, PlanOptions, plan
 
 Shape = Literal["replicas", "ray"]
 

@@ -58,7 +58,7 @@ def test_no_class_name_is_defined_twice_in_the_launcher() -> None:
 #: a module longer than this holds more than a reader looks for in one place.
 MAX_LINES = 500
 #: modules still over the limit; an entry must leave once its module is split (issue 16).
-OVER_LIMIT_TODAY = {"launcher/planner.py"}
+OVER_LIMIT_TODAY: set[str] = set()
 
 
 def test_launcher_modules_stay_short_enough_to_find_things_in() -> None:

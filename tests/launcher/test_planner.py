@@ -22,16 +22,14 @@ import pytest
 
 from vllm_fleet.launcher.errors import ConfigError
 from vllm_fleet.launcher.model_size import size_model
-from vllm_fleet.launcher.plan_types import GIB, Gpu, Inventory, ModelSize
-from vllm_fleet.launcher.planner import (
+from vllm_fleet.launcher.plan_sizing import (
     MIN_KV_TOKENS,
     OVERHEAD_BYTES,
-    PlanError,
-    PlanOptions,
     kv_bytes_per_token_per_gpu,
-    plan,
-    tp_groups,
 )
+from vllm_fleet.launcher.plan_topology import tp_groups
+from vllm_fleet.launcher.plan_types import GIB, Gpu, Inventory, ModelSize
+from vllm_fleet.launcher.planner import PlanError, PlanOptions, plan
 
 MODELS = Path(__file__).parent / "models"
 

@@ -1,0 +1,66 @@
+"""The planned replicas' ports and command lines, from the user's options.
+
+The vLLM command line itself is built by ``vllm_fleet.launcher.vllm_args`` (the only builder
+of one); this module only hands it the plan's numbers.
+"""
+
+from __future__ import annotations
+
+from vllm_fleet.launcher.errors import PlanError
+from vllm_fleet.launcher.model_size import normalize_dtype
+from vllm_fleet.launcher.plan_types import PlanOptions
+from vllm_fleet.launcher.vllm_args import vllm_command
+
+
+def replica_ports(options: PlanOptions, count: int) -> list[int]:
+    """One port per replica from --base-port up; a range past 65535 is the user's to fix."""
+    last = options.base_port + count - 1
+    if last > 65535:
+        raise PlanError(
+            f"--base-port {options.base_port} leaves no room for {count} replicas "
+            f"(last port would be {last}); use a lower --base-port"
+        )
+    return [options.base_port + i for i in range(count)]
+
+
+def vllm_replica_command(
+    options: PlanOptions, port: int, tp: int, max_model_len: int | None, on_gpu: bool
+) -> tuple[str, ...]:
+    """The replica's vLLM command line, from vllm_fleet.launcher.vllm_args (the only builder of
+    one)."""
+    return vllm_command(
+        python=options.python,
+        model=options.model,
+        host=options.host,
+        port=port,
+        tensor_parallel_size=tp,
+        served_model_name=options.served_model_name,
+        dtype=normalize_dtype(options.dtype),
+        max_model_len=max_model_len,
+        gpu_memory_utilization=options.gpu_memory_utilization if on_gpu else None,
+        max_num_seqs=options.max_num_seqs,
+        on_cpu=not on_gpu,
+        extra_args=options.extra_args,
+    )
+
+
+def sim_replica_command(options: PlanOptions, port: int) -> tuple[str, ...]:
+    """The simulator standing in for a replica: same host, port and model name, so the router
+    and the supervisor cannot tell it from vLLM."""
+    argv = [
+        options.python,
+        "-m",
+        "vllm_fleet.launcher.cli",
+        "sim",
+        "--host",
+        options.host,
+        "--port",
+        str(port),
+        "--model",
+        options.served_model_name or options.model,
+    ]
+    if options.max_model_len is not None:
+        argv += ["--max-model-len", str(options.max_model_len)]
+    if options.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(options.max_num_seqs)]
+    return (*argv, *options.extra_args)
