@@ -38,6 +38,10 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
 
+#: vLLM's 1-2-5 buckets for token counts (build_1_2_5_buckets), up to a long context.
+PROMPT_TOKENS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+
 class SimMetrics:
     """Owns one registry; the runner reports steps, tokens and finished requests to it."""
 
@@ -127,6 +131,11 @@ class SimMetrics:
             "Histogram of time spent in PREFILL phase for request.",
             REQUEST_LATENCY_BUCKETS,
         ).labels(*labels)
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            PROMPT_TOKENS_BUCKETS,
+        ).labels(*labels)
         if cache_config is not None:
             info = Gauge(
                 "vllm:cache_config_info",
@@ -153,7 +162,9 @@ class SimMetrics:
                 self.prompt_tokens_cached.inc(seq.cached_tokens)
                 self.ttft.observe(event.at - seq.arrived_at)
                 if seq.admitted_at is not None:
+                    # Observed together, so their sums pair up (the router's prefill price).
                     self.prefill_time.observe(event.at - seq.admitted_at)
+                    self.request_prompt_tokens.observe(seq.prompt_tokens)
             else:
                 self.inter_token.observe(event.inter_token)
             if event.finished:
