@@ -208,6 +208,13 @@ def test_a_plain_scancel_leaves_nothing_either(cluster: None, tmp_path: Path) ->
         assert job_processes(job_id)
         subprocess.run(["scancel", job_id], check=True, capture_output=True)
         _wait(lambda: not job_processes(job_id), "every process of the job gone", deadline, log)
+        # The processes are gone before slurmctld has heard of it: COMPLETING until then.
+        _wait(
+            lambda: slurm_job(job_id).state != "COMPLETING",
+            "SLURM seeing the job end",
+            deadline,
+            log,
+        )
         assert slurm_job(job_id).state == "CANCELLED"
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
