@@ -29,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vllm_fleet.router.balancer import RequestInfo
 from vllm_fleet.router.health import BreakerPolicy, eject
-from vllm_fleet.router.state import Breaker, Fleet, ReplicaState
+from vllm_fleet.router.state import Attempt, Breaker, Fleet, ReplicaState
 from vllm_fleet.router.telemetry import Telemetry
 
 log = logging.getLogger("vllm_fleet.router")
@@ -159,13 +159,7 @@ def review_fleet(fleet: Fleet, breaker: BreakerPolicy, telemetry: Telemetry, now
 def abandon_waiting(replica: ReplicaState, telemetry: Telemetry, sent_before: float) -> int:
     """Cancel the attempts waiting on ``replica`` for their first byte that were sent at or
     before ``sent_before``; returns how many."""
-    count = 0
-    for attempt in list(replica.awaiting):
-        if attempt.abandoned or attempt.sent_at > sent_before:
-            continue
-        attempt.abandoned = True
-        attempt.abandon()
-        count += 1
+    count = _abandon(a for a in replica.awaiting if a.sent_at <= sent_before)
     if count:
         telemetry.abandoned.inc(count)
         log.warning("requests re-sent elsewhere url=%s count=%d", replica.url, count)
@@ -176,17 +170,20 @@ def cut_streams(replica: ReplicaState, telemetry: Telemetry) -> int:
     """End every stream relayed from a replica found hung: nothing more will come, and each
     relay then continues the stream elsewhere or ends it with an SSE error
     (router.relay), instead of waiting --first-byte-timeout with its client."""
-    cut = 0
-    for relay in list(replica.relays):
-        if relay.abandoned:
-            continue
-        relay.abandoned = True
-        relay.abandon()
-        cut += 1
-    if cut:
-        telemetry.hung_streams_cut.inc(cut)
-        log.warning("streams cut on a hung replica url=%s count=%d", replica.url, cut)
-    return cut
+    count = _abandon(replica.relays)
+    if count:
+        telemetry.hung_streams_cut.inc(count)
+        log.warning("streams cut on a hung replica url=%s count=%d", replica.url, count)
+    return count
+
+
+def _abandon(attempts: Iterable[Attempt]) -> int:
+    """Abandon each of ``attempts`` not abandoned yet, once; returns how many."""
+    chosen = [a for a in attempts if not a.abandoned]
+    for attempt in chosen:
+        attempt.abandoned = True
+        attempt.abandon()
+    return len(chosen)
 
 
 async def progress_loop(
