@@ -206,6 +206,8 @@ MIN_FINISHED_FOR_MEAN = 4.0
 QUEUE_PLACE_REQUESTS = 2.0
 #: Costs within this relative distance of the best are ties, broken at random.
 COST_TIE = 1e-9
+#: Price of caching a prefix a second time, per token, in prefill times (see request_cost).
+DUPLICATE_WEIGHT = 1.0
 #: Prefill seconds per prompt token, in empty-batch decode steps, until a replica's
 #: vllm:request_prefill_time_seconds says (a GPU prefills a token in ~1/100 to 1/300 of a
 #: decode step; the tiny model on 2 shared CPU cores learned 1.5e-5 to 5.4e-5 s per computed
@@ -285,7 +287,14 @@ def replica_speed(estimate: SpeedEstimate, default: Speed) -> Speed:
 
 
 def request_cost(
-    replica: ReplicaState, request: RequestInfo, speed: Speed, typical_tokens: float, now: float
+    replica: ReplicaState,
+    request: RequestInfo,
+    speed: Speed,
+    typical_tokens: float,
+    now: float,
+    *,
+    cached: float | None = None,
+    held_elsewhere: float = 0.0,
 ) -> float:
     """Seconds this request costs the fleet on ``replica``: its own expected latency there plus
     the delay it adds to the requests already running there. Lower is better.
@@ -306,7 +315,11 @@ def request_cost(
         queue  = max(0, N + 1 - C) * QUEUE_PLACE_REQUESTS * a * (1 + b * C) * D
         own    = queue + P * p + T * a * (1 + b * n)
         impose = min(N, C) * (a * b * min(T, D) + P * p)
-        cost   = (own + impose) * (1 + KV_WEIGHT * w * kv_pressure)     (kv_pressure: load_score)
+        dup    = max(0, H - K) * scale * p * DUPLICATE_WEIGHT
+        cost   = (own + impose + dup) * (1 + KV_WEIGHT * w * kv_pressure)  (kv_pressure: load_score)
+
+    with ``K`` the prefix tokens this replica holds and ``H`` the most any candidate holds
+    (``held_elsewhere``; ``cached`` passes K when the caller computed it already).
 
     Why this shape (a discrete-event model of the bench's scenario 1 fleet: 4 replicas, one at
     half speed, 70% load, 8 runs of 30 s, against join-shortest-queue with exact counts; the
@@ -332,6 +345,14 @@ def request_cost(
       them queues (the queue term grows by whole mean requests, the saving stays fixed);
       a request that shares only a few blocks saves a few tokens' prefill, far less than
       one more running request costs (tests/router/test_prefix_cost.py shows both).
+    - ``dup``: computing a prefix that another replica already holds caches it a second time,
+      and on a full cache that evicts some other group's blocks, which a later request then
+      computes again: about as much prefill as the duplicate itself (DUPLICATE_WEIGHT = 1).
+      Without it the fleet's caches fill with copies of the busiest groups and hold fewer
+      groups in all (scenario 8: hit rate 81 % of the best possible; a consistent hash that
+      never duplicates, 84 %). A prefix no replica holds costs nothing extra anywhere (it
+      must be computed once somewhere), so traffic without shared prefixes (scenarios 1-3)
+      is priced exactly as before.
     - Speeds are per replica and learned (vllm_fleet.router.speed): the measured speed and batch
       limit say how much a replica can take, so a bigger one (tensor-parallel, larger max_num_seqs)
       shows up as a faster or wider one.
@@ -343,16 +364,19 @@ def request_cost(
     tokens = float(request.max_tokens) if request.max_tokens is not None else typical_tokens
     tokens = max(1.0, tokens)
     prefixes = replica.prefixes
-    cached = prefixes.cached_tokens(request.prefix) if request.prefix else 0.0
+    if cached is None:
+        cached = prefixes.cached_tokens(request.prefix) if request.prefix else 0.0
     computed = max(0.0, request.prompt_tokens - cached) * prefixes.token_scale
     prefill = computed * speed.prefill_s_per_token
+    duplicate = max(0.0, held_elsewhere - cached) * prefixes.token_scale
+    duplicate *= speed.prefill_s_per_token * DUPLICATE_WEIGHT
     batch = min(busy + 1.0, limit)
     ahead = max(0.0, busy + 1.0 - limit)
     # ``ahead`` > 0 only when the limit is finite (0 * inf would be NaN).
     queue = ahead * QUEUE_PLACE_REQUESTS * a * (1.0 + b * limit) * typical_tokens if ahead else 0.0
     own = queue + prefill + tokens * a * (1.0 + b * batch)
     impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + prefill)
-    return (own + impose) * (1.0 + KV_WEIGHT * w * pressure)
+    return (own + impose + duplicate) * (1.0 + KV_WEIGHT * w * pressure)
 
 
 class CostAware(_Scored):
@@ -369,9 +393,20 @@ class CostAware(_Scored):
         _require(replicas)
         now = self._clock()
         default, typical = fleet_defaults(replicas)
+        prefix = request.prefix
+        cached = [r.prefixes.cached_tokens(prefix) if prefix else 0.0 for r in replicas]
+        held = max(cached)
         costs = [
-            request_cost(r, request, replica_speed(r.speed, default), typical, now)
-            for r in replicas
+            request_cost(
+                r,
+                request,
+                replica_speed(r.speed, default),
+                typical,
+                now,
+                cached=k,
+                held_elsewhere=held,
+            )
+            for r, k in zip(replicas, cached, strict=True)
         ]
         return lowest(replicas, costs, COST_TIE * max(min(costs), 1e-12), self._rng)
 

@@ -8,7 +8,13 @@ from collections import Counter
 
 import pytest
 
-from vllm_fleet.router.balancer import CostAware, RequestInfo, Speed, request_cost
+from vllm_fleet.router.balancer import (
+    DUPLICATE_WEIGHT,
+    CostAware,
+    RequestInfo,
+    Speed,
+    request_cost,
+)
 from vllm_fleet.router.prefix_index import BLOCK_BYTES, BYTES_PER_TOKEN, prefix_bytes, prefix_keys
 from vllm_fleet.router.speed import SpeedEstimate
 from vllm_fleet.router.state import ReplicaState
@@ -115,3 +121,34 @@ def test_trust_scales_the_saving() -> None:
     assert policy().pick([holder, other], info).url == "http://a:1"
     holder.prefixes.trust = 0.1  # its counters showed it keeps little of what we predicted
     assert policy().pick([holder, other], info).url == "http://b:1"
+
+
+def test_caching_a_prefix_a_second_time_is_priced() -> None:
+    """Computing a prefix that another replica holds copies it into a second cache, evicting
+    another group there: priced as much again as its prefill (DUPLICATE_WEIGHT). A prefix no
+    replica holds costs nothing extra anywhere."""
+    speed = Speed(token_s=0.02, batch_slowdown=0.05, batch_limit=8, prefill_s_per_token=PREFILL_S)
+    info = request(SYSTEM + "status?")
+    other = replica("http://b:1")
+    base = request_cost(other, info, speed, 100.0, NOW)
+    held = prefix_bytes(len(prefix_keys("m", SYSTEM))) / BYTES_PER_TOKEN
+    copied = request_cost(other, info, speed, 100.0, NOW, held_elsewhere=held)
+    assert copied - base == pytest.approx(held * PREFILL_S * DUPLICATE_WEIGHT, rel=1e-6)
+    assert request_cost(other, info, speed, 100.0, NOW, held_elsewhere=0.0) == base
+
+
+def test_the_holder_keeps_its_group_at_a_load_the_prefill_alone_would_give_away() -> None:
+    """Without the duplicate price the holder running one request loses the next to an idle
+    replica, which then holds a copy; with it, the group stays where it is cached."""
+    holder, idle = replica("http://a:1", in_flight=1), replica("http://b:1", in_flight=0)
+    holder.prefixes.record(prefix_keys("m", SYSTEM), NOW)
+    info = request(SYSTEM + "and now?")
+    speed = Speed(token_s=0.02, batch_slowdown=0.05, batch_limit=8, prefill_s_per_token=PREFILL_S)
+    cached = holder.prefixes.cached_tokens(info.prefix)
+    without = [request_cost(r, info, speed, 100.0, NOW) for r in (holder, idle)]
+    with_dup = [
+        request_cost(r, info, speed, 100.0, NOW, held_elsewhere=cached) for r in (holder, idle)
+    ]
+    assert without[1] < without[0]  # the idle replica would take it and copy the prefix
+    assert with_dup[0] < with_dup[1]
+    assert policy().pick([holder, idle], info).url == "http://a:1"
