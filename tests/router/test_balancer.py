@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
+from openai import AsyncOpenAI
 
 from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, running_sims
@@ -414,8 +415,11 @@ async def test_cost_learns_a_slowdown_and_keeps_long_requests_off_that_replica()
             return slow.speed.token_s / fast.speed.token_s
 
         async def traffic_until(condition: str, predicate: Callable[[], bool]) -> None:
-            """Short requests in waves until ``predicate()`` (bounded by eventually)."""
-            task = asyncio.create_task(_waves(router))
+            """Short requests in waves until ``predicate()`` (bounded by eventually): through
+            the router, and straight to each replica as other clients would send them. The
+            router learns speeds from the engines' own counters, whoever sent the traffic; once
+            one replica is slower the cost policy rightly sends it little of its own."""
+            task = asyncio.gather(_waves(router), *(_direct_waves(s.url) for s in sims))
             try:
                 await eventually(predicate, 15.0, condition)
             finally:
@@ -444,3 +448,14 @@ async def test_cost_learns_a_slowdown_and_keeps_long_requests_off_that_replica()
 async def _waves(router: RouterHandle) -> None:
     while True:
         await send_wave(router, [4] * 6)
+
+
+async def _direct_waves(url: str) -> None:
+    async with AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+        while True:
+            await asyncio.gather(
+                *(
+                    client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=4)
+                    for _ in range(2)
+                )
+            )
