@@ -34,6 +34,7 @@ from bench.replicas import (
     find_vllm_python,
 )
 from bench.stamp import current_stamp
+from tests.support.batch import run_batch_command
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
 
@@ -61,17 +62,7 @@ def write_input(path: Path, count: int, seed: int = 3, model: str = MODEL) -> No
 
 def run_batch_cli(source: Path, workdir: Path, endpoint: str, limit: str) -> dict[str, Any]:
     output = workdir / f"out-{limit}-{time.monotonic_ns()}.jsonl"
-    argv = [
-        sys.executable,
-        "-m",
-        "vllm_fleet.launcher.cli",
-        "batch",
-        str(source),
-        "-o",
-        str(output),
-    ]
-    argv += ["--endpoint", endpoint, "--max-inflight", limit, "--json", "--quiet"]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = run_batch_command(source, output, endpoint, "--max-inflight", limit)
     if done.returncode != 0:
         raise RuntimeError(f"batch --max-inflight {limit} failed: {done.stderr[-1000:]}")
     summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])

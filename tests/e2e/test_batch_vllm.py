@@ -9,14 +9,13 @@ vLLM's ``priority`` field, which vLLM 0.32 accepts on an engine without priority
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.support import MODEL, Server
 from tests.launcher.batch.support import answered_once, read_results
+from tests.support.batch import run_batch_command
 
 pytestmark = pytest.mark.e2e
 
@@ -48,17 +47,7 @@ def test_fifty_requests_through_the_router_each_answered_once(
 ) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_mixed_batch(source)
-    argv = [
-        sys.executable,
-        "-m",
-        "vllm_fleet.launcher.cli",
-        "batch",
-        str(source),
-        "-o",
-        str(output),
-    ]
-    argv += ["--endpoint", router.url, "--json", "--quiet"]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = run_batch_command(source, output, router.url)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["succeeded"] == REQUESTS
@@ -67,7 +56,7 @@ def test_fifty_requests_through_the_router_each_answered_once(
     assert answered_once(records, ids) == {"200": REQUESTS}
     objects = {r["response"]["body"]["object"] for r in records}
     assert objects == {"chat.completion", "text_completion"}
-    rerun = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+    rerun = run_batch_command(source, output, router.url, timeout_s=120)
     assert (
         rerun.returncode == 0
         and json.loads(rerun.stdout.strip().splitlines()[-1])["skipped"] == REQUESTS
