@@ -45,21 +45,20 @@ def is_gateway_failure(reason: str, status: int) -> bool:
     return reason != "status" or status in GATEWAY_STATUSES
 
 
-def _decayed(o: Outcomes, now: float) -> float:
-    """Decay ``o`` to ``now``; returns the factor applied."""
+def _decay(o: Outcomes, now: float) -> None:
+    """Forget ``o``'s outcomes exponentially up to ``now``."""
     if o.at <= 0.0 or now <= o.at:
         o.at = max(o.at, now)
-        return 1.0
+        return
     factor = math.exp(-(now - o.at) / WINDOW_S)
     o.requests *= factor
     o.errors *= factor
     o.at = now
-    return factor
 
 
 def record_answer(o: Outcomes, now: float, *, error: bool) -> None:
     """One answer from the replica: a 5xx (``error``) or not."""
-    _decayed(o, now)
+    _decay(o, now)
     o.requests += 1.0
     if error:
         o.errors += 1.0
@@ -67,7 +66,7 @@ def record_answer(o: Outcomes, now: float, *, error: bool) -> None:
 
 def error_rate(o: Outcomes, now: float) -> float | None:
     """The replica's recent 5xx share, or None while it has answered too few requests."""
-    _decayed(o, now)
+    _decay(o, now)
     if o.requests < MIN_VOLUME:
         return None
     return o.errors / o.requests
