@@ -14,7 +14,7 @@ from bench.fmt import fmt_ms, fmt_pct, fmt_s
 from bench.load import ConversationMix, PrefixMix, RequestSpec
 from bench.prefix_oracle import prompt_ids
 from bench.replicas import SimFleet, SimSettings
-from bench.scenarios.harness import MODEL, Options, measure, open_loop
+from bench.scenarios.harness import MODEL, Options, line_up, measure, open_loop, started
 from bench.scenarios.tables import not_started_row
 from bench.section import PeerRun, Table
 from vllm_fleet.launcher.sim.capacity import saturation_rps
@@ -114,6 +114,23 @@ async def measure_cached(
     use = cache_use(run)
     print(f"  {run.name}: prefix-cache hit rate {use.hit_rate:.1%}", flush=True)
     return run
+
+
+async def measure_line_up(
+    opts: Options,
+    name: str,
+    peers: Sequence[str],
+    quick_peers: Sequence[str],
+    schedule: list[RequestSpec],
+) -> list[PeerRun]:
+    """Every router of the scenario's line-up through `schedule` on one prefix-caching fleet
+    (started once, caches reset before each router: measure_cached)."""
+    fleet = prefix_fleet(opts, name)
+    async with started(fleet):
+        return [
+            await measure_cached(key, opts, fleet, schedule)
+            for key in line_up(opts, peers, quick_peers)
+        ]
 
 
 def cache_use(run: PeerRun) -> CacheUse:

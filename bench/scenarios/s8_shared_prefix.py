@@ -6,7 +6,7 @@ from __future__ import annotations
 from bench.fmt import fmt_ms, fmt_pct, fmt_s
 from bench.load import PrefixMix, make_prefix_schedule
 from bench.prefix_oracle import best_hit_rate
-from bench.scenarios.harness import Options, line_up, started
+from bench.scenarios.harness import Options
 from bench.scenarios.prefix import (
     BLOCK_SIZE,
     KV_CACHE_TOKENS,
@@ -15,9 +15,8 @@ from bench.scenarios.prefix import (
     at_load,
     by_key,
     cache_use,
-    measure_cached,
+    measure_line_up,
     offered_load,
-    prefix_fleet,
     prefix_table,
     setting_text,
     targets_table,
@@ -110,10 +109,7 @@ async def run_scenario(opts: Options) -> Section:
             best,
         )
     )
-    fleet = prefix_fleet(opts, "s8")
-    async with started(fleet):
-        for key in line_up(opts, PEERS, QUICK_PEERS):
-            section.runs.append(await measure_cached(key, opts, fleet, schedule))
+    section.runs += await measure_line_up(opts, "s8", PEERS, QUICK_PEERS, schedule)
     section.tables.append(prefix_table(section.runs, best))
     targets = shared_prefix_targets(section.runs, best)
     overhead = await index_overhead(opts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bench.fmt import fmt_ms, fmt_pct
 from bench.load import ConversationMix, RequestSpec, make_conversation_schedule
 from bench.prefix_oracle import best_hit_rate, reply_text
-from bench.scenarios.harness import Options, line_up, started
+from bench.scenarios.harness import Options
 from bench.scenarios.prefix import (
     BLOCK_SIZE,
     KV_CACHE_TOKENS,
@@ -14,9 +14,8 @@ from bench.scenarios.prefix import (
     at_load,
     by_key,
     cache_use,
-    measure_cached,
+    measure_line_up,
     offered_load,
-    prefix_fleet,
     prefix_table,
     setting_text,
     targets_table,
@@ -92,10 +91,7 @@ async def run_scenario(opts: Options) -> Section:
             best,
         )
     )
-    fleet = prefix_fleet(opts, "s9")
-    async with started(fleet):
-        for key in line_up(opts, PEERS, QUICK_PEERS):
-            section.runs.append(await measure_cached(key, opts, fleet, schedule))
+    section.runs += await measure_line_up(opts, "s9", PEERS, QUICK_PEERS, schedule)
     section.tables.append(prefix_table(section.runs, best))
     section.tables.append(targets_table(multi_turn_targets(section.runs, best)))
     return section
