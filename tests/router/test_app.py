@@ -123,8 +123,14 @@ async def test_fleet_replicas_shows_the_speed_the_router_learned(
         )
         _, rows = await get_json(f"{router.url}/fleet/replicas")
         # The speed comes from counters, so it can be learned from requests that ran between
-        # two scrapes; the peak needs a scrape that caught one running.
-        return all(r["speed"]["step_s"] and r["speed"]["peak_running"] >= 1 for r in rows)
+        # two scrapes; the peak needs a scrape that caught one running, and the request size a
+        # scrape that saw a request finish.
+        return all(
+            r["speed"]["step_s"]
+            and r["speed"]["peak_running"] >= 1
+            and r["speed"]["tokens_per_request"] is not None
+            for r in rows
+        )
 
     for _ in range(40):  # bounded: each round is 4 short requests
         if await learned():
