@@ -78,8 +78,29 @@ class FleetCollector(Collector):
             "1 while the replica owes bytes and has sent none (a possible hang), else 0",
             labels=labels,
         )
+        # What the router learned about each replica's speed (vllm_fleet.router.speed), absent
+        # until learned: the numbers the cost policy prices requests with, for the dashboard.
+        step = GaugeMetricFamily(
+            "vllm_fleet_replica_step_seconds",
+            "Learned seconds per decode step with an empty batch",
+            labels=labels,
+        )
+        slowdown = GaugeMetricFamily(
+            "vllm_fleet_replica_batch_slowdown",
+            "Learned relative decode-step growth per running request",
+            labels=labels,
+        )
+        prefill = GaugeMetricFamily(
+            "vllm_fleet_replica_prefill_seconds_per_token",
+            "Learned prefill seconds per computed prompt token (0 until learned)",
+            labels=labels,
+        )
         for r in list(self._fleet.replicas.values()):
             key = [r.url]
+            if r.speed.token_s is not None:
+                step.add_metric(key, r.speed.token_s)
+                slowdown.add_metric(key, r.speed.batch_slowdown)
+            prefill.add_metric(key, r.speed.prefill_s_per_token)
             in_flight.add_metric(key, r.in_flight)
             healthy.add_metric(key, 1.0 if r.healthy else 0.0)
             waiting.add_metric(key, r.waiting)
@@ -89,6 +110,7 @@ class FleetCollector(Collector):
             ejections.add_metric(key, r.ejections)
             suspect.add_metric(key, 1.0 if r.suspect else 0.0)
         yield from (in_flight, healthy, waiting, running, kv, served, ejections, suspect)
+        yield from (step, slowdown, prefill)
 
 
 class PrefixCollector(Collector):

@@ -118,6 +118,23 @@ def test_collector_reads_the_fleet_at_scrape_time() -> None:
     assert get("vllm_fleet_replica_in_flight", {"replica": "http://a:1"}) is None
 
 
+def test_learned_speed_is_exported_once_learned() -> None:
+    """The dashboard plots the speeds the cost policy prices with: absent before any were
+    learned (no made-up zero step time), the learned numbers after."""
+    fleet = Fleet()
+    telemetry = Telemetry(fleet)
+    replica = ReplicaState(url="http://a:1", healthy=True)
+    fleet.replicas[replica.url] = replica
+    get = telemetry.registry.get_sample_value
+    labels = {"replica": replica.url}
+    assert get("vllm_fleet_replica_step_seconds", labels) is None
+    replica.speed.token_s, replica.speed.batch_slowdown = 0.02, 0.3
+    replica.speed.prefill_s_per_token = 0.001
+    assert get("vllm_fleet_replica_step_seconds", labels) == 0.02
+    assert get("vllm_fleet_replica_batch_slowdown", labels) == 0.3
+    assert get("vllm_fleet_replica_prefill_seconds_per_token", labels) == 0.001
+
+
 async def test_one_access_log_line_per_request(
     router: RouterHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
