@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from vllm_fleet.launcher.sim.config import KvEventsConfig, SimConfig
+from vllm_fleet.launcher.sim.scheduling import POLICIES
 from vllm_fleet.launcher.sim.server import make_sim_app
 
 #: Optional flags: (flag, type, help). Each maps to the SimConfig field of the same name.
@@ -70,6 +71,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=True,
         help="reuse cached leading KV blocks of prompts, as vLLM (default on)",
     )
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=POLICIES,
+        default="fcfs",
+        help="vLLM's queue order: fcfs, or priority (the body's priority field, smaller first)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -92,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
         kv_events=KvEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None,
         seed=args.seed,
     )

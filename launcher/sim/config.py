@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.sim.scheduling import POLICIES
 
 #: Default `max_tokens` for chat completions when the request gives none. vLLM uses
 #: "whatever is left of the context"; a fixed, small default keeps simulated requests short.
@@ -138,6 +139,9 @@ class SimConfig:
     block_size: int = BLOCK_SIZE
     max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
     enable_prefix_caching: bool = True
+    #: vLLM's --scheduling-policy: "fcfs" or "priority" (the request body's ``priority`` field
+    #: then orders the queue and picks preemption victims: `vllm_fleet.launcher.sim.scheduling`).
+    scheduling_policy: str = "fcfs"
     #: None: no KV events (vLLM's default).
     kv_events: KvEventsConfig | None = None
     seed: int = 0
@@ -148,6 +152,11 @@ class SimConfig:
         _require(bool(self.model), "model", "give a non-empty --model name")
         _require(0 <= self.port <= 65535, "port", "use a port between 0 and 65535")
         _require(self.max_num_seqs >= 1, "max_num_seqs", "use --max-num-seqs >= 1")
+        _require(
+            self.scheduling_policy in POLICIES,
+            "scheduling_policy",
+            f"use --scheduling-policy {' or '.join(POLICIES)}",
+        )
         _require(self.step_ms > 0, "step_ms", "use --step-ms > 0")
         _require(self.batch_slowdown >= 0, "batch_slowdown", "use --batch-slowdown >= 0")
         _require(

@@ -11,13 +11,13 @@ One engine step is one scheduler iteration, as in vLLM V1 (vllm/v1/core/sched/sc
 1. running requests first, in admission order: each asks for the tokens it still has to
    compute (1 when decoding, the rest of its prompt when prefilling), capped by what is left of
    the step's token budget (`max_num_batched_tokens`: chunked prefill). If the KV blocks for
-   them cannot be allocated, the most recently admitted running request is preempted (blocks
-   freed, recomputed later from its prompt and tokens so far, put back at the head of the
-   queue), until they can or the request itself was the one preempted;
-2. then, unless something was preempted, waiting requests in FIFO order while fewer than
-   `max_num_seqs` run and budget is left: the longest run of leading prompt blocks already in
-   the prefix cache is taken as computed (never the whole prompt: the last token is always
-   computed), and the rest is scheduled like above (a chunk if the budget is short);
+   them cannot be allocated, a running request is preempted (blocks freed, recomputed later
+   from its prompt and tokens so far, put back in the queue), until they can or the request
+   itself was the one preempted;
+2. then, unless something was preempted, waiting requests while fewer than `max_num_seqs` run
+   and budget is left (order and victims: --scheduling-policy, `launcher.sim.scheduling`): the
+   longest run of leading prompt blocks in the prefix cache is taken as computed (never the
+   whole prompt: the last token is always computed), the rest scheduled like above (chunked);
 3. the step lasts (`StepTiming`)::
 
        (step_ms + per_seq_ms * requests + per_token_ms * tokens
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 from vllm_fleet.launcher.sim.config import SimConfig
 from vllm_fleet.launcher.sim.kvcache import BlockPool
+from vllm_fleet.launcher.sim.scheduling import FCFS, next_waiting, preemption_victim
 from vllm_fleet.launcher.sim.tokens import extend_block_hashes, output_token_id
 
 
@@ -65,6 +66,8 @@ class Sequence:
     #: Picks the generated words (and so their ids), as
     #: `vllm_fleet.launcher.sim.tokens.output_token_id`.
     text_offset: int = 0
+    #: vLLM's request priority (smaller first under `scheduling_policy` "priority").
+    priority: int = 0
     generated: int = 0
     #: Tokens whose KV the engine holds (prefix hits included).
     computed: int = 0
@@ -230,6 +233,8 @@ class SimEngine:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     record_kv_events: bool = False
+    #: vLLM's --scheduling-policy: "fcfs" or "priority" (`vllm_fleet.launcher.sim.scheduling`).
+    scheduling_policy: str = FCFS
     stats: EngineStats = field(default_factory=EngineStats)
     #: Dicts keep insertion order (FIFO) and remove an aborted request in O(1).
     waiting: dict[str, Sequence] = field(default_factory=dict)
@@ -254,6 +259,7 @@ class SimEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
             record_kv_events=config.kv_events is not None,
+            scheduling_policy=config.scheduling_policy,
         )
 
     @property
@@ -268,6 +274,7 @@ class SimEngine:
         now: float,
         prompt_token_ids: Seq[int] | None = None,
         text_offset: int = 0,
+        priority: int = 0,
     ) -> Sequence:
         """Queue a request. With `prompt_token_ids` its blocks (prompt, then output) take part
         in prefix caching; `text_offset` picks its output words
@@ -285,7 +292,7 @@ class SimEngine:
                 f"{prompt_tokens + max_tokens} tokens do not fit the KV cache "
                 f"({self.pool.num_blocks * self.block_size} tokens)"
             )
-        seq = Sequence(request_id, prompt_tokens, max_tokens, arrived_at=now)
+        seq = Sequence(request_id, prompt_tokens, max_tokens, arrived_at=now, priority=priority)
         seq.text_offset = text_offset
         if prompt_token_ids is not None and self.enable_prefix_caching:
             seq.token_ids = list(prompt_token_ids)
@@ -368,7 +375,7 @@ class SimEngine:
                 continue  # preempted for an earlier request of this step
             tokens = min(seq.total_tokens - seq.computed, budget)
             while not self._grow(seq, seq.computed + tokens):
-                victim = next(reversed(self.running.values()))
+                victim = preemption_victim(self.running, self.scheduling_policy)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -386,7 +393,7 @@ class SimEngine:
         admitted: list[Sequence] = []
         queries = hits = 0
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            seq = next(iter(self.waiting.values()))
+            seq = next_waiting(self.waiting, self.scheduling_policy)
             total = seq.total_tokens
             lookup = (total - 1) // self.block_size
             hit_blocks = self.pool.cached_prefix(self._hashes(seq, lookup), lookup)

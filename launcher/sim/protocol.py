@@ -83,6 +83,8 @@ class GenerationRequest:
     text_offset: int
     #: stream_options.continuous_usage_stats (with include_usage): usage in every chunk.
     continuous_usage: bool = False
+    #: vLLM's ``priority`` (smaller first; honoured under --scheduling-policy priority).
+    priority: int = 0
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -279,6 +281,7 @@ def _finish_parse(
         prompt_token_ids=tuple(prompt_ids),
         text_offset=_offset(seed_text),
         continuous_usage=continuous_usage,
+        priority=_optional_int(body, "priority") or 0,
     )
 
 

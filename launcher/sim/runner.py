@@ -111,6 +111,7 @@ class SimRunner:
         stream: bool,
         prompt_token_ids: Seq[int] | None = None,
         text_offset: int = 0,
+        priority: int = 0,
     ) -> AsyncIterator[Generation]:
         """Queue a request; leaving the block early (cancel, write error) aborts it at once.
 
@@ -123,6 +124,7 @@ class SimRunner:
             self.now(),
             prompt_token_ids=prompt_token_ids,
             text_offset=text_offset,
+            priority=priority,
         )
         generation = Generation(seq, stream)
         self._generations[request_id] = generation

@@ -233,6 +233,7 @@ async def _generate(
         stream=gen.stream,
         prompt_token_ids=gen.prompt_token_ids,
         text_offset=gen.text_offset,
+        priority=gen.priority,
     )
     async with generation_context as generation:
         if not gen.stream:
