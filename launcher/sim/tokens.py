@@ -19,7 +19,8 @@ The rule (about 4 bytes per token, like English text through a BPE tokenizer):
 
 Special ids sit above 2**32, so no text piece can produce one.
 
-Block hashes are vLLM's default (``--prefix-caching-hash-algo sha256``): block i's hash is
+Block hashes are vLLM's default (``--prefix-caching-hash-algo sha256``), computed by
+vllm_fleet.router.block_hashes (the one copy of vLLM's formula): block i's hash is
 ``sha256(pickle((parent hash or NONE_HASH, tuple(block ids), None)))``, NONE_HASH is
 ``sha256(pickle(seed))`` with seed ``$PYTHONHASHSEED`` or vLLM's fixed "vllm-none-hash", and KV
 events carry the hash's low 64 bits as an int (vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``
@@ -32,9 +33,15 @@ import array
 import functools
 import hashlib
 import os
-import pickle
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+
+# vLLM's hash formula has one copy, shared with the router's precise prefix matching (it is
+# vLLM's, not the router's model of it; tests/e2e/test_prefix_vllm.py checks it against vLLM).
+from vllm_fleet.router.block_hashes import DEFAULT_NONE_HASH_SEED as DEFAULT_NONE_HASH_SEED
+from vllm_fleet.router.block_hashes import extend_block_hashes as extend_vllm_block_hashes
+from vllm_fleet.router.block_hashes import external_hash as external_hash
+from vllm_fleet.router.block_hashes import none_hash as seeded_none_hash
 
 #: Bytes of text per token id.
 BYTES_PER_TOKEN = 4
@@ -64,10 +71,6 @@ FILLER_WORDS = (
     " put", " say", " she", " too", " use", " sky", " sea", " sun", " run", " big", " red",
     " fox", " dog", " cat", " map",
 )  # fmt: skip
-
-#: vLLM's NONE_HASH seed when PYTHONHASHSEED is unset (vllm/v1/core/kv_cache_utils.py).
-DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
-_INT_HASH_MASK = (1 << 64) - 1
 
 
 def text_token_ids(text: str) -> list[int]:
@@ -124,20 +127,11 @@ def chat_token_ids(messages: Iterable[tuple[str, str]]) -> list[int]:
     return ids
 
 
-def _sha256_pickle(value: object) -> bytes:
-    return hashlib.sha256(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).digest()
-
-
 def none_hash(seed: str | None = None) -> bytes:
     """vLLM's parent hash of a first block, from PYTHONHASHSEED or vLLM's fixed default."""
     if seed is None:
         seed = os.environ.get("PYTHONHASHSEED", DEFAULT_NONE_HASH_SEED)
-    return _seeded_none_hash(seed)
-
-
-@functools.cache
-def _seeded_none_hash(seed: str) -> bytes:
-    return _sha256_pickle(seed)
+    return seeded_none_hash(seed)
 
 
 def block_hashes(
@@ -157,14 +151,6 @@ def extend_block_hashes(
     root: bytes | None = None,
 ) -> None:
     """Grow `hashes` (the chain of `token_ids` so far) to `blocks` hashes, as ids allow."""
-    blocks = min(blocks, len(token_ids) // block_size)
-    parent = hashes[-1] if hashes else (root if root is not None else none_hash())
-    for index in range(len(hashes), blocks):
-        start = index * block_size
-        parent = _sha256_pickle((parent, tuple(token_ids[start : start + block_size]), None))
-        hashes.append(parent)
-
-
-def external_hash(block_hash: bytes) -> int:
-    """The int a KV event carries for a block hash (vLLM's default: its low 64 bits)."""
-    return int.from_bytes(block_hash, "big") & _INT_HASH_MASK
+    extend_vllm_block_hashes(
+        hashes, token_ids, block_size, blocks, root if root is not None else none_hash()
+    )
