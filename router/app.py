@@ -37,6 +37,7 @@ from vllm_fleet.router.endpoints import (
 from vllm_fleet.router.health import BreakerPolicy, health_loop
 from vllm_fleet.router.kv_events import kv_events_loop, parse_kv_events_spec
 from vllm_fleet.router.middleware import make_outer_middleware
+from vllm_fleet.router.priority import BatchAware, BatchGate
 from vllm_fleet.router.progress import progress_loop
 from vllm_fleet.router.proxy import proxy_handler
 from vllm_fleet.router.scrape import scrape_loop
@@ -166,10 +167,12 @@ def make_app(config: RouterConfig) -> web.Application:
     sources = discovery_sources(config)  # bad DNS names etc. fail now, not at startup
     fleet = Fleet()
     telemetry = Telemetry(fleet)
+    gate = BatchGate()
     ctx = RouterContext(
         config=config,
         fleet=fleet,
-        policy=make_policy(config.policy),
+        policy=BatchAware(make_policy(config.policy), gate),
+        batch_gate=gate,
         breaker=BreakerPolicy(
             failure_threshold=config.failure_threshold,
             cooldown_s=config.breaker_cooldown_s,

@@ -15,6 +15,7 @@ from aiohttp import web
 from vllm_fleet.router.balancer import Policy
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.health import BreakerPolicy
+from vllm_fleet.router.priority import BatchGate
 from vllm_fleet.router.state import Fleet
 from vllm_fleet.router.telemetry import Telemetry
 
@@ -28,6 +29,8 @@ class RouterContext:
     telemetry: Telemetry
     #: Unix time the app was built: the ``created`` field of /v1/models entries.
     created: int = field(default_factory=lambda: int(time.time()))
+    #: Where batch requests wait for room (vllm_fleet.router.priority); the policy shares it.
+    batch_gate: BatchGate = field(default_factory=BatchGate)
     #: Set on shutdown: /ready answers 503 so load balancers stop sending while streams drain.
     draining: bool = False
     _session: aiohttp.ClientSession | None = None

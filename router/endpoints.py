@@ -48,7 +48,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def fleet_replicas(request: web.Request) -> web.Response:
     """Every known replica as the router sees it (for operators and tests), with the speed it
-    learned: why the cost policy prefers one replica over another."""
+    learned: why the cost policy prefers one replica over another. ``batch_held``: batch
+    requests the router holds back (vllm_fleet.router.priority), spread over the healthy ones."""
+    ctx = request.app[ROUTER]
+    held = ctx.batch_gate.held / max(1, sum(1 for r in ctx.fleet.replicas.values() if r.healthy))
     rows: list[dict[str, Any]] = [
         {
             "url": r.url,
@@ -56,6 +59,7 @@ async def fleet_replicas(request: web.Request) -> web.Response:
             "breaker": r.breaker.value,
             "in_flight": r.in_flight,
             "waiting": r.waiting,
+            "batch_held": held if r.healthy else 0.0,
             "running": r.running,
             "kv_cache_usage": r.kv_cache_usage,
             "models": sorted(r.models),
@@ -71,7 +75,7 @@ async def fleet_replicas(request: web.Request) -> web.Response:
             },
             "prefix_cache": prefix_view(r.prefixes),
         }
-        for r in request.app[ROUTER].fleet.replicas.values()
+        for r in ctx.fleet.replicas.values()
     ]
     return web.json_response(rows)
 

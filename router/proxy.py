@@ -4,6 +4,7 @@ The rule that shapes the path: a request may be retried on another replica only 
 has reached the client. Each step is a module of its own, and this handler is their sequence:
 
 - router.parse: the body, what the balancer needs from it, the path and the headers;
+- router.priority: batch requests (X-Fleet-Priority: batch) wait for room kept from them;
 - router.failover: the pick, failover, the 500 rule, panic mode, the final error;
 - router.upstream: one attempt on one replica, its failure counted, the replica released;
 - router.relay: the answer to the client, a stream continued elsewhere when its replica dies.
@@ -18,6 +19,7 @@ from vllm_fleet.router.continuation import prepare as prepare_continuation
 from vllm_fleet.router.failover import ReplicasExhausted, failure_response, send_with_failover
 from vllm_fleet.router.middleware import exchange_of
 from vllm_fleet.router.parse import forward_path, parse_request, read_body, upstream_headers
+from vllm_fleet.router.priority import classify, is_batch
 from vllm_fleet.router.relay import buffered_response, relay_stream
 from vllm_fleet.router.upstream import UpstreamFailure, finish
 
@@ -28,12 +30,14 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     exchange = exchange_of(request)
     path = forward_path(request)
     body = await read_body(request, ctx.config.max_body_bytes, ctx.config.body_timeout_s)
-    info = parse_request(body, request.content_type)
+    info = classify(parse_request(body, request.content_type), request.headers)
     exchange.model = info.model
     headers = upstream_headers(request.headers, exchange.request_id)
     resume = None
     if ctx.config.stream_continuation:
         body, resume = prepare_continuation(path, info, headers, body)
+    if is_batch(info):  # batch yields to interactive traffic (router.priority)
+        await ctx.batch_gate.wait_for_room(lambda: ctx.fleet.candidates(info.model))
     try:
         reply = await send_with_failover(ctx, exchange, info, path, headers, body)
     except UpstreamFailure as failure:

@@ -41,8 +41,9 @@ def _router_view(rows: Any) -> FleetView | None:
         speed = row.get("speed") or {}
         limit = speed.get("batch_limit")
         capacities.append(float(limit) if isinstance(limit, int | float) and limit > 0 else None)
-        value = row.get("waiting")
-        waiting += float(value) if isinstance(value, int | float) else 0.0
+        for key in ("waiting", "batch_held"):  # held back by the router: queued all the same
+            value = row.get(key)
+            waiting += float(value) if isinstance(value, int | float) else 0.0
     return FleetView("router", tuple(capacities), QueueSignal(waiting, len(healthy)))
 
 
