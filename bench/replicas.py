@@ -37,6 +37,8 @@ class SimSettings:
     #: KV capacity and context length (None: the simulator's defaults).
     kv_cache_tokens: int | None = None
     max_model_len: int | None = None
+    #: vLLM's --scheduling-policy (None: the simulator's default, fcfs).
+    scheduling_policy: str | None = None
 
 
 @dataclass
