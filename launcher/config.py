@@ -99,9 +99,68 @@ class RestartConfig:
     window_s: float = field(default=600.0, metadata=_meta("restart: {window_s: 600}", _at_least(0)))
 
 
+def _replicas(v: int | str) -> str | None:
+    return None if v == "auto" or (isinstance(v, int) and v >= 1) else "must be >= 1 or auto"
+
+
+def _gpus(v: int | tuple[int, ...]) -> str | None:
+    if isinstance(v, int):
+        return None if v >= 1 else "must be a GPU count >= 1 or a list of GPU ids, e.g. [0, 1]"
+    if not v or min(v) < 0 or len(set(v)) != len(v):
+        return "must list distinct GPU ids >= 0, e.g. [0, 1], or be a count"
+    return None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One entry of ``models:`` (vllm_fleet.launcher.fleet_models resolves it): a field left
+    unset takes the file's top-level value, so what all models share is written once."""
+
+    model: str = field(default="", metadata=_meta("models: [{model: Qwen/Qwen2.5-7B-Instruct}]"))
+    served_model_name: str | None = field(default=None, metadata=_meta("served_model_name: chat"))
+    #: a count, or auto: as many as fit on the GPUs no other model takes.
+    replicas: int | Literal["auto"] | None = field(
+        default=None, metadata=_meta("replicas: auto", _opt(_replicas))
+    )
+    tensor_parallel_size: int | None = field(
+        default=None, metadata=_meta("tensor_parallel_size: 2", _opt(_at_least(1)))
+    )
+    #: the GPUs this model gets in all: a count, or explicit ids (instead of replicas).
+    gpus: int | tuple[int, ...] | None = field(
+        default=None, metadata=_meta("gpus: [0, 1]", _opt(_gpus))
+    )
+    max_model_len: int | None = field(
+        default=None, metadata=_meta("max_model_len: 8192", _opt(_at_least(1)))
+    )
+    gpu_memory_utilization: float | None = field(
+        default=None, metadata=_meta("gpu_memory_utilization: 0.9", _opt(_fraction))
+    )
+    max_num_seqs: int | None = field(
+        default=None, metadata=_meta("max_num_seqs: 256", _opt(_at_least(1)))
+    )
+    dtype: str | None = field(default=None, metadata=_meta("dtype: bfloat16"))
+    extra_args: tuple[str, ...] | None = field(
+        default=None, metadata=_meta("extra_args: ['--enable-prefix-caching']")
+    )
+    #: merged over the top-level env.
+    env: dict[str, str] = field(default_factory=dict, metadata=_meta("env: {HF_HOME: /hf}"))
+    engine: Engine | None = field(default=None, metadata=_meta("engine: sim"))
+    #: LoRA adapters served at start: name -> local path or Hugging Face id.
+    lora_modules: dict[str, str] = field(
+        default_factory=dict, metadata=_meta("lora_modules: {sql: /adapters/sql}")
+    )
+    max_lora_rank: int | None = field(
+        default=None, metadata=_meta("max_lora_rank: 16", _opt(_at_least(1)))
+    )
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     model: str | None = field(default=None, metadata=_meta("model: Qwen/Qwen2.5-7B-Instruct"))
+    #: several models in one fleet; leave model: unset then (fleet_models.resolve_models).
+    models: tuple[ModelConfig, ...] = field(
+        default=(), metadata=_meta("models: [{model: Qwen/Qwen2.5-7B-Instruct, replicas: 2}]")
+    )
     served_model_name: str | None = field(default=None, metadata=_meta("served_model_name: chat"))
     dtype: str = field(default="auto", metadata=_meta("dtype: bfloat16"))
     max_model_len: int | None = field(
@@ -129,6 +188,13 @@ class FleetConfig:
         default=None, metadata=_meta("tensor_parallel_size: 2", _opt(_at_least(1)))
     )
     engine: Engine = field(default="vllm", metadata=_meta("engine: vllm"))
+    #: LoRA adapters of the single-model form (models: entries have their own).
+    lora_modules: dict[str, str] = field(
+        default_factory=dict, metadata=_meta("lora_modules: {sql: /adapters/sql}")
+    )
+    max_lora_rank: int | None = field(
+        default=None, metadata=_meta("max_lora_rank: 16", _opt(_at_least(1)))
+    )
     #: process: each replica is a local process group; docker: each replica is a container
     #: (vllm_fleet.launcher.runtime.docker), the router stays a local process.
     runtime: RuntimeKind = field(default="process", metadata=_meta("runtime: docker"))
@@ -198,6 +264,8 @@ class FleetConfig:
             extra_args=self.extra_args,
             env=dict(self.env),
             python=sys.executable,
+            lora_modules=tuple(self.lora_modules.items()),
+            max_lora_rank=self.max_lora_rank,
         )
 
 
@@ -317,6 +385,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in options)
     if origin is tuple:
         item = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(item):
+            return "a list of mappings"
         return "a list of " + {int: "integers", float: "numbers"}.get(item, "strings")
     if origin is dict:
         return "a mapping of strings to strings"
@@ -362,6 +432,8 @@ def _coerce(raw: Any, hint: Any, path: str, source: str) -> Any:
         if not isinstance(raw, list | tuple):
             raise _Mismatch
         item_hint = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(item_hint):  # models: [...]: errors say models[1].gpus
+            return tuple(_coerce(v, item_hint, f"{path}[{i}]", source) for i, v in enumerate(raw))
         return tuple(_coerce(item, item_hint, path, source) for item in raw)
     if origin is dict:
         if not isinstance(raw, Mapping):

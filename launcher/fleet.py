@@ -22,6 +22,7 @@ import aiohttp
 
 from vllm_fleet.launcher.config import FleetConfig
 from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.fleet_models import model_label as fleet_model_label
 from vllm_fleet.launcher.plan_types import ReplicaSpec, RouterSpec
 from vllm_fleet.launcher.rundir import FleetState, RunDir
 from vllm_fleet.launcher.runtime.base import Runtime
@@ -207,7 +208,7 @@ class FleetRun:
         self.replicas = tuple(replicas)
         self.run_dir = run_dir
         self.out = out
-        self.model_label = model_label or (config.served_model_name or config.model or "")
+        self.model_label = model_label or fleet_model_label(config)
         self.after_ready = after_ready
         self.handle_signals = handle_signals
         self.stop_requested = asyncio.Event()

@@ -41,6 +41,8 @@ def vllm_replica_command(
         max_num_seqs=options.max_num_seqs,
         on_cpu=not on_gpu,
         extra_args=options.extra_args,
+        lora_modules=options.lora_modules,
+        max_lora_rank=options.max_lora_rank,
     )
 
 
@@ -63,4 +65,6 @@ def sim_replica_command(options: PlanOptions, port: int) -> tuple[str, ...]:
         argv += ["--max-model-len", str(options.max_model_len)]
     if options.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(options.max_num_seqs)]
+    if options.lora_modules:
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in options.lora_modules)]
     return (*argv, *options.extra_args)

@@ -86,6 +86,9 @@ class PlanOptions:
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     python: str = "python3"
+    #: LoRA adapters every replica serves from the start: (name, local path or hub id).
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_lora_rank: int | None = None
 
 
 #: listen addresses that mean "every interface": a server bound there is reached on loopback.
@@ -126,6 +129,9 @@ class ReplicaSpec(ServerSpec):
     #: runtime bind-mounts at the same path).
     model: str
     tensor_parallel_size: int = 1
+    #: the name clients send ("" for plans written before fleets had several models); `status`
+    #: groups replicas by it.
+    served_model: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,3 +183,49 @@ class Plan:
     leftover_gpus: tuple[int, ...] = ()
     #: the budgets that decided the tensor-parallel size, smallest TP first.
     fit_checks: tuple[FitCheck, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """One model of a fleet as the planner takes it (``plan_models``): its options and what
+    the user asked for its share of the GPUs."""
+
+    options: PlanOptions
+    #: a count; "auto": as many as fit on the GPUs no other model takes; None: as many as fit
+    #: for a fleet of one model, else one.
+    replicas: int | str | None = None
+    #: the GPUs this model gets, by id (instead of replicas).
+    gpu_ids: tuple[int, ...] = ()
+    #: the number of GPUs this model gets (instead of replicas).
+    gpu_count: int | None = None
+
+    @property
+    def name(self) -> str:
+        """What clients send as ``model``."""
+        return self.options.served_model_name or self.options.model
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model's part of a fleet plan: its own ``Plan`` (replicas, TP, notes)."""
+
+    name: str
+    options: PlanOptions
+    plan: Plan
+    #: what the user asked, as the plan table shows it ("2", "auto", "GPUs 0,1", "4 GPUs").
+    asked: str
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """Every model of the fleet placed over one inventory."""
+
+    inventory: Inventory
+    models: tuple[ModelPlan, ...]
+    #: GPU indices no replica of any model uses.
+    leftover_gpus: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def replicas(self) -> tuple[ReplicaSpec, ...]:
+        return tuple(r for m in self.models for r in m.plan.replicas)

@@ -31,6 +31,8 @@ class UnitRecord:
     port: int
     url: str
     gpus: tuple[int, ...] = ()
+    #: the model a replica serves, as clients name it ("" for the router); `status` groups by it.
+    model: str = ""
     #: process-group id of a host process (signal it to stop the server and its workers);
     #: None for a container and while not running.
     pgid: int | None = None

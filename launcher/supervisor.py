@@ -195,6 +195,7 @@ class Supervisor:
                 port=u.unit.spec.port,
                 url=u.unit.spec.url,
                 gpus=tuple(u.unit.spec.gpus),
+                model=u.unit.spec.served_model if isinstance(u.unit.spec, ReplicaSpec) else "",
                 pgid=u.handle.pgid if u.handle is not None else None,
                 container=(u.handle.container or "") if u.handle is not None else "",
                 state=u.state.value,

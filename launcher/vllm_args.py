@@ -118,6 +118,8 @@ def vllm_command(
     max_num_seqs: int | None = None,
     on_cpu: bool = False,
     extra_args: Sequence[str] = (),
+    lora_modules: Sequence[tuple[str, str]] = (),
+    max_lora_rank: int | None = None,
 ) -> tuple[str, ...]:
     """Full argv of one vLLM OpenAI server; `dtype` is already normalized ("auto": unset).
 
@@ -148,6 +150,24 @@ def vllm_command(
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
     if max_num_seqs is not None:
         argv += ["--max-num-seqs", str(max_num_seqs)]
+    argv += lora_args(lora_modules, max_lora_rank, extra_args)
     defaults = (*_ALWAYS, *(_CPU_ONLY if on_cpu else ()))
     argv += [flag for flag in defaults if flag not in extra_args]
     return (*argv, *extra_args)
+
+
+def lora_args(
+    modules: Sequence[tuple[str, str]], max_rank: int | None, extra_args: Sequence[str] = ()
+) -> list[str]:
+    """``--enable-lora --lora-modules name=path ...``: vLLM serves each adapter as a model of
+    its own name (listed by /v1/models with the base model as ``parent``). ``--max-loras`` is
+    the adapters' count, so a batch mixing all of them needs no swapping."""
+    if not modules:
+        return []
+    argv = [] if "--enable-lora" in extra_args else ["--enable-lora"]
+    argv += ["--lora-modules", *(f"{name}={path}" for name, path in modules)]
+    if not any(a.split("=", 1)[0] == "--max-loras" for a in extra_args):
+        argv += ["--max-loras", str(len(modules))]
+    if max_rank is not None:
+        argv += ["--max-lora-rank", str(max_rank)]
+    return argv

@@ -25,12 +25,12 @@ from typing import Any
 
 import yaml
 
-from vllm_fleet.launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
+from vllm_fleet.launcher.commands.plan import add_plan_arguments
+from vllm_fleet.launcher.commands.plan_fleet import plan_fleet_config, render_fleet
 from vllm_fleet.launcher.commands.up import config_from_args
 from vllm_fleet.launcher.config import FleetConfig
 from vllm_fleet.launcher.errors import ConfigError
-from vllm_fleet.launcher.plan_types import Plan, ReplicaSpec
-from vllm_fleet.launcher.planner import PlanOptions, plan
+from vllm_fleet.launcher.plan_types import FleetPlan, ReplicaSpec
 from vllm_fleet.launcher.rundir import atomic_write_text
 from vllm_fleet.launcher.runtime.docker import (
     DEFAULT_CPU_IMAGE,
@@ -93,20 +93,16 @@ def parse_cpus(raw: str | None) -> int | None:
     return value
 
 
-def plan_for_compose(
-    config: FleetConfig, params: str | None, cpus: int | None
-) -> tuple[Plan, PlanOptions]:
+def plan_for_compose(config: FleetConfig, params: str | None, cpus: int | None) -> FleetPlan:
     """Plan as `up` does, except that the CPU count is the target host's (``--cpus``) or
     unknown, never this machine's: the file is often run somewhere else."""
-    options = config.to_plan_options()
-    inventory, size = load_plan_inputs(options, config.gpus, params, cpu_count=lambda: cpus)
-    return plan(inventory, size, options), options
+    return plan_fleet_config(config, params, cpu_count=lambda: cpus)
 
 
 def run_compose(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     cpus = parse_cpus(args.cpus)
-    layout, options = plan_for_compose(config, getattr(args, "params", None), cpus)
+    layout = plan_for_compose(config, getattr(args, "params", None), cpus)
     cpu_image = args.cpu_image or (
         args.router_image if config.engine == "sim" else DEFAULT_CPU_IMAGE
     )
@@ -121,7 +117,7 @@ def run_compose(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
-    print(render(layout, options), file=sys.stderr)
+    print(render_fleet(layout), file=sys.stderr)
     print(
         f"Wrote {out} ({len(layout.replicas)} replica(s)). Start it with:\n"
         f"  docker compose -f {out} up -d --wait",

@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "Nothing is started."
         ),
     )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="fleet.yaml to plan (one model or a models: list); flags override its values",
+    )
     add_plan_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     parser.add_argument(
@@ -167,6 +172,8 @@ def options_from_args(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config and args.nodes is None:
+        return _run_config(args)
     options, inventory, model = options_from_args(args)
     if args.nodes is not None:
         from vllm_fleet.launcher.slurm.layout import plan_nodes
@@ -185,6 +192,21 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan_to_json(layout), indent=2))
     else:
         print(render(layout, options))
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    """`plan --config fleet.yaml`: every model of the file, placed together."""
+    from vllm_fleet.launcher.commands.plan_fleet import (
+        fleet_to_json,
+        plan_fleet_config,
+        render_fleet,
+    )
+    from vllm_fleet.launcher.commands.up import config_from_args
+
+    config = config_from_args(args)
+    fleet = plan_fleet_config(config, getattr(args, "params", None), source=args.config)
+    print(json.dumps(fleet_to_json(fleet), indent=2) if args.json else render_fleet(fleet))
     return 0
 
 

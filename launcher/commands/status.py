@@ -96,6 +96,7 @@ def _status_json(state: FleetState, alive: bool, live: LiveView) -> dict[str, An
         unit["health"] = live.health.get(unit["name"], "unknown")
         unit["load"] = live.load.get(unit["url"])
     data["router_problem"] = live.router_problem
+    data["models"] = {m: [u.name for u in units] for m, units in _by_model(state).items()}
     return data
 
 
@@ -113,14 +114,24 @@ def _print_status(
               "to clean up leftovers", file=out)  # fmt: skip
     if state.message and state.status != "ready":
         print(f"  {state.message}", file=out)
+    groups = _by_model(state)
+    if len(groups) > 1:
+        for model, units in groups.items():
+            up = sum(1 for u in units if u.state == "healthy")
+            print(f"  {model}: {up}/{len(units)} replicas healthy", file=out)
     header = ("NAME", "STATE", "HEALTH", "PORT", "GPUS", "PGID/CONTAINER", "RESTARTS",
               "IN-FLIGHT", "WAITING", "RUNNING", "SERVED")  # fmt: skip
+    several = len(groups) > 1
+    if several:  # a MODEL column only where it tells the rows apart
+        header = (header[0], "MODEL", *header[1:])
     rows: list[tuple[str, ...]] = [header]
-    for u in state.units:
+    ordered = [u for units in groups.values() for u in units]
+    for u in [*ordered, *(u for u in state.units if u.role != "replica")]:
         load = live.load.get(u.url) or {}
         rows.append(
             (
                 u.name,
+                *((u.model or "-",) if several else ()),
                 u.state,
                 live.health.get(u.name, "-"),
                 str(u.port),
@@ -139,6 +150,14 @@ def _print_status(
     for u in state.units:
         if u.state in ("failed", "restarting") and u.last_log_line:
             print(f"  {u.name} last log: {u.last_log_line}", file=out)
+
+
+def _by_model(state: FleetState) -> dict[str, list[UnitRecord]]:
+    """Replicas grouped by the model they serve, in the order the plan lists the models."""
+    groups: dict[str, list[UnitRecord]] = {}
+    for u in state.replicas():
+        groups.setdefault(u.model or state.model, []).append(u)
+    return groups
 
 
 def _num(value: Any) -> str:

@@ -25,14 +25,16 @@ from typing import Any, TextIO
 
 import yaml
 
-from vllm_fleet.launcher.commands.plan import add_plan_arguments, load_plan_inputs, render
+from vllm_fleet.launcher.commands.plan import add_plan_arguments
+from vllm_fleet.launcher.commands.plan_fleet import plan_fleet_config, render_fleet
 from vllm_fleet.launcher.commands.run_dir_option import DEFAULT_RUN_DIR, add_run_dir_argument
 from vllm_fleet.launcher.config import FleetConfig, config_to_mapping, load_config, parse_flag
 from vllm_fleet.launcher.errors import ConfigError
 from vllm_fleet.launcher.fleet import FleetRun, ensure_no_fleet, ensure_ports_free, make_runtime
+from vllm_fleet.launcher.fleet_models import model_label as model_names
+from vllm_fleet.launcher.fleet_models import resolve_models
 from vllm_fleet.launcher.model_files import check_local_path
-from vllm_fleet.launcher.plan_types import Plan, ReplicaSpec
-from vllm_fleet.launcher.planner import PlanOptions, plan
+from vllm_fleet.launcher.plan_types import FleetPlan, ReplicaSpec
 from vllm_fleet.launcher.rundir import RunDir, atomic_write_text
 from vllm_fleet.launcher.runtime.process import (
     rotate_log,
@@ -121,10 +123,15 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         if getattr(args, dest, None) is not None
     }
     config = config.with_overrides(overrides)
+    if config.models:
+        resolve_models(config, args.config or "fleet.yaml")  # cross-field mistakes, early
+        return config
     if config.engine == "sim" and not config.model:
         config = config.with_overrides({"model": SIM_DEFAULT_MODEL})
     if not config.model:
-        raise ConfigError("--model: required; pass --model NAME or set model: in --config")
+        raise ConfigError(
+            "--model: required; pass --model NAME or set model: (or models:) in --config"
+        )
     return config
 
 
@@ -140,14 +147,14 @@ def check_runtime_options(config: FleetConfig) -> None:
             f"--image {config.image}: only used with --runtime docker; add --runtime docker "
             "(runtime: docker in --config) or drop --image (image: in --config)"
         )
-    if config.runtime == "process" and config.engine == "vllm" and config.model:
-        check_local_path(config.model)
+    if config.runtime == "process":
+        for req in resolve_models(config):
+            if req.options.engine == "vllm":
+                check_local_path(req.options.model)
 
 
-def plan_fleet(config: FleetConfig, params: str | None = None) -> tuple[Plan, PlanOptions]:
-    options = config.to_plan_options()
-    inventory, size = load_plan_inputs(options, config.gpus, params)
-    return plan(inventory, size, options), options
+def plan_fleet(config: FleetConfig, params: str | None = None) -> FleetPlan:
+    return plan_fleet_config(config, params)
 
 
 def write_plan_file(path: Path, model_label: str, replicas: Sequence[ReplicaSpec]) -> None:
@@ -168,6 +175,7 @@ def read_plan_file(path: Path) -> tuple[str, tuple[ReplicaSpec, ...]]:
                 tensor_parallel_size=int(r["tensor_parallel_size"]),
                 command=tuple(str(c) for c in r["command"]),
                 env={str(k): str(v) for k, v in r["env"].items()},
+                served_model=str(r.get("served_model", "")),
             )
             for r in data["replicas"]
         )
@@ -183,19 +191,19 @@ def run_up(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_runtime_options(config)
     run_dir = RunDir(Path(args.run_dir or config.run_dir))
-    model_label = config.served_model_name or config.model or ""
+    model_label = model_names(config)
     runtime = None
     if args.plan_file:
         model_label, replicas = read_plan_file(Path(args.plan_file))
     else:
-        layout, options = plan_fleet(config, getattr(args, "params", None))
+        layout = plan_fleet_config(config, getattr(args, "params", None), source=args.config)
         replicas = layout.replicas
         ensure_no_fleet(run_dir)
         ensure_ports_free(replicas, config)
         # docker: the daemon answers and every image is there, checked here in the user's
         # terminal rather than in a background supervisor's log.
         runtime = make_runtime(config, run_dir, replicas)
-        print(render(layout, options), flush=True)
+        print(render_fleet(layout), flush=True)
     if args.detach:
         return detach(config, model_label, replicas, run_dir, sys.stdout)
     run = FleetRun(
