@@ -43,6 +43,7 @@ from vllm_fleet.router.proxy import proxy_handler
 from vllm_fleet.router.scrape import scrape_loop
 from vllm_fleet.router.state import Fleet
 from vllm_fleet.router.telemetry import Telemetry
+from vllm_fleet.router.worker import WORKER, WorkerLink, fleet_workers, merged_registry
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -105,39 +106,59 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     ctx._session = None
 
 
-async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Discovery, health checks and scrapes run for the app's lifetime."""
-    ctx = app[ROUTER]
-    config = ctx.config
-    sources = app[SOURCES]
-    await refresh_once(ctx.fleet, sources)
-    tasks = [
+def watch_fleet(
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    sources: list[Discovery],
+    config: RouterConfig,
+    breaker: BreakerPolicy,
+) -> list[asyncio.Task[None]]:
+    """Discovery, health checks and scrapes: what learns about the replicas, run once per
+    router (by the supervisor with --workers N, vllm_fleet.router.workers)."""
+    return [
         asyncio.create_task(
-            discovery_loop(ctx.fleet, sources, interval_s=config.discovery_interval_s),
+            discovery_loop(fleet, sources, interval_s=config.discovery_interval_s),
             name="discovery",
         ),
         asyncio.create_task(
             health_loop(
-                ctx.fleet,
-                ctx.session,
+                fleet,
+                session,
                 interval_s=config.health_interval_s,
                 timeout_s=config.health_timeout_s,
-                breaker=ctx.breaker,
+                breaker=breaker,
             ),
             name="health",
         ),
         asyncio.create_task(
             scrape_loop(
-                ctx.fleet,
-                ctx.session,
+                fleet,
+                session,
                 interval_s=config.scrape_interval_s,
                 timeout_s=config.health_timeout_s,
                 prefix_memory_bytes=config.prefix_index_mb << 20,
             ),
             name="scrape",
         ),
-        asyncio.create_task(progress_loop(ctx.fleet, ctx.breaker, ctx.telemetry), name="progress"),
     ]
+
+
+async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Discovery, health checks and scrapes (or, in a worker, reading the supervisor's), and
+    the progress monitor run for the app's lifetime."""
+    ctx = app[ROUTER]
+    config = ctx.config
+    sources = app[SOURCES]
+    link = app.get(WORKER)
+    if link is None:
+        await refresh_once(ctx.fleet, sources)
+        tasks = watch_fleet(ctx.fleet, ctx.session, sources, config, ctx.breaker)
+    else:
+        link.sync(ctx.fleet, ctx.breaker)
+        tasks = [asyncio.create_task(link.sync_loop(ctx.fleet, ctx.breaker), name="board")]
+    tasks.append(
+        asyncio.create_task(progress_loop(ctx.fleet, ctx.breaker, ctx.telemetry), name="progress")
+    )
     if config.kv_events:
         spec = parse_kv_events_spec(config.kv_events)
         events = kv_events_loop(ctx.fleet, spec, ctx.session)
@@ -162,10 +183,13 @@ async def _start_draining(app: web.Application) -> None:
     log.info("router draining in_flight=%d", in_flight)
 
 
-def make_app(config: RouterConfig) -> web.Application:
-    """The router for ``config``; raises ConfigError for settings only checkable here."""
+def make_app(config: RouterConfig, worker: WorkerLink | None = None) -> web.Application:
+    """The router for ``config``; raises ConfigError for settings only checkable here.
+
+    ``worker``: this app is one of --workers N processes (vllm_fleet.router.worker).
+    """
     sources = discovery_sources(config)  # bad DNS names etc. fail now, not at startup
-    fleet = Fleet()
+    fleet = Fleet() if worker is None else Fleet(new_replica=worker.new_replica)
     telemetry = Telemetry(fleet)
     gate = BatchGate()
     ctx = RouterContext(
@@ -194,6 +218,10 @@ def make_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/{tail:.+}", proxy_handler)
+    if worker is not None:
+        app[WORKER] = worker
+        app.router.add_get("/fleet/workers", fleet_workers)
+        telemetry.exposed = merged_registry(fleet)
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_loops_ctx)
     app.on_shutdown.append(_start_draining)

@@ -84,6 +84,8 @@ class RouterConfig:
     kv_events: tuple[str, ...] = ()
     log_level: str = "info"
     log_format: str = "text"
+    #: Router processes serving the port (vllm_fleet.router.workers); 1 = this process alone.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         for opt in OPTIONS:
@@ -133,6 +135,23 @@ def _words(text: str) -> tuple[str, ...]:
     if not all(words):
         raise ValueError(f"{text!r} has an empty entry; give non-empty values separated by commas")
     return words
+
+
+#: Most router processes --workers may start (the shared board has one row per worker).
+MAX_WORKERS = 64
+
+
+def _workers(text: str) -> int:
+    """A count, or ``auto``: the cores this process may run on (its CPU affinity, which
+    taskset, cgroups' cpusets and Kubernetes' static CPU manager narrow)."""
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    return _int(text)
+
+
+def _worker_count(value: int) -> None:
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be 1-{MAX_WORKERS} or auto (got {value})")
 
 
 def _dns(text: str) -> tuple[str, int]:
@@ -338,6 +357,11 @@ OPTIONS: tuple[Option, ...] = (
         _no_check,
         "when a replica dies mid-stream, continue the stream on another replica (on|off); "
         "requests that cannot be continued exactly still end with an SSE error", "on|off",
+    ),
+    Option(
+        "workers", "--workers", "FLEET_WORKERS", _workers, _worker_count,
+        "router processes serving the port, sharing in-flight counts, health and learned "
+        "speeds; auto = the cores this process may use", "N|auto",
     ),
     Option(
         "log_level", "--log-level", "FLEET_LOG_LEVEL", _text, _one_of(LOG_LEVELS),

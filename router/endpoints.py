@@ -40,7 +40,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[ROUTER].telemetry.registry
+    registry = request.app[ROUTER].telemetry.exposed
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

@@ -307,6 +307,8 @@ async def check_and_apply(
             r.breaker.value,
         )
     r.check_error = "" if outcome.ok else outcome.detail
+    r.check_refused = outcome.refused
+    r.checks_done += 1
     if r.healthy and not was_healthy:
         log.info("replica healthy url=%s models=%s", r.url, ",".join(sorted(r.models)))
 

@@ -15,6 +15,8 @@ import contextlib
 import errno
 import importlib
 import logging
+import os
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -56,23 +58,39 @@ def server_options(config: RouterConfig) -> dict[str, Any]:
     }
 
 
-async def _run(app: web.Application, config: RouterConfig) -> None:
+async def _run(app: web.Application, config: RouterConfig, worker: int | None = None) -> None:
     """Listen until cancelled, then shut down gracefully (what ``web.run_app`` does, with
-    RouterRunner so that unparseable requests get an OpenAI-style body too)."""
-    runner = RouterRunner(app, handle_signals=True, **server_options(config))
+    RouterRunner so that unparseable requests get an OpenAI-style body too).
+
+    A worker of --workers N (vllm_fleet.router.workers) listens with SO_REUSEPORT beside its
+    siblings and stops on its first SIGTERM; later ones do not cut its drain short.
+    """
+    runner = RouterRunner(app, handle_signals=worker is None, **server_options(config))
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.host, config.port).start()
+        site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)
+        await site.start()
         log.info("router listening host=%s port=%d", config.host, config.port)
-        await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
+        stop = asyncio.Event()
+        if worker is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            log.info("router worker=%d pid=%d", worker, os.getpid())
+        await stop.wait()  # until SIGTERM/SIGINT raise GracefulExit, or a worker's SIGTERM
     finally:
         await runner.cleanup()  # stop listening, drain for --shutdown-grace, close
 
 
-def _run_until_signal(app: web.Application, config: RouterConfig) -> None:
+def run_worker(app: web.Application, config: RouterConfig, worker: int) -> None:
+    """Serve one worker of --workers N until SIGTERM."""
+    _run_until_signal(app, config, worker)
+
+
+def _run_until_signal(
+    app: web.Application, config: RouterConfig, worker: int | None = None
+) -> None:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_run(app, config))
+    main = loop.create_task(_run(app, config, worker))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -95,6 +113,10 @@ def _run_until_signal(app: web.Application, config: RouterConfig) -> None:
 def serve(config: RouterConfig) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(config.log_level, config.log_format)
+    if config.workers > 1:
+        from vllm_fleet.router.workers import serve_workers  # the supervisor imports this module
+
+        return serve_workers(config)
     app = make_app(config)
     try:
         _run_until_signal(app, config)

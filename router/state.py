@@ -106,6 +106,10 @@ class ReplicaState:
     closed_at: float = 0.0
     #: Why the last active check failed; empty when it passed (logged on change only).
     check_error: str = ""
+    #: Active checks applied so far, and whether the last one failed on a refused connection:
+    #: with --workers N the supervisor publishes these and each worker applies the outcome.
+    checks_done: int = 0
+    check_refused: bool = False
     #: Engine counter vllm:generation_tokens_total from the last scrape (None when not exported).
     generation_tokens_total: float | None = None
     #: Why the last /metrics scrape failed; empty when it succeeded (logged on change only).
@@ -143,6 +147,11 @@ class Fleet:
     """The set of replicas the router currently knows, keyed by base URL."""
 
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    #: Builds the record of a new replica; with --workers N one whose counts are shared
+    #: (vllm_fleet.router.shared_board.SharedReplica).
+    new_replica: Callable[[str], ReplicaState] = field(
+        default=lambda url: ReplicaState(url=url), repr=False, compare=False
+    )
 
     def set_backends(self, urls: Iterable[str]) -> tuple[list[str], list[str]]:
         """Make the known set equal to ``urls``; keep state of replicas that stay.
@@ -155,7 +164,7 @@ class Fleet:
         for url in removed:
             del self.replicas[url]
         for url in added:
-            self.replicas[url] = ReplicaState(url=url)
+            self.replicas[url] = self.new_replica(url)
         return added, removed
 
     def healthy(self) -> list[ReplicaState]:

@@ -293,6 +293,9 @@ class Telemetry:
             self.continuations_failed.labels(reason)
         self.registry.register(FleetCollector(fleet))
         self.registry.register(PrefixCollector(fleet))
+        #: What /metrics shows: this registry, or with --workers N one that merges every
+        #: worker's counters (vllm_fleet.router.worker.merged_registry).
+        self.exposed: CollectorRegistry = self.registry
 
     def observe_request(self, replica: str, status: int, elapsed: float) -> None:
         """One finished request: counted by replica and status, its duration recorded."""
