@@ -39,6 +39,7 @@ from vllm_fleet.router.kv_events import kv_events_loop, parse_kv_events_spec
 from vllm_fleet.router.middleware import make_outer_middleware
 from vllm_fleet.router.priority import BatchAware, BatchGate
 from vllm_fleet.router.progress import progress_loop
+from vllm_fleet.router.prompt_tokens import PromptTokenizers
 from vllm_fleet.router.proxy import proxy_handler
 from vllm_fleet.router.scrape import scrape_loop
 from vllm_fleet.router.state import Fleet
@@ -177,6 +178,15 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _tokenizers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Precise prefix matching's tokenizer thread (with --kv-events), for the app's lifetime."""
+    ctx = app[ROUTER]
+    ctx.tokenizers = PromptTokenizers()
+    yield
+    ctx.tokenizers.close()
+    ctx.tokenizers = None
+
+
 async def _start_draining(app: web.Application) -> None:
     app[ROUTER].draining = True
     in_flight = sum(r.in_flight for r in app[ROUTER].fleet.replicas.values())
@@ -224,5 +234,7 @@ def make_app(config: RouterConfig, worker: WorkerLink | None = None) -> web.Appl
         telemetry.exposed = merged_registry(fleet)
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_loops_ctx)
+    if config.kv_events:
+        app.cleanup_ctx.append(_tokenizers_ctx)
     app.on_shutdown.append(_start_draining)
     return app

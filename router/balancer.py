@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from vllm_fleet.router.block_hashes import PromptBlocks
 from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.precise import cached_prefix_tokens
 from vllm_fleet.router.speed import B_PRIOR, SpeedEstimate
 from vllm_fleet.router.state import ReplicaState
 
@@ -46,6 +48,9 @@ class RequestInfo:
     #: (vllm_fleet.router.prefix_index.prefix_keys): what a replica may hold cached of this prompt.
     #: Empty when the body has no prompt.
     prefix: tuple[int, ...] = ()
+    #: vLLM's own block hashes of the prompt, where a candidate's KV events are live and the
+    #: model's tokenizer is loaded (vllm_fleet.router.prompt_tokens); None otherwise.
+    blocks: PromptBlocks | None = None
 
 
 class Policy(Protocol):
@@ -308,7 +313,9 @@ def request_cost(
         T      = max_tokens, or D when the request gives none
         P      = prompt tokens the replica must compute: (body bytes / 4 (no tokenizer in
                  the router) minus the prefix the replica is predicted to hold cached
-                 (ReplicaPrefixes.cached_tokens: matched bytes / 4, whole KV blocks, x trust))
+                 (ReplicaPrefixes.cached_tokens: matched bytes / 4, whole KV blocks, x trust;
+                 where the replica's KV events are live, the share of the prompt its blocks
+                 hold by vLLM's own hashes: vllm_fleet.router.precise.cached_prefix_tokens))
                  x the replica's real tokens per estimated token (ReplicaPrefixes.token_scale)
         N      = in_flight + w * other clients' running + waiting     (as in load_score)
         n      = min(N + 1, C)                          batch size while this request runs
@@ -365,7 +372,8 @@ def request_cost(
     tokens = max(1.0, tokens)
     prefixes = replica.prefixes
     if cached is None:
-        cached = prefixes.cached_tokens(request.prefix) if request.prefix else 0.0
+        prompt = request.prompt_tokens
+        cached = cached_prefix_tokens(replica, request.prefix, request.blocks, prompt)
     computed = max(0.0, request.prompt_tokens - cached) * prefixes.token_scale
     prefill = computed * speed.prefill_s_per_token
     duplicate = max(0.0, held_elsewhere - cached) * prefixes.token_scale
@@ -394,7 +402,8 @@ class CostAware(_Scored):
         now = self._clock()
         default, typical = fleet_defaults(replicas)
         prefix = request.prefix
-        cached = [r.prefixes.cached_tokens(prefix) if prefix else 0.0 for r in replicas]
+        blocks, tokens = request.blocks, request.prompt_tokens
+        cached = [cached_prefix_tokens(r, prefix, blocks, tokens) for r in replicas]
         held = max(cached)
         costs = [
             request_cost(

@@ -117,7 +117,7 @@ def event_key(block_hash: int | bytes) -> int:
     return block_hash if isinstance(block_hash, int) else external_hash(block_hash)
 
 
-def leading_hits(hashes: Iterable[int], held: Container[int]) -> int:
+def leading_hits(hashes: Iterable[int], held: Container[int | bytes]) -> int:
     """How many leading blocks of ``hashes`` are in ``held``: vLLM's prefix-cache lookup, which
     stops at the first block it does not hold."""
     count = 0
@@ -136,7 +136,7 @@ class PromptBlocks:
     tokens: int
     hashes: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
 
-    def cached_tokens(self, block_size: int, held: Container[int]) -> int | None:
+    def cached_tokens(self, block_size: int, held: Container[int | bytes]) -> int | None:
         """Prompt tokens a replica with ``block_size`` holding ``held`` will find cached (None
         when the hashes for that block size were not computed)."""
         hashes = self.hashes.get(block_size)

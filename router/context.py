@@ -16,6 +16,7 @@ from vllm_fleet.router.balancer import Policy
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.health import BreakerPolicy
 from vllm_fleet.router.priority import BatchGate
+from vllm_fleet.router.prompt_tokens import PromptTokenizers
 from vllm_fleet.router.state import Fleet
 from vllm_fleet.router.telemetry import Telemetry
 
@@ -33,6 +34,8 @@ class RouterContext:
     batch_gate: BatchGate = field(default_factory=BatchGate)
     #: Set on shutdown: /ready answers 503 so load balancers stop sending while streams drain.
     draining: bool = False
+    #: Precise prefix matching's tokenizers (with --kv-events; vllm_fleet.router.prompt_tokens).
+    tokenizers: PromptTokenizers | None = None
     _session: aiohttp.ClientSession | None = None
 
     @property

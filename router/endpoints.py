@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vllm_fleet.router.context import ROUTER
 from vllm_fleet.router.failover import RETRY_AFTER_S, no_replica_error
 from vllm_fleet.router.openai_errors import error_response
+from vllm_fleet.router.precise import live_view
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, memory_bytes
 
 
@@ -106,6 +107,7 @@ def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:
             "missed": events.missed,
             "overflows": events.overflows,
             "last_seq": events.last_seq,
+            **live_view(events),
         },
     }
 

@@ -9,13 +9,21 @@ medium) or ``AllBlocksCleared``. vLLM 0.32 encodes events as maps with a ``type`
 versions as arrays led by the type name: both are read.
 
 The router subscribes once per replica (``--kv-events``) and keeps the replica's block set
-(vllm_fleet.router.prefix_index.KvBlockSet). The router does not tokenize, so it cannot compute
-vLLM's block hashes of an incoming request, and the events do not decide routing by themselves: they
-CORRECT the approximate record the router keeps per replica (ReplicaPrefixes.correct):
-AllBlocksCleared drops it, BlockRemoved evicts the same share of it, BlockStored confirms.
-What events add over the scrape-time checks: the correction comes within a step of the
-eviction, not after a window of misses, and it covers evictions caused by other routers'
-and clients' traffic.
+(LiveBlockSet, a vllm_fleet.router.prefix_index.KvBlockSet that also knows the replica's models
+and whether its hashes are the ones the router computes). Two uses:
+
+- precise matching (vllm_fleet.router.prompt_tokens computes vLLM's block hashes of a request
+  with the model's tokenizer; cached_prefix_tokens looks them up here): for replicas whose
+  events are live, the leading run of the request's blocks the replica holds replaces the
+  approximate prediction;
+- the events CORRECT the approximate record the router keeps per replica
+  (ReplicaPrefixes.correct): AllBlocksCleared drops it, BlockRemoved evicts the same share of
+  it, BlockStored confirms. The correction comes within a step of the eviction, not after a
+  window of misses, and it covers evictions caused by other routers' and clients' traffic.
+
+Each replica's root blocks (a BlockStored without parent, LoRA or extra keys) are re-hashed
+here: a replica that hashes with another algorithm or seed (``--prefix-caching-hash-algo
+xxhash``, a PYTHONHASHSEED) is matched approximately instead, with one warning.
 
 Only device blocks count (medium GPU, or none given): blocks offloaded to CPU or disk are not
 what the prefix cache of the engine reuses without a transfer. A gap in the sequence numbers
@@ -39,6 +47,7 @@ import zmq
 import zmq.asyncio
 
 from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.precise import LiveBlockSet, fetch_models
 from vllm_fleet.router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
@@ -153,6 +162,9 @@ class Event:
     hashes: tuple[int | bytes, ...] = ()
     block_size: int = 0
     medium: str | None = None
+    #: A BlockStored that starts a prompt (no parent, no LoRA, no extra keys): its first
+    #: block's token ids, to check the replica hashes as the router does.
+    root_tokens: tuple[int, ...] | None = None
 
 
 _DECODER = msgspec.msgpack.Decoder()
@@ -174,15 +186,26 @@ def decode_batch(payload: bytes) -> list[Event]:
 def _event(raw: Any) -> Event | None:
     """One event from its map (``{"type": ...}``) or array (``["BlockStored", ...]``) form;
     None for kinds we do not use or malformed entries."""
+    parent: Any = None
+    tokens: Any = None
+    lora: Any = None
+    extra: Any = None
     if isinstance(raw, dict):
         kind = raw.get("type")
         hashes, size, medium = raw.get("block_hashes"), raw.get("block_size"), raw.get("medium")
+        parent, tokens = raw.get("parent_block_hash"), raw.get("token_ids")
+        lora = raw.get("lora_id") or raw.get("lora_name")
+        extra = raw.get("extra_keys")
     elif isinstance(raw, list) and raw:
         kind = raw[0]
         hashes = raw[1] if len(raw) > 1 else None
         if kind == "BlockStored":  # tag, hashes, parent, token_ids, block_size, lora_id, medium
+            parent, tokens = (raw[2], raw[3]) if len(raw) > 3 else (None, None)
             size = raw[4] if len(raw) > 4 else None
+            lora = raw[5] if len(raw) > 5 else None
             medium = raw[6] if len(raw) > 6 else None
+            lora = lora or (raw[7] if len(raw) > 7 else None)
+            extra = raw[8] if len(raw) > 8 else None
         else:  # BlockRemoved: tag, hashes, medium
             size, medium = None, raw[2] if len(raw) > 2 else None
     else:
@@ -193,12 +216,13 @@ def _event(raw: Any) -> Event | None:
         return Event(kind)
     if not isinstance(hashes, list) or not all(isinstance(h, (int, bytes)) for h in hashes):
         return None
-    return Event(
-        kind,
-        tuple(hashes),
-        size if isinstance(size, int) and size > 0 else 0,
-        medium if isinstance(medium, str) else None,
-    )
+    size = size if isinstance(size, int) and size > 0 else 0
+    root = None
+    plain = parent is None and not lora and not (extra and any(k is not None for k in extra))
+    stored = kind == "BlockStored" and plain and size and isinstance(tokens, list)
+    if stored and len(tokens) >= size and all(isinstance(t, int) for t in tokens[:size]):
+        root = tuple(tokens[:size])
+    return Event(kind, tuple(hashes), size, medium if isinstance(medium, str) else None, root)
 
 
 def apply_batch(replica: ReplicaState, seq: int, events: Iterable[Event]) -> None:
@@ -207,26 +231,50 @@ def apply_batch(replica: ReplicaState, seq: int, events: Iterable[Event]) -> Non
     for event in events:
         if event.medium in DEVICE_MEDIA:
             prefixes.correct(event.kind, event.hashes, event.block_size)
+            held = prefixes.events
+            if isinstance(held, LiveBlockSet) and event.root_tokens is not None and event.hashes:
+                held.check_root(event.hashes[0], event.root_tokens, replica.url)
     if prefixes.events is not None:
         prefixes.events.note_seq(seq)
 
 
 async def subscribe(
-    ctx: zmq.asyncio.Context, replica: ReplicaState, endpoint: str, fleet: Fleet
+    ctx: zmq.asyncio.Context,
+    replica: ReplicaState,
+    endpoint: str,
+    fleet: Fleet,
+    session: aiohttp.ClientSession | None = None,
 ) -> None:
     """Receive ``replica``'s events until it leaves the fleet or the task is cancelled.
 
     ZMQ reconnects by itself when the replica restarts; a restarted engine's first batch
     has a lower sequence number, which starts the count again (its cache is empty: vLLM
     publishes no AllBlocksCleared for a fresh engine, so the block set is dropped here).
+    From the moment of subscribing the replica's block set is live (a LiveBlockSet): what it
+    held before is unknown, so precise matching under-predicts until its blocks are stored
+    again. With a ``session`` its GET /v1/models is read every REDISCOVER_S (model roots and
+    LoRA paths for precise matching).
     """
+    prefixes = replica.prefixes
+    if not isinstance(prefixes.events, LiveBlockSet):
+        live = LiveBlockSet()
+        if prefixes.events is not None:
+            live.hashes, live.block_size = prefixes.events.hashes, prefixes.events.block_size
+        prefixes.events = live
     socket = ctx.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SUBSCRIBE, b"")
     socket.connect(endpoint)
     log.info("kv events subscribed url=%s endpoint=%s", replica.url, endpoint)
+    loop = asyncio.get_running_loop()
+    models_at = -1e9
     try:
         while fleet.replicas.get(replica.url) is replica:
+            events = prefixes.events
+            if session is not None and loop.time() - models_at > REDISCOVER_S:
+                cards = await fetch_models(session, replica.url)
+                if cards is not None and isinstance(events, LiveBlockSet):
+                    events.models, models_at = cards, loop.time()
             if not await socket.poll(int(RECEIVE_TIMEOUT_S * 1000)):
                 continue
             frames = await socket.recv_multipart()
@@ -286,7 +334,8 @@ async def kv_events_loop(
                 endpoint = spec.endpoint(url) or found.get(url)
                 if endpoint is not None:
                     tasks[url] = asyncio.create_task(
-                        subscribe(ctx, replica, endpoint, fleet), name=f"kv-events {url}"
+                        subscribe(ctx, replica, endpoint, fleet, session),
+                        name=f"kv-events {url}",
                     )
             for url in [u for u in tasks if u not in fleet.replicas]:
                 tasks.pop(url).cancel()

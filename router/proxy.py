@@ -31,6 +31,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     path = forward_path(request)
     body = await read_body(request, ctx.config.max_body_bytes, ctx.config.body_timeout_s)
     info = classify(parse_request(body, request.content_type), request.headers)
+    if ctx.tokenizers is not None:  # vLLM's block hashes of the prompt, off the event loop
+        info = await ctx.tokenizers.attach(ctx.fleet, info, body)
     exchange.model = info.model
     headers = upstream_headers(request.headers, exchange.request_id)
     resume = None

@@ -21,6 +21,7 @@ from vllm_fleet.router.bounded_read import read_bounded
 from vllm_fleet.router.context import RouterContext
 from vllm_fleet.router.health import eject, record_failure, record_success
 from vllm_fleet.router.outliers import is_gateway_failure, is_outlier, may_eject, record_answer
+from vllm_fleet.router.precise import note_sent
 from vllm_fleet.router.progress import first_byte_due_s
 from vllm_fleet.router.state import Attempt, ReplicaState
 
@@ -176,6 +177,7 @@ async def send_once(
     replica.awaiting.add(attempt)
     if info is not None:
         replica.prefixes.record(info.prefix, now)
+        note_sent(replica, info.blocks)
     try:
         reply = await exchange_with(
             ctx.session, replica, replica.url + path, headers, body, ctx.config.first_byte_timeout_s

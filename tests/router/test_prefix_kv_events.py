@@ -82,13 +82,13 @@ def test_both_event_encodings_decode() -> None:
     ]
     events = decode_batch(msgspec.msgpack.encode([1.0, named, None]))
     assert events == [
-        Event("BlockStored", (1, 2), 16, "GPU"),
+        Event("BlockStored", (1, 2), 16, "GPU", root_tokens=(0,) * 16),
         Event("BlockRemoved", (b"\x01" * 32,), 0, "GPU"),
         Event("AllBlocksCleared"),
     ]
     events = decode_batch(msgspec.msgpack.encode([1.0, arrays, 0]))
     assert events == [
-        Event("BlockStored", (3,), 16, "CPU"),
+        Event("BlockStored", (3,), 16, "CPU", root_tokens=(0,) * 16),
         Event("BlockRemoved", (3,), 0, None),
         Event("AllBlocksCleared"),
     ]
