@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -17,6 +18,7 @@ from typing import NamedTuple, Protocol
 from vllm_fleet.router.block_hashes import PromptBlocks
 from vllm_fleet.router.errors import ConfigError
 from vllm_fleet.router.precise import cached_prefix_tokens
+from vllm_fleet.router.prefix_index import BLOCK_BYTES, FINE_BYTES
 from vllm_fleet.router.speed import B_PRIOR, SpeedEstimate
 from vllm_fleet.router.state import ReplicaState
 
@@ -227,6 +229,9 @@ class Speed(NamedTuple):
     batch_slowdown: float
     batch_limit: float
     prefill_s_per_token: float
+    #: True when ``batch_limit`` is only the most the replica has been seen running (no
+    #: replica of the fleet has queued yet): a guess, not a measurement (see request_cost).
+    limit_assumed: bool = False
 
 
 def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
@@ -287,7 +292,7 @@ def replica_speed(estimate: SpeedEstimate, default: Speed) -> Speed:
     elif math.isfinite(default.batch_limit):  # the fleet's, unless it already ran more
         limit = max(default.batch_limit, estimate.peak_running)
     else:  # no replica has queued yet: going past what it has been seen running is a risk
-        limit = max(1.0, estimate.peak_running)
+        return Speed(token_s, slowdown, max(1.0, estimate.peak_running), prefill, True)
     return Speed(token_s, slowdown, limit, prefill)
 
 
@@ -320,6 +325,7 @@ def request_cost(
         N      = in_flight + w * other clients' running + waiting     (as in load_score)
         n      = min(N + 1, C)                          batch size while this request runs
         queue  = max(0, N + 1 - C) * QUEUE_PLACE_REQUESTS * a * (1 + b * C) * D
+                 x P / (prompt x scale) when C is only assumed (Speed.limit_assumed) and K > 0
         own    = queue + P * p + T * a * (1 + b * n)
         impose = min(N, C) * (a * b * min(T, D) + P * p)
         dup    = max(0, H - K) * scale * p * DUPLICATE_WEIGHT
@@ -352,6 +358,16 @@ def request_cost(
       them queues (the queue term grows by whole mean requests, the saving stays fixed);
       a request that shares only a few blocks saves a few tokens' prefill, far less than
       one more running request costs (tests/router/test_prefix_cost.py shows both).
+    - A limit that no replica has confirmed by queueing is a guess: the most the replica has
+      been seen running, which at moderate load is 3 or 4 on a replica that runs 16. Priced
+      as a sure queue, that guess outweighed the certain saving of a cached prefix whenever
+      its holder ran at its peak, and sent the request to a replica that computed (and
+      duplicated) the prefix (scenario 8: 5-15 % of requests, most of the gap to the best
+      possible hit rate). So on a replica that holds part of the prompt, the guessed queue
+      is weighed by the share of the prompt it must compute. The peak rises as the holder
+      runs more; once a replica really queues (vllm_fleet.router.speed learns the limit), the
+      full price applies again, and that is what spreads a hot prefix. Without a cached
+      prefix nothing changes (scenarios 1-3).
     - ``dup``: computing a prefix that another replica already holds caches it a second time,
       and on a full cache that evicts some other group's blocks, which a later request then
       computes again: about as much prefill as the duplicate itself (DUPLICATE_WEIGHT = 1).
@@ -382,6 +398,8 @@ def request_cost(
     ahead = max(0.0, busy + 1.0 - limit)
     # ``ahead`` > 0 only when the limit is finite (0 * inf would be NaN).
     queue = ahead * QUEUE_PLACE_REQUESTS * a * (1.0 + b * limit) * typical_tokens if ahead else 0.0
+    if queue and speed.limit_assumed and cached > 0:  # a guessed limit, weighed by what is computed
+        queue *= computed / max(1.0, request.prompt_tokens * prefixes.token_scale)
     own = queue + prefill + tokens * a * (1.0 + b * batch)
     impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + prefill)
     return (own + impose + duplicate) * (1.0 + KV_WEIGHT * w * pressure)
@@ -417,7 +435,39 @@ class CostAware(_Scored):
             )
             for r, k in zip(replicas, cached, strict=True)
         ]
-        return lowest(replicas, costs, COST_TIE * max(min(costs), 1e-12), self._rng)
+        best = min(costs)
+        margin = COST_TIE * max(best, 1e-12)
+        if not prefix:
+            return lowest(replicas, costs, margin, self._rng)
+        tied = [r for r, c in zip(replicas, costs, strict=True) if c - best <= margin]
+        if len(tied) == 1:
+            return tied[0]
+        home = prefix[min(len(prefix), HOME_BLOCKS) - 1]
+        return max(tied, key=lambda r: rendezvous(home, r.url))
+
+
+#: Keys of a request's prefix that name its home (see rendezvous): the first FINE_BYTES of
+#: routing text, where a system prompt or a conversation's opening sits.
+HOME_BLOCKS = FINE_BYTES // BLOCK_BYTES
+_MASK64 = (1 << 64) - 1
+
+
+def rendezvous(key: int, url: str) -> int:
+    """Rendezvous (highest random weight) score of ``url`` for a prefix key: the tied replica
+    with the highest score is the prefix's home.
+
+    Why: costs tie when replicas are equal (idle, or equally loaded), and a random draw then
+    puts a new prefix on a different replica in every router. The keys are the same in every
+    router process (prefix_keys hashes with crc32, not Python's salted hash), so two routers
+    in front of the same replicas send a new prefix to the same one, and a router that
+    restarted finds it where it left it. Removing a replica moves only the prefixes it was home
+    to. splitmix64's finaliser over key xor crc32(url): a few integer operations per tied
+    replica, and only on ties.
+    """
+    z = ((key ^ zlib.crc32(url.encode())) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 #: Policy name -> factory(rng).

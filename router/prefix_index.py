@@ -44,6 +44,7 @@ import json
 import math
 import operator
 import random
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -89,8 +90,8 @@ TOKEN_SCALE_MIN = 0.5
 TOKEN_SCALE_MAX = 4.0
 #: Half-life (s) of the predicted / measured hit-rate windows.
 HIT_HALF_LIFE_S = 30.0
-#: Position multipliers of prefix_keys (fixed seed: the same text gives the same keys run to
-#: run within one process; nothing depends on them across processes).
+#: Position multipliers of prefix_keys (fixed seed: the same text gives the same keys in every
+#: process, which the balancer's rendezvous tie-break relies on across routers).
 _ENDS = (
     *range(BLOCK_BYTES, FINE_BYTES + 1, BLOCK_BYTES),
     *range(FINE_BYTES + COARSE_BYTES, MAX_PREFIX_BYTES + 1, COARSE_BYTES),
@@ -141,17 +142,21 @@ def prefix_keys(model: str, text: str) -> tuple[int, ...]:
     """Chained keys of the full blocks of ``text`` (BLOCK_BYTES, then COARSE_BYTES past
     FINE_BYTES; a partial last block is not cached by vLLM either), up to MAX_PREFIX_BYTES.
 
-    Key i = hash(model) + sum over j <= i of hash(block j) * M[j], with M fixed random odd
+    Key i = crc32(model) + sum over j <= i of crc32(block j) * M[j], with M fixed random odd
     61-bit multipliers (so the same blocks in another order give other keys). All iteration is
-    C-level (slicing, map, accumulate): no Python call per block. Python's bytes hash is
-    randomised per process, which is fine: keys never leave the router that made them.
+    C-level (slicing, map, accumulate): no Python call per block. crc32 rather than Python's
+    bytes hash, which is salted per process: two routers (or one restarted) must compute the
+    same keys for the same text, so that they agree on a new prefix's home (the balancer's
+    rendezvous tie-break); as fast as hash() here, and 32 bits per block with a 61-bit
+    position multiplier leave collisions far below anything a routing decision notices.
     """
     data = text.encode("utf-8", "surrogatepass")
     full = bisect.bisect_right(_ENDS, len(data))
     if not full:
         return ()
     blocks = map(data.__getitem__, _SLICES[:full])
-    keys = accumulate(map(operator.mul, map(hash, blocks), _MULTIPLIERS), initial=hash(model))
+    seed = zlib.crc32(model.encode("utf-8", "surrogatepass"))
+    keys = accumulate(map(operator.mul, map(zlib.crc32, blocks), _MULTIPLIERS), initial=seed)
     next(keys)  # the seed itself
     return tuple(keys)
 
