@@ -60,6 +60,14 @@ def _known_policy(name: str) -> str | None:
     return None if name in names else f"unknown policy; use one of {', '.join(names)}"
 
 
+def _router_workers(v: int | str) -> str | None:
+    from vllm_fleet.router.config import MAX_WORKERS
+
+    if v == "auto" or (isinstance(v, int) and 1 <= v <= MAX_WORKERS):
+        return None
+    return f"must be 1-{MAX_WORKERS} router processes or auto (the cores it may use)"
+
+
 def _meta(example: str, check: Check | None = None) -> dict[str, Any]:
     return {"example": example, "check": check}
 
@@ -79,6 +87,10 @@ class RouterLaunchConfig:
     )
     #: bearer tokens the router accepts; empty means no authentication.
     api_keys: tuple[str, ...] = field(default=(), metadata=_meta("router: {api_keys: [sk-1]}"))
+    #: router processes on the port (its --workers): a count, or auto (the cores it may use).
+    workers: int | Literal["auto"] = field(
+        default=1, metadata=_meta("router: {workers: 2}", _router_workers)
+    )
     #: extra flags appended verbatim to the router command.
     extra_args: tuple[str, ...] = field(
         default=(), metadata=_meta("router: {extra_args: ['--log-level', 'debug']}")

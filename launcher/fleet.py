@@ -70,6 +70,8 @@ def router_spec(config: FleetConfig, backends_file: Path) -> RouterSpec:
     ]
     if r.policy:
         command += ["--policy", r.policy]
+    if r.workers != 1:
+        command += ["--workers", str(r.workers)]
     env = {"FLEET_API_KEYS": ",".join(r.api_keys)} if r.api_keys else {}
     return RouterSpec(
         name=ROUTER_NAME,
