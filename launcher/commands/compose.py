@@ -202,6 +202,8 @@ def router_service(
     }
     if config.router.policy:
         environment["FLEET_POLICY"] = config.router.policy
+    if config.router.workers != 1:
+        environment["FLEET_WORKERS"] = str(config.router.workers)
     service: dict[str, Any] = {
         "image": images.router,
         "restart": "unless-stopped",

@@ -113,3 +113,13 @@ def test_no_two_replicas_of_a_layout_share_a_gpu(tp: int) -> None:
         ids = [i for devices, size in layout.values() for i in devices]
         assert len(layout) == count
         assert sorted(ids, key=int) == [str(i) for i in range(count * tp)]
+
+
+def test_every_file_lets_the_router_use_its_cores() -> None:
+    """FLEET_WORKERS passes through with the router's default (one process), and the sample
+    .env documents it (docs/router-workers.md)."""
+    for path in (GPU_FILE, CPU_FILE):
+        workers = _load(path)["services"]["router"]["environment"]["FLEET_WORKERS"]
+        assert workers == "${FLEET_WORKERS:-1}", path.name
+        assert _resolve(workers, {"FLEET_WORKERS": "auto"}) == "auto"
+    assert _env(SAMPLE_ENV)["FLEET_WORKERS"] == "1"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_fleet.launcher.commands.compose import Images, router_service
 from vllm_fleet.launcher.config import load_config
 from vllm_fleet.launcher.errors import ConfigError
 from vllm_fleet.launcher.fleet import router_spec
@@ -34,3 +35,9 @@ def test_bad_router_workers_is_one_line_naming_the_key(tmp_path: Path, workers: 
     with pytest.raises(ConfigError, match=r"router\.workers: .*") as caught:
         load_config(_config(tmp_path, workers))
     assert "\n" not in str(caught.value)
+
+
+def test_generated_compose_passes_router_workers(tmp_path: Path) -> None:
+    config = load_config(_config(tmp_path, "3"))
+    service = router_service([], config, Images(gpu="g:1", cpu="c:1", router="r:1"))
+    assert service["environment"]["FLEET_WORKERS"] == "3"
