@@ -36,6 +36,7 @@ from vllm_fleet.router.endpoints import (
 )
 from vllm_fleet.router.health import BreakerPolicy, health_loop
 from vllm_fleet.router.kv_events import kv_events_loop, parse_kv_events_spec
+from vllm_fleet.router.lora import fleet_lora
 from vllm_fleet.router.middleware import make_outer_middleware
 from vllm_fleet.router.priority import BatchAware, BatchGate
 from vllm_fleet.router.progress import progress_loop
@@ -225,6 +226,7 @@ def make_app(config: RouterConfig, worker: WorkerLink | None = None) -> web.Appl
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/fleet/replicas", fleet_replicas)
+    app.router.add_post("/fleet/lora", fleet_lora)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/{tail:.+}", proxy_handler)

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from vllm_fleet.launcher.sim.config import KvEventsConfig, SimConfig
+from vllm_fleet.launcher.sim.lora import parse_lora_modules
 from vllm_fleet.launcher.sim.scheduling import POLICIES
 from vllm_fleet.launcher.sim.server import make_sim_app
 
@@ -77,6 +78,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default="fcfs",
         help="vLLM's queue order: fcfs, or priority (the body's priority field, smaller first)",
     )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="*",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters served as models of their own name, as vLLM's flag",
+    )
     parser.set_defaults(func=run)
 
 
@@ -102,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         scheduling_policy=args.scheduling_policy,
         kv_events=KvEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None,
         seed=args.seed,
+        lora_modules=parse_lora_modules(args.lora_modules),
     )
 
 

@@ -144,6 +144,8 @@ class SimConfig:
     scheduling_policy: str = "fcfs"
     #: None: no KV events (vLLM's default).
     kv_events: KvEventsConfig | None = None
+    #: LoRA adapters served from the start (vLLM's --lora-modules): (name, path).
+    lora_modules: tuple[tuple[str, str], ...] = ()
     seed: int = 0
     #: Length of the vectors returned by `/v1/embeddings`.
     embedding_dim: int = 32

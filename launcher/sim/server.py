@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from vllm_fleet.launcher.sim.config import SIM_VLLM_VERSION, SimConfig, SimKnobs, apply_knobs
 from vllm_fleet.launcher.sim.engine import SimEngine
 from vllm_fleet.launcher.sim.kv_events import KvEventPublisher, open_publisher
+from vllm_fleet.launcher.sim.lora import LORA, add_lora
 from vllm_fleet.launcher.sim.metrics import SimMetrics
 from vllm_fleet.launcher.sim.protocol import (
     ApiError,
@@ -129,7 +130,8 @@ async def models(request: web.Request) -> web.Response:
             }
         ],
     }
-    return web.json_response({"object": "list", "data": [card]})
+    adapters = request.app[LORA].cards(config.model, state.created)
+    return web.json_response({"object": "list", "data": [card, *adapters]})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -221,7 +223,8 @@ async def _generate(
     state = request.app[SIM_STATE]
     await _hold_if_hung(state)
     _check_ready(state)
-    gen = parse(await _read_json(request), state.config)
+    body = await _read_json(request)
+    gen = parse(body, request.app[LORA].config_for(state.config, body))
     _maybe_fail(state)
     engine_id = state.runner.next_request_id()
     request_id = request.headers.get("X-Request-Id") or engine_id
@@ -290,7 +293,8 @@ async def embeddings(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     await _hold_if_hung(state)
     _check_ready(state)
-    parsed = parse_embedding(await _read_json(request), state.config)
+    body = await _read_json(request)
+    parsed = parse_embedding(body, request.app[LORA].config_for(state.config, body))
     _maybe_fail(state)
     state.metrics.prompt_tokens.inc(parsed.prompt_tokens)
     return web.json_response(embedding_response(parsed, state.config.embedding_dim))
@@ -346,4 +350,5 @@ def make_sim_app(config: SimConfig) -> web.Application:
     app.router.add_get("/kv_event_sources", kv_event_sources)
     app.router.add_get("/sim/stats", stats)
     app.router.add_post("/sim/control", control)
+    add_lora(app, config)
     return app
