@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the images the compose files and `vllm-fleet up --runtime docker` use, from this checkout.
 #
-#   compose/build-images.sh [base|router|engine-cpu|all]   (default: all)
+#   compose/build-images.sh [base|router|engine-cpu|prometheus|all]   (default: all)
+#
+# prometheus: the `monitoring` compose profile's Prometheus, Debian's package on the base image.
 #
 # With a registry, the Dockerfiles' defaults pull official bases (python:3.11-slim-bookworm);
 # set BASE_IMAGE=python:3.11-slim-bookworm to use it. Without one (CI, air-gapped boxes), the
@@ -155,17 +157,29 @@ build_engine_cpu() {
     say "built vllm-fleet-engine-cpu:$tag"
 }
 
+build_prometheus() {
+    docker build --network host --build-arg BASE_IMAGE="$base" \
+        -f compose/Dockerfile.prometheus -t "vllm-fleet-prometheus:$tag" compose \
+        >/tmp/vllm-fleet-prometheus-build.log 2>&1 || {
+        tail -n 40 /tmp/vllm-fleet-prometheus-build.log >&2
+        exit 1
+    }
+    say "built vllm-fleet-prometheus:$tag"
+}
+
 case "$what" in
 base) timed "base image" build_base ;;
 router) timed "base image" build_base && timed "router image" build_router ;;
 engine-cpu) timed "base image" build_base && timed "engine-cpu image" build_engine_cpu ;;
+prometheus) timed "base image" build_base && timed "prometheus image" build_prometheus ;;
 all)
     timed "base image" build_base
     timed "router image" build_router
     timed "engine-cpu image" build_engine_cpu
+    timed "prometheus image" build_prometheus
     ;;
 *)
-    echo "usage: $0 [base|router|engine-cpu|all]" >&2
+    echo "usage: $0 [base|router|engine-cpu|prometheus|all]" >&2
     exit 2
     ;;
 esac

@@ -162,9 +162,11 @@ def compose_up(
             raise AssertionError(f"{exc}\n--- logs ---\n{project.logs()}") from None
         yield project
     finally:
+        # The project's environment too: without its COMPOSE_PROFILES, `down` would leave the
+        # services of those profiles running.
         subprocess.run(
             project.command("down", "-v", "--remove-orphans", "--timeout", "5"),
-            capture_output=True, check=False, timeout=180,
+            capture_output=True, check=False, timeout=180, env={**os.environ, **dict(project.env)},
         )  # fmt: skip
 
 
