@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_fleet.router.bounded_read import read_capped
 from vllm_fleet.router.prefix_index import DEFAULT_CACHE_TOKENS, DEFAULT_MEMORY_BYTES, fit_budget
@@ -134,6 +134,48 @@ def _relevant_lines(text: str) -> str:
     return "\n".join(kept) + "\n"
 
 
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+#: One sample line: name, optional {labels}, value, optional timestamp.
+_SAMPLE_RE = re.compile(
+    rf"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
+    rf"(?:\{{(?P<labels>\s*(?:{_LABEL}\s*,\s*)*(?:{_LABEL})?\s*,?\s*)\}})?"
+    r"[ \t]+(?P<value>\S+)(?:[ \t]+-?\d+)?[ \t]*"
+)
+_LABEL_RE = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\\n]|\\.)*)"')
+
+
+def _samples(text: str) -> list[tuple[str, str, float]]:
+    """(sample name, raw label text, value) of every sample line (comments skipped).
+
+    The relevant lines are a few dozen: one regular expression each, where prometheus_client's
+    character-by-character parser took ~2.6 ms per scrape of the simulator's exposition (~25
+    us a line), which at 4 replicas scraped every second was a third of scenario 1's router
+    CPU per request (bench/findings.md, "Data path profile"). Malformed lines raise ValueError.
+    """
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE_RE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"not Prometheus text format: {line[:80]!r}")
+        try:
+            value = float(match["value"])
+        except ValueError:
+            raise ValueError(f"not Prometheus text format: value in {line[:80]!r}") from None
+        out.append((match["name"], match["labels"] or "", value))
+    return out
+
+
+def _labels(text: str) -> dict[str, str]:
+    """The label set of a sample, escapes undone (only vllm:cache_config_info's is read)."""
+    unescape = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+    return {
+        m["key"]: re.sub(r"\\.", lambda e: unescape.get(e[0], e[0]), m["value"])
+        for m in _LABEL_RE.finditer(text)
+    }
+
+
 def _family_name(name: str) -> str:
     # Typed counters come as family "x" with sample "x_total"; untyped ones as "x_total".
     return name[: -len("_total")] if name.endswith("_total") else name
@@ -153,27 +195,21 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     values: dict[tuple[str, str], list[float]] = {}
     cache_blocks: float | None = None
     block_size: int | None = None
-    try:
-        for family in text_string_to_metric_families(relevant):
-            name = _family_name(family.name)
-            if name not in WANTED:
-                continue  # e.g. vllm:num_requests_waiting_by_reason shares the prefix
-            if name == CACHE_CONFIG:
-                for sample in family.samples:
-                    blocks, size = _cache_size(sample.labels)
-                    if blocks is not None:
-                        cache_blocks = (cache_blocks or 0.0) + blocks
-                    block_size = size if size is not None else block_size
-                continue
-            for sample in family.samples:
-                part = _sample_part(sample.name)
-                if part is None:  # creation timestamps, buckets
-                    continue
-                values.setdefault((name, part), []).append(float(sample.value))
-    except ValueError as exc:
-        raise ValueError(f"not Prometheus text format: {exc}") from exc
-    except (TypeError, IndexError, KeyError) as exc:  # the parser's other failure modes
-        raise ValueError(f"not Prometheus text format: {type(exc).__name__}: {exc}") from exc
+    for sample, labels, value in _samples(relevant):
+        part = _sample_part(sample)
+        if part is None:  # creation timestamps, buckets
+            continue
+        base = sample[: -len(part) - 1] if part else sample
+        name = _family_name(base)
+        if name not in WANTED:
+            continue  # e.g. vllm:num_requests_waiting_by_reason shares the prefix
+        if name == CACHE_CONFIG:
+            blocks, size = _cache_size(_labels(labels))
+            if blocks is not None:
+                cache_blocks = (cache_blocks or 0.0) + blocks
+            block_size = size if size is not None else block_size
+            continue
+        values.setdefault((name, part), []).append(value)
     for (name, _), vals in values.items():
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise ValueError(f"{name}: non-finite or negative value in {vals}")
