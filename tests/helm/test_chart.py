@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -782,3 +783,23 @@ def test_notes_name_the_admin_key_when_set(
         assert "admin key" not in notes
     else:
         assert f"/fleet/* and /metrics need an admin key from Secret {secret}." in notes
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(4, 4), ("auto", None)])
+def test_router_workers_reach_the_router(
+    chart: helm.Chart, workers: int | str, expected: int | None
+) -> None:
+    """`router.workers` becomes FLEET_WORKERS, which the router parses (auto: its cores)."""
+    out = render(chart, with_model({"router": {"workers": workers}}))
+    env = env_of(router_container(out))
+    assert env["FLEET_WORKERS"]["value"] == str(workers)
+    args = argparse.Namespace(**{opt.field: None for opt in OPTIONS})
+    environ = {"FLEET_WORKERS": env["FLEET_WORKERS"]["value"], "FLEET_BACKENDS": "http://e:8000"}
+    config = config_from_args(args, environ)
+    assert config.workers == (expected or len(os.sched_getaffinity(0)))
+
+
+@pytest.mark.parametrize("workers", [0, "many", 2.5])
+def test_bad_router_workers_are_refused(chart: helm.Chart, workers: object) -> None:
+    with pytest.raises(helm.HelmValuesError, match="/router/workers"):
+        render(chart, with_model({"router": {"workers": workers}}))
