@@ -181,14 +181,23 @@ class OursPeer(Peer):
     """vllm-fleet's router, started the way users start it."""
 
     def __init__(
-        self, workdir: Path, policy: str, python: str = sys.executable, prefix_index: bool = True
+        self,
+        workdir: Path,
+        policy: str,
+        python: str = sys.executable,
+        prefix_index: bool = True,
+        workers: int = 1,
     ) -> None:
         super().__init__(workdir)
         self.policy = policy
         self.python = python
         self.prefix_index = prefix_index
+        self.workers = workers
         self.name = f"ours {policy}"
         self.settings = f"`vllm-fleet router --policy {policy}`, defaults otherwise"
+        if workers != 1:
+            self.name += f", {workers} workers"
+            self.settings = self.settings.replace("`,", f" --workers {workers}`,")
         if not prefix_index:
             self.name += " (prefix index off)"
             self.settings += (
@@ -212,6 +221,8 @@ class OursPeer(Peer):
         self.url = f"http://127.0.0.1:{port}"
         argv = [*self.command(), "router", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--policy", self.policy, "--log-level", "warning"]
+        if self.workers != 1:
+            argv += ["--workers", str(self.workers)]
         for backend in backends:
             argv += ["--backend", backend]
         url = await self._launch(argv)
@@ -477,7 +488,8 @@ class SglangRouterPeer(Peer):
 
 #: Every peer by its key on the command line (`--peers ours-lb,nginx-lc`).
 PEER_KEYS = (
-    "ours-cost", "ours-lb", "ours-rr", "ours-cost-x2", "ours-cost-noindex", "ideal", "chash",
+    "ours-cost", "ours-lb", "ours-rr", "ours-cost-x2", "ours-cost-noindex", "ours-cost-w2",
+    "ideal", "chash",
     "direct-rr", "direct",
     "nginx-lc", "nginx-rr", "haproxy-lc", "haproxy-rr",
     "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
@@ -493,6 +505,7 @@ def make_peer(key: str, workdir: Path, python: str) -> Peer:
         "ours-cost": lambda: OursPeer(d, "cost", python),
         "ours-cost-x2": lambda: OursPairPeer(d, "cost", python),
         "ours-cost-noindex": lambda: OursPeer(d, "cost", python, prefix_index=False),
+        "ours-cost-w2": lambda: OursPeer(d, "cost", python, workers=2),
         "ideal": lambda: IdealPeer(d),
         "chash": lambda: AffinityPeer(d),
         "direct-rr": lambda: ClientRoundRobinPeer(d),

@@ -11,8 +11,8 @@ from bench.section import Plot, Section
 
 KEY = "1"
 PEERS = (
-    "ideal", "direct-rr", "ours-cost", "ours-lb", "ours-rr", "nginx-lc", "nginx-rr", "haproxy-lc",
-    "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
+    "ideal", "direct-rr", "ours-cost", "ours-cost-w2", "ours-lb", "ours-rr", "nginx-lc",
+    "nginx-rr", "haproxy-lc", "vllm-rr", "vllm-p2", "vllm-ca", "sglang-rr", "sglang-ca",
 )  # fmt: skip
 QUICK_PEERS = ("ideal", "ours-lb", "ours-rr", "nginx-lc")
 

@@ -14,7 +14,8 @@ from bench.section import PeerRun, Section, Table
 
 KEY = "5"
 PEERS = (
-    "direct-rr", "ours-cost", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc", "vllm-rr", "vllm-p2",
+    "direct-rr", "ours-cost", "ours-cost-w2", "ours-lb", "ours-rr", "nginx-lc", "haproxy-lc",
+    "vllm-rr", "vllm-p2",
     "sglang-rr", "sglang-ca",
 )  # fmt: skip
 QUICK_PEERS = ("direct-rr", "ours-lb", "nginx-lc")
