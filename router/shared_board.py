@@ -64,6 +64,15 @@ def _none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _whole_ids(models: frozenset[str], limit: int) -> bytes:
+    """The model ids one per line, as many whole ones as fit in ``limit`` bytes: a cut id would
+    route requests to a model nobody serves."""
+    listed = "\n".join(sorted(models)).encode()
+    if len(listed) <= limit:
+        return listed
+    return listed[: max(0, listed.rfind(b"\n", 0, limit + 1))]
+
+
 @dataclass(frozen=True)
 class SlotView:
     """One replica's publication, as a worker read it (a consistent snapshot)."""
@@ -98,6 +107,8 @@ class Board:
         self.workers = self._q[2]
         self._slot0 = HEADER_WORDS + self.workers * WORKER_WORDS
         self._cells0 = self._slot0 + self.slots * SLOT_BYTES // 8
+        if len(self._q) != self._cells0 + self.workers * self.slots * 2:
+            raise ValueError(f"{path} does not have a router board's size")
 
     @classmethod
     def create(cls, workers: int, slots: int = MAX_SLOTS) -> Board:
@@ -155,8 +166,9 @@ class Board:
 
     def total(self, slot: int, kind: int) -> int:
         """A slot's count summed over every worker's cell."""
-        q, step, at = self._q, self.slots * 2, self._cells0 + slot * 2 + kind
-        return sum(q[at + w * step] for w in range(self.workers))
+        # The cells are the file's last region: a strided slice from the slot's cell of worker
+        # 0 holds exactly one cell per worker (a third of the cost of indexing each).
+        return sum(self._q[self._cells0 + slot * 2 + kind :: self.slots * 2])
 
     def clear_worker(self, worker: int) -> None:
         """Zero a dead worker's in-flight cells: its requests died with it."""
@@ -183,7 +195,9 @@ class Board:
         return self._d[self._n(slot) + field]
 
     def allocate(self, url: str) -> int | None:
-        """A free slot for ``url`` (None when the board is full)."""
+        """A free slot for ``url`` (None when the board is full or the URL does not fit)."""
+        if len(url.encode()) > URL_BYTES - 2:
+            return None
         for slot in range(self.slots):
             free = self.gen(slot) == 0.0
             if free and all(
@@ -218,13 +232,13 @@ class Board:
         if url is not None:
             self._put(text_at, URL_BYTES, url)
         if models is not None:
-            self._put(text_at + URL_BYTES, MODELS_BYTES, "\n".join(sorted(models)))
+            self._put(text_at + URL_BYTES, MODELS_BYTES, _whole_ids(models, MODELS_BYTES - 2))
         if check_error is not None:
             self._put(text_at + URL_BYTES + MODELS_BYTES, ERROR_BYTES, check_error)
         d[n + SEQ] += 1.0  # even: complete
 
-    def _put(self, at: int, size: int, text: str) -> None:
-        data = text.encode()[: size - 2]
+    def _put(self, at: int, size: int, text: str | bytes) -> None:
+        data = (text.encode() if isinstance(text, str) else text)[: size - 2]
         self._map[at : at + 2] = len(data).to_bytes(2, "little")
         self._map[at + 2 : at + 2 + len(data)] = data
 

@@ -56,7 +56,13 @@ from vllm_fleet.router.errors import ConfigError
 from vllm_fleet.router.health import BreakerPolicy
 from vllm_fleet.router.logs import configure_logging
 from vllm_fleet.router.serve import new_event_loop, run_worker
-from vllm_fleet.router.shared_board import Board, SharedReplica, board_dir, replica_numbers
+from vllm_fleet.router.shared_board import (
+    URL_BYTES,
+    Board,
+    SharedReplica,
+    board_dir,
+    replica_numbers,
+)
 from vllm_fleet.router.state import Fleet, ReplicaState
 from vllm_fleet.router.worker import SYNC_INTERVAL_S, WorkerLink
 
@@ -123,7 +129,10 @@ class Publisher:
     def new_replica(self, url: str) -> ReplicaState:
         slot = self.board.allocate(url)
         if slot is None:
-            log.warning("router board full (%d replicas), not shared: %s", self.board.slots, url)
+            log.warning(
+                "replica not shared with the workers (board full at %d replicas, or URL over "
+                "%d bytes): %s", self.board.slots, URL_BYTES - 2, url,
+            )  # fmt: skip
             return ReplicaState(url=url)
         self._slots[url] = slot
         return SharedReplica(url=url).bind(self.board, slot, None)

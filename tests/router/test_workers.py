@@ -294,3 +294,20 @@ async def test_a_killed_worker_is_replaced() -> None:
             return seen == {0, 1}
 
         await poll("both workers answering again", both_answer, 20.0)
+
+
+def test_what_does_not_fit_a_slot_is_never_cut() -> None:
+    """A URL too long for a slot is not shared at all, and a model list too long for one keeps
+    whole ids only: a cut one would route to a model nobody serves."""
+    board = Board.create(workers=1, slots=2)
+    try:
+        assert board.allocate("http://" + "a" * 300 + ":1") is None
+        slot = board.allocate("http://a:1")
+        assert slot is not None
+        models = frozenset(f"model-{i:04d}" for i in range(400))
+        board.publish(slot, {}, models=models)
+        view = board.read(slot)
+        assert view is not None and view.url == "http://a:1"
+        assert 0 < len(view.models) < len(models) and view.models <= models
+    finally:
+        board.close()
