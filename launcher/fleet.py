@@ -70,6 +70,9 @@ def router_spec(config: FleetConfig, backends_file: Path) -> RouterSpec:
     ]
     if r.policy:
         command += ["--policy", r.policy]
+    if not any(a.split("=", 1)[0] == "--kv-events" for a in r.extra_args):
+        # the replicas we start publish KV events (vllm_args): the router asks each where.
+        command += ["--kv-events", "auto"]
     if r.workers != 1:
         command += ["--workers", str(r.workers)]
     env = {"FLEET_API_KEYS": ",".join(r.api_keys)} if r.api_keys else {}
@@ -105,6 +108,11 @@ def ensure_no_fleet(run_dir: RunDir) -> None:
 def ensure_ports_free(replicas: Sequence[ReplicaSpec], config: FleetConfig) -> None:
     """Fail before starting anything: a taken port would otherwise become a crash loop."""
     wanted = [(spec.name, config.host, spec.port, "--base-port") for spec in replicas]
+    wanted += [
+        (f"{spec.name} KV events", config.host, spec.kv_events_port, "--base-port")
+        for spec in replicas
+        if spec.kv_events_port is not None
+    ]
     wanted.append((ROUTER_NAME, config.router.host, config.router.port, "--port"))
     for name, host, port, flag in wanted:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

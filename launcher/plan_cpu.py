@@ -10,7 +10,11 @@ import math
 from collections.abc import Mapping
 
 from vllm_fleet.launcher.errors import PlanError
-from vllm_fleet.launcher.plan_replicas import replica_ports, vllm_replica_command
+from vllm_fleet.launcher.plan_replicas import (
+    replica_kv_events_port,
+    replica_ports,
+    vllm_replica_command,
+)
 from vllm_fleet.launcher.plan_sizing import CONTEXT_FLOOR, CONTEXT_STEP
 from vllm_fleet.launcher.plan_types import GIB, Inventory, ModelSize, Plan, PlanOptions, ReplicaSpec
 from vllm_fleet.launcher.vllm_args import DEFAULT_KV_CACHE_GIB, cpu_engine_env
@@ -86,6 +90,7 @@ def plan_cpu(inventory: Inventory, model: ModelSize | None, options: PlanOptions
             gpus=(),
             tensor_parallel_size=1,
             command=vllm_replica_command(options, port, 1, max_len, on_gpu=False),
+            kv_events_port=replica_kv_events_port(options, port),
             env=dict(env),
         )
         for i, port in enumerate(replica_ports(options, count))

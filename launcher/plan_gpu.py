@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from vllm_fleet.launcher.errors import PlanError
 from vllm_fleet.launcher.plan_multi_node import multi_node_hint
-from vllm_fleet.launcher.plan_replicas import replica_ports, vllm_replica_command
+from vllm_fleet.launcher.plan_replicas import (
+    replica_kv_events_port,
+    replica_ports,
+    vllm_replica_command,
+)
 from vllm_fleet.launcher.plan_sizing import (
     CONTEXT_FLOOR,
     MIN_KV_TOKENS,
@@ -114,6 +118,7 @@ def plan_gpu(inventory: Inventory, model: ModelSize | None, options: PlanOptions
                 gpus=indices,
                 tensor_parallel_size=tp,
                 command=vllm_replica_command(options, port, tp, max_len, on_gpu=True),
+                kv_events_port=replica_kv_events_port(options, port),
                 env=env,
             )
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from vllm_fleet.launcher.errors import PlanError
 from vllm_fleet.launcher.model_size import normalize_dtype
 from vllm_fleet.launcher.plan_types import PlanOptions
-from vllm_fleet.launcher.vllm_args import vllm_command
+from vllm_fleet.launcher.vllm_args import has_kv_events_config, kv_events_port, vllm_command
 
 
 def replica_ports(options: PlanOptions, count: int) -> list[int]:
@@ -21,6 +21,20 @@ def replica_ports(options: PlanOptions, count: int) -> list[int]:
             f"(last port would be {last}); use a lower --base-port"
         )
     return [options.base_port + i for i in range(count)]
+
+
+def replica_kv_events_port(options: PlanOptions, port: int) -> int | None:
+    """The KV-events port of the vLLM replica serving on ``port`` (vllm_args.kv_events_port);
+    None when the user's extra arguments configure events themselves."""
+    if has_kv_events_config(options.extra_args):
+        return None
+    events = kv_events_port(port)
+    if events > 65535:
+        raise PlanError(
+            f"--base-port {options.base_port}: replica port {port} would publish KV events on "
+            f"port {events}, past 65535; use a lower --base-port"
+        )
+    return events
 
 
 def vllm_replica_command(
@@ -43,6 +57,7 @@ def vllm_replica_command(
         extra_args=options.extra_args,
         lora_modules=options.lora_modules,
         max_lora_rank=options.max_lora_rank,
+        kv_events_port=replica_kv_events_port(options, port),
     )
 
 

@@ -132,6 +132,9 @@ class ReplicaSpec(ServerSpec):
     #: the name clients send ("" for plans written before fleets had several models); `status`
     #: groups replicas by it.
     served_model: str = ""
+    #: the port the replica publishes vLLM KV events on (the router subscribes; a container
+    #: runtime publishes it next to ``port``); None when it publishes none we know of.
+    kv_events_port: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

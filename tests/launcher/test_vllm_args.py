@@ -23,6 +23,7 @@ import yaml
 from tests.helm.render import load_chart, render, with_model
 from vllm_fleet.launcher.commands.demo import tiny_cpu_config, tiny_cpu_options, tiny_cpu_plan
 from vllm_fleet.launcher.config import FleetConfig
+from vllm_fleet.launcher.errors import PlanError
 from vllm_fleet.launcher.plan_types import Inventory
 from vllm_fleet.launcher.planner import PlanOptions, plan
 from vllm_fleet.launcher.runtime.docker import DEFAULT_GPU_IMAGE
@@ -33,6 +34,7 @@ from vllm_fleet.launcher.vllm_args import (
     VLLM_GPU_IMAGE,
     VLLM_VERSION,
     cpu_engine_env,
+    kv_events_port,
     threads_per_replica,
     vllm_command,
 )
@@ -133,8 +135,11 @@ def test_e2e_and_bench_replicas_are_the_planners() -> None:
         "py", "-m", SERVER_MODULE, "--model", "/m", "--host", "127.0.0.1", "--port", "9100",
         "--tensor-parallel-size", "1", "--served-model-name", SERVED_MODEL_NAME,
         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "64",
+        "--kv-events-config",
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10100"}',
         "--disable-uvicorn-access-log", "--enforce-eager",
     )  # fmt: skip
+    assert first.kv_events_port == kv_events_port(9100) == 10100
     assert first.env["OMP_NUM_THREADS"] == "1"
     assert first.env["HF_HUB_OFFLINE"] == "1"
 
@@ -194,3 +199,29 @@ def test_one_vllm_release_and_entry_point_everywhere() -> None:
     (container,) = engine["spec"]["template"]["spec"]["containers"]
     assert container["image"] == VLLM_GPU_IMAGE
     assert container["command"] == server
+
+
+def test_replicas_publish_kv_events_on_their_own_port_unless_the_user_configures_them() -> None:
+    """Events on by default (the router's precise prefix matching subscribes), one port per
+    replica; the user's own --kv-events-config replaces ours and the spec then names no port."""
+    layout = plan(Inventory(gpus=(), cpus=4), None, PlanOptions(model="m", replicas=2))
+    assert [r.kv_events_port for r in layout.replicas] == [9001, 9002]
+    for spec in layout.replicas:
+        flag = spec.command.index("--kv-events-config")
+        config = json.loads(spec.command[flag + 1])
+        assert config == {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{spec.kv_events_port}",
+        }
+    own = '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:7000"}'
+    mine = plan(
+        Inventory(gpus=(), cpus=4),
+        None,
+        PlanOptions(model="m", extra_args=("--kv-events-config", own)),
+    )
+    (spec,) = mine.replicas
+    assert spec.kv_events_port is None
+    assert spec.command.count("--kv-events-config") == 1
+    with pytest.raises(PlanError, match="--base-port"):
+        plan(Inventory(gpus=(), cpus=4), None, PlanOptions(model="m", base_port=65000))
