@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -311,3 +313,20 @@ def test_what_does_not_fit_a_slot_is_never_cut() -> None:
         assert 0 < len(view.models) < len(models) and view.models <= models
     finally:
         board.close()
+
+
+def test_a_port_in_use_is_one_line_before_any_worker_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "vllm_fleet.launcher.cli", "router", "--workers", "2"]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--backend", "http://127.0.0.1:9"]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        result = subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "worker started" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "--port" in line]
+    assert f"127.0.0.1:{port}" in error
