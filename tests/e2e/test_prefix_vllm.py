@@ -5,7 +5,10 @@ caching (vLLM's default) and KV events on, a router subscribed to them (--kv-eve
   subscriber's tally), and a reset of the replica's prefix cache empties both the block set
   and the router's approximate record;
 - a shared-prefix run through the router gets a higher vllm:prefix_cache_hits rate than the
-  same kind of run through a least-busy router.
+  same kind of run through a least-busy router;
+- precise matching: for every request the router matched by vLLM's own block hashes (the tiny
+  model's tokenizer and chat template, vllm_fleet.router.prompt_tokens), the prompt tokens it
+  predicted cached on the replica it chose equal that replica's vllm:prefix_cache_hits delta.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from tests.e2e.support import (
     wait_until,
 )
 from tests.router.test_prefix_kv_events import independent_subscriber
-from tests.support.ports import free_port, free_port_run
+from tests.support.ports import free_port_run
 from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
 from vllm_fleet.launcher.commands.plan import host_cpus
 from vllm_fleet.router.scrape import parse_vllm_metrics
@@ -45,18 +48,12 @@ from vllm_fleet.router.scrape import parse_vllm_metrics
 pytestmark = pytest.mark.e2e
 
 
-def events_config(port: int) -> str:
-    return json.dumps(
-        {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}"}
-    )
-
-
 @pytest.fixture(scope="module")
 def replicas_with_events(
     vllm_interpreter: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[tuple[Server, int]]]:
-    """Two replicas from the planner's command line plus --kv-events-config, each publishing
-    on its own port; dev mode for POST /reset_prefix_cache."""
+    """Two replicas from the planner's command line, which publishes KV events on a port per
+    replica (vllm_fleet.launcher.vllm_args); dev mode for POST /reset_prefix_cache."""
     layout = tiny_cpu_plan(
         str(tiny_model), replicas=2, base_port=free_port_run(2), python=vllm_interpreter,
         cpus=host_cpus(), max_num_seqs=16,
@@ -65,10 +62,10 @@ def replicas_with_events(
     started: list[tuple[Server, int]] = []
     try:
         for i, spec in enumerate(layout.replicas):
-            port = free_port()
-            command = [*spec.command, "--kv-events-config", events_config(port)]
+            assert spec.kv_events_port is not None
             env = {**spec.env, "VLLM_SERVER_DEV_MODE": "1"}
-            started.append((start_server(f"vllm-{i}", spec.url, command, env, logs), port))
+            server = start_server(f"vllm-{i}", spec.url, list(spec.command), env, logs)
+            started.append((server, spec.kv_events_port))
         wait_ready([s for s, _ in started], "/health", VLLM_READY_DEADLINE_S)
         yield started
     finally:
@@ -249,3 +246,86 @@ async def test_shared_prefixes_hit_more_through_the_cost_router_than_least_busy(
     print(f"vllm:prefix_cache_hits rate: {rates}", file=sys.stderr)
     assert rates["cost"] > rates["least-busy"]
     assert rates["cost"] > 0.5
+
+
+def replica_hits(server: Server) -> tuple[float, float]:
+    """(vllm:prefix_cache_hits, vllm:prefix_cache_queries) of one replica, in tokens."""
+    return prefix_counters([server])
+
+
+async def settled(router: Server) -> dict[str, dict[str, Any]]:
+    """The router's KV-event view once two reads 0.3 s apart agree (the events of the last
+    request have arrived), at most 10 s."""
+    last = kv_events_view(router)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        now = kv_events_view(router)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+async def test_precise_prediction_equals_the_replicas_prefix_cache_hits(
+    replicas_with_events: list[tuple[Server, int]], tmp_path: Path
+) -> None:
+    """Shared-prefix chats one at a time through a router with --kv-events auto: once the
+    tiny model's tokenizer is loaded, every request carries vLLM's block hashes, and the
+    cached tokens the router predicted on the replica it chose equal that replica's
+    vllm:prefix_cache_hits delta for the request, token for token."""
+    servers = {s.url: s for s, _ in replicas_with_events}
+    router = router_over(list(servers.values()), tmp_path, "--kv-events", "auto", name="precise")
+    try:
+        async with AsyncOpenAI(
+            base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=120
+        ) as client:
+
+            async def ask(group: int, question: int) -> None:
+                await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[
+                        {"role": "system", "content": system_prompt(group)},
+                        {"role": "user", "content": f"Question {question}?"},
+                    ],
+                    max_tokens=2,
+                )
+
+            # the tokenizer loads on the first request's ask; until then: approximate
+            deadline = time.monotonic() + 60
+            warm = 0
+            while not any(v.get("precise_requests", 0) for v in kv_events_view(router).values()):
+                assert time.monotonic() < deadline, "no request was matched precisely"
+                await ask(200 + warm, 0)
+                warm += 1
+            compared = predicted_hits = 0
+            for question in range(3):
+                for group in (60, 61, 62):
+                    before = await settled(router)
+                    hits = {url: replica_hits(s) for url, s in servers.items()}
+                    await ask(group, question)
+                    after = await settled(router)
+                    (url,) = [
+                        u
+                        for u in servers
+                        if after[u]["precise_requests"] > before[u]["precise_requests"]
+                    ]
+                    predicted = (
+                        after[url]["precise_cached_tokens"] - before[url]["precise_cached_tokens"]
+                    )
+
+                    def counted(url: str = url, queries: float = hits[url][1]) -> bool:
+                        return replica_hits(servers[url])[1] > queries
+
+                    await until(counted, 10, "the replica's prefix-cache counters")
+                    measured = replica_hits(servers[url])[0] - hits[url][0]
+                    print(f"group {group} q{question} on {url}: predicted {predicted}, "
+                          f"vLLM hit {measured:.0f}", file=sys.stderr)  # fmt: skip
+                    assert predicted == measured
+                    compared += 1
+                    predicted_hits += predicted > 0
+            assert compared == 9
+            assert predicted_hits >= 4  # repeats of a group found its system prompt cached
+            assert all(v["hashes_match"] is not False for v in kv_events_view(router).values())
+    finally:
+        stop_all([router])
