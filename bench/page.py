@@ -140,6 +140,8 @@ python -m bench                    # scenarios 1-6 (under 25 minutes): bench/res
 python -m bench --scenarios 7      # real vLLM on the CPU (needs an interpreter with vllm)
 python -m bench --scenarios 8,9,10 # prefix caching: shared prefixes, multi-turn, Zipf groups
                                    # (~15 minutes)
+python -m bench --scenarios 11     # batch jobs: TTFT beside a batch, throughput sweep, vllm
+                                   # run-batch (~6 minutes; the last part needs vllm)
 python -m bench --scenarios 1,5    # only these; the other sections keep their last results
 python -m bench --peers ours-lb,nginx-lc --scenarios 1
 python -m bench --quick            # a couple of minutes, writes bench/.work/benchmarks-quick.md

@@ -57,8 +57,9 @@ PRIORITY_HEADER = "X-Fleet-Priority"
 BATCH = "batch"
 #: Share of each replica's batch limit kept free for interactive requests (at least 1 slot).
 RESERVE_FRACTION = 0.25
-#: The reserve is kept while an interactive request came within this many seconds.
-INTERACTIVE_MEMORY_S = 30.0
+#: The reserve is kept while an interactive request came within this many seconds. Long: the
+#: first interactive request after it lapsed finds the slots full and waits for a batch one.
+INTERACTIVE_MEMORY_S = 300.0
 #: The longest a batch request waits at the router for room before it goes anyway.
 MAX_HOLD_S = 30.0
 #: How often the first waiting batch request looks for room (the others wait their turn).

@@ -60,8 +60,8 @@ def test_a_quarter_of_the_batch_limit_is_kept_for_interactive_requests() -> None
 
 def test_without_recent_interactive_traffic_a_batch_fills_the_whole_batch() -> None:
     assert gate(interactive_ago=None).with_room([replica("a", 7)], NOW)
-    assert gate(interactive_ago=31.0).with_room([replica("a", 7)], NOW)
-    assert not gate(interactive_ago=29.0).with_room([replica("a", 7)], NOW)
+    assert gate(interactive_ago=301.0).with_room([replica("a", 7)], NOW)
+    assert not gate(interactive_ago=299.0).with_room([replica("a", 7)], NOW)
 
 
 def test_a_replica_with_no_learned_limit_takes_the_fleets_and_none_learned_means_no_rule() -> None:
