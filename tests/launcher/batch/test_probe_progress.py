@@ -28,6 +28,15 @@ def test_router_view_sums_healthy_replicas_and_keeps_unknown_limits() -> None:
     assert _router_view({"ok": True}) is None
 
 
+def test_batch_requests_the_router_holds_back_count_as_queued() -> None:
+    rows = [
+        {"healthy": True, "waiting": 1, "batch_held": 2.5, "speed": {"batch_limit": 16.0}},
+        {"healthy": True, "waiting": 0, "batch_held": 2.5, "speed": {"batch_limit": 16.0}},
+    ]
+    view = _router_view(rows)
+    assert view is not None and view.queue == QueueSignal(waiting=6.0, replicas=2)
+
+
 def test_waiting_from_metrics_reads_only_the_waiting_gauge() -> None:
     page = "\n".join(
         [
