@@ -708,7 +708,11 @@ def test_network_policy_lets_only_the_router_reach_the_engines(
     assert not selects(policy["podSelector"]["matchLabels"], router_pods)
     assert policy["policyTypes"] == ["Ingress"]
     api_rule = policy["ingress"][0]
-    assert api_rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # the API, and the vLLM KV events the router subscribes to (precise prefix matching)
+    assert api_rule["ports"] == [
+        {"port": "http", "protocol": "TCP"},
+        {"port": 5557, "protocol": "TCP"},
+    ]
     peers = api_rule["from"]
     assert selects(peers[0]["podSelector"]["matchLabels"], router_pods)
     if is_multi_node(case):
@@ -803,3 +807,26 @@ def test_router_workers_reach_the_router(
 def test_bad_router_workers_are_refused(chart: helm.Chart, workers: object) -> None:
     with pytest.raises(helm.HelmValuesError, match="/router/workers"):
         render(chart, with_model({"router": {"workers": workers}}))
+
+
+def test_engines_publish_kv_events_and_the_router_subscribes(chart: helm.Chart) -> None:
+    """As launcher/vllm_args.py starts vLLM: a ZMQ publisher of KV events on 5557 in every
+    engine, and the router asking each engine where (FLEET_KV_EVENTS=auto)."""
+    out = render(chart, with_model())
+    (engine,) = [o for o in out.of_kind("Deployment") if _component(o) == "engine"]
+    (container,) = engine["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    config = json.loads(args[args.index("--kv-events-config") + 1])
+    assert config == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:5557",
+    }
+    assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in container["ports"]
+    (router,) = out.one("Deployment", "router")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "FLEET_KV_EVENTS", "value": "auto"} in router["env"]
+    own = with_model({"engine": {"extraArgs": ["--kv-events-config", "{}"]}})
+    (engine,) = [o for o in render(chart, own).of_kind("Deployment") if _component(o) == "engine"]
+    assert (
+        engine["spec"]["template"]["spec"]["containers"][0]["args"].count("--kv-events-config") == 1
+    )

@@ -341,6 +341,11 @@ vLLM server arguments of one model, shared by single-node engines and multi-node
 - {{ printf "%s=%s" $adapter $path | quote }}
 {{- end }}
 {{- end }}
+{{- if not (has "--kv-events-config" $e.extraArgs) }}
+{{- /* KV events for the router's prefix matching, as launcher/vllm_args.py starts them */}}
+- --kv-events-config
+- {{ `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557"}` | quote }}
+{{- end }}
 {{- range $e.extraArgs }}
 {{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
 - {{ int64 . | quote }}
