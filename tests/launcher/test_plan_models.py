@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.launcher.test_planner import EIGHT_80, gpus, inventory, model
 from vllm_fleet.launcher.cli import main
@@ -261,3 +262,13 @@ def test_plan_config_over_subscribed_is_one_line_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith("vllm-fleet plan: error: models need 9 GPUs")
     assert len(err.splitlines()) == 1
+
+
+def test_the_example_files_models_block_is_valid_and_plans() -> None:
+    example = (MODELS.parents[2] / "docs" / "fleet.example.yaml").read_text()
+    block = example.split("\n# models:\n", 1)[1].split("\n#\n", 1)[0]
+    text = "models:\n" + "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    reqs = resolve_models(from_mapping(yaml.safe_load(text)), "fleet.example.yaml")
+    assert [r.name for r in reqs] == ["chat", "fast", "mistralai/Mistral-Nemo-Instruct-2407"]
+    assert reqs[1].replicas == "auto" and len(reqs[1].options.lora_modules) == 2
+    assert reqs[2].gpu_ids == (7,)
