@@ -184,6 +184,9 @@ class ReplicaPrefixes:
     capacity: int = DEFAULT_CACHE_TOKENS * BYTES_PER_TOKEN // BLOCK_BYTES
     #: The replica's KV block size in tokens (vLLM caches whole blocks only); 0 = unknown.
     block_tokens: int = 0
+    #: Tokens the replica generates per request (recent mean, from its counters; 0 = unknown):
+    #: what it holds past the end of a prompt it served, the reply (see cached_tokens).
+    reply_tokens: float = 0.0
     #: Measured / predicted hit rate, in [MIN_TRUST, 1]; scales every prediction.
     trust: float = 1.0
     #: Times the record was dropped (restart, cleared cache, forgotten), for operators.
@@ -197,8 +200,9 @@ class ReplicaPrefixes:
     _counters: tuple[float, float, float] | None = field(default=None, repr=False)
     #: What the replica's KV events said (vllm_fleet.router.kv_events); None when it publishes none.
     events: KvBlockSet | None = None
-    _young: dict[int, None] = field(default_factory=dict, repr=False)
-    _old: dict[int, None] = field(default_factory=dict, repr=False)
+    #: Key -> True for the last key of a recorded request (its reply follows), else None.
+    _young: dict[int, bool | None] = field(default_factory=dict, repr=False)
+    _old: dict[int, bool | None] = field(default_factory=dict, repr=False)
     _sent_at: float = field(default=0.0, repr=False)
 
     def __len__(self) -> int:
@@ -219,11 +223,23 @@ class ReplicaPrefixes:
         return lo
 
     def cached_tokens(self, keys: Sequence[int]) -> float:
-        """Prompt tokens the replica is expected to skip: the matched bytes in tokens, rounded
-        down to whole KV blocks when the block size is known, times ``trust``."""
+        """Prompt tokens the replica is expected to skip: the matched bytes in tokens, plus
+        ``reply_tokens`` when the match ends where a request sent here ended, rounded down to
+        whole KV blocks when the block size is known, times ``trust``.
+
+        The reply: vLLM caches the blocks a request generates as well as its prompt, and the
+        next turn of a conversation sends that reply back after the same prompt. The router
+        never hashes replies (they stream through it), so without this the holder of a
+        conversation looked ~one reply less cached than it is, and in scenario 9 (multi-turn)
+        lost the next turn to a replica with one request less running."""
         if not keys:
             return 0.0
-        tokens = prefix_bytes(self.match(keys)) // BYTES_PER_TOKEN
+        held = self.match(keys)
+        tokens = prefix_bytes(held) // BYTES_PER_TOKEN
+        if held and held < len(keys) and self.reply_tokens > 0:
+            last = keys[held - 1]
+            if self._young[last] if last in self._young else self._old.get(last):
+                tokens += int(self.reply_tokens)
         if self.block_tokens > 0:
             tokens -= tokens % self.block_tokens
         return tokens * self.trust
@@ -241,6 +257,7 @@ class ReplicaPrefixes:
         # last, as in vLLM (it frees a request's blocks tail first), so held keys stay a
         # prefix of the chain when evict() takes the least recent ones.
         young.update(dict.fromkeys(reversed(keys)))
+        young[keys[-1]] = True
         if len(young) >= max(1, self.capacity // 2):
             self._old = young
             self._young = {}

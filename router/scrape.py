@@ -319,6 +319,7 @@ def apply_prefix_metrics(r: ReplicaState, m: EngineMetrics, now: float, budget: 
     """Size the replica's prefix record from its KV cache and check it against the replica's
     own prefix-cache counters (vllm_fleet.router.prefix_index)."""
     prefixes = r.prefixes
+    prefixes.reply_tokens = r.speed.tokens_per_request or 0.0
     if m.cache_blocks is not None and m.cache_block_size is not None:
         prefixes.set_capacity(m.cache_blocks * m.cache_block_size, m.cache_block_size, budget)
     else:

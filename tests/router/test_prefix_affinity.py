@@ -150,3 +150,20 @@ def test_prefix_keys_are_the_same_in_every_process() -> None:
         check=True,
     )
     assert tuple(json.loads(out.stdout)) == prefix_keys("m", text)
+
+
+def test_the_next_turn_counts_the_reply_the_holder_cached() -> None:
+    """vLLM caches the reply with the prompt, and the next turn sends both back: the holder of
+    the conversation is predicted to hold its mean reply past the prompt it served. A request
+    whose match ends inside that prompt gets no such credit."""
+    turn1 = SYSTEM + "user: how do I drain a replica?"
+    reply = " Run the drain command, then wait until its requests finish." * 6  # ~90 tokens
+    turn2 = turn1 + "\x1eassistant\x1f" + reply + "\x1euser\x1fand then?"
+    holder = replica("http://a:1")
+    holder.prefixes.record(prefix_keys("m", turn1), NOW)
+    keys = prefix_keys("m", turn2)
+    fresh = prefix_keys("m", SYSTEM[:4096] + "user: something else entirely, " * 100)
+    before = holder.prefixes.cached_tokens(keys), holder.prefixes.cached_tokens(fresh)
+    holder.prefixes.reply_tokens = 90.0
+    assert holder.prefixes.cached_tokens(keys) == before[0] + 90.0
+    assert holder.prefixes.cached_tokens(fresh) == before[1] > 0
