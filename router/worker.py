@@ -50,8 +50,9 @@ from vllm_fleet.router.telemetry import FleetCollector, PrefixCollector
 log = logging.getLogger("vllm_fleet.router")
 
 #: How often a worker reads the supervisor's publications. Health and scrape results are
-#: one-second data; 50 ms adds little to their age and costs a few microseconds per replica.
-SYNC_INTERVAL_S = 0.05
+#: one-second data, so 100 ms adds little to their age; each read wakes an idle worker, which
+#: costs about 0.1 ms of CPU (measured idle: 8-10 ms/s for two workers at 50 ms).
+SYNC_INTERVAL_S = 0.1
 
 
 class WorkerLink:

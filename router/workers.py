@@ -70,7 +70,7 @@ log = logging.getLogger("vllm_fleet.router")
 
 PUBLISH_INTERVAL_S = SYNC_INTERVAL_S
 #: How often the supervisor looks for dead workers.
-POLL_S = 0.2
+POLL_S = 0.5
 #: First wait before restarting a dead worker; doubles (up to RESTART_BACKOFF_MAX_S) while
 #: workers die within YOUNG_S of starting, so a worker that cannot start is no busy loop.
 RESTART_BACKOFF_S = 0.5
