@@ -33,7 +33,9 @@ rewritten, which is the rare path.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from multidict import CIMultiDict
 
@@ -60,14 +62,20 @@ class Continuation:
 
 
 def prepare(
-    path: str, info: RequestInfo, headers: CIMultiDict[str], body: bytes
+    path: str,
+    info: RequestInfo,
+    headers: CIMultiDict[str],
+    body: bytes,
+    payload: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, Continuation | None]:
     """(body to send, Continuation) for a request; None for one that is not a stream of
-    completions or chat. Parses the body once more (only for those streams)."""
+    completions or chat. ``payload`` is the body as router.parse.parse_body parsed it (parsed
+    again here when not given)."""
     kind = PATHS.get(path.partition("?")[0])
     if kind is None or not info.stream:
         return body, None
-    payload = json.loads(body)  # parse_request already proved it is a JSON object
+    if payload is None:
+        payload = json.loads(body)  # parse_request already proved it is a JSON object
     plan = plan_for(kind, payload)
     if isinstance(plan, str):
         return body, Continuation(path, headers, info, None, plan)

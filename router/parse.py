@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -85,13 +86,19 @@ def _too_large(limit: int) -> ApiError:
 
 
 def parse_request(body: bytes, content_type: str) -> RequestInfo:
-    """What the balancer needs from the body; the body itself is forwarded untouched.
+    """What the balancer needs from the body; the body itself is forwarded untouched."""
+    return parse_body(body, content_type)[0]
+
+
+def parse_body(body: bytes, content_type: str) -> tuple[RequestInfo, dict[str, Any] | None]:
+    """parse_request's RequestInfo and the parsed JSON object (None for multipart), so that
+    what else reads the body (router.continuation) does not parse it again.
 
     Multipart bodies (audio uploads) are not parsed: they go to any healthy replica.
     """
     prompt_tokens = len(body) // BYTES_PER_TOKEN
     if content_type.startswith("multipart/"):
-        return RequestInfo(model=None, prompt_tokens=prompt_tokens)
+        return RequestInfo(model=None, prompt_tokens=prompt_tokens), None
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -112,13 +119,14 @@ def parse_request(body: bytes, content_type: str) -> RequestInfo:
     max_tokens = payload.get("max_tokens", payload.get("max_completion_tokens"))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         max_tokens = None
-    return RequestInfo(
+    info = RequestInfo(
         model=model,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
         stream=payload.get("stream") is True,
         prefix=request_prefix(model, payload),
     )
+    return info, payload
 
 
 def forward_path(request: web.Request) -> str:

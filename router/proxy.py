@@ -18,7 +18,7 @@ from vllm_fleet.router.context import ROUTER
 from vllm_fleet.router.continuation import prepare as prepare_continuation
 from vllm_fleet.router.failover import ReplicasExhausted, failure_response, send_with_failover
 from vllm_fleet.router.middleware import exchange_of
-from vllm_fleet.router.parse import forward_path, parse_request, read_body, upstream_headers
+from vllm_fleet.router.parse import forward_path, parse_body, read_body, upstream_headers
 from vllm_fleet.router.priority import classify, is_batch
 from vllm_fleet.router.relay import buffered_response, relay_stream
 from vllm_fleet.router.upstream import UpstreamFailure, finish
@@ -30,14 +30,15 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     exchange = exchange_of(request)
     path = forward_path(request)
     body = await read_body(request, ctx.config.max_body_bytes, ctx.config.body_timeout_s)
-    info = classify(parse_request(body, request.content_type), request.headers)
+    parsed, payload = parse_body(body, request.content_type)
+    info = classify(parsed, request.headers)
     if ctx.tokenizers is not None:  # vLLM's block hashes of the prompt, off the event loop
         info = await ctx.tokenizers.attach(ctx.fleet, info, body)
     exchange.model = info.model
     headers = upstream_headers(request.headers, exchange.request_id)
     resume = None
     if ctx.config.stream_continuation:
-        body, resume = prepare_continuation(path, info, headers, body)
+        body, resume = prepare_continuation(path, info, headers, body, payload)
     if is_batch(info):  # batch yields to interactive traffic (router.priority)
         await ctx.batch_gate.wait_for_room(lambda: ctx.fleet.candidates(info.model))
     try:

@@ -116,7 +116,9 @@ class Stitcher:
     _buffer: bytes = b""
     #: Events whose tokens have no text yet, not relayed until text (or the end) follows.
     _held: list[bytes] = field(default_factory=list)
-    _texts: list[str] = field(default_factory=list)
+    #: The text of the relayed tokens: str, or the raw JSON string content (bytes) of events
+    #: the fast path read, decoded only when a break needs the text.
+    _texts: list[str | bytes] = field(default_factory=list)
     #: Tokens of the continuation segments before the current one (usage is per replica).
     _base: int = 0
     _id: str | None = None
@@ -130,20 +132,35 @@ class Stitcher:
     # -- relaying --
 
     def feed(self, chunk: bytes) -> bytes:
-        """The bytes to relay for ``chunk``: whole events only, rewritten as needed."""
+        """The bytes to relay for ``chunk``: whole events only, rewritten as needed.
+
+        Per event of the first replica's stream (one per token), the work is one split, one
+        compiled match and a slice that cuts the usage out; the text stays bytes until a break
+        needs it (``_text_so_far``).
+        """
         data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        events = data.split(b"\n\n")
+        rest = events.pop()
+        if not events:
             if len(data) > MAX_EVENT_BYTES:
                 self._spoil("an event without an end (not an SSE stream)")
                 self._buffer = b""
                 return data
             self._buffer = data
             return b""
-        self._buffer = data[end + 2 :]
+        self._buffer = rest
         out: list[bytes] = []
-        for event in data[:end].split(b"\n\n"):
-            self._event(event, out)
+        fast = _FAST[self.plan.kind] if self.segment == 0 and self._id is not None else None
+        for event in events:
+            if not event:
+                continue
+            if fast is not None and event.startswith(b"data: {"):
+                start = event.find(_CHOICES)
+                match = fast.fullmatch(event, start) if start > 0 else None
+                if match is not None:
+                    self._fast_token(event, match, out)
+                    continue
+            self._parsed(event, out)
         return b"".join(out)
 
     def end(self) -> bytes:
@@ -153,26 +170,27 @@ class Stitcher:
         self._buffer = b""
         return rest
 
-    def _event(self, event: bytes, out: list[bytes]) -> None:
-        if not event:
+    def _fast_token(self, event: bytes, match: re.Match[bytes], out: list[bytes]) -> None:
+        """A token event of the first replica's stream, read by its fast_match."""
+        raw, finish, tokens = match.group("text", "finish", "tokens")
+        if not self.plan.client_continuous:
+            start, end = match.span("usage")
+            event = event[:start] + event[end:]
+        total = int(tokens)  # segment 0: no base
+        if not raw and finish is None and (total > self.sent or self._held):
+            self._held.append(event)  # its tokens' text is still to come
             return
-        fast = None
-        if self.segment == 0 and self._id is not None:
-            fast = fast_match(self.plan.kind, event)
-        if fast is not None:
-            raw = fast["text"]
-            try:
-                text = raw.decode() if b"\\" not in raw else json.loads(b'"' + raw + b'"')
-            except ValueError:
-                self._spoil("a chunk whose text is not valid UTF-8")
-                text = ""
-            if not self.plan.client_continuous:
-                event = event[: fast.start("usage")] + event[fast.end("usage") :]
-            finish = fast["finish"]
-            reason = None if finish is None else finish.decode()
-            self._token(event, text, int(fast["tokens"]), reason, out)
-            return
-        self._parsed(event, out)
+        if self._held:
+            out.extend(e + b"\n\n" for e in self._held)
+            self._held.clear()
+        out.append(event)
+        out.append(b"\n\n")
+        if total > self.sent:
+            self.sent = total
+        if raw:
+            self._texts.append(raw)  # JSON-escaped UTF-8, decoded at a break
+        if finish is not None:
+            self._finish = finish.decode()
 
     def _token(
         self, event: bytes, text: str, tokens: int, finish: str | None, out: list[bytes]
@@ -337,8 +355,25 @@ class Stitcher:
             return Refused("limit", f"the stream was already continued {self.segment} times")
         if self._finish is not None or self.sent >= self.plan.limit:
             return Resume(None, self._tail(), self.sent)
-        text = "".join(self._texts)
+        text = self._text_so_far()
+        if text is None:
+            return Refused("stream", "a chunk whose text is not valid UTF-8")
         return Resume(continuation_body(self.plan, text, self.sent), sent=self.sent)
+
+    def _text_so_far(self) -> str | None:
+        """The text the client holds, or None when a chunk's text is not valid UTF-8."""
+        parts: list[str] = []
+        for piece in self._texts:
+            if isinstance(piece, str):
+                parts.append(piece)
+                continue
+            try:
+                parts.append(
+                    piece.decode() if b"\\" not in piece else json.loads(b'"' + piece + b'"')
+                )
+            except ValueError:
+                return None
+        return "".join(parts)
 
     def next_segment(self) -> None:
         """A continuation's stream starts: its usage counts from zero again."""

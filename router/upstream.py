@@ -134,6 +134,20 @@ class IdleWatchdog:
         self.read_since: float | None = None
         self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + idle_s, self._check)
 
+    @classmethod
+    def of(
+        cls, response: aiohttp.ClientResponse, idle_s: float, loop: asyncio.AbstractEventLoop
+    ) -> IdleWatchdog:
+        """The watchdog of a stream being relayed, in place of the session's sock_read.
+
+        sock_read bounds the same wait, but aiohttp re-arms its timer on every packet received
+        (a cancel and a call_later per chunk); from here on this one timer per stream does.
+        """
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = None  # reset for the connection's next request
+        return cls(response.content, idle_s, loop)
+
     def _check(self) -> None:
         now = self._loop.time()
         since = self.read_since
