@@ -150,11 +150,13 @@ class Stitcher:
             return b""
         self._buffer = rest
         out: list[bytes] = []
-        fast = _FAST[self.plan.kind] if self.segment == 0 and self._id is not None else None
+        fast = _FAST[self.plan.kind] if self.segment == 0 else None
         for event in events:
             if not event:
                 continue
-            if fast is not None and event.startswith(b"data: {"):
+            # the first event (parsed whole) sets _id: the events after it, in the same chunk
+            # too, take the fast path
+            if fast is not None and self._id is not None and event.startswith(b"data: {"):
                 start = event.find(_CHOICES)
                 match = fast.fullmatch(event, start) if start > 0 else None
                 if match is not None:
