@@ -62,7 +62,10 @@ def _single(
     """One model: exactly the single-model plan (replica names as before, ``replica-i``)."""
     count = req.replicas if isinstance(req.replicas, int) else None
     layout = plan(inventory, sizes.get(req.name), dataclasses.replace(req.options, replicas=count))
-    replicas = tuple(dataclasses.replace(r, served_model=req.name) for r in layout.replicas)
+    lora = _lora_paths(req)
+    replicas = tuple(
+        dataclasses.replace(r, served_model=req.name, lora_paths=lora) for r in layout.replicas
+    )
     layout = dataclasses.replace(layout, replicas=replicas)
     asked = "as many as fit" if count is None else str(count)
     return FleetPlan(
@@ -77,6 +80,10 @@ def slug(name: str) -> str:
     """A replica name part from a model name: container, compose service and DNS safe."""
     text = re.sub(r"[^a-z0-9]+", "-", name.rsplit("/", 1)[-1].lower()).strip("-")
     return text[:40].rstrip("-") or "model"
+
+
+def _lora_paths(req: ModelRequest) -> tuple[str, ...]:
+    return tuple(path for _, path in req.options.lora_modules)
 
 
 def _asked(req: ModelRequest) -> str:
@@ -289,7 +296,9 @@ class _Placement:
                 prefix = f"{prefix}-m{i}"
             replicas = [r for p in plans for r in p.replicas]
             renamed = tuple(
-                dataclasses.replace(r, name=f"{prefix}-{k}", served_model=req.name)
+                dataclasses.replace(
+                    r, name=f"{prefix}-{k}", served_model=req.name, lora_paths=_lora_paths(req)
+                )
                 for k, r in enumerate(replicas)
             )
             # auto models are planned one replica at a time: the first plan's notes say why.

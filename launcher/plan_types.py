@@ -135,6 +135,9 @@ class ReplicaSpec(ServerSpec):
     #: the port the replica publishes vLLM KV events on (the router subscribes; a container
     #: runtime publishes it next to ``port``); None when it publishes none we know of.
     kv_events_port: int | None = None
+    #: LoRA adapters' paths or hub ids (from lora_modules): a container runtime mounts the local
+    #: ones, as it mounts a local model.
+    lora_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

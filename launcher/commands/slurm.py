@@ -117,6 +117,11 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     if args.setup:
         overrides["slurm.setup"] = [*config.slurm.setup, *args.setup]
     config = config.with_overrides(overrides)
+    if config.models:
+        raise ConfigError(
+            f"{args.config}: models: a SLURM job serves one model; write a fleet file per model "
+            "(model: at the top) and submit one job each"
+        )
     if config.engine == "sim" and not config.model:
         config = config.with_overrides({"model": SIM_MODEL})
     if not config.model:

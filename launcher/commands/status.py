@@ -119,8 +119,8 @@ def _print_status(
         for model, units in groups.items():
             up = sum(1 for u in units if u.state == "healthy")
             print(f"  {model}: {up}/{len(units)} replicas healthy", file=out)
-    header: tuple[str, ...] = ("NAME", "STATE", "HEALTH", "PORT", "GPUS", "PGID/CONTAINER", "RESTARTS",
-              "IN-FLIGHT", "WAITING", "RUNNING", "SERVED")  # fmt: skip
+    header: tuple[str, ...] = ("NAME", "STATE", "HEALTH", "PORT", "GPUS", "PGID/CONTAINER",
+                               "RESTARTS", "IN-FLIGHT", "WAITING", "RUNNING", "SERVED")  # fmt: skip
     several = len(groups) > 1
     if several:  # a MODEL column only where it tells the rows apart
         header = (header[0], "MODEL", *header[1:])

@@ -176,6 +176,7 @@ def read_plan_file(path: Path) -> tuple[str, tuple[ReplicaSpec, ...]]:
                 command=tuple(str(c) for c in r["command"]),
                 env={str(k): str(v) for k, v in r["env"].items()},
                 served_model=str(r.get("served_model", "")),
+                lora_paths=tuple(str(p) for p in r.get("lora_paths", ())),
                 kv_events_port=int(r["kv_events_port"]) if r.get("kv_events_port") else None,
             )
             for r in data["replicas"]

@@ -166,8 +166,9 @@ def container_config(
     argv = listen_everywhere(spec.command, spec.host)
     if _PYTHON.match(Path(argv[0]).name):
         argv[0] = "python3"
-    model = spec.model if isinstance(spec, ReplicaSpec) else ""
-    binds = [(model, model, True)] if model.startswith("/") and is_dir(model) else []
+    paths = [spec.model, *spec.lora_paths] if isinstance(spec, ReplicaSpec) else []
+    # a local model or adapter directory is mounted at the same path, read-only.
+    binds = [(p, p, True) for p in dict.fromkeys(paths) if p.startswith("/") and is_dir(p)]
     environment = {"PYTHONUNBUFFERED": "1"}
     env = host_env if host_env is not None else {}
     environment.update({k: env[k] for k in PASSTHROUGH_ENV if env.get(k)})

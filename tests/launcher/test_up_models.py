@@ -98,3 +98,21 @@ def test_compose_writes_every_models_replicas(tmp_path: Path) -> None:
     assert backends == "http://chat-0:9001,http://chat-1:9002,http://small-0:9003"
     command = services["small-0"]["entrypoint"]
     assert command[command.index("--lora-modules") + 1] == "sql=/adapters/sql"
+
+
+def test_docker_mounts_local_adapters_and_slurm_refuses_several_models(tmp_path: Path) -> None:
+    from vllm_fleet.launcher.commands.plan_fleet import plan_fleet_config
+    from vllm_fleet.launcher.config import load_config
+    from vllm_fleet.launcher.runtime.docker import DockerSettings, container_config
+
+    adapter = tmp_path / "sql-lora"
+    adapter.mkdir()
+    config = models_yaml(tmp_path, 8000, 9001)
+    config.write_text(config.read_text().replace("/adapters/sql", str(adapter)))
+    fleet = plan_fleet_config(load_config(config), source=str(config))
+    small = next(r for r in fleet.replicas if r.served_model == "small")
+    binds = container_config(small, DockerSettings(fleet="f")).binds
+    assert (str(adapter), str(adapter), True) in binds
+    result = cli("slurm", "--config", str(config), "--nodes", "1", "-o", str(tmp_path / "j.sh"))
+    assert result.returncode == 2
+    assert "models: a SLURM job serves one model" in result.stderr
