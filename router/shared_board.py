@@ -19,7 +19,8 @@ Two kinds of writer, never two writers of one field:
 
 A slot is reused for another replica only once every worker's in-flight cell for it is zero
 (a worker may still be finishing requests on a replica discovery removed); ``SERVED_BASE``
-holds what the previous replica's served cells summed to, so counts start at zero.
+and ``EJECTIONS_BASE`` hold what the previous replica's cells summed to, so counts start at
+zero.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ WORKER_WORDS = 4
 
 # Numeric fields of a slot (doubles); None is stored as NaN.
 (
-    SEQ, GEN, SERVED_BASE, CHECKS, CHECK_OK, CHECK_REFUSED, HEALTHY, BREAKER, EJECTIONS,
+    SEQ, GEN, SERVED_BASE, CHECKS, CHECK_OK, CHECK_REFUSED, HEALTHY, BREAKER, EJECTIONS_BASE,
     SCRAPED_AT, RUNNING, WAITING, KV, IN_FLIGHT_AT_SCRAPE, GEN_TOKENS, TOKEN_S,
     BATCH_SLOWDOWN, BATCH_LIMIT, PEAK_RUNNING, PREFILL_S, OBSERVATIONS, RECENT_TOKENS,
     RECENT_FINISHED,
@@ -53,7 +54,9 @@ WORKER_WORDS = 4
 NUMBERS = 24
 SLOT_BYTES = NUMBERS * 8 + URL_BYTES + MODELS_BYTES + ERROR_BYTES
 BREAKERS = (Breaker.CLOSED, Breaker.OPEN, Breaker.HALF_OPEN)
-IN_FLIGHT, SERVED = 0, 1
+#: The per-worker cells of a slot: requests in flight, requests served, breaker ejections.
+IN_FLIGHT, SERVED, EJECTIONS = 0, 1, 2
+CELLS = 3
 
 
 def _nan(value: float | None) -> float:
@@ -107,13 +110,14 @@ class Board:
         self.workers = self._q[2]
         self._slot0 = HEADER_WORDS + self.workers * WORKER_WORDS
         self._cells0 = self._slot0 + self.slots * SLOT_BYTES // 8
-        if len(self._q) != self._cells0 + self.workers * self.slots * 2:
+        if len(self._q) != self._cells0 + self.workers * self.slots * CELLS:
             raise ValueError(f"{path} does not have a router board's size")
 
     @classmethod
     def create(cls, workers: int, slots: int = MAX_SLOTS) -> Board:
         size = (
-            8 * (HEADER_WORDS + workers * WORKER_WORDS + workers * slots * 2) + slots * SLOT_BYTES
+            8 * (HEADER_WORDS + workers * WORKER_WORDS + workers * slots * CELLS)
+            + slots * SLOT_BYTES
         )
         fd, path = tempfile.mkstemp(prefix="vllm-fleet-router-", suffix=".board", dir=board_dir())
         try:
@@ -155,7 +159,7 @@ class Board:
 
     def cell(self, worker: int, slot: int, kind: int) -> int:
         """Index of one worker's count for one slot (for ``add`` and ``value``)."""
-        return self._cells0 + (worker * self.slots + slot) * 2 + kind
+        return self._cells0 + (worker * self.slots + slot) * CELLS + kind
 
     def add(self, cell: int, delta: int) -> None:
         """Add to a cell; only its worker calls this, so read-then-write loses nothing."""
@@ -168,7 +172,11 @@ class Board:
         """A slot's count summed over every worker's cell."""
         # The cells are the file's last region: a strided slice from the slot's cell of worker
         # 0 holds exactly one cell per worker (a third of the cost of indexing each).
-        return sum(self._q[self._cells0 + slot * 2 + kind :: self.slots * 2])
+        return sum(self._q[self._cells0 + slot * CELLS + kind :: self.slots * CELLS])
+
+    def maximum(self, slot: int, kind: int) -> int:
+        """A slot's count in the worker whose cell holds the most."""
+        return max(self._q[self._cells0 + slot * CELLS + kind :: self.slots * CELLS])
 
     def clear_worker(self, worker: int) -> None:
         """Zero a dead worker's in-flight cells: its requests died with it."""
@@ -195,20 +203,28 @@ class Board:
         return self._d[self._n(slot) + field]
 
     def allocate(self, url: str) -> int | None:
-        """A free slot for ``url`` (None when the board is full or the URL does not fit)."""
+        """A free slot for ``url`` (None when the board is full or the URL does not fit).
+
+        A never used slot first, so counts carry over only once the board has seen
+        ``slots`` replicas; a used one only when no worker has a request left on it.
+        """
         if len(url.encode()) > URL_BYTES - 2:
             return None
-        for slot in range(self.slots):
-            free = self.gen(slot) == 0.0
-            if free and all(
-                self.value(self.cell(w, slot, IN_FLIGHT)) == 0 for w in range(self.workers)
-            ):
-                # GEN is the sequence number this publication ends with: unique per assignment.
-                numbers = {SERVED_BASE: float(self.total(slot, SERVED)), GEN: self.seq(slot) + 2}
-                self.publish(slot, numbers, url=url)
-                self._q[3] = max(self._q[3], slot + 1)
-                return slot
+        free = [s for s in range(self.slots) if self.gen(s) == 0.0]
+        fresh = [s for s in free if s >= self.used]
+        idle = [s for s in free if self._idle(s)]
+        for slot in fresh[:1] or idle[:1]:
+            numbers = {SERVED_BASE: float(self.total(slot, SERVED))}
+            numbers[EJECTIONS_BASE] = float(self.maximum(slot, EJECTIONS))
+            # GEN is the sequence number this publication ends with: unique per assignment.
+            numbers[GEN] = self.seq(slot) + 2
+            self.publish(slot, numbers, url=url)
+            self._q[3] = max(self._q[3], slot + 1)
+            return slot
         return None
+
+    def _idle(self, slot: int) -> bool:
+        return all(self.value(self.cell(w, slot, IN_FLIGHT)) == 0 for w in range(self.workers))
 
     def free(self, slot: int) -> None:
         self.publish(slot, {GEN: 0.0}, url="")
@@ -273,7 +289,6 @@ def replica_numbers(r: ReplicaState) -> dict[int, float]:
         CHECK_REFUSED: float(r.check_refused),
         HEALTHY: float(r.healthy),
         BREAKER: float(BREAKERS.index(r.breaker)),
-        EJECTIONS: float(r.ejections),
         SCRAPED_AT: r.scraped_at,
         RUNNING: r.running,
         WAITING: r.waiting,
@@ -309,7 +324,7 @@ def apply_scrape(r: ReplicaState, view: SlotView) -> None:
 
 
 class SharedReplica(ReplicaState):
-    """A replica record whose ``in_flight`` and ``served`` are the whole router's counts.
+    """A replica record whose ``in_flight``, ``served`` and ``ejections`` are the whole router's.
 
     Reading either sums the slot's cells over every worker; writing it (the proxy's
     ``replica.in_flight += 1``) adds the difference to the last read to this worker's own cell.
@@ -323,6 +338,7 @@ class SharedReplica(ReplicaState):
     worker: int | None = None
     _seen_in_flight: int = 0
     _seen_served: int = 0
+    _seen_ejections: int = 0
 
     def bind(self, board: Board, slot: int, worker: int | None) -> SharedReplica:
         self.board, self.slot, self.gen, self.worker = board, slot, board.gen(slot), worker
@@ -352,6 +368,25 @@ class SharedReplica(ReplicaState):
     @served.setter
     def served(self, value: int) -> None:
         self._seen_served = self._write(SERVED, value - self._seen_served, value)
+
+    @property
+    def ejections(self) -> int:
+        """The most ejections any worker's breaker made: every worker applies the same failed
+        health checks, so a sum would count one failing replica once per worker."""
+        board = self.board
+        if board is None:
+            return self._seen_ejections
+        base = int(board.read_number(self.slot, EJECTIONS_BASE))
+        return max(0, board.maximum(self.slot, EJECTIONS) - base)
+
+    @ejections.setter
+    def ejections(self, value: int) -> None:
+        # health.eject does ``r.ejections += 1``: one more for this worker's own breaker.
+        delta = value - self.ejections
+        self._seen_ejections = value
+        board, worker = self.board, self.worker
+        if board is not None and worker is not None and delta > 0:
+            board.add(board.cell(worker, self.slot, EJECTIONS), delta)
 
     def _write(self, kind: int, delta: int, value: int) -> int:
         board, worker = self.board, self.worker

@@ -116,9 +116,9 @@ def test_workers_flag_parses_counts_and_auto() -> None:
 
 
 def test_in_flight_and_served_are_summed_over_workers_cells() -> None:
-    """Each worker adds to its own cell; every reader sees the sum; a freed slot's counts do
-    not leak into the next replica that takes it."""
-    board = Board.create(workers=2, slots=4)
+    """Each worker adds to its own cell; every reader sees the sum (ejections: the most any
+    worker made); a freed slot's counts do not leak into the next replica that takes it."""
+    board = Board.create(workers=2, slots=1)
     try:
         slot = board.allocate("http://a:1")
         assert slot is not None
@@ -137,13 +137,18 @@ def test_in_flight_and_served_are_summed_over_workers_cells() -> None:
         a1.in_flight -= 1
         a0.served += 1
         assert (a0.in_flight, a1.served) == (2, 1)
+        a0.ejections += 1  # both breakers eject on the same failed checks: counted once
+        a1.ejections += 1
+        a1.ejections += 1  # and worker 1 once more, on requests it saw fail
+        assert a0.ejections == a1.ejections == 2
+        board.free(slot)
+        assert board.allocate("http://b:2") is None  # a request still runs there
         a0.in_flight -= 1
         a1.in_flight -= 1
-        board.free(slot)
         again = board.allocate("http://b:2")
-        assert again == slot  # no request left on it: reusable, served starts over
+        assert again == slot  # no request left on it: reusable, counts start over
         b = SharedReplica(url="http://b:2").bind(board, slot, None)
-        assert (b.in_flight, b.served) == (0, 0)
+        assert (b.in_flight, b.served, b.ejections) == (0, 0, 0)
         for link in links:
             link.board.close()
     finally:
