@@ -227,15 +227,22 @@ async def test_shared_prefixes_hit_more_through_the_cost_router_than_least_busy(
     """8 new groups x 4 questions per router, one request at a time (no group shared between
     the runs, so one run's cache does not help the other); hit rate from the replicas' own
     counters. Best possible ~0.67 (each group's first request misses; a repeat finds its
-    whole 128-token blocks). Measured: cost 0.63-0.65, least-busy 0.46.
+    whole 128-token blocks). Measured: cost 0.63-0.65, least-busy 0.46; cost with precise
+    matching (--kv-events auto) as well (its first requests are approximate while the
+    tokenizer loads).
 
     One at a time because on this 2-core box the two replicas share the cores, their learned
     step times differ up to 5x from scrape to scrape, and with 4 in flight that difference,
     not the cache, decides the placement (cost 0.46-0.53, least-busy 0.51-0.54 there)."""
     servers = [s for s, _ in replicas_with_events]
     rates = {}
-    for policy, groups in (("cost", range(10, 18)), ("least-busy", range(20, 28))):
-        router = router_over(servers, tmp_path, "--policy", policy, name=f"router-{policy}")
+    runs: tuple[tuple[str, range, tuple[str, ...]], ...] = (
+        ("cost", range(10, 18), ("--policy", "cost")),
+        ("least-busy", range(20, 28), ("--policy", "least-busy")),
+        ("cost-precise", range(30, 38), ("--policy", "cost", "--kv-events", "auto")),
+    )
+    for policy, groups, flags in runs:
+        router = router_over(servers, tmp_path, *flags, name=f"router-{policy}")
         try:
             hits, queries = prefix_counters(servers)
             await shared_prefix_run(router, groups=groups, questions=4, concurrency=1)
@@ -246,6 +253,8 @@ async def test_shared_prefixes_hit_more_through_the_cost_router_than_least_busy(
     print(f"vllm:prefix_cache_hits rate: {rates}", file=sys.stderr)
     assert rates["cost"] > rates["least-busy"]
     assert rates["cost"] > 0.5
+    assert rates["cost-precise"] > rates["least-busy"]
+    assert rates["cost-precise"] > 0.5
 
 
 def replica_hits(server: Server) -> tuple[float, float]:
