@@ -125,4 +125,3 @@ def _check_lora(modules: dict[str, str], key: str, source: str, extra: tuple[str
             f"{source}: {key}: adapters also given as --lora-modules in extra_args; list them "
             "in lora_modules only"
         )
-
