@@ -327,6 +327,12 @@ class ReplicaPrefixes:
         return min(TOKEN_SCALE_MAX, max(TOKEN_SCALE_MIN, self.measured_queries / estimated))
 
     @property
+    def counters(self) -> tuple[float, float, float] | None:
+        """The last prefix-cache counters folded in: (hits, queries, monotonic time of the
+        scrape); router workers replay them (vllm_fleet.router.shared_board)."""
+        return self._counters
+
+    @property
     def measured_hit_rate(self) -> float | None:
         """Share of the replica's queried prompt tokens it found cached (its own counters)."""
         return self.measured_hits / self.measured_queries if self.measured_queries > 0 else None

@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_fleet.router.prefix_index import BLOCK_BYTES, BYTES_PER_TOKEN, ReplicaPrefixes
 from vllm_fleet.router.state import Breaker, ReplicaState
 
 MAGIC = int.from_bytes(b"VFLEETB1", "little")
@@ -49,9 +50,9 @@ WORKER_WORDS = 4
     SEQ, GEN, SERVED_BASE, CHECKS, CHECK_OK, CHECK_REFUSED, HEALTHY, BREAKER, EJECTIONS_BASE,
     SCRAPED_AT, RUNNING, WAITING, KV, IN_FLIGHT_AT_SCRAPE, GEN_TOKENS, TOKEN_S,
     BATCH_SLOWDOWN, BATCH_LIMIT, PEAK_RUNNING, PREFILL_S, OBSERVATIONS, RECENT_TOKENS,
-    RECENT_FINISHED,
-) = range(23)  # fmt: skip
-NUMBERS = 24
+    RECENT_FINISHED, PREFIX_CAPACITY, PREFIX_BLOCK_TOKENS, PREFIX_HITS, PREFIX_QUERIES, PREFIX_AT,
+) = range(28)  # fmt: skip
+NUMBERS = 28
 SLOT_BYTES = NUMBERS * 8 + URL_BYTES + MODELS_BYTES + ERROR_BYTES
 BREAKERS = (Breaker.CLOSED, Breaker.OPEN, Breaker.HALF_OPEN)
 #: The per-worker cells of a slot: requests in flight, requests served, breaker ejections.
@@ -303,6 +304,20 @@ def replica_numbers(r: ReplicaState) -> dict[int, float]:
         OBSERVATIONS: float(s.observations),
         RECENT_TOKENS: s.recent_tokens,
         RECENT_FINISHED: s.recent_finished,
+        **prefix_numbers(r.prefixes),
+    }
+
+
+def prefix_numbers(p: ReplicaPrefixes) -> dict[int, float]:
+    """The prefix record's size and the replica's prefix-cache counters, as the supervisor's
+    scrapes set them (vllm_fleet.router.scrape.apply_prefix_metrics)."""
+    hits, queries, at = p.counters or (math.nan, math.nan, math.nan)
+    return {
+        PREFIX_CAPACITY: float(p.capacity),
+        PREFIX_BLOCK_TOKENS: float(p.block_tokens),
+        PREFIX_HITS: hits,
+        PREFIX_QUERIES: queries,
+        PREFIX_AT: at,
     }
 
 
@@ -321,6 +336,21 @@ def apply_scrape(r: ReplicaState, view: SlotView) -> None:
     s.prefill_s_per_token = v(PREFILL_S)
     s.observations = int(v(OBSERVATIONS))
     s.recent_tokens, s.recent_finished = v(RECENT_TOKENS), v(RECENT_FINISHED)
+    apply_prefix_numbers(r.prefixes, view)
+
+
+def apply_prefix_numbers(p: ReplicaPrefixes, view: SlotView) -> None:
+    """Size a worker's prefix record as the supervisor sized its own, and fold the replica's
+    prefix-cache counters in, so this worker's trust compares the replica's measured hit rate
+    with what this worker predicted."""
+    v = view.number
+    capacity, block_tokens = int(v(PREFIX_CAPACITY)), int(v(PREFIX_BLOCK_TOKENS))
+    if capacity > 0 and (capacity, block_tokens) != (p.capacity, p.block_tokens):
+        # The cache size that gives exactly ``capacity`` keys under a budget of ``capacity``.
+        p.set_capacity((capacity + 1) * BLOCK_BYTES / BYTES_PER_TOKEN, block_tokens, capacity)
+    counters = (v(PREFIX_HITS), v(PREFIX_QUERIES), v(PREFIX_AT))
+    if not math.isnan(counters[0]) and counters != p.counters:
+        p.observe_counters(*counters)
 
 
 class SharedReplica(ReplicaState):

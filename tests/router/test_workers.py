@@ -201,6 +201,19 @@ async def test_two_workers_serve_share_one_in_flight_view_and_merge_metrics() ->
         served = sum(w["served"] for w in workers)
         assert served == held + 1
 
+        prefix: dict[int, dict[str, Any]] = {}
+
+        async def scrapes_shared() -> bool:
+            workers, replicas = await _same_worker(url, "/fleet/workers", "/fleet/replicas")
+            prefix[workers["answered_by"]] = replicas[0]["prefix_cache"]
+            return len(prefix) == 2 and all(
+                p["measured_hit_rate"] is not None for p in prefix.values()
+            )
+
+        # the replica's prefix-cache counters, scraped once by the supervisor, reach both
+        await poll("both workers knowing the replica's prefix-cache hit rate", scrapes_shared, 20.0)
+        assert prefix[0]["capacity"] == prefix[1]["capacity"]
+
 
 async def _metrics(url: str) -> Any:
     connector = aiohttp.TCPConnector(force_close=True)
