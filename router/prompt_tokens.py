@@ -67,7 +67,13 @@ TokenizerLoader = Callable[[str], Tokenizer | None]
 
 def load_tokenizer(root: str) -> Tokenizer | None:
     """The model's tokenizer from its root (a local path or a Hugging Face id); None, with one
-    log line naming the cause, when transformers is missing or the tokenizer does not load."""
+    log line naming the cause, when transformers is missing or the tokenizer does not load.
+
+    A root that is neither a directory here nor an ``org/name`` id (the simulator's model
+    name, say) names no tokenizer: refused before importing transformers (~5 s of CPU)."""
+    if not os.path.isdir(root) and ("/" not in root or os.path.isabs(root)):
+        log.info("precise prefix matching off for model root=%s: no tokenizer there", root)
+        return None
     try:
         from transformers import AutoTokenizer
     except ImportError:
