@@ -30,6 +30,7 @@ from vllm_fleet.launcher.commands.plan_fleet import plan_fleet_config, render_fl
 from vllm_fleet.launcher.commands.up import config_from_args
 from vllm_fleet.launcher.config import FleetConfig
 from vllm_fleet.launcher.errors import ConfigError
+from vllm_fleet.launcher.fleet_models import resolve_models
 from vllm_fleet.launcher.plan_types import FleetPlan, ReplicaSpec
 from vllm_fleet.launcher.rundir import atomic_write_text
 from vllm_fleet.launcher.runtime.docker import (
@@ -106,7 +107,13 @@ def run_compose(args: argparse.Namespace) -> int:
     cpu_image = args.cpu_image or (
         args.router_image if config.engine == "sim" else DEFAULT_CPU_IMAGE
     )
-    images = Images(gpu=args.gpu_image, cpu=cpu_image, router=args.router_image)
+    mixed = len({req.options.engine for req in resolve_models(config)}) > 1
+    images = Images(
+        gpu=args.gpu_image,
+        cpu=cpu_image,
+        router=args.router_image,
+        sim=args.router_image if mixed else None,
+    )
     source = args.config or "command-line flags"
     text = render_compose(
         compose_document(layout.replicas, config, images, args.project_name), source
@@ -131,6 +138,8 @@ class Images:
     gpu: str
     cpu: str
     router: str
+    #: sim replicas in a fleet whose other models run vLLM: the engine images lack the simulator.
+    sim: str | None = None
 
 
 def _escape(value: str) -> str:
@@ -140,7 +149,9 @@ def _escape(value: str) -> str:
 
 def replica_service(spec: ReplicaSpec, images: Images) -> dict[str, Any]:
     """One compose service from one replica spec, through the Docker runtime's translation."""
-    settings = DockerSettings(fleet="compose", gpu_image=images.gpu, cpu_image=images.cpu)
+    simulated = "vllm_fleet.launcher.cli" in spec.command and "sim" in spec.command
+    cpu_image = images.sim if simulated and images.sim else images.cpu
+    settings = DockerSettings(fleet="compose", gpu_image=images.gpu, cpu_image=cpu_image)
     container = container_config(spec, settings)
     environment = {k: _escape(v) for k, v in container.environment.items()}
     environment["HF_TOKEN"] = "${HF_TOKEN:-}"

@@ -147,6 +147,12 @@ def check_runtime_options(config: FleetConfig) -> None:
             f"--image {config.image}: only used with --runtime docker; add --runtime docker "
             "(runtime: docker in --config) or drop --image (image: in --config)"
         )
+    engines = {req.options.engine for req in resolve_models(config)}
+    if config.runtime == "docker" and len(engines) > 1:
+        raise ConfigError(
+            "models: engine: sim next to vLLM models runs only with runtime: process (the engine "
+            "images have no simulator); use runtime: process, or `vllm-fleet compose`"
+        )
     if config.runtime == "process":
         for req in resolve_models(config):
             if req.options.engine == "vllm":

@@ -116,3 +116,20 @@ def test_docker_mounts_local_adapters_and_slurm_refuses_several_models(tmp_path:
     result = cli("slurm", "--config", str(config), "--nodes", "1", "-o", str(tmp_path / "j.sh"))
     assert result.returncode == 2
     assert "models: a SLURM job serves one model" in result.stderr
+
+
+def test_a_sim_model_among_vllm_models(tmp_path: Path) -> None:
+    """compose runs it in the router image (which has the simulator); the docker runtime
+    refuses it in one line rather than start it in an engine image without one."""
+    config = tmp_path / "fleet.yaml"
+    config.write_text(
+        "gpus: none\nmodels:\n  - {model: org/chat}\n  - {model: echo, engine: sim}\n"
+    )
+    result = cli("compose", "--config", str(config), "--cpu-image", "cpu:1")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["chat-0"]["image"] == "cpu:1"
+    assert services["echo-0"]["image"] == "vllm-fleet-router:0.1.0"
+    up = cli("up", "--config", str(config), "--runtime", "docker", "--run-dir", str(tmp_path))
+    assert up.returncode == 2 and len(up.stderr.strip().splitlines()) == 1
+    assert "engine: sim next to vLLM models runs only with runtime: process" in up.stderr
