@@ -17,7 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>\S+) \((?P<file>[^:]+)(?::\d+)?\)$")
-_IDLE = ("select (selectors.py", "poll (selectors.py", "_run_once (asyncio/base_events.py")
+#: Leaf frames of a loop waiting for I/O (the standard loop's selector; py-spy leaves out
+#: uvloop's waits itself unless --native, where epoll_pwait shows up as busy).
+_IDLE = ("select (lib/selectors.py)", "poll (lib/selectors.py)", "epoll_pwait (libc.so.6)")
 
 
 def _name(frame: str) -> str:
@@ -42,8 +44,7 @@ def summarize(path: Path, top: int) -> str:
         if not frames:
             continue
         total += count
-        if any(frames[-1].startswith(i.split(" (")[0] + " (") and "selectors" in frames[-1]
-               for i in _IDLE[:2]):  # fmt: skip
+        if frames[-1] in _IDLE:
             idle += count
             continue
         self_time[frames[-1]] += count
