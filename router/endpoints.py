@@ -112,14 +112,16 @@ def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:
     }
 
 
-def _model_card(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "vllm-fleet"}
+def _model_card(model: str, created: int, parent: str | None = None) -> dict[str, Any]:
+    card = {"id": model, "object": "model", "created": created, "owned_by": "vllm-fleet"}
+    return card if parent is None else {**card, "parent": parent}  # a LoRA adapter's base
 
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the union of the healthy replicas' models, in OpenAI's list format."""
     ctx = request.app[ROUTER]
-    data = [_model_card(model, ctx.created) for model in ctx.fleet.served_models()]
+    parents = ctx.fleet.model_parents()
+    data = [_model_card(m, ctx.created, parents.get(m)) for m in ctx.fleet.served_models()]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -130,4 +132,4 @@ async def get_model(request: web.Request) -> web.Response:
     served = ctx.fleet.served_models()
     if model not in served:
         raise no_replica_error(ctx.fleet, model)
-    return web.json_response(_model_card(model, ctx.created))
+    return web.json_response(_model_card(model, ctx.created, ctx.fleet.model_parents().get(model)))

@@ -234,6 +234,15 @@ def _model_ids(payload: Any) -> frozenset[str]:
     return frozenset(i for i in ids if isinstance(i, str) and i)
 
 
+def _model_parents(payload: Any) -> dict[str, str]:
+    """LoRA adapters vLLM lists as models of their own, with the base model as ``parent``."""
+    return {
+        m["id"]: m["parent"]
+        for m in payload["data"]
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("parent"), str)
+    }
+
+
 async def _probe(
     session: aiohttp.ClientSession, r: ReplicaState, timeout: aiohttp.ClientTimeout
 ) -> CheckOutcome:
@@ -243,7 +252,9 @@ async def _probe(
             return CheckOutcome(False, detail=f"/health HTTP {resp.status}")
     r.health_checks += 1
     if not r.models or r.health_checks % MODELS_REFRESH_EVERY == 0:
-        models = _model_ids(await _get_json(session, f"{r.url}/v1/models", timeout))
+        payload = await _get_json(session, f"{r.url}/v1/models", timeout)
+        models = _model_ids(payload)
+        r.parents = _model_parents(payload)
         if not models:
             return CheckOutcome(False, detail="/v1/models lists no models")
         if models != r.models:

@@ -51,7 +51,11 @@ async def _parse(request: web.Request) -> dict[str, Any]:
 
 
 async def _call(
-    session: aiohttp.ClientSession, replica: ReplicaState, action: str, payload: dict[str, str]
+    session: aiohttp.ClientSession,
+    replica: ReplicaState,
+    action: str,
+    payload: dict[str, str],
+    model: str,
 ) -> dict[str, Any]:
     url = f"{replica.url}/v1/{action}_lora_adapter"
     try:
@@ -69,7 +73,11 @@ async def _call(
     ok = status == 200
     if ok:
         name = payload["lora_name"]
-        replica.models = replica.models | {name} if action == "load" else replica.models - {name}
+        if action == "load":
+            replica.models, replica.parents[name] = replica.models | {name}, model
+        else:
+            replica.models = replica.models - {name}
+            replica.parents.pop(name, None)
     return {"url": replica.url, "ok": ok, "status": status, "message": message}
 
 
@@ -109,7 +117,9 @@ async def fleet_lora(request: web.Request) -> web.Response:
             param="model",
             code="model_not_found",
         )
-    results = await asyncio.gather(*(_call(ctx.session, r, action, payload) for r in replicas))
+    results = await asyncio.gather(
+        *(_call(ctx.session, r, action, payload, model) for r in replicas)
+    )
     done = sum(1 for r in results if r["ok"])
     answer: dict[str, Any] = {
         "object": "fleet.lora",

@@ -88,6 +88,8 @@ class ReplicaState:
     in_flight_at_scrape: int = 0
     #: Model ids from GET /v1/models (served names and aliases).
     models: frozenset[str] = frozenset()
+    #: LoRA adapter id -> its base model (vLLM's ``parent`` in /v1/models).
+    parents: dict[str, str] = field(default_factory=dict)
     #: Total requests the router finished on this replica (for /fleet/replicas and tests).
     served: int = 0
     #: Outcome of the last active health check (GET /health). ``healthy`` is kept equal to
@@ -217,6 +219,10 @@ class Fleet:
     def ejected_count(self) -> int:
         """Replicas the circuit breaker holds out of rotation (OPEN or HALF_OPEN)."""
         return sum(1 for r in self.replicas.values() if r.breaker is not Breaker.CLOSED)
+
+    def model_parents(self) -> dict[str, str]:
+        """Adapter -> base model over healthy replicas (what /v1/models reports as parent)."""
+        return {a: p for r in self.healthy() for a, p in r.parents.items() if a in r.models}
 
     def served_models(self) -> list[str]:
         """Union of model ids over healthy replicas, sorted for stable output."""

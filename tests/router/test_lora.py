@@ -60,7 +60,7 @@ async def test_adapter_requests_reach_only_the_replicas_serving_it(
 ) -> None:
     status, models = await call("GET", f"{router.url}/v1/models")
     assert status == 200
-    assert {m["id"] for m in models["data"]} == {SIM_MODEL, "sql"}
+    assert {m["id"]: m.get("parent") for m in models["data"]} == {SIM_MODEL: None, "sql": SIM_MODEL}
     for _ in range(8):
         status, answer = await chat(router, "sql")
         assert status == 200 and answer["model"] == "sql"
@@ -87,6 +87,8 @@ async def test_fleet_lora_loads_and_unloads_on_every_replica(
     # the router serves it at once (no wait for the /v1/models refresh), on all three.
     for _ in range(6):
         assert (await chat(router, "math"))[0] == 200
+    _, card = await call("GET", f"{router.url}/v1/models/math")
+    assert card["parent"] == SIM_MODEL
     assert all(received(s) > 0 for s in sims)
     _, sim_models = await call("GET", f"{sims[2].url}/v1/models")
     card = next(m for m in sim_models["data"] if m["id"] == "math")
