@@ -232,8 +232,10 @@ def apply_batch(replica: ReplicaState, seq: int, events: Iterable[Event]) -> Non
         if event.medium in DEVICE_MEDIA:
             prefixes.correct(event.kind, event.hashes, event.block_size)
             held = prefixes.events
-            if isinstance(held, LiveBlockSet) and event.root_tokens is not None and event.hashes:
-                held.check_root(event.hashes[0], event.root_tokens, replica.url)
+            if isinstance(held, LiveBlockSet) and event.kind == "BlockStored":
+                held.confirm(event.hashes)
+                if event.root_tokens is not None and event.hashes:
+                    held.check_root(event.hashes[0], event.root_tokens, replica.url)
     if prefixes.events is not None:
         prefixes.events.note_seq(seq)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,14 @@ log = logging.getLogger("vllm_fleet.router")
 #: GET /v1/models of a subscribed replica (model roots and LoRA paths), its timeout and cap.
 MODELS_TIMEOUT_S = 2.0
 MAX_MODELS_BYTES = 1 << 20
+#: The token ids check: a precisely matched request's first uncached block must show up in the
+#: replica's BlockStored events (or its block set) within CONFIRM_S; after MIN_UNCONFIRMED
+#: misses and no confirmation at all, the router's rendering of the prompt is not vLLM's (a
+#: chat template it does not reproduce) and the replica is matched approximately. At most
+#: MAX_EXPECTED blocks are awaited at once.
+CONFIRM_S = 30.0
+MIN_UNCONFIRMED = 8
+MAX_EXPECTED = 64
 
 
 @dataclass
@@ -54,6 +63,47 @@ class LiveBlockSet(KvBlockSet):
     #: (comparable with the replica's vllm:prefix_cache_hits).
     precise_requests: int = 0
     precise_cached_tokens: int = 0
+    #: The token ids check (CONFIRM_S): blocks awaited (hash -> monotonic time sent), how many
+    #: showed up and how many did not; ``ids_match`` False once the check failed.
+    expected: dict[int, float] = field(default_factory=dict, repr=False)
+    ids_confirmed: int = 0
+    ids_unconfirmed: int = 0
+    ids_match: bool | None = None
+
+    def expect(self, block_hash: int, now: float, url: str) -> None:
+        """A request was sent that will store ``block_hash`` here if the router's token ids
+        are vLLM's; blocks awaited longer than CONFIRM_S are settled first."""
+        expected = self.expected
+        while expected:
+            oldest, at = next(iter(expected.items()))
+            if now - at <= CONFIRM_S:
+                break
+            del expected[oldest]
+            if oldest in self.hashes:  # stored by another request meanwhile
+                self.ids_confirmed += 1
+            else:
+                self.ids_unconfirmed += 1
+        if len(expected) < MAX_EXPECTED:
+            expected[block_hash] = now
+        failed = self.ids_unconfirmed >= MIN_UNCONFIRMED and self.ids_confirmed == 0
+        if failed and self.ids_match is None:
+            self.ids_match = False
+            log.warning(
+                "precise prefix matching off for url=%s: the blocks its requests should have "
+                "stored never appeared (the router renders or tokenizes prompts differently "
+                "from the replica); its requests are matched approximately",
+                url,
+            )
+
+    def confirm(self, hashes: Sequence[int | bytes]) -> None:
+        """BlockStored: the awaited blocks among ``hashes`` are confirmed."""
+        expected = self.expected
+        if not expected:
+            return
+        for block_hash in hashes:
+            if isinstance(block_hash, int) and expected.pop(block_hash, None) is not None:
+                self.ids_confirmed += 1
+                self.ids_match = True
 
     def check_root(self, published: int | bytes, tokens: tuple[int, ...], url: str) -> None:
         """Compare a root block's published hash with the router's hash of its tokens."""
@@ -74,7 +124,7 @@ class LiveBlockSet(KvBlockSet):
 def live_events(replica: ReplicaState) -> LiveBlockSet | None:
     """The replica's block set when this router follows its events and can match its hashes."""
     events = replica.prefixes.events
-    if isinstance(events, LiveBlockSet) and events.hashes_match is not False:
+    if isinstance(events, LiveBlockSet) and False not in (events.hashes_match, events.ids_match):
         return events
     return None
 
@@ -110,9 +160,15 @@ def note_sent(replica: ReplicaState, blocks: PromptBlocks | None) -> None:
         return
     hit = _precise_hit(replica, blocks)
     events = replica.prefixes.events
-    if hit is not None and isinstance(events, LiveBlockSet):
-        events.precise_requests += 1
-        events.precise_cached_tokens += hit
+    if hit is None or not isinstance(events, LiveBlockSet):
+        return
+    events.precise_requests += 1
+    events.precise_cached_tokens += hit
+    size = events.block_size or replica.prefixes.block_tokens
+    hashes = blocks.hashes.get(size, ())
+    first = hit // size  # the first block the replica computes, unless it holds it already
+    if first < len(hashes) and hashes[first] not in events.hashes:
+        events.expect(hashes[first], time.monotonic(), replica.url)
 
 
 def live_view(events: KvBlockSet) -> dict[str, Any]:
@@ -123,6 +179,9 @@ def live_view(events: KvBlockSet) -> dict[str, Any]:
         "hashes_match": events.hashes_match,
         "precise_requests": events.precise_requests,
         "precise_cached_tokens": events.precise_cached_tokens,
+        "ids_match": events.ids_match,
+        "ids_confirmed": events.ids_confirmed,
+        "ids_unconfirmed": events.ids_unconfirmed,
     }
 
 

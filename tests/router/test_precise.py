@@ -25,6 +25,8 @@ from vllm_fleet.router.block_hashes import (
 )
 from vllm_fleet.router.kv_events import apply_batch, decode_batch
 from vllm_fleet.router.precise import (
+    CONFIRM_S,
+    MIN_UNCONFIRMED,
     LiveBlockSet,
     ModelCard,
     cached_prefix_tokens,
@@ -255,3 +257,36 @@ async def test_a_tokenizer_that_does_not_load_leaves_requests_approximate() -> N
 
 def test_prompt_blocks_are_plain_data() -> None:
     assert PromptBlocks(tokens=3) == PromptBlocks(tokens=3, hashes={})
+
+
+def test_blocks_a_request_should_store_confirm_the_token_ids_or_turn_matching_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first uncached block of each precisely matched request must appear in the
+    replica's BlockStored events: once one does, the ids are vLLM's; never after
+    MIN_UNCONFIRMED misses, and the replica is matched approximately."""
+    blocks = prompt_blocks(list(range(64)), [16])
+    good = live_replica("http://good")
+    note_sent(good, blocks)
+    events = good.prefixes.events
+    assert isinstance(events, LiveBlockSet)
+    assert list(events.expected) == [blocks.hashes[16][0]]
+    payload = msgspec.msgpack.encode(
+        [0.0, [["BlockStored", list(blocks.hashes[16]), None, [], 16, None, "GPU"]], 0]
+    )
+    apply_batch(good, 0, decode_batch(payload))
+    assert (events.ids_confirmed, events.ids_match, events.expected) == (1, True, {})
+    note_sent(good, blocks)  # all cached now but the last token's block: nothing awaited
+    assert events.expected == {}
+
+    bad = live_replica("http://bad")
+    events = bad.prefixes.events
+    assert isinstance(events, LiveBlockSet)
+    with caplog.at_level(logging.WARNING, logger="vllm_fleet.router"):
+        for i in range(MIN_UNCONFIRMED):
+            events.expect(i, float(i), bad.url)
+        events.expect(99, CONFIRM_S + MIN_UNCONFIRMED, bad.url)  # settles the 8 old ones
+    assert (events.ids_confirmed, events.ids_unconfirmed) == (0, MIN_UNCONFIRMED)
+    assert events.ids_match is False
+    assert live_events(bad) is None
+    assert "never appeared" in caplog.text
