@@ -10,7 +10,14 @@ import subprocess
 import sys
 from collections import Counter
 
-from vllm_fleet.router.balancer import CostAware, RequestInfo, rendezvous
+from vllm_fleet.router.balancer import (
+    CostAware,
+    RequestInfo,
+    fleet_defaults,
+    rendezvous,
+    replica_speed,
+    request_cost,
+)
 from vllm_fleet.router.prefix_index import (
     BLOCK_BYTES,
     BYTES_PER_TOKEN,
@@ -167,3 +174,17 @@ def test_the_next_turn_counts_the_reply_the_holder_cached() -> None:
     holder.prefixes.reply_tokens = 90.0
     assert holder.prefixes.cached_tokens(keys) == before[0] + 90.0
     assert holder.prefixes.cached_tokens(fresh) == before[1] > 0
+
+
+def test_without_a_cached_prefix_the_cost_is_what_it_was() -> None:
+    """Traffic that shares no prefix (scenarios 1-3) is priced exactly as before: the guessed
+    queue counts in full wherever nothing of the prompt is cached."""
+    busy = replica("http://busy:1", in_flight=5)
+    info = request(SYSTEM + "a question nobody asked before")
+    default, typical = fleet_defaults([busy])
+    guessed = replica_speed(busy.speed, default)
+    assert guessed.limit_assumed and guessed.batch_limit == 3.0
+    measured = guessed._replace(limit_assumed=False)
+    assert request_cost(busy, info, guessed, typical, NOW) == request_cost(
+        busy, info, measured, typical, NOW
+    )
