@@ -236,6 +236,7 @@ async def run_batch_comparison(opts: Options, workdir: Path) -> dict[str, Any] |
     )
     run_batch_s = time.monotonic() - started_at
     (workdir / "run-batch.log").write_text(done.stdout + done.stderr)
+    run_batch_generation_s = _progress_seconds(done.stdout + done.stderr)
     if done.returncode != 0:
         return f"vllm run-batch failed: {done.stderr[-300:]}"
     out_lines = (workdir / "run-batch-out.jsonl").read_text().splitlines()
@@ -260,7 +261,7 @@ async def run_batch_comparison(opts: Options, workdir: Path) -> dict[str, Any] |
     ours: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return {
         "run_batch_s": run_batch_s,
-        "run_batch_generation_s": _progress_seconds(done.stdout + done.stderr),
+        "run_batch_generation_s": run_batch_generation_s,
         "run_batch_tokens": tokens,
         "run_batch_lines": len(out_lines),
         "replica_start_s": start_s,
