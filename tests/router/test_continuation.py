@@ -256,6 +256,29 @@ def test_the_first_body_asks_for_running_counts_without_re_encoding_the_prompt()
     assert json.loads(upstream_body(own, b"{}"))["stream_options"]["continuous_usage_stats"]
 
 
+def test_the_clients_own_stream_options_are_swapped_in_place_only_when_found_for_sure() -> None:
+    body = (
+        b'{"model": "m", "prompt": "caf\\u00e9", "max_tokens": 4, "stream": true, '
+        b'"stream_options": {"include_usage": true}}'
+    )
+    own = plan("completion", prompt="café", max_tokens=4, stream_options={"include_usage": True})
+    sent = upstream_body(own, body)
+    assert sent == (
+        b'{"model": "m", "prompt": "caf\\u00e9", "max_tokens": 4, "stream": true, '
+        b'"stream_options": {"include_usage":true,"continuous_usage_stats":true}}'
+    )
+    # a second member of that name (here in a chat's metadata): re-encoded, the metadata kept
+    chat = plan(
+        "chat",
+        metadata={"stream_options": {"include_usage": True}},
+        stream_options={"include_usage": True},
+    )
+    raw = json.dumps(dict(chat.payload)).encode()
+    sent = upstream_body(chat, raw)
+    assert json.loads(sent)["metadata"] == {"stream_options": {"include_usage": True}}
+    assert json.loads(sent)["stream_options"]["continuous_usage_stats"] is True
+
+
 def test_a_completion_continues_from_its_prompt_plus_the_text_sent() -> None:
     p = plan("completion", max_tokens=10, min_tokens=6)
     body = json.loads(continuation_body(p, " there was", 4))
