@@ -336,6 +336,7 @@ def apply_scrape(r: ReplicaState, view: SlotView) -> None:
     s.prefill_s_per_token = v(PREFILL_S)
     s.observations = int(v(OBSERVATIONS))
     s.recent_tokens, s.recent_finished = v(RECENT_TOKENS), v(RECENT_FINISHED)
+    r.prefixes.reply_tokens = s.tokens_per_request or 0.0  # as scrape.apply_prefix_metrics
     apply_prefix_numbers(r.prefixes, view)
 
 
