@@ -12,7 +12,8 @@ on the same replicas, interleaved):
 
 - ``stream``: 256-token chat answers streamed one SSE chunk per token, a token every 10 ms,
   16 in flight (scenario 1's data path: every chunk read and written on its own);
-- ``s5``: scenario 5's requests (16 tokens, 9 in 10 streamed) at 64 in flight;
+- ``s5``: scenario 5's requests (16 tokens, 9 in 10 streamed) at 64 in flight (``s5c1``: at 1,
+  for the added latency);
 - ``plain``: 16-token answers, not streamed;
 - ``idle``: no requests, what the background loops (health checks, scrapes, the hung-replica
   monitor) cost per second: it is in every scenario's figure, spread over its requests.
@@ -64,6 +65,7 @@ class Load:
 LOADS: dict[str, Load] = {
     "stream": Load(lambda i: RequestSpec(i, 0.0, PROMPT.format(i), 256, stream=True), 16, "paced"),
     "s5": Load(overhead_spec, 64),
+    "s5c1": Load(overhead_spec, 1),
     "plain": Load(lambda i: RequestSpec(i, 0.0, PROMPT.format(i), 16, stream=False), 64),
 }
 
@@ -75,6 +77,8 @@ class Result:
     errors: int
     cpu_s: float
     wall_s: float
+    #: Median send-to-last-byte of the successful requests (s); 0 when none.
+    p50_s: float = 0.0
 
     @property
     def ms_per_request(self) -> float:
@@ -113,7 +117,9 @@ async def run_load(
     if spy is not None:
         spy.wait(timeout=duration + 30)
     errors = sum(1 for r in records if not r.ok)
-    return Result(name, len(records), errors, cpu, wall)
+    latencies = [r.latency for r in records if r.ok]
+    p50 = statistics.median(latencies) if latencies else 0.0
+    return Result(name, len(records), errors, cpu, wall, p50)
 
 
 async def _start_router(
@@ -172,7 +178,8 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     print(
                         f"round {round_} {tag:12} {result.requests:6} req {result.errors} err "
                         f"{result.requests / result.wall_s:7.0f} req/s  "
-                        f"{result.ms_per_request:6.3f} ms/req  ({per_s:.0f} ms CPU per s)",
+                        f"{result.ms_per_request:6.3f} ms/req  ({per_s:.0f} ms CPU per s)  "
+                        f"p50 {1000 * result.p50_s:.2f} ms",
                         flush=True,
                     )
     finally:
@@ -196,9 +203,11 @@ def summary(results: list[Result]) -> str:
             continue
         ms = [r.ms_per_request for r in results if r.load == name]
         rate = [r.requests / r.wall_s for r in results if r.load == name]
+        p50 = [1000.0 * r.p50_s for r in results if r.load == name]
         lines.append(
             f"{name:6} ms/req: median {statistics.median(ms):.3f} ({min(ms):.3f}-{max(ms):.3f}); "
-            f"req/s median {statistics.median(rate):.0f} ({min(rate):.0f}-{max(rate):.0f})"
+            f"req/s median {statistics.median(rate):.0f} ({min(rate):.0f}-{max(rate):.0f}); "
+            f"p50 median {statistics.median(p50):.2f} ms ({min(p50):.2f}-{max(p50):.2f})"
         )
     return "\n".join(lines)
 
