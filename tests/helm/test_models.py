@@ -514,3 +514,12 @@ def test_schema_rejects_bad_model_entries_naming_them(
     with pytest.raises(helm.HelmValuesError) as caught:
         chart.validate_schema({"models": [entry]})
     assert message in str(caught.value)
+
+
+def test_router_hpa_without_a_cpu_request_is_refused_with_the_fix(chart: helm.Chart) -> None:
+    values = with_model(
+        {"router": {"autoscaling": {"enabled": True}, "resources": {"requests": None}}}
+    )
+    with pytest.raises(helm.HelmRenderError) as caught:
+        render(chart, values)
+    assert "set router.resources.requests.cpu" in str(caught.value)
