@@ -9,6 +9,7 @@ import pytest
 from vllm_fleet.launcher.errors import ConfigError
 from vllm_fleet.launcher.sim.config import SimConfig
 from vllm_fleet.launcher.sim.engine import SimEngine
+from vllm_fleet.launcher.sim.protocol import ApiError, parse_chat
 
 
 class FakeClock:
@@ -100,3 +101,12 @@ def test_fcfs_preempts_the_newest_request_whatever_its_priority() -> None:
 def test_an_unknown_policy_is_a_config_error_naming_the_flag() -> None:
     with pytest.raises(ConfigError, match="scheduling-policy"):
         SimConfig(scheduling_policy="lifo")
+
+
+def test_the_body_priority_field_is_parsed_like_vllm() -> None:
+    config = SimConfig()
+    body = {"model": config.model, "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat({**body, "priority": 10}, config).priority == 10
+    assert parse_chat(body, config).priority == 0
+    with pytest.raises(ApiError, match="priority"):
+        parse_chat({**body, "priority": "low"}, config)
