@@ -27,6 +27,7 @@ if typing.TYPE_CHECKING:
 
 Engine = Literal["vllm", "sim"]
 RuntimeKind = Literal["process", "docker"]
+SchedulingPolicy = Literal["fcfs", "priority"]
 
 Check = Callable[[Any], str | None]
 
@@ -200,6 +201,11 @@ class FleetConfig:
         default=None, metadata=_meta("tensor_parallel_size: 2", _opt(_at_least(1)))
     )
     engine: Engine = field(default="vllm", metadata=_meta("engine: vllm"))
+    #: vLLM's --scheduling-policy for every engine (sim too): priority runs batch requests
+    #: (vllm-fleet batch sets their priority low) behind interactive ones (docs/batch.md).
+    scheduling_policy: SchedulingPolicy = field(
+        default="fcfs", metadata=_meta("scheduling_policy: priority")
+    )
     #: LoRA adapters of the single-model form (models: entries have their own).
     lora_modules: dict[str, str] = field(
         default_factory=dict, metadata=_meta("lora_modules: {sql: /adapters/sql}")
@@ -278,6 +284,7 @@ class FleetConfig:
             python=sys.executable,
             lora_modules=tuple(self.lora_modules.items()),
             max_lora_rank=self.max_lora_rank,
+            scheduling_policy=self.scheduling_policy,
         )
 
 

@@ -98,6 +98,7 @@ def _request(config: FleetConfig, entry: ModelConfig, i: int, source: str) -> Mo
         env={**config.env, **entry.env},
         python=sys.executable,
         lora_modules=tuple(entry.lora_modules.items()),
+        scheduling_policy=config.scheduling_policy,
         max_lora_rank=entry.max_lora_rank,
     )
     return ModelRequest(

@@ -9,7 +9,12 @@ from __future__ import annotations
 from vllm_fleet.launcher.errors import PlanError
 from vllm_fleet.launcher.model_size import normalize_dtype
 from vllm_fleet.launcher.plan_types import PlanOptions
-from vllm_fleet.launcher.vllm_args import has_kv_events_config, kv_events_port, vllm_command
+from vllm_fleet.launcher.vllm_args import (
+    has_kv_events_config,
+    kv_events_port,
+    scheduling_args,
+    vllm_command,
+)
 
 
 def replica_ports(options: PlanOptions, count: int) -> list[int]:
@@ -55,6 +60,7 @@ def vllm_replica_command(
         max_num_seqs=options.max_num_seqs,
         on_cpu=not on_gpu,
         extra_args=options.extra_args,
+        scheduling_policy=options.scheduling_policy,
         lora_modules=options.lora_modules,
         max_lora_rank=options.max_lora_rank,
         kv_events_port=replica_kv_events_port(options, port),
@@ -82,4 +88,5 @@ def sim_replica_command(options: PlanOptions, port: int) -> tuple[str, ...]:
         argv += ["--max-num-seqs", str(options.max_num_seqs)]
     if options.lora_modules:
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in options.lora_modules)]
+    argv += scheduling_args(options.scheduling_policy, options.extra_args)
     return (*argv, *options.extra_args)

@@ -89,6 +89,8 @@ class PlanOptions:
     #: LoRA adapters every replica serves from the start: (name, local path or hub id).
     lora_modules: tuple[tuple[str, str], ...] = ()
     max_lora_rank: int | None = None
+    #: vLLM's --scheduling-policy ("fcfs", its default, or "priority").
+    scheduling_policy: str = "fcfs"
 
 
 #: listen addresses that mean "every interface": a server bound there is reached on loopback.

@@ -81,6 +81,9 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 KV_EVENTS_PORT_OFFSET = 1000
 KV_EVENTS_FLAG = "--kv-events-config"
 
+#: vLLM's queue order flag ("priority": the request body's priority field first).
+SCHEDULING_FLAG = "--scheduling-policy"
+
 #: flags every replica gets unless the extra arguments already hold them.
 _ALWAYS = ("--disable-uvicorn-access-log",)
 _CPU_ONLY = ("--enforce-eager",)
@@ -150,6 +153,7 @@ def vllm_command(
     lora_modules: Sequence[tuple[str, str]] = (),
     max_lora_rank: int | None = None,
     kv_events_port: int | None = None,
+    scheduling_policy: str = "fcfs",
 ) -> tuple[str, ...]:
     """Full argv of one vLLM OpenAI server; `dtype` is already normalized ("auto": unset).
 
@@ -181,11 +185,41 @@ def vllm_command(
     if max_num_seqs is not None:
         argv += ["--max-num-seqs", str(max_num_seqs)]
     argv += lora_args(lora_modules, max_lora_rank, extra_args)
+    argv += scheduling_args(scheduling_policy, extra_args)
     if kv_events_port is not None and not has_kv_events_config(extra_args):
         argv += [KV_EVENTS_FLAG, kv_events_config(kv_events_port)]
     defaults = (*_ALWAYS, *(_CPU_ONLY if on_cpu else ()))
     argv += [flag for flag in defaults if flag not in extra_args]
     return (*argv, *extra_args)
+
+
+#: vLLM's offline batch runner (`vllm run-batch`), which the bench compares with our batch.
+RUN_BATCH_MODULE = "vllm.entrypoints.openai.run_batch"
+#: flags of the OpenAI server that the batch runner does not take (each with its value or not).
+_SERVER_ONLY = {"--host": True, "--port": True, "--disable-uvicorn-access-log": False}
+
+
+def run_batch_command(server: Sequence[str], source: str, output: str) -> tuple[str, ...]:
+    """`vllm run-batch` for the engine a `vllm_command` server line starts: the same
+    interpreter and engine flags, the server's own flags dropped."""
+    python, engine, skip = server[0], [], False
+    for arg in server[3:]:  # past "python -m SERVER_MODULE"
+        if skip:
+            skip = False
+        elif arg in _SERVER_ONLY:
+            skip = _SERVER_ONLY[arg]
+        else:
+            engine.append(arg)
+    return (python, "-m", RUN_BATCH_MODULE, "-i", source, "-o", output, *engine)
+
+
+def scheduling_args(policy: str, extra_args: Sequence[str] = ()) -> list[str]:
+    """``--scheduling-policy POLICY`` (fleet.yaml ``scheduling_policy``), unless it is vLLM's
+    default (fcfs) or the extra engine arguments set it already. The simulator takes the same
+    flag, so `engine: sim` fleets get it too."""
+    if policy == "fcfs" or any(a.split("=", 1)[0] == SCHEDULING_FLAG for a in extra_args):
+        return []
+    return [SCHEDULING_FLAG, policy]
 
 
 def lora_args(

@@ -51,6 +51,7 @@ from tests.support.batch import batch_argv
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
 from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
+from vllm_fleet.launcher.vllm_args import run_batch_command
 
 KEY = "11"
 REPO = Path(__file__).resolve().parents[2]
@@ -191,17 +192,12 @@ async def throughput_sweep(opts: Options, workdir: Path) -> list[dict[str, Any]]
 def _run_batch_command(
     python: str, model_dir: Path, source: Path, output: Path
 ) -> tuple[list[str], dict[str, str]]:
-    """`vllm run-batch` with the engine flags and environment the planner gives one tiny CPU
-    replica (the server's own flags dropped)."""
+    """`vllm run-batch` for the engine the planner gives one tiny CPU replica, and its
+    environment (vllm_args.run_batch_command: the one builder of vLLM command lines)."""
     spec = tiny_cpu_plan(str(model_dir), replicas=1, base_port=free_port(), python=python,
                          cpus=os.cpu_count() or 1).replicas[0]  # fmt: skip
-    engine = list(spec.command[3:])
-    for flag in ("--host", "--port"):
-        at = engine.index(flag)
-        del engine[at : at + 2]
-    engine.remove("--disable-uvicorn-access-log")
-    argv = [python, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source)]
-    return [*argv, "-o", str(output), *engine], {**os.environ, **spec.env}
+    argv = run_batch_command(spec.command, str(source), str(output))
+    return list(argv), {**os.environ, **spec.env}
 
 
 #: vllm run-batch's tqdm bar when done: "Running batch: 100% Completed | 8/8 [00:00<00:00,
