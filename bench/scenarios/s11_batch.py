@@ -54,6 +54,9 @@ from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
 from vllm_fleet.launcher.vllm_args import run_batch_command
 
 KEY = "11"
+#: No line-up of routers: it measures the batch client through our router (started here).
+PEERS: tuple[str, ...] = ()
+QUICK_PEERS: tuple[str, ...] = ()
 REPO = Path(__file__).resolve().parents[2]
 PRIORITY_REPLICA = SimSettings(
     model=MODEL, max_num_seqs=16, step_ms=20.0, scheduling_policy="priority"
