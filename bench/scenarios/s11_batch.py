@@ -335,7 +335,8 @@ async def run_scenario(opts: Options) -> Section:
         f"arrivals at {INTERACTIVE.rate:g} req/s of streamed chats (16-64 tokens), seed "
         f"{opts.seed}, once alone and once while `vllm-fleet batch --max-inflight auto` runs "
         f"a {BACKGROUND_LINES}-line file (16-64 tokens each) through the same router, started "
-        "once the router had learned both replicas' batch limits. The batch ran at "
+        "after a short batch at 64 in flight had taught the router the replicas' batch limits "
+        "(router.priority's reserve needs them). The batch ran at "
         f"{background.get('output_tokens_per_s', float('nan')):.0f} output tok/s over its "
         f"life. TTFT p99 with the batch: x{ratio:.2f} of alone (target <= {TTFT_TARGET})."
     )
