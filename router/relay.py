@@ -16,6 +16,8 @@ from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 
 from vllm_fleet.router.context import RouterContext
 from vllm_fleet.router.continuation import Continuation
@@ -23,6 +25,7 @@ from vllm_fleet.router.failover import ReplicasExhausted, send_with_failover
 from vllm_fleet.router.middleware import Exchange
 from vllm_fleet.router.openai_errors import ApiError, sse_error_event
 from vllm_fleet.router.parse import downstream_headers
+from vllm_fleet.router.pump import Pump, bytes_from
 from vllm_fleet.router.state import Attempt
 from vllm_fleet.router.stitcher import Refused
 from vllm_fleet.router.telemetry import CLIENT_CLOSED
@@ -75,13 +78,21 @@ async def relay_stream(
         ),
     )
     replica.relays.add(relay)
+    pump: Pump | None = None
     try:
-        await response.prepare(request)
+        writer = await response.prepare(request)
+        transport = request.transport if _pumpable(writer, request) else None
         while True:
-            watchdog.read_since = loop.time()
             try:
+                if pump is not None:  # the pump relays; this returns at the end
+                    last = await pump.next_end()
+                    break
+                watchdog.read_since = loop.time()
                 chunk = await content.readany()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if pump is not None:
+                    pump.stop()
+                    pump = None
                 failure = failure_of(reply.replica.url, exc)
                 replica.relays.discard(relay)  # it failed: it owes this stream nothing more
                 if not await _stream_broke(response, reply, exchange, ctx, failure, resume):
@@ -109,7 +120,18 @@ async def relay_stream(
                 last = chunk
                 break
             if chunk:
-                await response.write(chunk)
+                await response.write(chunk)  # the headers go with the first bytes
+                if writer is not None and transport is not None and Pump.usable(content):
+                    # from here on the rest is moved from the upstream's callback
+                    pump = Pump(
+                        reply.response,
+                        transport,
+                        stitcher,
+                        watchdog,
+                        bytes_from(replica),
+                        writer.drain,
+                    )
+                    pump.start()
         if stitcher is not None:
             last += stitcher.end()
             if stitcher.segment:
@@ -119,9 +141,22 @@ async def relay_stream(
         exchange.status = CLIENT_CLOSED
         return response, False
     finally:
+        if pump is not None:
+            pump.stop()
         replica.relays.discard(relay)
         watchdog.close()
     return response, True
+
+
+def _pumpable(writer: AbstractStreamWriter | None, request: web.Request) -> bool:
+    """Can the stream's bytes be written to the client's transport as HTTP chunks of ours
+    (router.pump)? Only where aiohttp would write exactly that: chunked, not compressed."""
+    return (
+        isinstance(writer, StreamWriter)
+        and writer.chunked
+        and getattr(writer, "_compress", None) is None
+        and request.transport is not None
+    )
 
 
 async def _stream_broke(
