@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -18,7 +17,8 @@ from typing import NamedTuple, Protocol
 from vllm_fleet.router.block_hashes import PromptBlocks
 from vllm_fleet.router.errors import ConfigError
 from vllm_fleet.router.precise import cached_prefix_tokens
-from vllm_fleet.router.prefix_index import BLOCK_BYTES, FINE_BYTES
+from vllm_fleet.router.prefill_backlog import PrefillBacklog
+from vllm_fleet.router.prefix_home import home
 from vllm_fleet.router.speed import B_PRIOR, SpeedEstimate
 from vllm_fleet.router.state import ReplicaState
 
@@ -305,6 +305,7 @@ def request_cost(
     *,
     cached: float | None = None,
     held_elsewhere: float = 0.0,
+    backlog: float = 0.0,
 ) -> float:
     """Seconds this request costs the fleet on ``replica``: its own expected latency there plus
     the delay it adds to the requests already running there. Lower is better.
@@ -326,7 +327,9 @@ def request_cost(
         n      = min(N + 1, C)                          batch size while this request runs
         queue  = max(0, N + 1 - C) * QUEUE_PLACE_REQUESTS * a * (1 + b * C) * D
                  x (P / (prompt x scale))^2 when C is only assumed (Speed.limit_assumed), K > 0
-        own    = queue + P * p + T * a * (1 + b * n)
+        Q      = prompt tokens this router sent the replica and it has probably not prefilled
+                 yet (vllm_fleet.router.prefill_backlog; ``backlog`` passes Q * p)
+        own    = queue + Q * p + P * p + T * a * (1 + b * n)
         impose = min(N, C) * (a * b * min(T, D) + P * p)
         dup    = max(0, H - K) * scale * p * DUPLICATE_WEIGHT
         cost   = (own + impose + dup) * (1 + KV_WEIGHT * w * kv_pressure)  (kv_pressure: load_score)
@@ -380,6 +383,12 @@ def request_cost(
       never duplicates, 84 %). A prefix no replica holds costs nothing extra anywhere (it
       must be computed once somewhere), so traffic without shared prefixes (scenarios 1-3)
       is priced exactly as before.
+    - ``Q * p``: a first token also waits for the prompts sent before it to be prefilled (a
+      step computes only so many tokens), which request counts do not show: a replica running
+      two cold prefills looks as busy as one running two decodes. In scenario 8, 21 of the 22
+      slowest first tokens had been sent to a replica still prefilling a cold prompt; with
+      the backlog the next cold prompt goes elsewhere (TTFT p99 and the run-to-run figures:
+      bench/findings.md, issue 17 session 24).
     - Speeds are per replica and learned (vllm_fleet.router.speed): the measured speed and batch
       limit say how much a replica can take, so a bigger one (tensor-parallel, larger max_num_seqs)
       shows up as a faster or wider one.
@@ -405,7 +414,7 @@ def request_cost(
     if queue and speed.limit_assumed and cached > 0:  # a guessed limit: weighed by the share
         share = computed / max(1.0, request.prompt_tokens * prefixes.token_scale)
         queue *= share * share
-    own = queue + prefill + tokens * a * (1.0 + b * batch)
+    own = queue + backlog + prefill + tokens * a * (1.0 + b * batch)
     impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + prefill)
     return (own + impose + duplicate) * (1.0 + KV_WEIGHT * w * pressure)
 
@@ -420,6 +429,15 @@ class CostAware(_Scored):
 
     name = "cost"
 
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(rng, clock)
+        #: Prefill sent to each replica and probably not computed yet (request_cost's ``Q``).
+        self.backlog = PrefillBacklog()
+
     def pick(self, replicas: Sequence[ReplicaState], request: RequestInfo) -> ReplicaState:
         _require(replicas)
         now = self._clock()
@@ -427,52 +445,32 @@ class CostAware(_Scored):
         prefix = request.prefix
         blocks, tokens = request.blocks, request.prompt_tokens
         cached = [cached_prefix_tokens(r, prefix, blocks, tokens) for r in replicas]
+        speeds = [replica_speed(r.speed, default) for r in replicas]
         held = max(cached)
         costs = [
             request_cost(
                 r,
                 request,
-                replica_speed(r.speed, default),
+                sp,
                 typical,
                 now,
                 cached=k,
                 held_elsewhere=held,
+                backlog=self.backlog.ahead(r.url, now) * sp.prefill_s_per_token,
             )
-            for r, k in zip(replicas, cached, strict=True)
+            for r, sp, k in zip(replicas, speeds, cached, strict=True)
         ]
         best = min(costs)
         margin = COST_TIE * max(best, 1e-12)
         if not prefix:
-            return lowest(replicas, costs, margin, self._rng)
-        tied = [r for r, c in zip(replicas, costs, strict=True) if c - best <= margin]
-        if len(tied) == 1:
-            return tied[0]
-        home = prefix[min(len(prefix), HOME_BLOCKS) - 1]
-        return max(tied, key=lambda r: rendezvous(home, r.url))
-
-
-#: Keys of a request's prefix that name its home (see rendezvous): the first FINE_BYTES of
-#: routing text, where a system prompt or a conversation's opening sits.
-HOME_BLOCKS = FINE_BYTES // BLOCK_BYTES
-_MASK64 = (1 << 64) - 1
-
-
-def rendezvous(key: int, url: str) -> int:
-    """Rendezvous (highest random weight) score of ``url`` for a prefix key: the tied replica
-    with the highest score is the prefix's home.
-
-    Why: costs tie when replicas are equal (idle, or equally loaded), and a random draw then
-    puts a new prefix on a different replica in every router. The keys are the same in every
-    router process (prefix_keys hashes with crc32, not Python's salted hash), so two routers
-    in front of the same replicas send a new prefix to the same one, and a router that
-    restarted finds it where it left it. Removing a replica moves only the prefixes it was home
-    to. splitmix64's finaliser over key xor crc32(url): a few integer operations per tied
-    replica, and only on ties.
-    """
-    z = ((key ^ zlib.crc32(url.encode())) + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+            chosen = lowest(replicas, costs, margin, self._rng)
+        else:
+            tied = [r for r, c in zip(replicas, costs, strict=True) if c - best <= margin]
+            chosen = tied[0] if len(tied) == 1 else home(tied, prefix)
+        i = next(j for j, r in enumerate(replicas) if r is chosen)
+        computed = max(0.0, tokens - cached[i]) * chosen.prefixes.token_scale
+        self.backlog.add(chosen.url, now, computed, chosen.speed.prefill_s_per_token)
+        return chosen
 
 
 #: Policy name -> factory(rng).

@@ -22,9 +22,15 @@ difference to the previous scrape is one observation of the last interval:
 - the batch limit (max_num_seqs, or fewer when the KV cache is the limit): the running count
   when requests are waiting *and* ``vllm:request_queue_time_seconds`` shows that requests
   really waited for a slot (over QUEUE_EVIDENCE_STEPS step times in the interval beyond one
-  step each). A request waits up to one step for the scheduler even on an idle engine, so a
-  waiting count alone is no proof. Without the queue-time histogram: waiting in two
-  consecutive scrapes at the same running count.
+  step each and beyond the interval's prefill seconds). A request waits up to one step for the
+  scheduler even on an idle engine, so a waiting count alone is no proof; and a step computes
+  at most max_num_batched_tokens, so a request sent while long prompts are prefilled waits for
+  them with slots free. Counted as slot evidence, those waits taught the router limits of 2 to
+  4 on replicas that run 16 (scenario 8: 1,650-token prompts, a 2,048-token step budget), and
+  the cost policy then priced a queue that never came: it sent requests away from the replica
+  that held their prefix (hit rate 85-89 % of the best possible; 98-99 % with the right limit).
+  Without the queue-time histogram: waiting in two consecutive scrapes at the same running
+  count.
 
 Two time scales, because the two unknowns change differently. ``token_s`` is what a noisy
 neighbour, a throttled GPU or a smaller replica changes, so it follows the data with a
@@ -209,7 +215,11 @@ class SpeedEstimate:
         self.peak_running = max(self.peak_running, running)
         step = self.step_s(running)
         if change.queue_s is not None and change.queued is not None:
-            waited = change.queue_s - change.queued * (step or 0.0)  # beyond the scheduler's step
+            # Beyond the scheduler's step, and beyond the prefill the engine did meanwhile: a
+            # step computes at most max_num_batched_tokens, so a request sent while long
+            # prompts are prefilled waits for them with free slots (see the module docstring).
+            prefilled = change.prefill_s or 0.0
+            waited = change.queue_s - change.queued * (step or 0.0) - prefilled
             full = step is not None and waited > QUEUE_EVIDENCE_STEPS * step
         else:
             full = last.waiting > 0 and running == last.running

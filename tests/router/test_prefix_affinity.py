@@ -14,10 +14,10 @@ from vllm_fleet.router.balancer import (
     CostAware,
     RequestInfo,
     fleet_defaults,
-    rendezvous,
     replica_speed,
     request_cost,
 )
+from vllm_fleet.router.prefix_home import rendezvous
 from vllm_fleet.router.prefix_index import (
     BLOCK_BYTES,
     BYTES_PER_TOKEN,

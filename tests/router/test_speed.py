@@ -163,6 +163,28 @@ def test_batch_limit_needs_requests_that_really_waited() -> None:
     assert estimate.peak_running == 20
 
 
+def test_waiting_behind_long_prefills_is_no_batch_limit() -> None:
+    """Requests that waited while the engine prefilled long prompts waited for the step's
+    token budget, not for a slot: with 3 running the replica has not shown a limit of 3. The
+    same waits without that much prefill in the interval are a full batch."""
+    estimate = SpeedEstimate()
+    engine = Engine()
+    feed(estimate, engine, [0, 3, 3])
+    prefill_s = 0.0
+    estimate.observe(replace(engine.sample(running=3), prefill_s=prefill_s))
+    for _ in range(5):  # two requests waited 0.2 s each behind 0.5 s of cold prefills
+        engine.run(3)
+        engine.queue_s, engine.queued = engine.queue_s + 0.4, engine.queued + 2
+        prefill_s += 0.5
+        estimate.observe(replace(engine.sample(running=3, waiting=1), prefill_s=prefill_s))
+    assert estimate.batch_limit is None
+    engine.run(3)
+    engine.queue_s, engine.queued = engine.queue_s + 0.4, engine.queued + 2
+    prefill_s += 0.05  # only short prompts prefilled: the waits were for slots
+    estimate.observe(replace(engine.sample(running=3, waiting=1), prefill_s=prefill_s))
+    assert estimate.batch_limit == 3
+
+
 def test_batch_limit_without_queue_times_needs_two_scrapes_of_waiting() -> None:
     estimate = SpeedEstimate()
     engine = Engine()

@@ -1,0 +1,87 @@
+"""Prefill this router sent to each replica that the replica is probably still computing.
+
+Why: a prompt's first token waits for every prompt the replica was given before it to be
+prefilled. vLLM V1 computes at most ``max_num_batched_tokens`` per step (2,048 on CPUs, a few
+thousand on GPUs), running requests first, so a replica that was just sent two cold 1,500-token
+prompts holds a third one back for a step or two, or leaves it waiting with fewer than
+``max_num_seqs`` running. Counting requests does not see this: a replica running two cold
+prefills looks exactly as busy as one running two decodes. In scenario 8 (shared prefixes)
+21 of the 22 slowest first tokens were sent to a replica that was still prefilling a cold
+prompt (bench/findings.md, issue 17 session 24).
+
+The router knows what it sent and what it predicted each replica would compute of it (the
+cost policy's computed tokens ``P``), but not when the engine finishes a prefill (a stream's
+headers come before it, and the first token is the relay's business). So each replica's
+backlog is a fluid queue of prompt tokens: every request adds the tokens it makes the replica
+compute, and the backlog drains at the replica's measured prefill speed (its
+``vllm:request_prefill_time_seconds`` per computed token, vllm_fleet.router.speed), or at
+PREFILL_S_PER_TOKEN_PRIOR until that is measured, as a replica that prefills one prompt after
+the other would. Tokens, not seconds, so the cost policy prices the backlog in its own units
+(the same ``p`` as the request's own prefill) even before any speed is learned. It needs no
+message from the data path and forgets itself: a replica nobody sent anything to for as long
+as its backlog takes is back to zero.
+
+With ``--workers N`` each worker sees only its own sends (the in-flight counts are shared, this
+is not): its backlog is a lower bound, as if the other workers' prompts were all cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Seconds per prompt token a replica is assumed to prefill until it says (10,000 tokens/s:
+#: the simulator on this 2-core box measured ~7,000, a GPU does tens of thousands; a drain
+#: that is too slow only makes the first second of a fresh router spread prompts a bit more).
+PREFILL_S_PER_TOKEN_PRIOR = 1e-4
+#: Replicas remembered at most (backlogs that drained are dropped first when over it).
+MAX_REPLICAS = 4096
+
+
+@dataclass
+class PendingPrefill:
+    """One replica's backlog: ``tokens`` left to prefill at monotonic time ``at``, draining at
+    one token per ``s_per_token`` seconds."""
+
+    tokens: float = 0.0
+    at: float = 0.0
+    s_per_token: float = PREFILL_S_PER_TOKEN_PRIOR
+
+    def ahead(self, now: float) -> float:
+        """Prompt tokens still ahead of a request sent at ``now``."""
+        return max(0.0, self.tokens - max(0.0, now - self.at) / self.s_per_token)
+
+
+@dataclass
+class PrefillBacklog:
+    """Backlogs by replica URL (one per policy instance, so two apps never share one)."""
+
+    _by_url: dict[str, PendingPrefill] = field(default_factory=dict)
+
+    def ahead(self, url: str, now: float) -> float:
+        """Prompt tokens the router believes ``url`` still has to prefill at ``now``."""
+        pending = self._by_url.get(url)
+        return pending.ahead(now) if pending is not None else 0.0
+
+    def add(self, url: str, now: float, tokens: float, s_per_token: float) -> None:
+        """A request making ``url`` compute ``tokens`` prompt tokens was sent at ``now``;
+        ``s_per_token`` is the replica's measured prefill seconds per token (0: not measured,
+        PREFILL_S_PER_TOKEN_PRIOR)."""
+        if not tokens > 0.0:
+            return
+        pending = self._by_url.get(url)
+        if pending is None:
+            if len(self._by_url) >= MAX_REPLICAS:
+                self._drop_drained(now)
+            pending = self._by_url[url] = PendingPrefill()
+        pending.tokens = pending.ahead(now) + tokens
+        pending.at = now
+        pending.s_per_token = s_per_token if s_per_token > 0.0 else PREFILL_S_PER_TOKEN_PRIOR
+
+    def _drop_drained(self, now: float) -> None:
+        for url in [u for u, p in self._by_url.items() if p.ahead(now) <= 0.0]:
+            del self._by_url[url]
+        if len(self._by_url) >= MAX_REPLICAS:  # all busy: the oldest goes
+            del self._by_url[min(self._by_url, key=lambda u: self._by_url[u].at)]
+
+    def __len__(self) -> int:
+        return len(self._by_url)
