@@ -45,6 +45,9 @@ log = logging.getLogger("vllm_fleet.router")
 
 #: Requests waiting for the tokenizer thread at most; more keep the approximate index.
 MAX_PENDING = 8
+#: A tokenizer that did not load is tried again after this long (a Hub hiccup, a model
+#: directory that appeared later), on the next request that asks for it.
+RETRY_LOAD_S = 60.0
 #: Request fields that change a chat's rendering in ways not reproduced here.
 CHAT_FIELDS_NOT_REPRODUCED = frozenset(
     {
@@ -182,13 +185,20 @@ class PromptTokenizers:
     """One tokenizer per model root, loaded once in the background, and the thread that runs
     them; one per router app (built and shut down by its cleanup context)."""
 
-    def __init__(self, loader: TokenizerLoader = load_tokenizer) -> None:
+    def __init__(
+        self,
+        loader: TokenizerLoader = load_tokenizer,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._loader = loader
+        self._clock = clock
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tokenize"
         )
         self._tokenizers: dict[str, Tokenizer | None] = {}
         self._loading: dict[str, asyncio.Future[Tokenizer | None]] = {}
+        #: When each root's last load failed (monotonic seconds).
+        self._failed_at: dict[str, float] = {}
         self.pending = 0
         #: Requests matched precisely, and those that kept the approximate index because the
         #: tokenizer thread was busy.
@@ -199,7 +209,10 @@ class PromptTokenizers:
         """The loaded tokenizer of ``root``; None while it loads (the load starts on first
         ask) or when it cannot be loaded."""
         if root in self._tokenizers:
-            return self._tokenizers[root]
+            loaded = self._tokenizers[root]
+            if loaded is not None or self._clock() - self._failed_at[root] < RETRY_LOAD_S:
+                return loaded
+            del self._tokenizers[root]
         if root not in self._loading:
             future = asyncio.get_running_loop().run_in_executor(self._executor, self._loader, root)
             self._loading[root] = future
@@ -210,6 +223,8 @@ class PromptTokenizers:
         self._loading.pop(root, None)
         exc = None if future.cancelled() else future.exception()
         self._tokenizers[root] = None if future.cancelled() or exc else future.result()
+        if self._tokenizers[root] is None:
+            self._failed_at[root] = self._clock()
 
     async def wait_loaded(self, root: str) -> bool:
         """Start loading ``root`` if needed and wait for it; whether it loaded (tests)."""

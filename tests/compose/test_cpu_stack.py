@@ -155,6 +155,55 @@ def test_both_replicas_serve(stack: Stack) -> None:
     assert all(n > 0 for n in gained.values()), f"one replica served nothing: {gained}"
 
 
+def test_the_router_matches_prefixes_by_the_replicas_kv_events(stack: Stack) -> None:
+    """Precise prefix matching with no setup: the replicas publish KV events (port 5557), the
+    router image carries transformers and the tiny model's tokenizer at the replicas' path, so
+    a repeated system prompt is predicted cached from vLLM's own block hashes, and the blocks
+    the router expected new prompts to store were the ones the replicas stored."""
+
+    def system(group: int) -> str:  # ~5 of vLLM's 128-token CPU blocks
+        return f"Group {group}: you answer questions about the fleet, briefly. " * 25
+
+    def kv_events() -> dict[str, dict[str, Any]]:
+        return {r["url"]: r["prefix_cache"]["kv_events"] or {} for r in stack.replicas()}
+
+    asked = 0
+
+    def ask(group: int) -> dict[str, dict[str, Any]]:
+        nonlocal asked
+        asked += 1
+        with stack.openai() as client:
+            client.chat.completions.create(
+                model=TINY_MODEL,
+                messages=[
+                    {"role": "system", "content": system(group)},
+                    {"role": "user", "content": f"Question {asked}?"},
+                ],
+                max_tokens=2,
+            )
+        return kv_events()
+
+    def predicted_cached() -> bool:
+        view = ask(0)  # one system prompt, again and again
+        return any(v.get("precise_cached_tokens", 0) > 0 for v in view.values())
+
+    def confirmed() -> bool:
+        view = ask(asked)  # a new system prompt: the router expects its first block stored
+        return sum(int(v.get("ids_confirmed", 0)) for v in view.values()) >= 1
+
+    # the tokenizer loads on the first request (until then the approximate index answers)
+    try:
+        poll(predicted_cached, "a request predicted cached from the replicas' KV events", 120, 0)
+    except AssertionError:  # the router's log says why (its tokenizer, its subscriptions)
+        (router,) = stack.project.containers(stack.client, "router")
+        print(router.logs().decode()[-5000:])
+        raise
+    poll(confirmed, "a new prompt's first block confirmed stored as the router hashed it", 60, 0)
+    view = kv_events()
+    assert all(v.get("hashes_match") is not False for v in view.values()), view
+    assert all(v.get("ids_match") is not False for v in view.values()), view
+
+
 def test_crashed_replica_restarts_and_rejoins(stack: Stack) -> None:
     (victim,) = stack.project.containers(stack.client, "replica-0")
     restarts_before = int(victim.attrs["RestartCount"])

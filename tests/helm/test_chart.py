@@ -505,6 +505,8 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, Rendere
     assert out.of_kind("Secret") == []
     engine, router = serving_engine_container(out), router_container(out)
     assert _secret_ref(engine, "HF_TOKEN") == ("hf", "HF_TOKEN")
+    # the router loads gated models' tokenizers for precise prefix matching with it too
+    assert _secret_ref(router, "HF_TOKEN") == ("hf", "HF_TOKEN")
     assert _secret_ref(engine, "VLLM_API_KEY") == ("engine-key", "upstream-api-key")
     assert _secret_ref(router, "FLEET_API_KEYS") == ("client-keys", "api-keys")
     assert _secret_ref(router, "FLEET_ADMIN_API_KEYS") == ("admin-keys", "admin-api-keys")
@@ -522,6 +524,7 @@ def test_created_secrets_hold_the_values_and_pods_only_reference_them(
     engine, router = serving_engine_container(out), router_container(out)
     hf_name, hf_key = _secret_ref(engine, "HF_TOKEN")
     assert secrets[hf_name][hf_key] == "hf_secret_token"
+    assert _secret_ref(router, "HF_TOKEN") == (hf_name, hf_key)
     keys_name, keys_key = _secret_ref(router, "FLEET_API_KEYS")
     assert secrets[keys_name][keys_key] == "key-one,key-two"
     admin_name, admin_key = _secret_ref(router, "FLEET_ADMIN_API_KEYS")
@@ -543,6 +546,7 @@ def test_without_secrets_no_auth_env_is_set(rendered: dict[str, Rendered]) -> No
     assert not {"HF_TOKEN", "VLLM_API_KEY"} & set(env_of(serving_engine_container(out)))
     router_env = set(env_of(router_container(out)))
     assert not {"FLEET_API_KEYS", "FLEET_ADMIN_API_KEYS", "FLEET_UPSTREAM_API_KEY"} & router_env
+    assert "HF_TOKEN" not in router_env
 
 
 # -- multi-node -------------------------------------------------------------------------------

@@ -34,7 +34,12 @@ from vllm_fleet.router.precise import (
     models_from,
     note_sent,
 )
-from vllm_fleet.router.prompt_tokens import MAX_PENDING, PromptTokenizers, token_ids
+from vllm_fleet.router.prompt_tokens import (
+    MAX_PENDING,
+    RETRY_LOAD_S,
+    PromptTokenizers,
+    token_ids,
+)
 from vllm_fleet.router.state import Fleet, ReplicaState
 
 # --- vLLM's hashes ----------------------------------------------------------------------------
@@ -251,6 +256,30 @@ async def test_a_tokenizer_that_does_not_load_leaves_requests_approximate() -> N
     try:
         assert not await tokenizers.wait_loaded("/models/m")
         assert await tokenizers.attach(fleet, info, b'{"prompt": "hello"}') is info
+    finally:
+        tokenizers.close()
+
+
+async def test_a_tokenizer_that_failed_to_load_is_tried_again_later() -> None:
+    """A load that failed (the Hub unreachable a moment, a model directory not there yet) does
+    not turn precise matching off for good: the next request after RETRY_LOAD_S tries again."""
+    attempts: list[str] = []
+    now = [100.0]
+
+    def loader(root: str) -> Any:
+        attempts.append(root)
+        return WordTokenizer() if len(attempts) > 1 else None
+
+    tokenizers = PromptTokenizers(loader, clock=lambda: now[0])
+    try:
+        assert not await tokenizers.wait_loaded("/models/m")
+        now[0] += RETRY_LOAD_S - 1
+        assert tokenizers.tokenizer("/models/m") is None
+        assert attempts == ["/models/m"]  # not yet: no load per request while it fails
+        now[0] += 2
+        assert await tokenizers.wait_loaded("/models/m")
+        assert attempts == ["/models/m", "/models/m"]
+        assert tokenizers.tokenizer("/models/m") is not None
     finally:
         tokenizers.close()
 
