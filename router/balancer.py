@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 
 from vllm_fleet.router.block_hashes import PromptBlocks
 from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.guessed_limit import holder_limit, holder_queue_weight
 from vllm_fleet.router.precise import cached_prefix_tokens
 from vllm_fleet.router.prefill_backlog import PrefillBacklog
 from vllm_fleet.router.prefix_home import home
@@ -232,6 +233,8 @@ class Speed(NamedTuple):
     #: True when ``batch_limit`` is only the most the replica has been seen running (no
     #: replica of the fleet has queued yet): a guess, not a measurement (see request_cost).
     limit_assumed: bool = False
+    #: The most any candidate has been seen running (vllm_fleet.router.guessed_limit).
+    fleet_peak: float = 0.0
 
 
 def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
@@ -247,8 +250,10 @@ def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
     known = prefill_known = 0
     token_s = slowdown = prefill = tokens = finished = 0.0
     limits: list[float] = []
+    peak = 0.0
     for r in replicas:
         e = r.speed
+        peak = max(peak, e.peak_running)
         if e.token_s is not None:
             known += 1
             token_s += e.token_s
@@ -267,7 +272,7 @@ def fleet_defaults(replicas: Sequence[ReplicaState]) -> tuple[Speed, float]:
     prefill = prefill / prefill_known if prefill_known else 0.0  # 0: replica_speed's prior
     limit = sum(limits) / len(limits) if limits else math.inf
     typical = tokens / finished if finished >= MIN_FINISHED_FOR_MEAN else DEFAULT_TOKENS
-    return Speed(token_s, slowdown, limit, prefill), max(1.0, typical)
+    return Speed(token_s, slowdown, limit, prefill, fleet_peak=peak), max(1.0, typical)
 
 
 def replica_speed(estimate: SpeedEstimate, default: Speed) -> Speed:
@@ -292,7 +297,8 @@ def replica_speed(estimate: SpeedEstimate, default: Speed) -> Speed:
     elif math.isfinite(default.batch_limit):  # the fleet's, unless it already ran more
         limit = max(default.batch_limit, estimate.peak_running)
     else:  # no replica has queued yet: going past what it has been seen running is a risk
-        return Speed(token_s, slowdown, max(1.0, estimate.peak_running), prefill, True)
+        peak = max(1.0, estimate.peak_running)
+        return Speed(token_s, slowdown, peak, prefill, True, default.fleet_peak)
     return Speed(token_s, slowdown, limit, prefill)
 
 
@@ -326,7 +332,8 @@ def request_cost(
         N      = in_flight + w * other clients' running + waiting     (as in load_score)
         n      = min(N + 1, C)                          batch size while this request runs
         queue  = max(0, N + 1 - C) * QUEUE_PLACE_REQUESTS * a * (1 + b * C) * D
-                 x (P / (prompt x scale))^2 when C is only assumed (Speed.limit_assumed), K > 0
+                 x (P / (prompt x scale))^2, and C at least the fleet's peak, when C is only
+                 assumed (Speed.limit_assumed) and K > 0
         Q      = prompt tokens this router sent the replica and it has probably not prefilled
                  yet (vllm_fleet.router.prefill_backlog; ``backlog`` passes Q * p)
         own    = queue + Q * p + P * p + T * a * (1 + b * n)
@@ -361,20 +368,9 @@ def request_cost(
       them queues (the queue term grows by whole mean requests, the saving stays fixed);
       a request that shares only a few blocks saves a few tokens' prefill, far less than
       one more running request costs (tests/router/test_prefix_cost.py shows both).
-    - A limit that no replica has confirmed by queueing is a guess: the most the replica has
-      been seen running, which at moderate load is 3 or 4 on a replica that runs 16. Priced
-      as a sure queue, that guess outweighed the certain saving of a cached prefix whenever
-      its holder ran at its peak, and sent the request to a replica that computed (and
-      duplicated) the prefix (scenario 8: 5-15 % of requests, most of the gap to the best
-      possible hit rate; in scenario 9, 75 of 138). So on a replica that holds part of the
-      prompt, the guessed queue is weighed by the square of the share of the prompt it must
-      compute: a request sharing a few blocks (share ~1) still counts it in full, a
-      conversation's next turn (share ~0.3: its new message and the reply the index cannot
-      see) almost not. Weighed by the share itself, scenario 9 stayed at 87 % of the best
-      possible hit rate; by its square, 92 %. The peak rises as the holder runs more; once
-      a replica really queues (vllm_fleet.router.speed learns the limit), the full price
-      applies again, and that is what spreads a hot prefix. Without a cached prefix nothing
-      changes (scenarios 1-3).
+    - A limit no replica has confirmed by queueing is a guess: where the replica holds part
+      of the prompt it is raised to the fleet's peak and weighed by the squared share still to
+      compute (vllm_fleet.router.guessed_limit says why).
     - ``dup``: computing a prefix that another replica already holds caches it a second time,
       and on a full cache that evicts some other group's blocks, which a later request then
       computes again: about as much prefill as the duplicate itself (DUPLICATE_WEIGHT = 1).
@@ -407,13 +403,15 @@ def request_cost(
     prefill = computed * speed.prefill_s_per_token
     duplicate = max(0.0, held_elsewhere - cached) * prefixes.token_scale
     duplicate *= speed.prefill_s_per_token * DUPLICATE_WEIGHT
+    assumed = speed.limit_assumed
+    limit = holder_limit(limit, assumed, speed.fleet_peak, cached)
     batch = min(busy + 1.0, limit)
     ahead = max(0.0, busy + 1.0 - limit)
     # ``ahead`` > 0 only when the limit is finite (0 * inf would be NaN).
     queue = ahead * QUEUE_PLACE_REQUESTS * a * (1.0 + b * limit) * typical_tokens if ahead else 0.0
-    if queue and speed.limit_assumed and cached > 0:  # a guessed limit: weighed by the share
-        share = computed / max(1.0, request.prompt_tokens * prefixes.token_scale)
-        queue *= share * share
+    queue *= holder_queue_weight(
+        assumed, cached, computed, request.prompt_tokens * prefixes.token_scale
+    )
     own = queue + backlog + prefill + tokens * a * (1.0 + b * batch)
     impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + prefill)
     return (own + impose + duplicate) * (1.0 + KV_WEIGHT * w * pressure)

@@ -88,6 +88,21 @@ def test_a_few_shared_blocks_do_not_pull_a_request_onto_a_busy_replica() -> None
         assert policy(seed).pick([busy, calm], info).url == "http://calm:1"
 
 
+def test_the_holder_s_guessed_limit_is_at_least_the_fleet_s_peak() -> None:
+    """A conversation's holder runs 4, the most it was seen running, while a neighbour was seen
+    running 7: its limit is a guess no higher than its neighbours', so the next turn (70 %
+    cached there) stays instead of being computed again on a replica running one fewer."""
+    conv = SYSTEM[:3000]
+    info = request(conv + " next question about the fleet, in some detail please " * 12)
+    for seed in range(10):
+        holder = replica("http://a:1", in_flight=4, peak=4.0)
+        others = [replica("http://o0:1", in_flight=3, peak=7.0)]
+        others.append(replica("http://o1:1", in_flight=3, peak=5.0))
+        holder.prefixes.record(prefix_keys("m", conv), NOW)
+        assert holder.prefixes.cached_tokens(info.prefix) > 0.6 * info.prompt_tokens
+        assert policy(seed).pick([holder, *others], info).url == "http://a:1"
+
+
 def test_a_hot_prefix_spreads_once_its_holder_is_seen_queueing() -> None:
     """On replicas whose batch barely slows a step (GPU-like), the group stays with its holder
     past the 3 it was seen running (a guess, not a queue). Once the holder's counters show a
