@@ -18,7 +18,7 @@ from vllm_fleet.router.block_hashes import PromptBlocks
 from vllm_fleet.router.errors import ConfigError
 from vllm_fleet.router.guessed_limit import holder_limit, holder_queue_weight
 from vllm_fleet.router.precise import cached_prefix_tokens
-from vllm_fleet.router.prefill_backlog import PrefillBacklog
+from vllm_fleet.router.prefill_backlog import PREFILL_WEIGHT, PrefillBacklog
 from vllm_fleet.router.prefix_home import home
 from vllm_fleet.router.speed import B_PRIOR, SpeedEstimate
 from vllm_fleet.router.state import ReplicaState
@@ -319,7 +319,8 @@ def request_cost(
     With ``a, b`` = the replica's learned empty-batch step time and batch slowdown (one decode
     step takes ``a * (1 + b * n)`` with n requests running), ``C`` its batch limit (see
     replica_speed), ``p`` its prefill seconds per computed prompt token (learned, else
-    PREFILL_STEP_PRIOR * a), ``D`` the learned mean tokens per request, ``w`` the freshness of
+    PREFILL_STEP_PRIOR * a) x PREFILL_WEIGHT (= 4: vllm_fleet.router.prefill_backlog says
+    why), ``D`` the learned mean tokens per request, ``w`` the freshness of
     its last scrape (see freshness)::
 
         T      = max_tokens, or D when the request gives none
@@ -335,7 +336,7 @@ def request_cost(
                  x (P / (prompt x scale))^2, and C at least the fleet's peak, when C is only
                  assumed (Speed.limit_assumed) and K > 0
         Q      = prompt tokens this router sent the replica and it has probably not prefilled
-                 yet (vllm_fleet.router.prefill_backlog; ``backlog`` passes Q * p)
+                 yet (vllm_fleet.router.prefill_backlog; ``backlog`` passes Q)
         own    = queue + Q * p + P * p + T * a * (1 + b * n)
         impose = min(N, C) * (a * b * min(T, D) + P * p)
         dup    = max(0, H - K) * scale * p * DUPLICATE_WEIGHT
@@ -400,9 +401,9 @@ def request_cost(
         prompt = request.prompt_tokens
         cached = cached_prefix_tokens(replica, request.prefix, request.blocks, prompt)
     computed = max(0.0, request.prompt_tokens - cached) * prefixes.token_scale
-    prefill = computed * speed.prefill_s_per_token
-    duplicate = max(0.0, held_elsewhere - cached) * prefixes.token_scale
-    duplicate *= speed.prefill_s_per_token * DUPLICATE_WEIGHT
+    p = speed.prefill_s_per_token * PREFILL_WEIGHT
+    prefill = computed * p
+    duplicate = max(0.0, held_elsewhere - cached) * prefixes.token_scale * p * DUPLICATE_WEIGHT
     assumed = speed.limit_assumed
     limit = holder_limit(limit, assumed, speed.fleet_peak, cached)
     batch = min(busy + 1.0, limit)
@@ -412,7 +413,7 @@ def request_cost(
     queue *= holder_queue_weight(
         assumed, cached, computed, request.prompt_tokens * prefixes.token_scale
     )
-    own = queue + backlog + prefill + tokens * a * (1.0 + b * batch)
+    own = queue + backlog * p + prefill + tokens * a * (1.0 + b * batch)
     impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + prefill)
     return (own + impose + duplicate) * (1.0 + KV_WEIGHT * w * pressure)
 
@@ -454,7 +455,7 @@ class CostAware(_Scored):
                 now,
                 cached=k,
                 held_elsewhere=held,
-                backlog=self.backlog.ahead(r.url, now) * sp.prefill_s_per_token,
+                backlog=self.backlog.ahead(r.url, now),
             )
             for r, sp, k in zip(replicas, speeds, cached, strict=True)
         ]

@@ -29,6 +29,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: Weight of a prefill second in the cost policy against a decode second (request_cost's
+#: ``p`` is the measured prefill seconds per token times this). A prompt's prefill sits on
+#: the first token's path, fills the step budget of every request running there and, when
+#: it duplicates a prefix, evicts another's; priced at its measured seconds alone, the cost
+#: traded cache hits for one request less in a batch too readily. Measured (one run each,
+#: with sglang-router cache_aware in the same run; bench/findings.md, issue 17 session 24):
+#: scenario 9 (multi-turn) TTFT p99 138 / 91 / 84 ms at weight 1 / 2 / 4 (sglang 74-81),
+#: hit rate 92 / 95 / 98 % of the best possible, mean latency 0.82 / 0.82 / 0.80 s;
+#: scenario 8 at 4: hit 100 % of the best, TTFT p99 273 ms (sglang 274), mean 0.517 s (0.519);
+#: scenario 1 (no shared prefixes) at 4: mean 4.88 s, TTFT p99 990 ms against 5.00 s and
+#: 1,018 ms at 1 (90 requests: within its run-to-run noise).
+PREFILL_WEIGHT = 4.0
 #: Seconds per prompt token a replica is assumed to prefill until it says (10,000 tokens/s:
 #: the simulator on this 2-core box measured ~7,000, a GPU does tens of thousands; a drain
 #: that is too slow only makes the first second of a fresh router spread prompts a bit more).

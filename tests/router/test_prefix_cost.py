@@ -15,6 +15,7 @@ from vllm_fleet.router.balancer import (
     Speed,
     request_cost,
 )
+from vllm_fleet.router.prefill_backlog import PREFILL_WEIGHT
 from vllm_fleet.router.prefix_index import BLOCK_BYTES, BYTES_PER_TOKEN, prefix_bytes, prefix_keys
 from vllm_fleet.router.speed import SpeedEstimate
 from vllm_fleet.router.state import ReplicaState
@@ -63,7 +64,7 @@ def test_prefill_is_priced_for_the_tokens_not_cached() -> None:
     holder.prefixes.record(prefix_keys("m", SYSTEM), NOW)
     after = request_cost(holder, info, speed, 100.0, NOW)
     cached = prefix_bytes(len(prefix_keys("m", SYSTEM))) / BYTES_PER_TOKEN
-    assert before - after == pytest.approx(cached * PREFILL_S * 1.0, rel=1e-6)
+    assert before - after == pytest.approx(cached * PREFILL_S * PREFILL_WEIGHT, rel=1e-6)
 
 
 def test_at_equal_load_the_replica_holding_the_prefix_wins() -> None:
@@ -133,14 +134,16 @@ def test_caching_a_prefix_a_second_time_is_priced() -> None:
     base = request_cost(other, info, speed, 100.0, NOW)
     held = prefix_bytes(len(prefix_keys("m", SYSTEM))) / BYTES_PER_TOKEN
     copied = request_cost(other, info, speed, 100.0, NOW, held_elsewhere=held)
-    assert copied - base == pytest.approx(held * PREFILL_S * DUPLICATE_WEIGHT, rel=1e-6)
+    assert copied - base == pytest.approx(
+        held * PREFILL_S * PREFILL_WEIGHT * DUPLICATE_WEIGHT, rel=1e-6
+    )
     assert request_cost(other, info, speed, 100.0, NOW, held_elsewhere=0.0) == base
 
 
 def test_the_holder_keeps_its_group_at_a_load_the_prefill_alone_would_give_away() -> None:
-    """Without the duplicate price the holder running one request loses the next to an idle
+    """Without the duplicate price the holder running three requests loses the next to an idle
     replica, which then holds a copy; with it, the group stays where it is cached."""
-    holder, idle = replica("http://a:1", in_flight=1), replica("http://b:1", in_flight=0)
+    holder, idle = replica("http://a:1", in_flight=3), replica("http://b:1", in_flight=0)
     holder.prefixes.record(prefix_keys("m", SYSTEM), NOW)
     info = request(SYSTEM + "and now?")
     speed = Speed(token_s=0.02, batch_slowdown=0.05, batch_limit=8, prefill_s_per_token=PREFILL_S)
