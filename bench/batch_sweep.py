@@ -5,7 +5,8 @@
 A helper rather than a numbered scenario: it measures the batch client, not a line-up of
 routers. Two simulated replicas (max_num_seqs 16, 20 ms step growing 5 % a running request:
 the default calibrated shape) behind our router (a child process, like the simulators); each
-run is the real CLI in its own process on the same seeded file (max_tokens 16-64), reporting
+run is the real CLI in its own process on its own copy of one seeded file (max_tokens 16-64;
+the prompts tagged by run, so no run reuses another's prefix cache), reporting
 output tokens/s from its --json summary. Auto runs twice: first against the fresh router
 (no batch limit learned yet: slow start probes) and again last (the router has seen full
 batches). Throughput against concurrency is the curve seed notebook 003 draws for batch size.
@@ -46,13 +47,18 @@ RESULTS = {False: "batch_sweep.json", True: "batch_sweep_vllm.json"}
 REPLICA = SimSettings(model=MODEL, max_num_seqs=16, step_ms=20.0)
 
 
-def write_input(path: Path, count: int, seed: int = 3, model: str = MODEL) -> None:
+def write_input(
+    path: Path, count: int, seed: int = 3, model: str = MODEL, run: int | None = None
+) -> None:
+    """A seeded batch file. ``run`` tags every prompt at its start: runs of a sweep then share
+    no prefix, so no run finds its prompts in the engines' prefix cache from an earlier one."""
     rng = random.Random(seed)
+    tag = "" if run is None else f"run {run:02d}: "
     with path.open("w") as handle:
         for n in range(count):
             body = {
                 "model": model,
-                "messages": [{"role": "user", "content": f"summarise document {n} " * 8}],
+                "messages": [{"role": "user", "content": tag + f"summarise document {n} " * 8}],
                 "max_tokens": rng.randint(16, 64),
                 "ignore_eos": True,  # real vLLM: every answer runs to max_tokens, as the sim's
             }
@@ -101,10 +107,13 @@ async def sweep(
     endpoint = f"http://127.0.0.1:{port}"
     try:
         await wait_http(f"{endpoint}/ready", 30.0, router)
-        source = workdir / "input.jsonl"
-        write_input(source, requests, model=TINY_MODEL if real_vllm else MODEL)
         rows: list[dict[str, Any]] = []
-        for limit in limits:
+        for run, limit in enumerate(limits):
+            # A file of its own per run: the same prompts again would hit the prefix cache the
+            # first run filled, and every run but the first would be measured with a head start
+            # (the first run's -4 % on the simulator, in the sweeps before 2026-12-03).
+            source = workdir / f"input-{run}.jsonl"
+            write_input(source, requests, model=TINY_MODEL if real_vllm else MODEL, run=run)
             label = "auto (fresh router)" if limit == "auto" and not rows else limit
             summary = await asyncio.to_thread(run_batch_cli, source, workdir, endpoint, limit)
             row = {
