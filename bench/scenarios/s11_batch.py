@@ -351,8 +351,10 @@ async def run_scenario(opts: Options) -> Section:
     section.tables.append(_sweep_table(rows))
     section.plots.append(_sweep_plot(rows))
     section.text.append(
-        "Throughput: each run is the real CLI on the same seeded file against a fresh fleet "
-        "of two simulated replicas (default fcfs scheduling) behind our router; `auto` runs "
+        "Throughput: each run is the real CLI on its own copy of the seeded file (prompts "
+        "tagged by run, so no run finds what an earlier one left in the prefix cache) against "
+        "a fresh fleet of two simulated replicas (default fcfs scheduling) behind our router; "
+        "`auto` runs "
         "first (fresh router: its slow start probes) and again last (the router knows the "
         f"batch limits). The thread pool is {POOL_THREADS} Python threads posting the lines "
         "with urllib, no retries: what users write by hand."
