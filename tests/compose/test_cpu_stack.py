@@ -34,7 +34,7 @@ from tests.compose.support import (
     require_images,
     unique_name,
 )
-from tests.e2e.support import chat_many
+from tests.e2e.support import chat_many, shared_prefix_chat
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -161,9 +161,6 @@ def test_the_router_matches_prefixes_by_the_replicas_kv_events(stack: Stack) -> 
     a repeated system prompt is predicted cached from vLLM's own block hashes, and the blocks
     the router expected new prompts to store were the ones the replicas stored."""
 
-    def system(group: int) -> str:  # ~5 of vLLM's 128-token CPU blocks
-        return f"Group {group}: you answer questions about the fleet, briefly. " * 25
-
     def kv_events() -> dict[str, dict[str, Any]]:
         return {r["url"]: r["prefix_cache"]["kv_events"] or {} for r in stack.replicas()}
 
@@ -175,10 +172,7 @@ def test_the_router_matches_prefixes_by_the_replicas_kv_events(stack: Stack) -> 
         with stack.openai() as client:
             client.chat.completions.create(
                 model=TINY_MODEL,
-                messages=[
-                    {"role": "system", "content": system(group)},
-                    {"role": "user", "content": f"Question {asked}?"},
-                ],
+                messages=shared_prefix_chat(group, asked),
                 max_tokens=2,
             )
         return kv_events()

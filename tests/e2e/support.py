@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.ports import free_port, free_port_run
@@ -38,6 +38,19 @@ VLLM_READY_DEADLINE_S = 300.0
 ROUTER_READY_DEADLINE_S = 30.0
 STOP_TIMEOUT_S = 20.0
 _POLL_S = 0.25
+
+
+def system_prompt(group: int) -> str:
+    """~700 tokens of the tiny model (~1.6 bytes a token): five of vLLM's 128-token CPU blocks."""
+    return f"Group {group}: you answer questions about the fleet, briefly. " * 18
+
+
+def shared_prefix_chat(group: int, question: int) -> list[ChatCompletionMessageParam]:
+    """A fresh question after group ``group``'s system prompt: the prefix-caching tests' request."""
+    return [
+        {"role": "system", "content": system_prompt(group)},
+        {"role": "user", "content": f"Question {question}?"},
+    ]
 
 
 def vllm_python() -> str:

@@ -33,6 +33,7 @@ from tests.e2e.support import (
     Server,
     get_json,
     http_get,
+    shared_prefix_chat,
     start_router,
     start_server,
     stop_all,
@@ -83,11 +84,6 @@ def router_over(replicas: Sequence[Server], logs: Path, *flags: str, name: str) 
     return server
 
 
-def system_prompt(group: int) -> str:
-    """~700 tokens of the tiny model (~1.6 bytes a token): five of vLLM's 128-token CPU blocks."""
-    return f"Group {group}: you answer questions about the fleet, briefly. " * 18
-
-
 async def shared_prefix_run(
     router: Server, groups: Sequence[int], questions: int, concurrency: int = 4
 ) -> None:
@@ -102,10 +98,7 @@ async def shared_prefix_run(
                 *(
                     client.chat.completions.create(
                         model=MODEL,
-                        messages=[
-                            {"role": "system", "content": system_prompt(g)},
-                            {"role": "user", "content": f"Question {q}?"},
-                        ],
+                        messages=shared_prefix_chat(g, q),
                         max_tokens=2,
                     )
                     for g, q in jobs[start : start + concurrency]
@@ -293,10 +286,7 @@ async def test_precise_prediction_equals_the_replicas_prefix_cache_hits(
             async def ask(group: int, question: int) -> None:
                 await client.chat.completions.create(
                     model=MODEL,
-                    messages=[
-                        {"role": "system", "content": system_prompt(group)},
-                        {"role": "user", "content": f"Question {question}?"},
-                    ],
+                    messages=shared_prefix_chat(group, question),
                     max_tokens=2,
                 )
 
