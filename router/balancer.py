@@ -318,10 +318,10 @@ def request_cost(
 
     With ``a, b`` = the replica's learned empty-batch step time and batch slowdown (one decode
     step takes ``a * (1 + b * n)`` with n requests running), ``C`` its batch limit (see
-    replica_speed), ``p`` its prefill seconds per computed prompt token (learned, else
-    PREFILL_STEP_PRIOR * a) x PREFILL_WEIGHT (= 4: vllm_fleet.router.prefill_backlog says
-    why), ``D`` the learned mean tokens per request, ``w`` the freshness of
-    its last scrape (see freshness)::
+    replica_speed), ``s`` its prefill seconds per computed prompt token (learned, else
+    PREFILL_STEP_PRIOR * a), ``p = s x PREFILL_WEIGHT`` (= 8) the price of a prefill second
+    on a first token's path (vllm_fleet.router.prefill_backlog says why), ``D`` the learned
+    mean tokens per request, ``w`` the freshness of its last scrape (see freshness)::
 
         T      = max_tokens, or D when the request gives none
         P      = prompt tokens the replica must compute: (body bytes / 4 (no tokenizer in
@@ -338,7 +338,7 @@ def request_cost(
         Q      = prompt tokens this router sent the replica and it has probably not prefilled
                  yet (vllm_fleet.router.prefill_backlog; ``backlog`` passes Q)
         own    = queue + Q * p + P * p + T * a * (1 + b * n)
-        impose = min(N, C) * (a * b * min(T, D) + P * p)
+        impose = min(N, C) * (a * b * min(T, D) + P * s)
         dup    = max(0, H - K) * scale * p * DUPLICATE_WEIGHT
         cost   = (own + impose + dup) * (1 + KV_WEIGHT * w * kv_pressure)  (kv_pressure: load_score)
 
@@ -362,8 +362,11 @@ def request_cost(
       on a full batch, not at the mean gap between completions (1/C of one): with the mean
       gap, TTFT p99 at 85% load was x5.8; with 1, 2, 3 requests x2.4, x1.9, x1.7 while p99
       latency went x0.68, x0.68, x0.69 and at 95% load x0.65, x0.66, x0.70.
-    - The prompt costs its own prefill and stalls the running requests for as long. Only the
-      tokens the replica must compute count: a cached prefix makes a replica cheaper by
+    - The prompt costs its own prefill and stalls the running requests for as long. The
+      prefill on this request's own path (``P``, and the backlog ``Q`` ahead of it) delays
+      its first token and is priced at ``p``; the stall of the running requests is one late
+      token each, priced at its measured seconds ``s``. Only the tokens the replica must
+      compute count: a cached prefix makes a replica cheaper by
       exactly the prefill it saves, nothing more. So a prefix group sticks to the replicas
       that hold it while the saving beats their extra load, and spreads as soon as one of
       them queues (the queue term grows by whole mean requests, the saving stays fixed);
@@ -401,6 +404,7 @@ def request_cost(
         prompt = request.prompt_tokens
         cached = cached_prefix_tokens(replica, request.prefix, request.blocks, prompt)
     computed = max(0.0, request.prompt_tokens - cached) * prefixes.token_scale
+    stall = computed * speed.prefill_s_per_token
     p = speed.prefill_s_per_token * PREFILL_WEIGHT
     prefill = computed * p
     duplicate = max(0.0, held_elsewhere - cached) * prefixes.token_scale * p * DUPLICATE_WEIGHT
@@ -414,7 +418,7 @@ def request_cost(
         assumed, cached, computed, request.prompt_tokens * prefixes.token_scale
     )
     own = queue + backlog * p + prefill + tokens * a * (1.0 + b * batch)
-    impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + prefill)
+    impose = min(busy, limit) * (a * b * min(tokens, typical_tokens) + stall)
     return (own + impose + duplicate) * (1.0 + KV_WEIGHT * w * pressure)
 
 

@@ -29,18 +29,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: Weight of a prefill second in the cost policy against a decode second (request_cost's
-#: ``p`` is the measured prefill seconds per token times this). A prompt's prefill sits on
-#: the first token's path, fills the step budget of every request running there and, when
-#: it duplicates a prefix, evicts another's; priced at its measured seconds alone, the cost
-#: traded cache hits for one request less in a batch too readily. Measured (one run each,
-#: with sglang-router cache_aware in the same run; bench/findings.md, issue 17 session 24):
-#: scenario 9 (multi-turn) TTFT p99 138 / 91 / 84 ms at weight 1 / 2 / 4 (sglang 74-81),
-#: hit rate 92 / 95 / 98 % of the best possible, mean latency 0.82 / 0.82 / 0.80 s;
-#: scenario 8 at 4: hit 100 % of the best, TTFT p99 273 ms (sglang 274), mean 0.517 s (0.519);
-#: scenario 1 (no shared prefixes) at 4: mean 4.88 s, TTFT p99 990 ms against 5.00 s and
-#: 1,018 ms at 1 (90 requests: within its run-to-run noise).
-PREFILL_WEIGHT = 4.0
+#: Weight of a prefill second on a first token's path (the request's own prefill, the backlog
+#: ahead of it, and a duplicate prefix that a later request will compute again) against a
+#: decode second in the cost policy; the stall a prompt causes the requests already running
+#: there is one late token each and is priced at its measured seconds. Why a weight: the
+#: cost sums seconds of latency, and moving a conversation off the replica that holds it buys
+#: a smaller batch (the whole answer a little faster, for it and the others) with a longer
+#: first token (the history computed again). In seconds the two are close (a 1,000-token
+#: history against one request less in a batch of 5), so at weight 1 the router moved 1 turn
+#: in 20 and those moves were scenario 9's slowest first tokens. A user waits for the first
+#: token and reads the rest as it streams, so first-token seconds weigh more. Measured (one
+#: run each, sglang-router cache_aware in the same or a neighbouring run; bench/findings.md,
+#: issue 17): scenario 9 TTFT p99 138 / 91 / 84 ms at weight 1 / 2 / 4 with the stall priced
+#: at the same weight (sglang 74-81), 72-73 ms at 8 with the stall at measured seconds (moved
+#: turns 30 -> 8; hit 99 % of the best possible; mean 0.82 s against sglang's 0.84);
+#: scenario 8 at 8: hit 100 % of the best, mean 0.520 s, TTFT p99 244 ms (sglang 0.525 s,
+#: 283 ms).
+PREFILL_WEIGHT = 8.0
 #: Seconds per prompt token a replica is assumed to prefill until it says (10,000 tokens/s:
 #: the simulator on this 2-core box measured ~7,000, a GPU does tens of thousands; a drain
 #: that is too slow only makes the first second of a fresh router spread prompts a bit more).

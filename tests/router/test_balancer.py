@@ -287,12 +287,12 @@ def test_request_cost_formula(in_flight: int, expected: float) -> None:
 
 def test_request_cost_counts_prefill_others_load_and_kv_pressure() -> None:
     speed = Speed(token_s=0.02, batch_slowdown=0.0, batch_limit=math.inf, prefill_s_per_token=1e-4)
-    # 2 of ours + 3 from other clients; prefill 1000 * 1e-4 = 0.1 s (priced PREFILL_WEIGHT
-    # times), stalling all 5 running
+    # 2 of ours + 3 from other clients; prefill 1000 * 1e-4 = 0.1 s, priced PREFILL_WEIGHT
+    # times on the request's own first-token path, at its seconds as a stall of all 5 running
     r = replica(in_flight=2, ours_at_scrape=2, running=5, kv=0.9)
     cost = request_cost(r, sized(10, prompt_tokens=1000), speed, 100.0, NOW)
     prefill = 0.1 * PREFILL_WEIGHT
-    assert cost == pytest.approx((prefill + 10 * 0.02 + 5 * prefill) * 1.5)
+    assert cost == pytest.approx((prefill + 10 * 0.02 + 5 * 0.1) * 1.5)
     # an unknown batch limit (inf) never makes the cost NaN
     assert math.isfinite(request_cost(replica(), sized(10), speed, 100.0, NOW))
 

@@ -141,9 +141,9 @@ def test_caching_a_prefix_a_second_time_is_priced() -> None:
 
 
 def test_the_holder_keeps_its_group_at_a_load_the_prefill_alone_would_give_away() -> None:
-    """Without the duplicate price the holder running three requests loses the next to an idle
+    """Without the duplicate price the holder running seven requests loses the next to an idle
     replica, which then holds a copy; with it, the group stays where it is cached."""
-    holder, idle = replica("http://a:1", in_flight=3), replica("http://b:1", in_flight=0)
+    holder, idle = replica("http://a:1", in_flight=7), replica("http://b:1", in_flight=0)
     holder.prefixes.record(prefix_keys("m", SYSTEM), NOW)
     info = request(SYSTEM + "and now?")
     speed = Speed(token_s=0.02, batch_slowdown=0.05, batch_limit=8, prefill_s_per_token=PREFILL_S)
