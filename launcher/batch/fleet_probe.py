@@ -36,22 +36,29 @@ def _router_view(rows: Any) -> FleetView | None:
         return None
     healthy = [r for r in rows if r.get("healthy")]
     capacities: list[float | None] = []
-    waiting = 0.0
+    waiting = seen = sent = 0.0
     for row in healthy:
         speed = row.get("speed") or {}
         limit = speed.get("batch_limit")
         capacities.append(float(limit) if isinstance(limit, int | float) and limit > 0 else None)
-        for key in ("waiting", "batch_held"):  # held back by the router: queued all the same
-            value = row.get(key)
-            waiting += float(value) if isinstance(value, int | float) else 0.0
-    return FleetView("router", tuple(capacities), QueueSignal(waiting, len(healthy)))
+        waiting += _number(row, "batch_held")  # held back by the router: queued all the same
+        waiting += _number(row, "waiting")
+        seen += _number(row, "running") + _number(row, "waiting")  # scraped: up to ~1 s old
+        sent += _number(row, "in_flight")  # the router's own count: now
+    return FleetView("router", tuple(capacities), QueueSignal(waiting, len(healthy), seen, sent))
 
 
-def waiting_from_metrics(text: str) -> float | None:
-    """Sum of ``vllm:num_requests_waiting`` samples in a Prometheus text page, None without."""
+def _number(row: dict[str, Any], key: str) -> float:
+    value = row.get(key)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def waiting_from_metrics(text: str, name: str = "vllm:num_requests_waiting") -> float | None:
+    """Sum of a gauge's samples (by default ``vllm:num_requests_waiting``) in a Prometheus
+    text page, None without."""
     total: float | None = None
     for line in text.splitlines():
-        if line.split("{", 1)[0].split(" ", 1)[0] == "vllm:num_requests_waiting":
+        if line.split("{", 1)[0].split(" ", 1)[0] == name:
             try:
                 value = float(line.rsplit(" ", 1)[1])
             except (IndexError, ValueError):
@@ -83,7 +90,10 @@ async def look(session: aiohttp.ClientSession, base: str, kind: str | None = Non
     if kind in (None, "vllm"):
         got = await _get(session, f"{base}/metrics")
         if got is not None and got[0] == 200:
-            waiting = waiting_from_metrics(got[1].decode("utf-8", "replace"))
+            page = got[1].decode("utf-8", "replace")
+            waiting = waiting_from_metrics(page)
             if waiting is not None:
-                return FleetView("vllm", (None,), QueueSignal(waiting, 1))
+                running = waiting_from_metrics(page, "vllm:num_requests_running") or 0.0
+                # ``sent`` is the caller's: only it knows what it has out to this server
+                return FleetView("vllm", (None,), QueueSignal(waiting, 1, running + waiting))
     return FleetView("other")

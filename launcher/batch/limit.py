@@ -15,7 +15,14 @@ concurrency-limits and Envoy's adaptive concurrency filter do, once per window (
 3. **Engine queue known** (the router's ``/fleet/replicas`` or vLLM's ``/metrics``
    ``vllm:num_requests_waiting``, summed over replicas): aim at ``target = queue_per_replica x
    replicas`` waiting requests. In slow start (no queue seen yet) the limit doubles while the
-   queue is below target, deciding every half second; afterwards it moves by half the gap,
+   queue is below target, deciding every half second, but only on a view that has seen what
+   was sent: the router scrapes its replicas once a second and a loaded vLLM API server
+   counts a request only once it has parsed and tokenized it, so a view where the engines
+   report fewer requests (running + waiting) than the endpoint has out to them predates the
+   last doubling and its queue is no evidence (doubling on it every half second went past
+   1,000 on two real vLLM CPU replicas that run 256 between them). Slow start holds for up to
+   `MAX_LAG_HOLDS` such windows, then counts the unseen requests as waiting. Afterwards the
+   limit moves by half the gap,
    ``limit += (target - waiting) / 2`` (a proportional step: the queue is the error signal,
    the limit the actuator), at least one request a window upwards, and by a quarter of itself
    when nothing waits at all (the engines have idle slots: after a decrease, or when replicas
@@ -42,6 +49,9 @@ from dataclasses import dataclass, field
 PROBE_START_PER_REPLICA = 16
 #: Growth a window while the engines have no queue at all (rule 3).
 IDLE_GROWTH = 0.25
+#: Slow-start windows held on a lagging view (rule 3) before its unseen requests are counted
+#: as waiting: 3 s at half-second windows, three of the router's scrapes.
+MAX_LAG_HOLDS = 6
 
 
 @dataclass(frozen=True)
@@ -67,10 +77,21 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class QueueSignal:
-    """The engines' queue as last observed: summed waiting requests and healthy replicas."""
+    """The engines' queue as last observed: summed waiting requests and healthy replicas,
+    and, when known, how many requests the engines reported at all (``seen``: running +
+    waiting) against how many the endpoint has out to them (``sent``)."""
 
     waiting: float
     replicas: int
+    seen: float | None = None
+    sent: float | None = None
+
+    @property
+    def unseen(self) -> float:
+        """Requests sent that the view does not show yet (0 when not known)."""
+        if self.seen is None or self.sent is None:
+            return 0.0
+        return max(0.0, self.sent - self.seen)
 
 
 @dataclass
@@ -87,6 +108,7 @@ class AdaptiveLimit:
     _peak_in_flight: int = 0
     _queue: QueueSignal | None = None
     _long: float | None = None
+    _lag_holds: int = 0
     #: Decisions taken (for tests and the summary).
     decisions: int = 0
 
@@ -143,7 +165,11 @@ class AdaptiveLimit:
     def _queue_rule(self, queue: QueueSignal) -> float:
         target = max(1.0, self.settings.queue_per_replica * max(1, queue.replicas))
         if self.slow_start:
-            if queue.waiting < target:
+            if queue.unseen > 0 and self._lag_holds < MAX_LAG_HOLDS:
+                self._lag_holds += 1
+                return self.limit
+            self._lag_holds = 0
+            if queue.waiting + queue.unseen < target:
                 return self.limit * 2
             self.slow_start = False
         step = (target - queue.waiting) / 2.0

@@ -27,7 +27,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,8 +296,13 @@ class BatchRun:
         """Keep the limiter's view of the engines' queue fresh (auto mode with a signal)."""
         while self.limiter is not None and self._kind in ("router", "vllm"):
             await asyncio.sleep(QUEUE_POLL_S)
+            before = self.stats.in_flight
             view = await fleet_probe.look(session, self.base, self._kind)
-            self.limiter.on_queue(view.queue)
+            queue = view.queue
+            if queue is not None and queue.seen is not None and queue.sent is None:
+                # a vLLM server: what it was sent is ours, at most what was out all along
+                queue = replace(queue, sent=float(min(before, self.stats.in_flight)))
+            self.limiter.on_queue(queue)
 
     def _spawn(
         self, session: aiohttp.ClientSession, writer: ResultWriter, request: BatchRequest

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from vllm_fleet.launcher.batch.limit import AdaptiveLimit, LimitSettings, QueueSignal, initial_limit
+from vllm_fleet.launcher.batch.limit import (
+    MAX_LAG_HOLDS,
+    AdaptiveLimit,
+    LimitSettings,
+    QueueSignal,
+    initial_limit,
+)
 
 
 def window(limit: AdaptiveLimit, now: float, *, in_flight: int | None = None) -> int:
@@ -41,6 +47,44 @@ def test_slow_start_doubles_until_the_queue_reaches_its_target() -> None:
     limit.on_queue(QueueSignal(waiting=10, replicas=2))  # target 4: too many waiting
     assert window(limit, 3.0) == 29  # 32 + (4 - 10) / 2
     assert not limit.slow_start
+
+
+def lagging_fleet(capacity: int, lag_s: float, seconds: float, *, report_sent: bool) -> int:
+    """Slow start against a fleet that runs `capacity` at once and whose view shows the
+    requests as they were `lag_s` ago (a router's scrape, a loaded API server's parsing), the
+    endpoint's own count of what it has out being current; the highest limit reached."""
+    limit = AdaptiveLimit(16, window_start=0.0)
+    history = [(0.0, 16)]
+    highest = 16
+    for step in range(1, int(seconds / 0.5) + 1):
+        now = step * 0.5
+        seen = next(n for t, n in reversed(history) if t <= max(0.0, now - lag_s))
+        sent = float(limit.limit) if report_sent else None
+        signal = QueueSignal(max(0, seen - capacity), 2, seen=float(seen), sent=sent)
+        limit.on_queue(signal)
+        highest = max(highest, window(limit, now))
+        history.append((now, limit.limit))
+    return highest
+
+
+def test_slow_start_doubles_only_on_a_view_that_has_seen_what_was_sent() -> None:
+    """Two real vLLM CPU replicas that run 256 between them went past 1,000 in flight when
+    each half-second window doubled on a view 1-2 s old. Doubling only on a view that shows
+    every request sent stops slow start within twice the fleet."""
+    assert lagging_fleet(64, 1.5, 20.0, report_sent=False) >= 8 * 64  # the old rule
+    assert lagging_fleet(64, 1.5, 20.0, report_sent=True) <= 2 * 64 + 4
+
+
+def test_a_view_that_never_catches_up_ends_slow_start_by_counting_the_unseen_as_waiting() -> None:
+    """A replica whose metrics never show running requests (seen stays 0): slow start does
+    not hold for ever; after MAX_LAG_HOLDS windows the unseen requests count as queued, and
+    slow start ends instead of doubling blind."""
+    limit = AdaptiveLimit(32, window_start=0.0)
+    for step in range(1, MAX_LAG_HOLDS + 2):
+        limit.on_queue(QueueSignal(0.0, 2, seen=0.0, sent=float(limit.limit)))
+        window(limit, step * 0.5)
+    assert not limit.slow_start  # 32 unseen against a target of 4: slow start ended
+    assert limit.limit == 40  # ... and the queue rule took over (+ a quarter: nothing waits)
 
 
 def test_queue_rule_settles_where_the_engines_keep_the_target_queue() -> None:

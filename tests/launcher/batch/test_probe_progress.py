@@ -16,15 +16,29 @@ from vllm_fleet.launcher.batch.progress import BatchStats, Progress, plain_line,
 
 def test_router_view_sums_healthy_replicas_and_keeps_unknown_limits() -> None:
     rows = [
-        {"healthy": True, "waiting": 3, "speed": {"batch_limit": 16.0}},
-        {"healthy": True, "waiting": 1, "speed": {"batch_limit": None}},
-        {"healthy": False, "waiting": 50, "speed": {"batch_limit": 8.0}},
+        {
+            "healthy": True,
+            "waiting": 3,
+            "running": 8,
+            "in_flight": 14,
+            "speed": {"batch_limit": 16.0},
+        },
+        {
+            "healthy": True,
+            "waiting": 1,
+            "running": 4,
+            "in_flight": 5,
+            "speed": {"batch_limit": None},
+        },
+        {"healthy": False, "waiting": 50, "in_flight": 9, "speed": {"batch_limit": 8.0}},
     ]
     view = _router_view(rows)
     assert view is not None
     assert view.kind == "router"
     assert view.capacities == (16.0, None)
-    assert view.queue == QueueSignal(waiting=4.0, replicas=2)
+    # the engines reported 16 of the 19 requests the router has out to them: 3 unseen
+    assert view.queue == QueueSignal(waiting=4.0, replicas=2, seen=16.0, sent=19.0)
+    assert view.queue.unseen == 3.0
     assert _router_view({"ok": True}) is None
 
 
@@ -34,7 +48,8 @@ def test_batch_requests_the_router_holds_back_count_as_queued() -> None:
         {"healthy": True, "waiting": 0, "batch_held": 2.5, "speed": {"batch_limit": 16.0}},
     ]
     view = _router_view(rows)
-    assert view is not None and view.queue == QueueSignal(waiting=6.0, replicas=2)
+    assert view is not None and view.queue is not None
+    assert (view.queue.waiting, view.queue.replicas) == (6.0, 2)
 
 
 def test_waiting_from_metrics_reads_only_the_waiting_gauge() -> None:
@@ -60,7 +75,7 @@ async def test_look_tells_a_router_from_a_vllm_server() -> None:
         direct = await look(session, sims[0].url)
     assert via_router.kind == "router" and len(via_router.capacities) == 2
     assert via_router.queue is not None and via_router.queue.replicas == 2
-    assert direct.kind == "vllm" and direct.queue == QueueSignal(0.0, 1)
+    assert direct.kind == "vllm" and direct.queue == QueueSignal(0.0, 1, seen=0.0)
 
 
 def test_without_a_tty_progress_is_one_plain_line_every_few_seconds() -> None:
