@@ -459,7 +459,7 @@ class CostAware(_Scored):
                 now,
                 cached=k,
                 held_elsewhere=held,
-                backlog=self.backlog.ahead(r.url, now),
+                backlog=self.backlog.follow(r.url, now, r.prompt_sent, r.speed.prefill_s_per_token),
             )
             for r, sp, k in zip(replicas, speeds, cached, strict=True)
         ]
@@ -471,8 +471,9 @@ class CostAware(_Scored):
             tied = [r for r, c in zip(replicas, costs, strict=True) if c - best <= margin]
             chosen = tied[0] if len(tied) == 1 else home(tied, prefix)
         i = next(j for j, r in enumerate(replicas) if r is chosen)
-        computed = max(0.0, tokens - cached[i]) * chosen.prefixes.token_scale
-        self.backlog.add(chosen.url, now, computed, chosen.speed.prefill_s_per_token)
+        computed = round(max(0.0, tokens - cached[i]) * chosen.prefixes.token_scale)
+        self.backlog.send(chosen.url, now, computed, chosen.speed.prefill_s_per_token)
+        chosen.prompt_sent += computed  # what the other workers' backlogs follow
         return chosen
 
 

@@ -21,8 +21,10 @@ the other would. Tokens, not seconds, so the cost policy prices the backlog in i
 message from the data path and forgets itself: a replica nobody sent anything to for as long
 as its backlog takes is back to zero.
 
-With ``--workers N`` each worker sees only its own sends (the in-flight counts are shared, this
-is not): its backlog is a lower bound, as if the other workers' prompts were all cached.
+The sends come from a counter on the replica's record (``ReplicaState.prompt_sent``: computed
+prompt tokens sent, ever) rather than from the policy's own picks, so with ``--workers N``,
+where that counter is the sum of every worker's cell in shared memory like the in-flight
+count (vllm_fleet.router.shared_board), each worker's backlog holds every worker's prompts.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class PendingPrefill:
     tokens: float = 0.0
     at: float = 0.0
     s_per_token: float = PREFILL_S_PER_TOKEN_PRIOR
+    #: The replica's ``prompt_sent`` counter when last followed (see PrefillBacklog.follow).
+    seen: int = 0
 
     def ahead(self, now: float) -> float:
         """Prompt tokens still ahead of a request sent at ``now``."""
@@ -79,17 +83,45 @@ class PrefillBacklog:
         pending = self._by_url.get(url)
         return pending.ahead(now) if pending is not None else 0.0
 
+    def follow(self, url: str, now: float, sent: int, s_per_token: float) -> float:
+        """Prompt tokens still ahead at ``now`` on ``url``, whose ``prompt_sent`` counter reads
+        ``sent``. What the counter grew by beyond this backlog's own sends (``send``) was sent
+        by another worker since the last call: it joins the queue now, a little late (when it
+        was sent is not recorded), which errs toward a longer backlog. The first call for a URL
+        only notes the counter (what was sent before this backlog existed is taken as
+        prefilled)."""
+        pending = self._by_url.get(url)
+        if pending is None:
+            self._new(url, now).seen = sent
+            return 0.0
+        grown = sent - pending.seen
+        pending.seen = sent
+        if grown > 0:
+            self.add(url, now, float(grown), s_per_token)
+        return pending.ahead(now)
+
+    def send(self, url: str, now: float, tokens: int, s_per_token: float) -> None:
+        """This policy sent ``url`` a request making it compute ``tokens``: it joins the queue
+        at once, and the replica's counter (which the caller raises by as much) is not
+        counted a second time by ``follow``."""
+        self.add(url, now, float(tokens), s_per_token)
+        pending = self._by_url.get(url)
+        if pending is not None:
+            pending.seen += tokens
+
+    def _new(self, url: str, now: float) -> PendingPrefill:
+        if len(self._by_url) >= MAX_REPLICAS:
+            self._drop_drained(now)
+        pending = self._by_url[url] = PendingPrefill()
+        return pending
+
     def add(self, url: str, now: float, tokens: float, s_per_token: float) -> None:
         """A request making ``url`` compute ``tokens`` prompt tokens was sent at ``now``;
         ``s_per_token`` is the replica's measured prefill seconds per token (0: not measured,
         PREFILL_S_PER_TOKEN_PRIOR)."""
         if not tokens > 0.0:
             return
-        pending = self._by_url.get(url)
-        if pending is None:
-            if len(self._by_url) >= MAX_REPLICAS:
-                self._drop_drained(now)
-            pending = self._by_url[url] = PendingPrefill()
+        pending = self._by_url.get(url) or self._new(url, now)
         pending.tokens = pending.ahead(now) + tokens
         pending.at = now
         pending.s_per_token = s_per_token if s_per_token > 0.0 else PREFILL_S_PER_TOKEN_PRIOR

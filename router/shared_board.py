@@ -6,7 +6,7 @@ never tear)::
     header   magic, slot count, worker count, slots ever used
     workers  per worker: pid, restarts
     slots    per replica slot: NUMBERS doubles, then the URL, model ids and last check error
-    cells    per worker, per slot: in flight, served (int64)
+    cells    per worker, per slot: in flight, served, ejections, prompt tokens sent (int64)
 
 Two kinds of writer, never two writers of one field:
 
@@ -55,9 +55,10 @@ WORKER_WORDS = 4
 NUMBERS = 28
 SLOT_BYTES = NUMBERS * 8 + URL_BYTES + MODELS_BYTES + ERROR_BYTES
 BREAKERS = (Breaker.CLOSED, Breaker.OPEN, Breaker.HALF_OPEN)
-#: The per-worker cells of a slot: requests in flight, requests served, breaker ejections.
-IN_FLIGHT, SERVED, EJECTIONS = 0, 1, 2
-CELLS = 3
+#: The per-worker cells of a slot: requests in flight, requests served, breaker ejections,
+#: prompt tokens sent (the prefill backlog's counter, ReplicaState.prompt_sent).
+IN_FLIGHT, SERVED, EJECTIONS, PROMPT_SENT = 0, 1, 2, 3
+CELLS = 4
 
 
 def _nan(value: float | None) -> float:
@@ -370,6 +371,7 @@ class SharedReplica(ReplicaState):
     _seen_in_flight: int = 0
     _seen_served: int = 0
     _seen_ejections: int = 0
+    _seen_prompt_sent: int = 0
 
     def bind(self, board: Board, slot: int, worker: int | None) -> SharedReplica:
         self.board, self.slot, self.gen, self.worker = board, slot, board.gen(slot), worker
@@ -418,6 +420,19 @@ class SharedReplica(ReplicaState):
         board, worker = self.board, self.worker
         if board is not None and worker is not None and delta > 0:
             board.add(board.cell(worker, self.slot, EJECTIONS), delta)
+
+    @property
+    def prompt_sent(self) -> int:
+        """Prompt tokens every worker sent here (only ever compared with an earlier read)."""
+        board = self.board
+        if board is None:
+            return self._seen_prompt_sent
+        self._seen_prompt_sent = board.total(self.slot, PROMPT_SENT)
+        return self._seen_prompt_sent
+
+    @prompt_sent.setter
+    def prompt_sent(self, value: int) -> None:
+        self._seen_prompt_sent = self._write(PROMPT_SENT, value - self._seen_prompt_sent, value)
 
     def _write(self, kind: int, delta: int, value: int) -> int:
         board, worker = self.board, self.worker

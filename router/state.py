@@ -92,6 +92,10 @@ class ReplicaState:
     parents: dict[str, str] = field(default_factory=dict)
     #: Total requests the router finished on this replica (for /fleet/replicas and tests).
     served: int = 0
+    #: Prompt tokens the cost policy predicted this replica would compute, summed over every
+    #: request sent to it (with --workers N, over every worker's): the prefill backlog
+    #: follows its growth (vllm_fleet.router.prefill_backlog).
+    prompt_sent: int = 0
     #: Outcome of the last active health check (GET /health). ``healthy`` is kept equal to
     #: ``breaker is CLOSED and check_ok`` by vllm_fleet.router.health.
     check_ok: bool = False

@@ -4,6 +4,7 @@ still prefilling the previous one (hand-built replica states, a settable clock).
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -14,8 +15,10 @@ from vllm_fleet.router.prefill_backlog import (
     PREFILL_S_PER_TOKEN_PRIOR,
     PrefillBacklog,
 )
+from vllm_fleet.router.shared_board import Board
 from vllm_fleet.router.speed import SpeedEstimate
-from vllm_fleet.router.state import ReplicaState
+from vllm_fleet.router.state import Fleet, ReplicaState
+from vllm_fleet.router.worker import WorkerLink
 
 NOW = 1000.0
 
@@ -53,15 +56,22 @@ class Clock:
         return self.now
 
 
-def replica(url: str) -> ReplicaState:
-    """A measured replica running one request: 10 ms steps, 7,000 prompt tokens per second."""
-    r = ReplicaState(url=url, healthy=True, in_flight=1, scraped_at=NOW - 0.5)
+def measure(r: ReplicaState) -> ReplicaState:
+    """10 ms steps, 7,000 prompt tokens per second, learned."""
+    r.healthy, r.scraped_at = True, NOW - 0.5
     r.speed = SpeedEstimate(token_s=0.01, prefill_s_per_token=1.4e-4, batch_limit=16)
     r.speed.recent_tokens, r.speed.recent_finished = 400.0, 10.0
     return r
 
 
+def replica(url: str) -> ReplicaState:
+    """A measured replica running one request."""
+    return measure(ReplicaState(url=url, in_flight=1))
+
+
 COLD = RequestInfo(model="m", prompt_tokens=1600, max_tokens=40, stream=True)
+#: A request with no prompt to speak of: it leaves no backlog.
+WARM = RequestInfo(model="m", prompt_tokens=0, max_tokens=40, stream=True)
 
 
 def test_a_cold_prompt_goes_past_a_replica_still_prefilling_one() -> None:
@@ -85,3 +95,36 @@ def test_a_cold_prompt_goes_past_a_replica_still_prefilling_one() -> None:
         clock.now += 1.0
         later.add(policy.pick([a, b], COLD).url)
     assert later == {"http://a:1", "http://b:1"}
+
+
+def test_with_workers_each_backlog_holds_every_worker_s_prompts() -> None:
+    """Two router workers, each with its own cost policy, their replica records counted in
+    one shared board (--workers 2): right after worker 0 sent a cold prompt to one replica,
+    worker 1 sends the next cold prompt to the other, as one router would."""
+    for seed in range(8):
+        board = Board.create(workers=2, slots=2)
+        try:
+            for url in ("http://a:1", "http://b:1"):
+                slot = board.allocate(url)
+                assert slot is not None
+                board.publish(slot, {})
+            links = [WorkerLink(Board.attach(board.path), i, os.getpid()) for i in range(2)]
+            fleets = [Fleet(new_replica=link.new_replica) for link in links]
+            clock = Clock()
+            policies = [CostAware(random.Random(seed + i), clock=clock) for i in range(2)]
+            for link, fleet in zip(links, fleets, strict=True):
+                link.read()
+                fleet.set_backends(["http://a:1", "http://b:1"])
+                for r in fleet.replicas.values():
+                    measure(r)
+            views = [[f.replicas["http://a:1"], f.replicas["http://b:1"]] for f in fleets]
+            policies[1].pick(views[1], WARM)  # worker 1 has picked before: its backlog exists
+            clock.now += 0.05
+            first = policies[0].pick(views[0], COLD)
+            clock.now += 0.05
+            second = policies[1].pick(views[1], COLD)
+            assert second.url != first.url, seed
+            for link in links:
+                link.board.close()
+        finally:
+            board.close()
