@@ -79,7 +79,14 @@ MIN_TRUST = 0.1
 #: Measured hit rate below this fraction of the prediction: the replica forgot the record.
 FORGOT_RATIO = 0.2
 #: Tokens queried (replica side) and predicted (router side) before the comparison counts.
-MIN_COMPARE_TOKENS = 4096.0
+#: Twenty-odd prompts of a few thousand tokens, not two: the router predicts a hit when it
+#: sends, the replica counts it when it prefills, and a burst of one group's first requests
+#: is computed side by side (each a miss) before any is cached. At 4,096 that lag, in a
+#: run's first seconds, read as "the replica forgot": its record was dropped and its trust
+#: set to 0.1, so the router saw it holding nothing and the three others, holding every
+#: group between them, took all the traffic (scenario 8: one replica served 3-8 % of the
+#: requests in 3 runs of 7).
+MIN_COMPARE_TOKENS = 32768.0
 #: Most blocks a replica's event block set may hold (~35 MB of set): far above any GPU's block
 #: count (an 80 GB H100 with an 8B model holds ~30,000 16-token blocks); more means removals
 #: were missed (batches beyond the publisher's high-water mark) and the set is dropped.
@@ -263,12 +270,18 @@ class ReplicaPrefixes:
             self._young = {}
 
     def clear(self) -> None:
-        """Forget every recorded prefix (the replica lost its cache)."""
+        """Forget every recorded prefix (the replica lost its cache), and what was measured
+        against the record: the sent and the measured side restart together. Clearing only
+        the sent side left the replica's queried tokens over a few new sends, a token_scale of
+        3-4 that priced every prompt there 3-4 times over, so it got nothing more and the
+        ratio never came back (scenario 8: one replica of four served 3 % of the requests in
+        one run of three, mean latency 0.59-0.64 s against 0.53)."""
         if self._young or self._old:
             self.resets += 1
         self._young = {}
         self._old = {}
         self.predicted_bytes = self.sent_bytes = 0.0
+        self.measured_hits = self.measured_queries = 0.0
 
     def evict(self, n: int) -> None:
         """Drop about ``n`` of the least recently recorded keys (the replica evicted that
@@ -349,7 +362,6 @@ class ReplicaPrefixes:
         d_hits, d_queries = hits - last[0], queries - last[1]
         if d_hits < 0 or d_queries < 0:
             self.clear()
-            self.measured_hits = self.measured_queries = 0.0
             self.trust = 1.0
             return
         keep = _decay(at - last[2])

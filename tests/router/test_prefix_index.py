@@ -237,6 +237,21 @@ def test_a_replica_that_forgot_loses_its_record() -> None:
     assert record.resets == 1
 
 
+def test_a_forgotten_record_restarts_its_token_scale_too() -> None:
+    """After the record is dropped as forgotten, a few new sends must not be weighed against
+    the queries measured before the drop: the scale restarts at 1 (it priced every prompt on
+    that replica 3-4 times over, and the replica starved)."""
+    record = ReplicaPrefixes()
+    keys = prefix_keys("m", SYSTEM * 10)
+    at = feed(record, keys, 20, 0.0)
+    record.observe_counters(0, 0, at)
+    record.observe_counters(hits=0, queries=MIN_COMPARE_TOKENS * 4, at=at + 1)
+    assert record.resets == 1  # forgotten
+    at = feed(record, keys, 3, at + 1)  # a few sends after
+    record.observe_counters(hits=0, queries=MIN_COMPARE_TOKENS * 4 + 100, at=at)
+    assert record.token_scale == 1.0
+
+
 def test_other_clients_hits_never_lower_trust() -> None:
     record = ReplicaPrefixes()
     keys = prefix_keys("m", SYSTEM * 10)
