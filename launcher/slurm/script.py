@@ -27,10 +27,16 @@ from dataclasses import dataclass
 from vllm_fleet.launcher.slurm.layout import NodesPlan
 from vllm_fleet.launcher.slurm.settings import SlurmSettings
 
-#: first port of the per-job ranges; job j uses PORT_BASE = FIRST_PORT + (j % PORT_SLOTS) * 400.
+#: first port of the per-job ranges; job j uses PORT_BASE = FIRST_PORT + (j % PORT_SLOTS) *
+#: PORT_RANGE. Every range stays below 32768, where Linux's ephemeral ports begin
+#: (net.ipv4.ip_local_port_range 32768-60999): a port there may be the local end of any
+#: outgoing connection on the node, and a job whose range reached it failed to bind
+#: ("address already in use") whenever one was (job 70 of the CI cluster: 48000-48399).
+#: A job's range is 400 ports (the offsets below, then Ray's worker ports to its end): 31
+#: ranges fit.
 FIRST_PORT = 20000
-PORT_SLOTS = 100
 PORT_RANGE = 400
+PORT_SLOTS = (32768 - FIRST_PORT) // PORT_RANGE
 #: offsets inside a job's range (documented in docs/slurm.md).
 ROUTER_OFFSET = 0
 NODE_ROUTER_OFFSET = 1

@@ -20,6 +20,7 @@ from vllm_fleet.launcher.slurm.agent import (
     update_endpoint,
 )
 from vllm_fleet.launcher.slurm.job import cancel_job, job_status, parse_sacct, parse_scontrol
+from vllm_fleet.launcher.slurm.script import PORT_RANGE
 
 PENDING = (
     "JobId=42 JobName=vllm-fleet UserId=u(1) JobState=PENDING Reason=Resources Dependency=(null) "
@@ -133,7 +134,7 @@ def test_ray_ports_stay_in_the_jobs_range_and_differ_per_slot() -> None:
     per_node = {k: v for k, v in head.items() if "worker-port" not in k}
     assert not set(per_node.values()) & set(ray_ports(base, 1).values())
     assert min(head.values()) > base + 1  # the GCS and client server come first
-    assert max(ray_ports(base, RAY_SLOTS - 1).values()) < base - 60 + 400
+    assert max(ray_ports(base, RAY_SLOTS - 1).values()) < base - 60 + PORT_RANGE
     assert worker["min-worker-port"] > max(
         ray_ports(base, RAY_SLOTS - 1)["runtime-env-agent-port"], 0
     )
