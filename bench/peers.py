@@ -187,12 +187,16 @@ class OursPeer(Peer):
         python: str = sys.executable,
         prefix_index: bool = True,
         workers: int = 1,
+        port: int | None = None,
+        peers: tuple[str, ...] = (),
     ) -> None:
         super().__init__(workdir)
         self.policy = policy
         self.python = python
         self.prefix_index = prefix_index
         self.workers = workers
+        self.port = port
+        self.peers = peers
         self.name = f"ours {policy}"
         self.settings = f"`vllm-fleet router --policy {policy}`, defaults otherwise"
         if workers != 1:
@@ -217,12 +221,14 @@ class OursPeer(Peer):
         return [self.python, "-c", stub]
 
     async def start(self, backends: list[str]) -> str:
-        port = free_port()
+        port = self.port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         argv = [*self.command(), "router", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--policy", self.policy, "--log-level", "warning"]
         if self.workers != 1:
             argv += ["--workers", str(self.workers)]
+        for peer in self.peers:
+            argv += ["--peer", peer]
         for backend in backends:
             argv += ["--backend", backend]
         url = await self._launch(argv)
@@ -249,16 +255,33 @@ class OursPeer(Peer):
 
 class OursPairPeer(Peer):
     """Two of our routers in front of the same replicas, the load generator alternating between
-    them per request (as a Service spreads clients over two router pods): each router only
-    knows what it sent itself, so this is what the prefix index is worth when it is split."""
+    them per request (as a Service spreads clients over two router pods). Unpeered, each router
+    only knows what it sent itself: what the prefix index is worth when it is split. Peered
+    (``--peer`` naming the other, vllm_fleet.router.peers), each tells the other what it sent
+    where, as the chart's routers do through their headless service."""
 
-    def __init__(self, workdir: Path, policy: str, python: str = sys.executable) -> None:
+    def __init__(
+        self, workdir: Path, policy: str, python: str = sys.executable, peered: bool = False
+    ) -> None:
         super().__init__(workdir)
-        self.routers = [OursPeer(workdir / f"router-{i}", policy, python) for i in range(2)]
-        self.name = f"2 x ours {policy}"
+        ports = [free_port() for _ in range(2)]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        self.routers = [
+            OursPeer(
+                workdir / f"router-{i}",
+                policy,
+                python,
+                port=ports[i] if peered else None,
+                peers=(urls[1 - i],) if peered else (),
+            )
+            for i in range(2)
+        ]
+        self.name = f"2 x ours {policy}" + (", peered" if peered else "")
         self.settings = (
             f"two `vllm-fleet router --policy {policy}` processes, requests alternating "
-            "between them; defaults otherwise"
+            "between them"
+            + ("; each started with `--peer` naming the other" if peered else "")
+            + "; defaults otherwise"
         )
 
     async def start(self, backends: list[str]) -> str:
@@ -488,7 +511,8 @@ class SglangRouterPeer(Peer):
 
 #: Every peer by its key on the command line (`--peers ours-lb,nginx-lc`).
 PEER_KEYS = (
-    "ours-cost", "ours-lb", "ours-rr", "ours-cost-x2", "ours-cost-noindex", "ours-cost-w2",
+    "ours-cost", "ours-lb", "ours-rr", "ours-cost-x2", "ours-cost-x2-peered",
+    "ours-cost-noindex", "ours-cost-w2",
     "ideal", "chash",
     "direct-rr", "direct",
     "nginx-lc", "nginx-rr", "haproxy-lc", "haproxy-rr",
@@ -504,6 +528,7 @@ def make_peer(key: str, workdir: Path, python: str) -> Peer:
         "ours-rr": lambda: OursPeer(d, "round-robin", python),
         "ours-cost": lambda: OursPeer(d, "cost", python),
         "ours-cost-x2": lambda: OursPairPeer(d, "cost", python),
+        "ours-cost-x2-peered": lambda: OursPairPeer(d, "cost", python, peered=True),
         "ours-cost-noindex": lambda: OursPeer(d, "cost", python, prefix_index=False),
         "ours-cost-w2": lambda: OursPeer(d, "cost", python, workers=2),
         "ideal": lambda: IdealPeer(d),

@@ -27,17 +27,20 @@ from vllm_fleet.router.discovery import (
     refresh_once,
 )
 from vllm_fleet.router.endpoints import (
+    fleet_peers,
     fleet_replicas,
     get_model,
     health,
     list_models,
     metrics,
+    peer_sent,
     ready,
 )
 from vllm_fleet.router.health import BreakerPolicy, health_loop
 from vllm_fleet.router.kv_events import kv_events_loop, parse_kv_events_spec
 from vllm_fleet.router.lora import fleet_lora
 from vllm_fleet.router.middleware import make_outer_middleware
+from vllm_fleet.router.peers import PEER_PATH, PeerLink, peer_loop
 from vllm_fleet.router.priority import BatchAware, BatchGate
 from vllm_fleet.router.progress import progress_loop
 from vllm_fleet.router.prompt_tokens import PromptTokenizers
@@ -67,6 +70,19 @@ def discovery_sources(config: RouterConfig) -> list[Discovery]:
         name, port = config.discover_dns
         sources.append(DnsDiscovery(name, port))
     return sources
+
+
+def peer_link(config: RouterConfig) -> PeerLink | None:
+    """The peer exchange for --peer / --discover-peers-dns (None without either). It sends the
+    key the peers' /fleet/* takes: routers of one fleet share their admin (or client) keys."""
+    if not (config.peers or config.discover_peers_dns):
+        return None
+    sources: list[Discovery] = []
+    if config.discover_peers_dns:
+        name, port = config.discover_peers_dns
+        sources.append(DnsDiscovery(name, port))
+    keys = config.admin_api_keys or config.api_keys
+    return PeerLink(static=config.peers, sources=sources, auth_key=keys[0] if keys else None)
 
 
 def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
@@ -161,6 +177,8 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks.append(
         asyncio.create_task(progress_loop(ctx.fleet, ctx.breaker, ctx.telemetry), name="progress")
     )
+    if ctx.peers is not None:
+        tasks.append(asyncio.create_task(peer_loop(ctx.peers, ctx.session), name="peers"))
     if config.kv_events:
         spec = parse_kv_events_spec(config.kv_events)
         events = kv_events_loop(ctx.fleet, spec, ctx.session)
@@ -214,6 +232,7 @@ def make_app(config: RouterConfig, worker: WorkerLink | None = None) -> web.Appl
             max_ejection_percent=config.max_ejection_percent,
         ),
         telemetry=telemetry,
+        peers=peer_link(config),
     )
     middlewares = [make_outer_middleware(telemetry)]
     if config.api_keys or config.admin_api_keys:
@@ -227,6 +246,8 @@ def make_app(config: RouterConfig, worker: WorkerLink | None = None) -> web.Appl
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/fleet/replicas", fleet_replicas)
     app.router.add_post("/fleet/lora", fleet_lora)
+    app.router.add_get("/fleet/peers", fleet_peers)
+    app.router.add_post(PEER_PATH, peer_sent)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/{tail:.+}", proxy_handler)

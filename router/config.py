@@ -82,6 +82,10 @@ class RouterConfig:
     #: replica (GET /kv_event_sources), a bare PORT means the replica's own host at that port,
     #: REPLICA_URL=tcp://HOST:PORT names one replica's.
     kv_events: tuple[str, ...] = ()
+    #: Other routers in front of the same replicas (vllm_fleet.router.peers): named by URL, or
+    #: found as the addresses of a DNS name (a headless service over the router pods).
+    peers: tuple[str, ...] = ()
+    discover_peers_dns: tuple[str, int] | None = None
     log_level: str = "info"
     log_format: str = "text"
     #: Router processes serving the port (vllm_fleet.router.workers); 1 = this process alone.
@@ -351,6 +355,18 @@ OPTIONS: tuple[Option, ...] = (
         "(ask each replica's GET /kv_event_sources), PORT on each replica's host, or "
         "REPLICA_URL=tcp://HOST:PORT for one replica (repeatable; env: comma-separated)",
         "SPEC", repeatable=True,
+    ),
+    Option(
+        "peers", "--peer", "FLEET_PEERS", _words, _backends,
+        "another router in front of the same replicas, e.g. http://10.0.0.7:8000: each tells "
+        "the others which prompt prefixes it sent where (repeatable; env: comma-separated)",
+        "URL", repeatable=True,
+    ),
+    Option(
+        "discover_peers_dns", "--discover-peers-dns", "FLEET_DISCOVER_PEERS_DNS", _dns,
+        _dns_port,
+        "DNS name whose addresses are the other routers (a headless service over the router "
+        "pods; this router finds itself among them), with their port", "NAME:PORT",
     ),
     Option(
         "stream_continuation", "--stream-continuation", "FLEET_STREAM_CONTINUATION", _on_off,

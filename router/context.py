@@ -15,6 +15,7 @@ from aiohttp import web
 from vllm_fleet.router.balancer import Policy
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.health import BreakerPolicy
+from vllm_fleet.router.peers import PeerLink
 from vllm_fleet.router.priority import BatchGate
 from vllm_fleet.router.prompt_tokens import PromptTokenizers
 from vllm_fleet.router.state import Fleet
@@ -36,6 +37,9 @@ class RouterContext:
     draining: bool = False
     #: Precise prefix matching's tokenizers (with --kv-events; vllm_fleet.router.prompt_tokens).
     tokenizers: PromptTokenizers | None = None
+    #: The peer exchange with other routers (--peer / --discover-peers-dns;
+    #: vllm_fleet.router.peers); None when this router has no peers.
+    peers: PeerLink | None = None
     _session: aiohttp.ClientSession | None = None
 
     @property

@@ -1,7 +1,9 @@
-"""The router's own endpoints: liveness, readiness, metrics, the fleet view and /v1/models."""
+"""The router's own endpoints: liveness, readiness, metrics, the fleet view, the peer exchange
+and /v1/models."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
@@ -9,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vllm_fleet.router.context import ROUTER
 from vllm_fleet.router.failover import RETRY_AFTER_S, no_replica_error
-from vllm_fleet.router.openai_errors import error_response
+from vllm_fleet.router.openai_errors import ApiError, error_response
+from vllm_fleet.router.peers import MAX_BATCH_BYTES, BadBatch, apply_batch, decode_batch
 from vllm_fleet.router.precise import live_view
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, memory_bytes
 
@@ -79,6 +82,38 @@ async def fleet_replicas(request: web.Request) -> web.Response:
         for r in ctx.fleet.replicas.values()
     ]
     return web.json_response(rows)
+
+
+async def fleet_peers(request: web.Request) -> web.Response:
+    """This router's peer exchange (vllm_fleet.router.peers): its id, its peers, the counts."""
+    link = request.app[ROUTER].peers
+    return web.json_response(link.view() if link is not None else {"router": None, "peers": []})
+
+
+async def peer_sent(request: web.Request) -> web.Response:
+    """A peer router's batch of sent prefixes: recorded on the replicas it names. The answer
+    names this router, so a router that reached itself (one DNS name over every router pod)
+    stops sending there."""
+    ctx = request.app[ROUTER]
+    link = ctx.peers
+    if link is None:
+        raise ApiError(
+            404,
+            "This router takes no peer batches: start it with --peer or --discover-peers-dns.",
+            code="peers_off",
+        )
+    if request.content_length is not None and request.content_length > MAX_BATCH_BYTES:
+        raise ApiError(413, f"A peer batch may have at most {MAX_BATCH_BYTES} bytes.")
+    try:
+        sender, entries = decode_batch(await request.read())
+    except BadBatch as exc:
+        raise ApiError(400, f"Bad peer batch: {exc}.", code="bad_peer_batch") from None
+    applied = 0
+    if sender != link.router_id:
+        applied = apply_batch(ctx.fleet, entries, time.monotonic())
+        link.batches_received += 1
+        link.requests_received += applied
+    return web.json_response({"router": link.router_id, "applied": applied})
 
 
 def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:

@@ -191,6 +191,8 @@ async def send_once(
     replica.awaiting.add(attempt)
     if info is not None:
         replica.prefixes.record(info.prefix, now)
+        if ctx.peers is not None:
+            ctx.peers.note(replica.url, info.prefix)
         note_sent(replica, info.blocks)
     try:
         reply = await exchange_with(

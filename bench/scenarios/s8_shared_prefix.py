@@ -25,7 +25,9 @@ from bench.scenarios.prefix_overhead import index_overhead
 from bench.section import PeerRun, Section
 
 KEY = "8"
-PEERS = ("ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2")
+PEERS = (
+    "ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2", "ours-cost-x2-peered",
+)  # fmt: skip
 QUICK_PEERS = ("ideal", "ours-cost")
 
 

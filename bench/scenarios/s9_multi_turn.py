@@ -23,7 +23,9 @@ from bench.scenarios.prefix import (
 from bench.section import PeerRun, Section
 
 KEY = "9"
-PEERS = ("ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2")
+PEERS = (
+    "ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2", "ours-cost-x2-peered",
+)  # fmt: skip
 QUICK_PEERS = ("ideal", "ours-cost")
 
 

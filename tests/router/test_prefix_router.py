@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 
+from tests.support.ports import free_port
 from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, SimHandle, running_sims
 from vllm_fleet.router.prefix_index import request_prefix
@@ -93,16 +94,29 @@ async def test_a_shared_prefix_sticks_and_the_hit_rates_are_shown() -> None:
         assert await hit_rate(sims) > 0.5
 
 
-async def _round(policy: str, routers: int) -> tuple[float, dict[int, set[str]]]:
+async def _round(
+    policy: str, routers: int, *, peered: bool = False
+) -> tuple[float, dict[int, set[str]]]:
     """8 prefix groups x 6 questions in a seeded random order over 4 simulators, sent in
-    waves of 4, alternating between ``routers`` routers. Returns the simulators' hit rate
-    and, per group, the replicas it was sent to."""
+    waves of 4, alternating between ``routers`` routers (``peered``: each names the others
+    with --peer, vllm_fleet.router.peers). Returns the simulators' hit rate and, per group,
+    the replicas it was sent to."""
     async with AsyncExitStack() as stack:
         sims = await stack.enter_async_context(running_sims(4, step_ms=2.0))
         urls = [s.url for s in sims]
+        ports = [free_port() for _ in range(routers)]
         fronts = [
-            await stack.enter_async_context(running_router(urls, policy=policy))
-            for _ in range(routers)
+            await stack.enter_async_context(
+                running_router(
+                    urls,
+                    policy=policy,
+                    port=port,
+                    peers=tuple(f"http://127.0.0.1:{p}" for p in ports if p != port)
+                    if peered
+                    else (),
+                )
+            )
+            for port in ports
         ]
         session = await stack.enter_async_context(aiohttp.ClientSession())
         for router in fronts:
