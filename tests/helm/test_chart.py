@@ -144,6 +144,7 @@ CASES: dict[str, dict[str, Any]] = {
     "cache-host-path": with_model({"engine": {"modelCache": {"type": "hostPath"}}}),
     "long-names": with_model({"fullnameOverride": "f" * 63, "router": {"service": {"port": 80}}}),
     "load-balancer": with_model({"router": {"service": {"type": "LoadBalancer", "nodePort": 0}}}),
+    "no-peers": with_model({"router": {"peers": {"enabled": False}}}),
 }
 
 
@@ -443,6 +444,29 @@ def test_router_discovers_the_engines_where_they_listen(
     (service_port,) = service["spec"]["ports"]
     assert int(port) == service_port["port"] == port_named(serving_engine_container(out), "http")
     assert service_port["targetPort"] == "http"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_routers_find_each_other_through_their_headless_service(
+    rendered: dict[str, Rendered], case: str
+) -> None:
+    """Each router pod resolves a headless Service over the router pods (its peers, to share
+    what prefixes it sent where: docs/prefix-routing.md); off, neither the Service nor the
+    variable exists."""
+    out = rendered[case]
+    env = env_of(router_container(out))
+    peers = [s for s in out.of_kind("Service") if _component(s) == "router-peers"]
+    if not CASES[case].get("router", {}).get("peers", {}).get("enabled", True):
+        assert peers == [] and "FLEET_DISCOVER_PEERS_DNS" not in env
+        return
+    (service,) = peers
+    name, _, port = env["FLEET_DISCOVER_PEERS_DNS"]["value"].rpartition(":")
+    assert name == f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert service["spec"]["clusterIP"] == "None"
+    router_pods = out.one("Deployment", "router")["spec"]["template"]["metadata"]["labels"]
+    assert selects(service["spec"]["selector"], router_pods)
+    (service_port,) = service["spec"]["ports"]
+    assert int(port) == service_port["port"] == port_named(router_container(out), "http")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -125,6 +125,16 @@ creates under its own name. */}}
 {{ include "vllm-fleet.partName" (list . "router") }}
 {{- end }}
 
+{{/* The headless Service over the router pods, which each router resolves to find its peers. */}}
+{{- define "vllm-fleet.router.peersName" -}}
+{{ include "vllm-fleet.partName" (list . "router-peers") }}
+{{- end }}
+
+{{/* NAME:PORT the routers find each other at (FLEET_DISCOVER_PEERS_DNS). */}}
+{{- define "vllm-fleet.peersDns" -}}
+{{- printf "%s.%s.svc.%s:%d" (include "vllm-fleet.router.peersName" .) .Release.Namespace .Values.clusterDomain (int .Values.router.port) }}
+{{- end }}
+
 {{- define "vllm-fleet.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "vllm-fleet.fullname" .) .Values.serviceAccount.name }}
