@@ -72,9 +72,10 @@ def discovery_sources(config: RouterConfig) -> list[Discovery]:
     return sources
 
 
-def peer_link(config: RouterConfig) -> PeerLink | None:
+def peer_link(config: RouterConfig, worker: WorkerLink | None) -> PeerLink | None:
     """The peer exchange for --peer / --discover-peers-dns (None without either). It sends the
-    key the peers' /fleet/* takes: routers of one fleet share their admin (or client) keys."""
+    key the peers' /fleet/* takes: routers of one fleet share their admin (or client) keys.
+    A worker of --workers N shares prefixes only (vllm_fleet.router.peers says why)."""
     if not (config.peers or config.discover_peers_dns):
         return None
     sources: list[Discovery] = []
@@ -82,7 +83,12 @@ def peer_link(config: RouterConfig) -> PeerLink | None:
         name, port = config.discover_peers_dns
         sources.append(DnsDiscovery(name, port))
     keys = config.admin_api_keys or config.api_keys
-    return PeerLink(static=config.peers, sources=sources, auth_key=keys[0] if keys else None)
+    return PeerLink(
+        static=config.peers,
+        sources=sources,
+        auth_key=keys[0] if keys else None,
+        share_counts=worker is None,
+    )
 
 
 def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
@@ -178,7 +184,8 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(progress_loop(ctx.fleet, ctx.breaker, ctx.telemetry), name="progress")
     )
     if ctx.peers is not None:
-        tasks.append(asyncio.create_task(peer_loop(ctx.peers, ctx.session), name="peers"))
+        peers = peer_loop(ctx.peers, ctx.fleet, ctx.session)
+        tasks.append(asyncio.create_task(peers, name="peers"))
     if config.kv_events:
         spec = parse_kv_events_spec(config.kv_events)
         events = kv_events_loop(ctx.fleet, spec, ctx.session)
@@ -232,7 +239,7 @@ def make_app(config: RouterConfig, worker: WorkerLink | None = None) -> web.Appl
             max_ejection_percent=config.max_ejection_percent,
         ),
         telemetry=telemetry,
-        peers=peer_link(config),
+        peers=peer_link(config, worker),
     )
     middlewares = [make_outer_middleware(telemetry)]
     if config.api_keys or config.admin_api_keys:

@@ -105,12 +105,15 @@ async def peer_sent(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_BATCH_BYTES:
         raise ApiError(413, f"A peer batch may have at most {MAX_BATCH_BYTES} bytes.")
     try:
-        sender, entries = decode_batch(await request.read())
+        batch = decode_batch(await request.read())
     except BadBatch as exc:
         raise ApiError(400, f"Bad peer batch: {exc}.", code="bad_peer_batch") from None
     applied = 0
-    if sender != link.router_id:
-        applied = apply_batch(ctx.fleet, entries, time.monotonic())
+    if batch.router != link.router_id:
+        now = time.monotonic()
+        applied = apply_batch(ctx.fleet, batch.sent, now)
+        if batch.counts is not None and link.share_counts:
+            link.received.update(ctx.fleet, batch.router, batch.counts, now)
         link.batches_received += 1
         link.requests_received += applied
     return web.json_response({"router": link.router_id, "applied": applied})

@@ -8,13 +8,28 @@ replica: scenario 8's hit rate fell from 80 % to 64-68 % (docs/benchmarks.md). K
 (precise matching) give every router the replicas' real block sets, but only where replicas
 publish them and the router can tokenize as they do; this works with any replica.
 
+The same goes for load: each router counts only its own requests in flight, exactly and at
+once, and sees the other routers' only in the engines' gauges, scraped once a second. With
+requests alternating between two routers, half of every replica's recent sends were invisible
+to each router for up to a second, and so was half of the prompt each replica still had to
+prefill (vllm_fleet.router.prefill_backlog).
+
 How, the way sglang's model gateway mesh and Dynamo's router replica sync share their
 routers' decisions: each router batches the (replica URL, prefix keys) of the requests it
-sends, for FLUSH_S after the first one, and POSTs the batch to every peer's PEER_PATH; a peer
-records those keys for that replica as if it had sent them itself (ReplicaPrefixes.record), so
-its predicted and sent sides, and with them the trust and token-scale comparisons against the
-replica's counters, cover every router's requests. The keys are the same in every router
-process (prefix_keys hashes with crc32 and fixed multipliers), replicas are named by URL.
+sends, for FLUSH_S after the first one, and POSTs the batch to every peer's PEER_PATH with its
+own counts per replica (requests in flight, prompt tokens sent); while it has requests in
+flight it also sends its counts every LOAD_S without new requests, so finished requests reach
+the peers too. A peer
+
+- records the keys for that replica as if it had sent them itself (ReplicaPrefixes.record),
+  so its predicted and sent sides, and with them the trust and token-scale comparisons
+  against the replica's counters, cover every router's requests. The keys are the same in
+  every router process (prefix_keys hashes with crc32 and fixed multipliers), replicas are
+  named by URL;
+- adds the other routers' in-flight counts to its own (ReplicaState.peer_in_flight, for
+  LOAD_TTL_S after the last count: a router that stopped answering stops counting), and the
+  growth of their prompt-tokens-sent counters to the replica's (peer_prompt_sent, which the
+  prefill backlog follows).
 
 Peers are named (``--peer URL``) or found (``--discover-peers-dns NAME:PORT``, a Kubernetes
 headless service over the router pods). A router finds itself among them by its random id,
@@ -24,12 +39,14 @@ and the replicas' counters correct the trust anyway). Nothing waits on a peer: r
 routed by what this router knows when they arrive.
 
 Limits: with ``--workers N`` each worker is its own peer sender, and a peer's batch reaches
-the one worker that accepts its connection (docs/prefix-routing.md).
+the one worker that accepts its connection (docs/prefix-routing.md); such routers share
+prefixes only, not counts (a worker's counts are its router's, which every worker would send).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -41,7 +58,7 @@ from typing import Any
 import aiohttp
 
 from vllm_fleet.router.discovery import Discovery
-from vllm_fleet.router.state import Fleet
+from vllm_fleet.router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -59,6 +76,11 @@ POST_TIMEOUT_S = 2.0
 RETRY_S = 5.0
 #: Peer names found by DNS are resolved again after this long.
 RESOLVE_S = 10.0
+#: While this router has requests in flight, its counts go out at least this often (finished
+#: requests send nothing themselves), and a peer's counts are dropped this long after its
+#: last batch.
+LOAD_S = 0.1
+LOAD_TTL_S = 2.0
 #: Largest batch body a router accepts from a peer.
 MAX_BATCH_BYTES = 16 << 20
 
@@ -67,14 +89,43 @@ class BadBatch(ValueError):
     """A peer's batch is not what encode_batch writes."""
 
 
-def encode_batch(router_id: str, sent: Sequence[tuple[str, Sequence[int]]]) -> bytes:
-    """The body of one POST: who sends it, and (replica URL, prefix keys) per request."""
-    payload = {"router": router_id, "sent": [[url, list(keys)] for url, keys in sent]}
+#: A router's own counts per replica URL: (requests in flight, prompt tokens sent, ever).
+Counts = dict[str, tuple[int, int]]
+
+
+@dataclass
+class Batch:
+    """What one POST carries: who sends it, (replica URL, prefix keys) per request it sent,
+    and its own counts per replica (None: a router that shares prefixes only)."""
+
+    router: str
+    sent: list[tuple[str, tuple[int, ...]]]
+    counts: Counts | None = None
+
+
+def encode_batch(
+    router_id: str, sent: Sequence[tuple[str, Sequence[int]]], counts: Counts | None = None
+) -> bytes:
+    """The body of one POST (see Batch)."""
+    payload: dict[str, Any] = {"router": router_id, "sent": [[u, list(k)] for u, k in sent]}
+    if counts is not None:
+        payload["counts"] = {url: list(c) for url, c in counts.items()}
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def decode_batch(body: bytes) -> tuple[str, list[tuple[str, tuple[int, ...]]]]:
-    """(sender id, entries) of a batch body; BadBatch naming what is wrong otherwise."""
+def _counts(value: Any) -> Counts | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(c, list) and len(c) == 2 and all(type(x) is int and x >= 0 for x in c)
+        for c in value.values()
+    ):
+        raise BadBatch("'counts' must map replica URLs to [in flight, prompt tokens sent]")
+    return {str(url): (c[0], c[1]) for url, c in value.items()}
+
+
+def decode_batch(body: bytes) -> Batch:
+    """The batch a body holds; BadBatch naming what is wrong otherwise."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -95,7 +146,7 @@ def decode_batch(body: bytes) -> tuple[str, list[tuple[str, tuple[int, ...]]]]:
         ):
             raise BadBatch("each entry of 'sent' must be [replica URL, [integer keys]]")
         entries.append((item[0], tuple(item[1])))
-    return payload["router"], entries
+    return Batch(payload["router"], entries, _counts(payload.get("counts")))
 
 
 def apply_batch(fleet: Fleet, entries: Iterable[tuple[str, Sequence[int]]], now: float) -> int:
@@ -111,6 +162,43 @@ def apply_batch(fleet: Fleet, entries: Iterable[tuple[str, Sequence[int]]], now:
 
 
 @dataclass
+class PeerCounts:
+    """The other routers' last counts, by router id, and what they add to each replica."""
+
+    #: Router id -> (monotonic time received, its counts).
+    by_router: dict[str, tuple[float, Counts]] = field(default_factory=dict)
+
+    def update(self, fleet: Fleet, router: str, counts: Counts, now: float) -> None:
+        """Take ``router``'s counts: the growth of its prompt-tokens-sent counters joins each
+        replica's ``peer_prompt_sent`` (a router's first counts only set the baseline), and
+        every replica's ``peer_in_flight`` becomes the sum over the routers heard from
+        within LOAD_TTL_S."""
+        last = self.by_router.get(router)
+        if last is not None:
+            for url, (_, sent) in counts.items():
+                before = last[1].get(url)
+                replica = fleet.replicas.get(url)
+                if before is not None and replica is not None and sent > before[1]:
+                    replica.peer_prompt_sent += sent - before[1]
+        self.by_router[router] = (now, counts)
+        for gone in [r for r, (at, _) in self.by_router.items() if now - at > LOAD_TTL_S]:
+            del self.by_router[gone]
+        for url, replica in fleet.replicas.items():
+            replica.peer_in_flight = sum(c.get(url, (0, 0))[0] for _, c in self.by_router.values())
+            replica.peer_counts_at = now
+
+
+def peer_in_flight(replica: ReplicaState, now: float) -> int:
+    """The other routers' requests in flight on ``replica``, while their counts are fresh."""
+    return replica.peer_in_flight if now - replica.peer_counts_at <= LOAD_TTL_S else 0
+
+
+def own_counts(fleet: Fleet) -> Counts:
+    """This router's counts per replica, as its peers take them."""
+    return {url: (max(0, r.in_flight), r.prompt_sent) for url, r in fleet.replicas.items()}
+
+
+@dataclass
 class PeerLink:
     """This router's side of the peer exchange: what it sent and has not told its peers yet,
     who its peers are, and counts for operators (GET /fleet/peers)."""
@@ -122,6 +210,9 @@ class PeerLink:
     router_id: str = field(default_factory=lambda: secrets.token_hex(8))
     #: Bearer key for the peers' /fleet/* (their admin key, or client key, is ours too).
     auth_key: str | None = field(default=None, repr=False)
+    #: Send and take counts (off for --workers N, see the module docstring).
+    share_counts: bool = True
+    received: PeerCounts = field(default_factory=PeerCounts)
     pending: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     #: Peer URL -> monotonic time before which it is skipped (failed, or found to be us).
     skip_until: dict[str, float] = field(default_factory=dict)
@@ -218,15 +309,23 @@ async def _post(session: aiohttp.ClientSession, link: PeerLink, peer: str, body:
         link.batches_sent += 1
 
 
-async def peer_loop(link: PeerLink, session: aiohttp.ClientSession) -> None:
-    """Send what this router sent to its peers, a batch per FLUSH_S while requests flow;
-    asleep (no timer) while none do."""
+async def peer_loop(link: PeerLink, fleet: Fleet, session: aiohttp.ClientSession) -> None:
+    """Send what this router sent, and its counts, to its peers: a batch FLUSH_S after a
+    request was sent, and every LOAD_S while requests are in flight (once more after the last
+    one finished, so the peers see it end); asleep (no timer) otherwise."""
+    counted_busy = False  # the last counts sent had requests in flight
     while True:
-        await link.wait()
+        busy = link.share_counts and (
+            counted_busy or any(r.in_flight > 0 for r in fleet.replicas.values())
+        )
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(link.wait(), LOAD_S if busy else None)
         await asyncio.sleep(FLUSH_S)
         sent = link.take()
         peers = await link.refresh(time.monotonic())
-        if not sent or not peers:
+        counts = own_counts(fleet) if link.share_counts else None
+        if not peers or not (sent or counts):
             continue
-        body = encode_batch(link.router_id, sent)
+        counted_busy = counts is not None and any(c[0] > 0 for c in counts.values())
+        body = encode_batch(link.router_id, sent, counts)
         await asyncio.gather(*(_post(session, link, p, body) for p in peers))

@@ -12,7 +12,7 @@ free for interactive requests. The rule (`BatchGate.with_room`):
               queues), else the mean of the fleet's learned ones; none learned -> no rule
     reserve = max(1, ceil(RESERVE_FRACTION * limit))   while interactive requests came within
               INTERACTIVE_MEMORY_S; 0 otherwise (a batch alone may fill the fleet)
-    room    = busy + 1 <= limit - reserve               (busy: balancer.engine_load, every
+    room    = busy + 1 <= limit - reserve               (busy: load.engine_load, every
                                                          client's requests, ours exact)
 
 A batch request goes only to a replica with room, chosen among those by the policy as usual
@@ -47,12 +47,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
-from vllm_fleet.router.balancer import (
-    Policy,
-    RequestInfo,
-    engine_load,
-    fleet_defaults,
-)
+from vllm_fleet.router.balancer import Policy, RequestInfo, fleet_defaults
+from vllm_fleet.router.load import engine_load
 from vllm_fleet.router.state import ReplicaState
 
 #: The header that marks a request's class, and its batch value (case-insensitive).

@@ -2,7 +2,7 @@
 
 The router's own in-flight count is instant but misses load from other clients; the engine's
 gauges see everything but are ~1 s old. The balancer combines both
-(vllm_fleet.router.balancer.load_score). A failed scrape keeps the last values: their age
+(vllm_fleet.router.load.load_score). A failed scrape keeps the last values: their age
 (``scraped_at``) already makes the balancer trust them less, and ejecting is the health checker's
 job, not ours.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.peers import peer_in_flight
 from vllm_fleet.router.prefix_index import DEFAULT_CACHE_TOKENS, DEFAULT_MEMORY_BYTES, fit_budget
 from vllm_fleet.router.replica_tasks import ReplicaTasks
 from vllm_fleet.router.speed import CounterSample
@@ -303,9 +304,11 @@ def apply_metrics(
     """Store one successful scrape on the replica record and feed its speed estimate.
 
     ``in_flight_at_scrape`` is the router's in-flight count for ``r`` when the engine produced
-    the numbers (default: now); the balancer subtracts it to see only other clients' load.
+    the numbers (default: now); the balancer subtracts it, and the other routers' count
+    (vllm_fleet.router.peers), to see only other clients' load.
     """
     r.in_flight_at_scrape = r.in_flight if in_flight_at_scrape is None else in_flight_at_scrape
+    r.peer_in_flight_at_scrape = peer_in_flight(r, now)
     r.running = m.running
     r.waiting = m.waiting
     r.kv_cache_usage = m.kv_cache_usage

@@ -17,10 +17,8 @@ from tests.support.router import RouterHandle, eventually, running_router
 from tests.support.sim import SIM_MODEL, running_sims
 from vllm_fleet.router.balancer import (
     DEFAULT_TOKENS,
-    FRESH_S,
     PREFILL_STEP_PRIOR,
     QUEUE_PLACE_REQUESTS,
-    STALE_S,
     CostAware,
     LeastBusy,
     Policy,
@@ -28,14 +26,13 @@ from vllm_fleet.router.balancer import (
     RoundRobin,
     Speed,
     fleet_defaults,
-    freshness,
-    load_score,
     make_policy,
     policy_names,
     replica_speed,
     request_cost,
 )
 from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.load import FRESH_S, STALE_S, freshness, load_score
 from vllm_fleet.router.prefill_backlog import PREFILL_WEIGHT
 from vllm_fleet.router.speed import SpeedEstimate
 from vllm_fleet.router.state import ReplicaState

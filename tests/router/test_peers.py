@@ -3,6 +3,7 @@ which prompt prefixes they sent where, so a group one router placed is found by 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -15,14 +16,19 @@ from tests.support.router import eventually, running_router
 from tests.support.sim import SIM_MODEL, running_sims
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.errors import ConfigError
+from vllm_fleet.router.load import load_score
 from vllm_fleet.router.peers import (
+    LOAD_TTL_S,
     MAX_PENDING,
     PEER_PATH,
     BadBatch,
+    Batch,
+    PeerCounts,
     PeerLink,
     apply_batch,
     decode_batch,
     encode_batch,
+    peer_in_flight,
 )
 from vllm_fleet.router.prefix_index import request_prefix
 from vllm_fleet.router.state import Fleet
@@ -30,9 +36,9 @@ from vllm_fleet.router.state import Fleet
 
 def test_a_batch_round_trips_and_big_keys_survive() -> None:
     keys = (2**93 + 5, 7, 3**50)
-    sender, entries = decode_batch(encode_batch("r1", [("http://a:1", keys)]))
-    assert sender == "r1"
-    assert entries == [("http://a:1", keys)]
+    batch = decode_batch(encode_batch("r1", [("http://a:1", keys)], {"http://a:1": (2, 900)}))
+    assert batch == Batch("r1", [("http://a:1", keys)], {"http://a:1": (2, 900)})
+    assert decode_batch(encode_batch("r1", [])).counts is None
 
 
 @pytest.mark.parametrize(
@@ -45,6 +51,9 @@ def test_a_batch_round_trips_and_big_keys_survive() -> None:
         b'{"router": "r", "sent": [["http://a:1"]]}',
         b'{"router": "r", "sent": [["http://a:1", [1.5]]]}',
         b'{"router": "r", "sent": [[1, [1]]]}',
+        b'{"router": "r", "sent": [], "counts": {"http://a:1": [1]}}',
+        b'{"router": "r", "sent": [], "counts": {"http://a:1": [-1, 0]}}',
+        b'{"router": "r", "sent": [], "counts": []}',
     ],
 )
 def test_a_bad_batch_is_refused_with_what_is_wrong(body: bytes) -> None:
@@ -60,6 +69,36 @@ def test_a_batch_is_recorded_on_the_replicas_this_router_knows() -> None:
     assert applied == 1
     assert fleet.replicas["http://a:1"].prefixes.match(keys) == len(keys)
     assert fleet.replicas["http://b:1"].prefixes.match(keys) == 0
+
+
+def test_peer_counts_add_in_flight_while_fresh_and_prompt_growth_once() -> None:
+    fleet = Fleet()
+    fleet.set_backends(["http://a:1", "http://b:1"])
+    a = fleet.replicas["http://a:1"]
+    counts = PeerCounts()
+    counts.update(fleet, "r1", {"http://a:1": (3, 1000)}, now=10.0)
+    counts.update(fleet, "r2", {"http://a:1": (2, 500), "http://b:1": (1, 0)}, now=10.5)
+    assert a.peer_in_flight == 5 and peer_in_flight(a, 11.0) == 5
+    assert a.peer_prompt_sent == 0  # first counts are the baseline
+    counts.update(fleet, "r1", {"http://a:1": (1, 1600)}, now=11.0)
+    assert a.peer_in_flight == 3
+    assert a.peer_prompt_sent == 600
+    # a router not heard from for LOAD_TTL_S no longer counts; nobody heard from: nothing.
+    counts.update(fleet, "r1", {"http://a:1": (1, 1600)}, now=10.5 + LOAD_TTL_S + 0.1)
+    assert a.peer_in_flight == 1 and a.peer_prompt_sent == 600
+    assert peer_in_flight(a, 11.0 + 2 * LOAD_TTL_S) == 0
+
+
+def test_other_routers_requests_count_as_load_at_once() -> None:
+    fleet = Fleet()
+    fleet.set_backends(["http://a:1"])
+    a = fleet.replicas["http://a:1"]
+    PeerCounts().update(fleet, "r1", {"http://a:1": (4, 0)}, now=time.monotonic())
+    assert load_score(a) == 4.0
+    # a scrape that already holds those four (and one direct client) counts the client once
+    a.running, a.scraped_at = 5.0, time.monotonic()
+    a.in_flight_at_scrape, a.peer_in_flight_at_scrape = 0, 4
+    assert load_score(a) == 5.0
 
 
 def test_pending_requests_are_bounded() -> None:
@@ -105,6 +144,35 @@ async def test_a_group_one_router_placed_is_found_by_its_peer() -> None:
             view = await resp.json()
         assert view["peers"] == [url_a]
         assert view["requests_received"] >= 6
+
+
+async def test_a_peers_requests_in_flight_show_until_they_finish() -> None:
+    port_a, port_b = free_port(), free_port()
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    async with (
+        running_sims(2, step_ms=20.0) as sims,
+        running_router([s.url for s in sims], port=port_a, peers=(url_b,)) as a,
+        running_router([s.url for s in sims], port=port_b, peers=(url_a,)) as b,
+        aiohttp.ClientSession() as session,
+    ):
+        body = {**chat(0, "a long answer"), "max_tokens": 60}
+        answer = asyncio.create_task(post(session, a, body))
+        await eventually(
+            lambda: sum(r.peer_in_flight for r in b.fleet.replicas.values()) == 1,
+            what="a's request in flight, at b",
+        )
+        busy = next(r for r in b.fleet.replicas.values() if r.peer_in_flight == 1)
+        assert busy.in_flight == 0  # b's own count is untouched
+        url = await answer
+        assert url == busy.url
+        await eventually(lambda: busy.peer_in_flight == 0, what="its end, at b")
+        # the prompt a's next request makes a replica compute joins b's view of its backlog
+        assert sum(r.peer_prompt_sent for r in b.fleet.replicas.values()) == 0
+        await post(session, a, chat(1, "a cold prompt"))
+        await eventually(
+            lambda: sum(r.peer_prompt_sent for r in b.fleet.replicas.values()) > 300,
+            what="a's prompt tokens, at b",
+        )
 
 
 async def test_a_peer_batch_with_bad_input_gets_an_openai_error() -> None:
