@@ -33,14 +33,14 @@ from vllm_fleet.router.endpoints import (
     health,
     list_models,
     metrics,
-    peer_sent,
+    peer_socket,
     ready,
 )
 from vllm_fleet.router.health import BreakerPolicy, health_loop
 from vllm_fleet.router.kv_events import kv_events_loop, parse_kv_events_spec
 from vllm_fleet.router.lora import fleet_lora
 from vllm_fleet.router.middleware import make_outer_middleware
-from vllm_fleet.router.peers import PEER_PATH, PeerLink, peer_loop
+from vllm_fleet.router.peers import PEER_PATH, PeerLink, close_sockets, peer_loop
 from vllm_fleet.router.priority import BatchAware, BatchGate
 from vllm_fleet.router.progress import progress_loop
 from vllm_fleet.router.prompt_tokens import PromptTokenizers
@@ -184,7 +184,7 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(progress_loop(ctx.fleet, ctx.breaker, ctx.telemetry), name="progress")
     )
     if ctx.peers is not None:
-        peers = peer_loop(ctx.peers, ctx.fleet, ctx.session)
+        peers = peer_loop(ctx.peers, ctx.fleet)
         tasks.append(asyncio.create_task(peers, name="peers"))
     if config.kv_events:
         spec = parse_kv_events_spec(config.kv_events)
@@ -214,6 +214,8 @@ async def _tokenizers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _start_draining(app: web.Application) -> None:
+    if (link := app[ROUTER].peers) is not None:
+        await close_sockets(link)
     app[ROUTER].draining = True
     in_flight = sum(r.in_flight for r in app[ROUTER].fleet.replicas.values())
     log.info("router draining in_flight=%d", in_flight)
@@ -254,7 +256,7 @@ def make_app(config: RouterConfig, worker: WorkerLink | None = None) -> web.Appl
     app.router.add_get("/fleet/replicas", fleet_replicas)
     app.router.add_post("/fleet/lora", fleet_lora)
     app.router.add_get("/fleet/peers", fleet_peers)
-    app.router.add_post(PEER_PATH, peer_sent)
+    app.router.add_get(PEER_PATH, peer_socket)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/{tail:.+}", proxy_handler)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vllm_fleet.router.context import ROUTER
 from vllm_fleet.router.failover import RETRY_AFTER_S, no_replica_error
 from vllm_fleet.router.openai_errors import ApiError, error_response
-from vllm_fleet.router.peers import MAX_BATCH_BYTES, BadBatch, apply_batch, decode_batch
+from vllm_fleet.router.peers import MAX_BATCH_BYTES, BadBatch, decode_batch, hello, take_batch
 from vllm_fleet.router.precise import live_view
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, memory_bytes
 
@@ -90,10 +90,10 @@ async def fleet_peers(request: web.Request) -> web.Response:
     return web.json_response(link.view() if link is not None else {"router": None, "peers": []})
 
 
-async def peer_sent(request: web.Request) -> web.Response:
-    """A peer router's batch of sent prefixes: recorded on the replicas it names. The answer
-    names this router, so a router that reached itself (one DNS name over every router pod)
-    stops sending there."""
+async def peer_socket(request: web.Request) -> web.StreamResponse:
+    """A peer router's socket (vllm_fleet.router.peers): this router says who it is, then
+    takes every batch the peer sends. The hello lets a router that reached itself (one DNS
+    name over every router pod) stop sending there."""
     ctx = request.app[ROUTER]
     link = ctx.peers
     if link is None:
@@ -102,21 +102,28 @@ async def peer_sent(request: web.Request) -> web.Response:
             "This router takes no peer batches: start it with --peer or --discover-peers-dns.",
             code="peers_off",
         )
-    if request.content_length is not None and request.content_length > MAX_BATCH_BYTES:
-        raise ApiError(413, f"A peer batch may have at most {MAX_BATCH_BYTES} bytes.")
+    ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(
+            400, "Peer batches come over a WebSocket (Upgrade: websocket).", code="not_a_websocket"
+        )
+    await ws.prepare(request)
+    link.inbound.add(ws)
     try:
-        batch = decode_batch(await request.read())
-    except BadBatch as exc:
-        raise ApiError(400, f"Bad peer batch: {exc}.", code="bad_peer_batch") from None
-    applied = 0
-    if batch.router != link.router_id:
-        now = time.monotonic()
-        applied = apply_batch(ctx.fleet, batch.sent, now)
-        if batch.counts is not None and link.share_counts:
-            link.received.update(ctx.fleet, batch.router, batch.counts, now)
-        link.batches_received += 1
-        link.requests_received += applied
-    return web.json_response({"router": link.router_id, "applied": applied})
+        await ws.send_str(hello(link))
+        async for message in ws:
+            if message.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                continue
+            try:
+                batch = decode_batch(message.data)
+            except BadBatch as exc:
+                reason = f"Bad peer batch: {exc}"[:120].encode()
+                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=reason)
+                break
+            take_batch(ctx.fleet, link, batch, time.monotonic())
+    finally:
+        link.inbound.discard(ws)
+    return ws
 
 
 def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:

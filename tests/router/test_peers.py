@@ -12,7 +12,7 @@ import pytest
 
 from tests.router.test_prefix_router import _round, chat, post, scraped
 from tests.support.ports import free_port
-from tests.support.router import eventually, running_router
+from tests.support.router import DEFAULT_TIMINGS, eventually, running_router
 from tests.support.sim import SIM_MODEL, running_sims
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.errors import ConfigError
@@ -175,29 +175,41 @@ async def test_a_peers_requests_in_flight_show_until_they_finish() -> None:
         )
 
 
-async def test_a_peer_batch_with_bad_input_gets_an_openai_error() -> None:
+async def test_a_peer_socket_says_who_answers_and_closes_on_a_bad_batch() -> None:
     async with (
         running_sims(1, step_ms=2.0) as sims,
         running_router([sims[0].url], peers=("http://127.0.0.1:9",)) as router,
         aiohttp.ClientSession() as session,
     ):
-        async with session.post(f"{router.url}{PEER_PATH}", data=b"{") as resp:
+        link = router.ctx.peers
+        assert link is not None
+        async with session.ws_connect(f"{router.url}{PEER_PATH}") as ws:
+            assert json.loads((await ws.receive()).data) == {"router": link.router_id}
+            keys = request_prefix(SIM_MODEL, chat(0, "q"))
+            await ws.send_bytes(encode_batch("other", [(sims[0].url, keys)], {sims[0].url: (1, 5)}))
+            await eventually(lambda: link.requests_received == 1, what="the batch applied")
+            assert router.fleet.replicas[sims[0].url].peer_in_flight == 1
+            await ws.send_bytes(b"{")
+            closing = await ws.receive()
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == aiohttp.WSCloseCode.UNSUPPORTED_DATA
+        assert "not JSON" in str(closing.extra)
+        await eventually(lambda: link.inbound == set(), what="the socket gone")
+        # a plain GET is told to open a socket, in OpenAI's error format
+        async with session.get(f"{router.url}{PEER_PATH}") as resp:
             assert resp.status == 400
-            error = (await resp.json())["error"]
-        assert error["code"] == "bad_peer_batch"
-        assert "not JSON" in error["message"]
+            assert (await resp.json())["error"]["code"] == "not_a_websocket"
 
 
-async def test_a_router_without_peers_refuses_batches() -> None:
+async def test_a_router_without_peers_refuses_peer_sockets() -> None:
     async with (
         running_sims(1, step_ms=2.0) as sims,
         running_router([sims[0].url]) as router,
         aiohttp.ClientSession() as session,
     ):
-        body = encode_batch("other", [(sims[0].url, (1, 2))])
-        async with session.post(f"{router.url}{PEER_PATH}", data=body) as resp:
-            assert resp.status == 404
-            assert (await resp.json())["error"]["code"] == "peers_off"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(f"{router.url}{PEER_PATH}")
+        assert refused.value.status == 404
 
 
 async def test_an_unreachable_peer_rests_and_requests_still_flow() -> None:
@@ -229,3 +241,32 @@ async def test_two_peered_routers_find_what_one_router_finds() -> None:
     print(f"hit rate: one router {one:.2f}, two peered routers {two:.2f}")
     print(json.dumps({g: sorted(u) for g, u in places.items()}))
     assert two >= one - 0.05
+
+
+async def test_open_peer_sockets_do_not_hold_a_router_that_stops() -> None:
+    """Both routers at the default shutdown grace (30 s): sockets open both ways must not
+    keep either one's server waiting for them."""
+    port_a, port_b = free_port(), free_port()
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    grace = DEFAULT_TIMINGS["shutdown_grace_s"]
+    async with running_sims(2, step_ms=2.0) as sims, aiohttp.ClientSession() as session:
+        urls = [s.url for s in sims]
+        a_ctx = running_router(urls, port=port_a, peers=(url_b,), shutdown_grace_s=grace)
+        b_ctx = running_router(urls, port=port_b, peers=(url_a,), shutdown_grace_s=grace)
+        a = await a_ctx.__aenter__()
+        b = await b_ctx.__aenter__()
+        try:
+            await post(session, a, chat(0, "q"))
+            await post(session, b, chat(1, "q"))
+            link_a, link_b = a.ctx.peers, b.ctx.peers
+            assert link_a is not None and link_b is not None
+            await eventually(
+                lambda: bool(link_a.inbound and link_b.inbound), what="sockets both ways"
+            )
+        finally:
+            started = time.monotonic()
+            await b_ctx.__aexit__(None, None, None)
+            b_stopped = time.monotonic() - started
+            await a_ctx.__aexit__(None, None, None)
+        assert b_stopped < 3.0
+        assert time.monotonic() - started < 6.0
