@@ -5,17 +5,20 @@ prefix index stubbed out. The benchmark's numbers are not asserted here."""
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from bench.load import (
     BoundedLoadHash,
     ConversationMix,
     FixedTarget,
     PrefixMix,
+    RequestRecord,
     RequestSpec,
     make_conversation_schedule,
     make_prefix_schedule,
@@ -26,6 +29,7 @@ from bench.peers import OursPairPeer, OursPeer
 from bench.prefix_oracle import best_hit_rate, prompt_ids, reply_text
 from bench.replicas import SimFleet, SimReplica, SimSettings
 from bench.scenarios.prefix import by_key, cache_use, offered_load, prefix_table
+from bench.scenarios.prefix_overhead import round_ratios
 from bench.scenarios.s8_shared_prefix import shared_prefix_targets
 from bench.section import PeerRun
 from tests.support.metrics import metric_value, scrape_metrics
@@ -202,6 +206,20 @@ async def test_the_index_stub_and_two_routers(tmp_path: Path) -> None:
             pair.stop()
         assert all(r.ok for r in records)
         assert min(sent) > 0 and used is not None and used > 0
+        peered = OursPairPeer(tmp_path / "peered", "cost", peered=True)
+        await peered.start(urls)
+        try:
+            records = await run_open_loop(peered.target(), schedule, SIM_MODEL)
+            views = []
+            async with aiohttp.ClientSession() as session:
+                for r in peered.routers:
+                    async with session.get(f"{r.url}/fleet/peers") as resp:
+                        views.append(await resp.json())
+        finally:
+            peered.stop()
+        assert all(r.ok for r in records)
+        assert [v["peers"] for v in views] == [[peered.routers[1].url], [peered.routers[0].url]]
+        assert all(v["requests_received"] > 0 for v in views)
 
 
 def test_tables_and_targets_from_runs() -> None:
@@ -217,3 +235,18 @@ def test_tables_and_targets_from_runs() -> None:
     assert by_key([ours, ideal, missing]) == {}  # no records: nothing ran
     targets = shared_prefix_targets([ours, ideal, missing], 0.85)
     assert [t.met for t in targets] == [False]  # "our router ran": no records
+
+
+def test_the_index_overhead_reads_round_by_round_ratios() -> None:
+    """One slowed run moves one ratio, not the median the target reads; a round whose pair
+    did not run is left out."""
+
+    def run(cpu_s: float, requests: int, unavailable: str = "") -> PeerRun:
+        record = RequestRecord(0, False, 16, 0.0, None, 0.1, 16, 200, "", "")
+        return PeerRun("k", "n", unavailable=unavailable, records=[record] * requests, cpu_s=cpu_s)
+
+    on = [run(1.0, 1000), run(3.0, 1000), run(1.1, 1000), run(9.0, 10, "not started")]
+    off = [run(1.0, 1000), run(1.0, 1000), run(1.0, 1000), run(1.0, 1000)]
+    ratios = round_ratios(on, off)
+    assert ratios == pytest.approx([1.0, 3.0, 1.1])
+    assert statistics.median(ratios) == pytest.approx(1.1)
