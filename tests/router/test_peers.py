@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -270,3 +271,28 @@ async def test_open_peer_sockets_do_not_hold_a_router_that_stops() -> None:
             await a_ctx.__aexit__(None, None, None)
         assert b_stopped < 3.0
         assert time.monotonic() - started < 6.0
+
+
+async def test_peers_send_their_admin_key_and_a_wrong_one_is_refused() -> None:
+    port_a, port_b, port_c = free_port(), free_port(), free_port()
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    keys: dict[str, Any] = {"api_keys": ("client-key",), "admin_api_keys": ("admin-key",)}
+    async with running_sims(2, step_ms=2.0) as sims, aiohttp.ClientSession() as session:
+        urls = [s.url for s in sims]
+        async with (
+            running_router(urls, port=port_a, peers=(url_b,), **keys) as a,
+            running_router(urls, port=port_b, peers=(url_a,), **keys) as b,
+            running_router(urls, port=port_c, peers=(url_a,), api_keys=("client-key",)) as stranger,
+        ):
+            headers = {"Authorization": "Bearer client-key"}
+            for router in (a, stranger):
+                async with session.post(
+                    f"{router.url}/v1/chat/completions", json=chat(0, "q"), headers=headers
+                ) as resp:
+                    assert resp.status == 200
+            link_b, link_s = b.ctx.peers, stranger.ctx.peers
+            assert link_b is not None and link_s is not None
+            await eventually(lambda: link_b.requests_received >= 1, what="a's batch at b")
+            # the stranger sends its client key: a's /fleet/* takes the admin key only
+            await eventually(lambda: link_s.batches_failed >= 1, what="the stranger refused")
+            assert link_s.batches_sent == 0
