@@ -81,9 +81,9 @@ SEND_TIMEOUT_S = 2.0
 RETRY_S = 5.0
 #: Peer names found by DNS are resolved again after this long.
 RESOLVE_S = 10.0
-#: While this router has requests in flight, its counts go out at least this often (finished
-#: requests send nothing themselves), and a peer's counts are dropped this long after its
-#: last batch.
+#: While this router has requests in flight, its counts go out this often when they changed
+#: (finished requests send nothing themselves), and a peer's counts are dropped this long
+#: after its last batch.
 LOAD_S = 0.1
 LOAD_TTL_S = 2.0
 #: Largest message a router accepts from a peer.
