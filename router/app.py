@@ -48,7 +48,13 @@ from vllm_fleet.router.proxy import proxy_handler
 from vllm_fleet.router.scrape import scrape_loop
 from vllm_fleet.router.state import Fleet
 from vllm_fleet.router.telemetry import Telemetry
-from vllm_fleet.router.worker import WORKER, WorkerLink, fleet_workers, merged_registry
+from vllm_fleet.router.worker import (
+    SIBLING_HOST,
+    WORKER,
+    WorkerLink,
+    fleet_workers,
+    merged_registry,
+)
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -73,10 +79,14 @@ def discovery_sources(config: RouterConfig) -> list[Discovery]:
 
 
 def peer_link(config: RouterConfig, worker: WorkerLink | None) -> PeerLink | None:
-    """The peer exchange for --peer / --discover-peers-dns (None without either). It sends the
-    key the peers' /fleet/* takes: routers of one fleet share their admin (or client) keys.
-    A worker of --workers N shares prefixes only (vllm_fleet.router.peers says why)."""
-    if not (config.peers or config.discover_peers_dns):
+    """The peer exchange for --peer / --discover-peers-dns (None without either, and not a
+    worker of several). It sends the key the peers' /fleet/* takes: routers of one fleet
+    share their admin (or client) keys. A worker of --workers N is also its siblings' peer on
+    a loopback port each, and shares prefixes only (vllm_fleet.router.peers says why)."""
+    siblings = tuple(
+        f"http://{SIBLING_HOST}:{port}" for port in (worker.sibling_ports if worker else ())
+    )
+    if not (config.peers or config.discover_peers_dns or siblings):
         return None
     sources: list[Discovery] = []
     if config.discover_peers_dns:
@@ -84,10 +94,12 @@ def peer_link(config: RouterConfig, worker: WorkerLink | None) -> PeerLink | Non
         sources.append(DnsDiscovery(name, port))
     keys = config.admin_api_keys or config.api_keys
     return PeerLink(
-        static=config.peers,
+        static=(*config.peers, *siblings),
         sources=sources,
         auth_key=keys[0] if keys else None,
         share_counts=worker is None,
+        siblings=frozenset(siblings),
+        sibling_port=worker.sibling_ports[worker.index] if worker and siblings else None,
     )
 
 

@@ -109,6 +109,9 @@ async def peer_socket(request: web.Request) -> web.StreamResponse:
         )
     await ws.prepare(request)
     link.inbound.add(ws)
+    # A worker's siblings connect on its own loopback port; other routers on the shared one.
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    from_sibling = isinstance(sockname, tuple) and sockname[1] == link.sibling_port
     try:
         await ws.send_str(hello(link))
         async for message in ws:
@@ -121,6 +124,8 @@ async def peer_socket(request: web.Request) -> web.StreamResponse:
                 await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=reason)
                 break
             take_batch(ctx.fleet, link, batch, time.monotonic())
+            if link.siblings and not from_sibling:
+                link.relay(batch.sent)
     finally:
         link.inbound.discard(ws)
     return ws

@@ -41,9 +41,12 @@ skipped for RETRY_S; what it missed meanwhile is not replayed (a stale prefix re
 little, and the replicas' counters correct the trust anyway). Nothing waits on a peer:
 requests are routed by what this router knows when they arrive.
 
-Limits: with ``--workers N`` each worker is its own peer sender, and a peer's socket reaches
-the one worker that accepted its connection (docs/prefix-routing.md); such routers share
-prefixes only, not counts (a worker's counts are its router's, which every worker would send).
+Workers of ``--workers N`` are each other's peers: each listens on a loopback port of its own
+(vllm_fleet.router.workers) and names its siblings there. A batch from another router reaches
+the one worker that accepted that router's socket (on the shared port), which relays its
+entries to its siblings; a sibling's batch (on the worker's loopback port) is not relayed
+again. Workers share prefixes only, not counts: their in-flight counts are already the whole
+router's (vllm_fleet.router.shared_board), which every worker would send.
 """
 
 from __future__ import annotations
@@ -230,8 +233,14 @@ class PeerLink:
     auth_key: str | None = field(default=None, repr=False)
     #: Send and take counts (off for --workers N, see the module docstring).
     share_counts: bool = True
+    #: The other workers of this router (--workers N), and this worker's loopback port where
+    #: they connect: batches arriving anywhere else came from other routers and are relayed.
+    siblings: frozenset[str] = frozenset()
+    sibling_port: int | None = None
     received: PeerCounts = field(default_factory=PeerCounts)
     pending: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    #: Other routers' entries this worker took, for its siblings.
+    relayed: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     #: Peer URL -> monotonic time before which it is skipped (failed, or found to be us).
     skip_until: dict[str, float] = field(default_factory=dict)
     myself: set[str] = field(default_factory=set)
@@ -258,10 +267,21 @@ class PeerLink:
         pending.append((replica_url, tuple(keys)))
         self._wake.set()
 
+    def relay(self, sent: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        """Another router's entries, taken by this worker: its siblings get them too."""
+        room = MAX_PENDING - len(self.relayed)
+        self.relayed.extend(sent[:room])
+        self.requests_dropped += max(0, len(sent) - room)
+        self._wake.set()
+
     def take(self) -> list[tuple[str, tuple[int, ...]]]:
         """Everything noted since the last take."""
         taken, self.pending = self.pending, []
         self._wake.clear()
+        return taken
+
+    def take_relayed(self) -> list[tuple[str, tuple[int, ...]]]:
+        taken, self.relayed = self.relayed, []
         return taken
 
     async def wait(self) -> None:
@@ -375,13 +395,17 @@ async def peer_loop(link: PeerLink, fleet: Fleet) -> None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(link.wait(), LOAD_S if busy else None)
                 await asyncio.sleep(FLUSH_S)
-                sent = link.take()
+                sent, relayed = link.take(), link.take_relayed()
                 peers = await link.refresh(time.monotonic())
                 counts = own_counts(fleet) if link.share_counts else None
-                if not peers or (not sent and counts == last_counts):
-                    continue
-                last_counts = counts
-                body = encode_batch(link.router_id, sent, counts)
-                await asyncio.gather(*(_send(session, link, p, body) for p in peers))
+                sends = []
+                if sent or counts != last_counts:
+                    last_counts = counts
+                    body = encode_batch(link.router_id, sent, counts)
+                    sends += [_send(session, link, p, body) for p in peers]
+                if relayed:
+                    body = encode_batch(link.router_id, relayed, None)
+                    sends += [_send(session, link, p, body) for p in peers if p in link.siblings]
+                await asyncio.gather(*sends)
         finally:
             await close_sockets(link)

@@ -26,6 +26,7 @@ from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.errors import ConfigError
 from vllm_fleet.router.logs import configure_logging
 from vllm_fleet.router.protocol_errors import RouterRunner
+from vllm_fleet.router.worker import SIBLING_HOST
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -58,18 +59,26 @@ def server_options(config: RouterConfig) -> dict[str, Any]:
     }
 
 
-async def _run(app: web.Application, config: RouterConfig, worker: int | None = None) -> None:
+async def _run(
+    app: web.Application,
+    config: RouterConfig,
+    worker: int | None = None,
+    sibling_port: int | None = None,
+) -> None:
     """Listen until cancelled, then shut down gracefully (what ``web.run_app`` does, with
     RouterRunner so that unparseable requests get an OpenAI-style body too).
 
     A worker of --workers N (vllm_fleet.router.workers) listens with SO_REUSEPORT beside its
-    siblings and stops on its first SIGTERM; later ones do not cut its drain short.
+    siblings and stops on its first SIGTERM; later ones do not cut its drain short. It also
+    listens on its own loopback ``sibling_port``, where its siblings reach it as a peer.
     """
     runner = RouterRunner(app, handle_signals=worker is None, **server_options(config))
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)
         await site.start()
+        if sibling_port is not None:
+            await web.TCPSite(runner, SIBLING_HOST, sibling_port, reuse_port=True).start()
         log.info("router listening host=%s port=%d", config.host, config.port)
         stop = asyncio.Event()
         if worker is not None:
@@ -80,17 +89,22 @@ async def _run(app: web.Application, config: RouterConfig, worker: int | None = 
         await runner.cleanup()  # stop listening, drain for --shutdown-grace, close
 
 
-def run_worker(app: web.Application, config: RouterConfig, worker: int) -> None:
+def run_worker(
+    app: web.Application, config: RouterConfig, worker: int, sibling_port: int | None = None
+) -> None:
     """Serve one worker of --workers N until SIGTERM."""
-    _run_until_signal(app, config, worker)
+    _run_until_signal(app, config, worker, sibling_port)
 
 
 def _run_until_signal(
-    app: web.Application, config: RouterConfig, worker: int | None = None
+    app: web.Application,
+    config: RouterConfig,
+    worker: int | None = None,
+    sibling_port: int | None = None,
 ) -> None:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_run(app, config, worker))
+    main = loop.create_task(_run(app, config, worker, sibling_port))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):

@@ -55,13 +55,21 @@ log = logging.getLogger("vllm_fleet.router")
 SYNC_INTERVAL_S = 0.1
 
 
+#: Where workers of --workers N reach each other as peers (vllm_fleet.router.peers).
+SIBLING_HOST = "127.0.0.1"
+
+
 class WorkerLink:
     """Worker ``index``'s view of the board and its sync step."""
 
-    def __init__(self, board: Board, index: int, parent_pid: int) -> None:
+    def __init__(
+        self, board: Board, index: int, parent_pid: int, sibling_ports: tuple[int, ...] = ()
+    ) -> None:
         self.board = board
         self.index = index
         self.parent_pid = parent_pid
+        #: Every worker's loopback port, where its siblings reach it as a peer (index order).
+        self.sibling_ports = sibling_ports
         self._views: dict[int, SlotView] = {}
         self._slots: dict[str, int] = {}
 

@@ -64,7 +64,7 @@ from vllm_fleet.router.shared_board import (
     replica_numbers,
 )
 from vllm_fleet.router.state import Fleet, ReplicaState
-from vllm_fleet.router.worker import SYNC_INTERVAL_S, WorkerLink
+from vllm_fleet.router.worker import SIBLING_HOST, SYNC_INTERVAL_S, WorkerLink
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -107,13 +107,35 @@ def reserve_port(config: RouterConfig) -> socket.socket:
     return sock
 
 
-def worker_main(config: RouterConfig, index: int, board_path: str, parent_pid: int) -> None:
-    """A worker process: the router app, linked to the board, served with SO_REUSEPORT."""
+def reserve_sibling_ports(count: int) -> list[socket.socket]:
+    """One bound, never listening SO_REUSEPORT socket per worker on a free loopback port: the
+    worker listens there beside it (as on the router's port), and a restarted worker finds
+    its port still free."""
+    reserved: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((SIBLING_HOST, 0))
+        reserved.append(sock)
+    return reserved
+
+
+def worker_main(
+    config: RouterConfig,
+    index: int,
+    board_path: str,
+    parent_pid: int,
+    sibling_ports: tuple[int, ...] = (),
+) -> None:
+    """A worker process: the router app, linked to the board, served with SO_REUSEPORT, and
+    peered with its siblings on ``sibling_ports`` (vllm_fleet.router.app.peer_link)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(config.log_level, config.log_format)
     board = Board.attach(board_path)
+    port = sibling_ports[index] if sibling_ports else None
+    link = WorkerLink(board, index, parent_pid, sibling_ports)
     try:
-        run_worker(make_app(config, WorkerLink(board, index, parent_pid)), config, index)
+        run_worker(make_app(config, link), config, index, port)
     finally:
         board.close()
 
@@ -171,14 +193,17 @@ class WorkerSlot:
 
 
 class Supervisor:
-    def __init__(self, config: RouterConfig, board: Board) -> None:
+    def __init__(
+        self, config: RouterConfig, board: Board, sibling_ports: tuple[int, ...] = ()
+    ) -> None:
         self.config = config
         self.board = board
+        self.sibling_ports = sibling_ports
         self.workers = [WorkerSlot(i) for i in range(config.workers)]
         self._spawn = multiprocessing.get_context("spawn")
 
     def start(self, w: WorkerSlot) -> None:
-        args = (self.config, w.index, self.board.path, os.getpid())
+        args = (self.config, w.index, self.board.path, os.getpid(), self.sibling_ports)
         process = self._spawn.Process(target=worker_main, args=args, name=f"router-{w.index}")
         process.start()
         assert process.pid is not None
@@ -225,12 +250,14 @@ class Supervisor:
             p.join(5.0)
 
 
-async def _supervise(config: RouterConfig, board: Board) -> None:
+async def _supervise(
+    config: RouterConfig, board: Board, sibling_ports: tuple[int, ...] = ()
+) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    supervisor = Supervisor(config, board)
+    supervisor = Supervisor(config, board, sibling_ports)
     publisher = Publisher(board)
     fleet = Fleet(new_replica=publisher.new_replica)
     sources = discovery_sources(config)
@@ -280,13 +307,17 @@ def serve_workers(config: RouterConfig) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="vllm-fleet-metrics-", dir=board_dir())
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the workers
     board = Board.create(config.workers)
+    siblings = reserve_sibling_ports(config.workers)
+    ports = tuple(sock.getsockname()[1] for sock in siblings)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_supervise(config, board))
+        loop.run_until_complete(_supervise(config, board, ports))
     finally:
         loop.close()
         board.close()
         reserved.close()
+        for sock in siblings:
+            sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("router stopped")
     return 0

@@ -25,6 +25,7 @@ from openai import AsyncOpenAI
 from tests.support.metrics import metric_value, parse_samples
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess
+from tests.support.router import running_router
 from tests.support.sim import REPO_ROOT, SIM_MODEL, running_sim
 from vllm_fleet.launcher.runtime.process import group_members
 from vllm_fleet.router.config import add_arguments, config_from_args
@@ -213,6 +214,71 @@ async def test_two_workers_serve_share_one_in_flight_view_and_merge_metrics() ->
         # the replica's prefix-cache counters, scraped once by the supervisor, reach both
         await poll("both workers knowing the replica's prefix-cache hit rate", scrapes_shared, 20.0)
         assert prefix[0]["capacity"] == prefix[1]["capacity"]
+
+
+async def test_workers_tell_each_other_the_prefixes_they_sent() -> None:
+    """Each worker is its siblings' peer on a loopback port (vllm_fleet.router.workers): a
+    request one worker placed reaches every other worker's prefix record, so cache-aware
+    placement does not weaken with the worker count."""
+    async with running_sim() as sim, router_workers([sim.url], 2) as url:
+        for question in range(12):  # fresh connections: the kernel spreads them over both
+            connector = aiohttp.TCPConnector(force_close=True)
+            body = {
+                "model": SIM_MODEL,
+                "messages": [{"role": "user", "content": f"{'a shared prefix ' * 30}{question}"}],
+                "max_tokens": 2,
+            }
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.post(f"{url}/v1/chat/completions", json=body) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+        rows = (await _json(f"{url}/fleet/workers"))["workers"]
+        served = {w["worker"]: w["served"] for w in rows}
+        assert min(served.values()) > 0, served  # both workers placed some
+        views: dict[int, dict[str, Any]] = {}
+
+        async def each_heard_the_other() -> bool:
+            workers, peers = await _same_worker(url, "/fleet/workers", "/fleet/peers")
+            views[workers["answered_by"]] = peers
+            return len(views) == 2 and all(
+                views[i]["requests_received"] == served[1 - i] for i in (0, 1)
+            )
+
+        await poll("each worker holding the other's placements", each_heard_the_other, 20.0)
+        for view in views.values():
+            assert len(view["peers"]) == 1 and len(view["myself"]) == 1, view
+            assert view["peers"] != view["myself"]
+
+
+async def test_another_routers_placements_reach_every_worker() -> None:
+    """A peer router's socket reaches the one worker that accepted it; that worker relays the
+    entries to its siblings, so every worker knows what the other router placed."""
+    port_a = free_port()
+    async with (
+        running_sim() as sim,
+        router_workers([sim.url], 2, f"--peer=http://127.0.0.1:{port_a}") as url,
+        running_router([sim.url], port=port_a, peers=(url,)) as other,
+        aiohttp.ClientSession() as session,
+    ):
+        sent = 5
+        for question in range(sent):
+            body = {
+                "model": SIM_MODEL,
+                "messages": [{"role": "user", "content": f"{'another router ' * 30}{question}"}],
+                "max_tokens": 2,
+            }
+            async with session.post(f"{other.url}/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+        heard: dict[int, int] = {}
+
+        async def every_worker_heard() -> bool:
+            workers, peers = await _same_worker(url, "/fleet/workers", "/fleet/peers")
+            heard[workers["answered_by"]] = peers["requests_received"]
+            return len(heard) == 2 and min(heard.values()) >= sent
+
+        await poll("both workers holding the other router's placements", every_worker_heard, 20.0)
+        assert max(heard.values()) == sent  # once each: a sibling's relay is not relayed back
 
 
 async def _metrics(url: str) -> Any:
