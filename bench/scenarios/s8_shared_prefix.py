@@ -27,6 +27,7 @@ from bench.section import PeerRun, Section
 KEY = "8"
 PEERS = (
     "ideal", "chash", "sglang-ca", "vllm-ca", "ours-cost", "ours-cost-x2", "ours-cost-x2-peered",
+    "ours-cost-w2",
 )  # fmt: skip
 QUICK_PEERS = ("ideal", "ours-cost")
 
