@@ -99,7 +99,7 @@ def peer_link(config: RouterConfig, worker: WorkerLink | None) -> PeerLink | Non
         auth_key=keys[0] if keys else None,
         share_counts=worker is None,
         siblings=frozenset(siblings),
-        sibling_port=worker.sibling_ports[worker.index] if worker and siblings else None,
+        sibling_port=worker.sibling_port if worker else None,
     )
 
 

@@ -397,6 +397,8 @@ async def peer_loop(link: PeerLink, fleet: Fleet) -> None:
                 await asyncio.sleep(FLUSH_S)
                 sent, relayed = link.take(), link.take_relayed()
                 peers = await link.refresh(time.monotonic())
+                if not peers:
+                    continue
                 counts = own_counts(fleet) if link.share_counts else None
                 sends = []
                 if sent or counts != last_counts:

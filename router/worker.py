@@ -73,6 +73,11 @@ class WorkerLink:
         self._views: dict[int, SlotView] = {}
         self._slots: dict[str, int] = {}
 
+    @property
+    def sibling_port(self) -> int | None:
+        """This worker's own loopback port (None when the workers are not peered)."""
+        return self.sibling_ports[self.index] if self.sibling_ports else None
+
     def new_replica(self, url: str) -> ReplicaState:
         """The Fleet's factory: a record counted in this worker's cells of the URL's slot."""
         replica = SharedReplica(url=url)

@@ -132,10 +132,9 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(config.log_level, config.log_format)
     board = Board.attach(board_path)
-    port = sibling_ports[index] if sibling_ports else None
     link = WorkerLink(board, index, parent_pid, sibling_ports)
     try:
-        run_worker(make_app(config, link), config, index, port)
+        run_worker(make_app(config, link), config, index, link.sibling_port)
     finally:
         board.close()
 
