@@ -325,12 +325,14 @@ class FleetRun:
                 f"{ROUTER_READY_TIMEOUT_S:g}s; see {self.run_dir.logs_dir}/router.log"
             )
         healthy = len(self.supervisor.healthy_urls())
-        self.status = "ready"
-        self.message = f"{healthy}/{len(replicas)} replicas healthy"
-        self._write_state()
+        # Printed before the state says "ready": `up --detach` echoes this log until it reads
+        # that state, so the line must already be in the log by then.
         self.printer.print(
             f"Fleet ready: {self.config.router_url}/v1 ({healthy}/{len(replicas)} replicas healthy)"
         )
+        self.status = "ready"
+        self.message = f"{healthy}/{len(replicas)} replicas healthy"
+        self._write_state()
         return None
 
     def _fail(self, message: str) -> int:

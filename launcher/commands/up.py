@@ -300,6 +300,8 @@ def _follow_child(
                 return code or 1
             state = run_dir.read_state()
             if state and state.supervisor_pid == child.pid and state.status == "ready":
+                out.write(log.read().decode("utf-8", errors="replace"))  # up to "Fleet ready"
+                out.flush()
                 return 0
             if time.monotonic() > deadline:
                 child.send_signal(signal.SIGTERM)
