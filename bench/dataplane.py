@@ -3,15 +3,17 @@
     bench/.env/bin/python -m bench.dataplane --repeats 3                # every load, 3 rounds
     bench/.env/bin/python -m bench.dataplane --loads stream --profile /tmp/prof
 
-Two simulated replicas (scenario 5's instant ones, or paced ones for ``stream``) and our router
-(cost policy, started as the benchmark starts it); a closed loop drives one load at a time,
-and the router's CPU (utime+stime of its process tree, from /proc as bench.cpu reads it) is
-divided by the requests answered. The loads run in turn in every round, so a busy moment of
-the machine hits them all alike (with ``--trees``, every router in turn: two versions compared
-on the same replicas, interleaved):
+Two simulated replicas (``--replicas N``: scenario 5's instant ones, or paced ones for
+``stream`` and ``slow``) and our router (cost policy, started as the benchmark starts it); a
+closed loop drives one load at a time, and the router's CPU (utime+stime of its process tree,
+from /proc as bench.cpu reads it) is divided by the requests answered. The loads run in turn in
+every round, so a busy moment of the machine hits them all alike (with ``--trees``, every router
+in turn: two versions compared on the same replicas, interleaved):
 
 - ``stream``: 256-token chat answers streamed one SSE chunk per token, a token every 10 ms,
-  16 in flight (scenario 1's data path: every chunk read and written on its own);
+  16 in flight (scenario 1's data path: every chunk read and written on its own); ``slow``:
+  the same at 3 in flight (~300 chunks a second, scenario 1's rate: most chunks wake the
+  router on their own, so a chunk's cost is its path's footprint with cold caches);
 - ``s5``: scenario 5's requests (16 tokens, 9 in 10 streamed) at 64 in flight (``s5c1``: at 1,
   for the added latency);
 - ``plain``: 16-token answers, not streamed;
@@ -64,6 +66,7 @@ class Load:
 
 LOADS: dict[str, Load] = {
     "stream": Load(lambda i: RequestSpec(i, 0.0, PROMPT.format(i), 256, stream=True), 16, "paced"),
+    "slow": Load(lambda i: RequestSpec(i, 0.0, PROMPT.format(i), 256, stream=True), 3, "paced"),
     "s5": Load(overhead_spec, 64),
     "s5c1": Load(overhead_spec, 1),
     "plain": Load(lambda i: RequestSpec(i, 0.0, PROMPT.format(i), 16, stream=False), 64),
@@ -145,7 +148,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
     names = args.loads.split(",")
     wanted = {LOADS[n].fleet if n in LOADS else "instant" for n in names}
     fleets = {
-        kind: SimFleet.of([settings, settings], workdir / kind, args.python)
+        kind: SimFleet.of([settings] * args.replicas, workdir / kind, args.python)
         for kind, settings in (("instant", INSTANT), ("paced", PACED))
         if kind in wanted
     }
@@ -216,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.dataplane", description=__doc__)
     parser.add_argument("--loads", default="stream,s5,plain,idle", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the loads")
+    parser.add_argument("--replicas", type=int, default=2, help="simulated replicas per fleet")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load")
     parser.add_argument("--policy", default="cost", help="the router's --policy")
     parser.add_argument("--python", default=sys.executable, help="runs the router and replicas")

@@ -48,6 +48,7 @@ from vllm_fleet.router.proxy import proxy_handler
 from vllm_fleet.router.scrape import scrape_loop
 from vllm_fleet.router.state import Fleet
 from vllm_fleet.router.telemetry import Telemetry
+from vllm_fleet.router.upstream_protocol import UpstreamConnector
 from vllm_fleet.router.worker import (
     SIBLING_HOST,
     WORKER,
@@ -116,9 +117,7 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
     replica's answer and health are its own, never another server's.
     """
     headers = {"Authorization": f"Bearer {key}"} if (key := config.upstream_api_key) else None
-    connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S
-    )
+    connector = UpstreamConnector(limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
     timeout = aiohttp.ClientTimeout(
         total=None,
         sock_connect=config.connect_timeout_s,

@@ -59,6 +59,11 @@ class PumpedReader(StreamReader):
             pump.wake()
 
 
+def pump_of(content: StreamReader) -> Pump | None:
+    """The pump relaying ``content``, if one does (router.upstream_protocol feeds it)."""
+    return _PUMPS.get(id(content))
+
+
 class Pump:
     """Relays one upstream reader's bytes to the client's transport until its end.
 
@@ -183,6 +188,12 @@ class Pump:
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)
+
+    def relay_now(self, data: bytes) -> None:
+        """One upstream read's data, decoded by router.upstream_protocol: relayed in this turn
+        (it comes in one piece, so there is nothing to collect and no call_soon to wait for)."""
+        self._pending.append(data)
+        self.flush()
 
     def flush(self) -> None:
         """Relay what the last upstream read brought: stitched, framed, one write."""
