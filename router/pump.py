@@ -13,7 +13,10 @@ reading (the upstream is paused until the client's buffer drains; nothing is dro
 client that went away.
 
 The reader is switched to PumpedReader (same layout, so its class can be swapped in place)
-only while a pump is registered for it; without one it behaves exactly as aiohttp's.
+only while a pump is registered for it; without one it behaves exactly as aiohttp's. An
+event stream's body is decoded by the connection's own protocol (router.upstream_protocol),
+which hands each read's data to the pump in one piece (``relay_now``: written in that same
+call, no call_soon); the feed_data path serves any other stream.
 """
 
 from __future__ import annotations
