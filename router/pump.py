@@ -194,9 +194,23 @@ class Pump:
 
     def relay_now(self, data: bytes) -> None:
         """One upstream read's data, decoded by router.upstream_protocol: relayed in this turn
-        (it comes in one piece, so there is nothing to collect and no call_soon to wait for)."""
-        self._pending.append(data)
-        self.flush()
+        (it comes in one piece, so there is nothing to collect and no call_soon to wait for).
+
+        The path of nearly every streamed token: kept to a few lines, because a token usually
+        wakes the router on its own and each line then costs a cold-cache microsecond. The
+        reader cannot be at its end here (the protocol hands the last chunk to ``take``).
+        """
+        if self._pending:  # bytes fed before (not from the protocol) go first
+            self._pending.append(data)
+            self.flush()
+            return
+        self._watchdog.read_since = self._loop.time()
+        self._on_bytes()
+        stitcher = self._stitcher
+        if stitcher is not None:
+            data = stitcher.feed(data)  # whole events only
+        if data and not self.client_gone:
+            self._write(data)
 
     def flush(self) -> None:
         """Relay what the last upstream read brought: stitched, framed, one write."""
@@ -213,8 +227,11 @@ class Pump:
         if self._content.is_eof():
             self.tail += data  # goes out with the end of the stream, in the relay's write
             return
-        if not data or self.client_gone:
-            return
+        if data and not self.client_gone:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """``data`` as one HTTP chunk to the client; pause the upstream when its buffer fills."""
         transport = self._transport
         if transport.is_closing():
             self.client_gone = True

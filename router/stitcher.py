@@ -122,6 +122,9 @@ class Stitcher:
     #: Tokens of the continuation segments before the current one (usage is per replica).
     _base: int = 0
     _id: str | None = None
+    #: The fast path's pattern: set once the first event of the first replica's stream was
+    #: read whole (its envelope kept), None before that and for a continuation's events.
+    _fast: re.Pattern[bytes] | None = None
     _created: int = 0
     _model: str = ""
     _prompt_tokens: int | None = None
@@ -134,10 +137,24 @@ class Stitcher:
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to relay for ``chunk``: whole events only, rewritten as needed.
 
-        Per event of the first replica's stream (one per token), the work is one split, one
-        compiled match and a slice that cuts the usage out; the text stays bytes until a break
-        needs it (``_text_so_far``).
+        Per event of the first replica's stream (one per token), the work is one compiled
+        match and a slice that cuts the usage out (a chunk that is one whole event, the usual
+        one, is not even split); the text stays bytes until a break needs it
+        (``_text_so_far``).
         """
+        fast = self._fast
+        if (
+            fast is not None
+            and not self._buffer
+            and chunk.startswith(b"data: {")
+            and chunk.find(b"\n\n") == len(chunk) - 2
+        ):
+            # the usual chunk: one whole token event (no split, no list, no join)
+            event = chunk[:-2]
+            start = event.find(_CHOICES)
+            match = fast.fullmatch(event, start) if start > 0 else None
+            if match is not None:
+                return self._fast_token(event, match)
         data = self._buffer + chunk if self._buffer else chunk
         events = data.split(b"\n\n")
         rest = events.pop()
@@ -150,17 +167,17 @@ class Stitcher:
             return b""
         self._buffer = rest
         out: list[bytes] = []
-        fast = _FAST[self.plan.kind] if self.segment == 0 else None
         for event in events:
             if not event:
                 continue
-            # the first event (parsed whole) sets _id: the events after it, in the same chunk
-            # too, take the fast path
-            if fast is not None and self._id is not None and event.startswith(b"data: {"):
+            # the first event (parsed whole) sets _fast: the events after it, in the same
+            # chunk too, take the fast path
+            fast = self._fast
+            if fast is not None and event.startswith(b"data: {"):
                 start = event.find(_CHOICES)
                 match = fast.fullmatch(event, start) if start > 0 else None
                 if match is not None:
-                    self._fast_token(event, match, out)
+                    out.append(self._fast_token(event, match))
                     continue
             self._parsed(event, out)
         return b"".join(out)
@@ -172,8 +189,9 @@ class Stitcher:
         self._buffer = b""
         return rest
 
-    def _fast_token(self, event: bytes, match: re.Match[bytes], out: list[bytes]) -> None:
-        """A token event of the first replica's stream, read by its fast_match."""
+    def _fast_token(self, event: bytes, match: re.Match[bytes]) -> bytes:
+        """A token event of the first replica's stream, read by its fast_match: the bytes to
+        relay for it (with any held before it; none while it is held)."""
         raw, finish, tokens = match.group("text", "finish", "tokens")
         if not self.plan.client_continuous:
             start, end = match.span("usage")
@@ -181,18 +199,18 @@ class Stitcher:
         total = int(tokens)  # segment 0: no base
         if not raw and finish is None and (total > self.sent or self._held):
             self._held.append(event)  # its tokens' text is still to come
-            return
+            return b""
+        out = event + b"\n\n"
         if self._held:
-            out.extend(e + b"\n\n" for e in self._held)
+            out = b"".join(e + b"\n\n" for e in self._held) + out
             self._held.clear()
-        out.append(event)
-        out.append(b"\n\n")
         if total > self.sent:
             self.sent = total
         if raw:
             self._texts.append(raw)  # JSON-escaped UTF-8, decoded at a break
         if finish is not None:
             self._finish = finish.decode()
+        return out
 
     def _token(
         self, event: bytes, text: str, tokens: int, finish: str | None, out: list[bytes]
@@ -317,6 +335,8 @@ class Stitcher:
         if not isinstance(ident, str) or created is None or not isinstance(model, str):
             raise Spoiled("a first chunk without id, created and model")
         self._id, self._created, self._model = ident, created, model
+        if self.segment == 0:
+            self._fast = _FAST[self.plan.kind]
         if isinstance(usage, dict):
             self._prompt_tokens = token_count(usage.get("prompt_tokens"))
 
@@ -380,6 +400,7 @@ class Stitcher:
     def next_segment(self) -> None:
         """A continuation's stream starts: its usage counts from zero again."""
         self.segment += 1
+        self._fast = None
         self._base = self.sent
         self._buffer = b""
 

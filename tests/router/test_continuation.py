@@ -357,6 +357,20 @@ def test_events_cut_anywhere_are_relayed_whole() -> None:
     assert b"".join(pieces) + stitcher.end() == whole
 
 
+def test_one_event_per_chunk_relays_and_counts_what_the_whole_stream_does() -> None:
+    """vLLM's usual read is one token event: the stitcher's shortcut for it must agree with
+    the general path, held events and the text kept for a break included."""
+    up = Upstream("chat", "chatcmpl-1")
+    events = [up.role(), up.token("a"), up.token(""), up.token("é", 2), up.token('"q"\\', 1)]
+    whole = Stitcher(plan("chat"))
+    relayed_whole = whole.feed(sse(*events))
+    one_by_one = Stitcher(plan("chat"))
+    relayed = b"".join(one_by_one.feed(sse(event)) for event in events)
+    assert relayed == relayed_whole
+    assert one_by_one.sent == whole.sent == 5
+    assert one_by_one.resume_at_break() == whole.resume_at_break()
+
+
 def test_tokens_are_counted_from_usage_not_from_chunks() -> None:
     up = Upstream("completion", "cmpl-1")
     stitcher = Stitcher(plan("completion", max_tokens=20))
