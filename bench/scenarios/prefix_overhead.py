@@ -4,9 +4,13 @@ flight, our cost policy with the index against the same router with the index st
 The replicas answer at once (0.1 ms steps), so the router's own work is what is measured. The
 router has no switch for its index; `ours-cost-noindex` runs the same CLI with
 `vllm_fleet.router.parse.request_prefix` returning no keys (bench.peers.OursPeer.command), so
-nothing is hashed, matched or recorded. The two alternate, five rounds of one run each, to spread
-the machine's other load over both, and the target reads the median of the rounds' ratios; CPU
-is utime + stime of the router's process tree per completed request.
+nothing is hashed, matched or recorded. Both routers start once and keep running (as a
+router in service does: its index full); a first round warms both and is not counted; then
+they alternate, rounds of one short run each, to spread the machine's other load over both,
+and the target reads the median of the rounds' ratios. A fresh router per run (the first
+version) put each run's start-up and cold index in the figure and gave rounds from -20% to
++41% (bench/findings.md). CPU is utime + stime of the router's process tree per completed
+request.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import time
 from dataclasses import dataclass
 
 from bench.load import RequestRecord, RequestSpec, Target, request_body, run_closed_loop
-from bench.peers import Peer
+from bench.peers import Peer, PeerUnavailable, make_peer
 from bench.replicas import SimFleet, SimSettings
-from bench.scenarios.harness import MODEL, Options, RunLoad, measure, started
+from bench.scenarios.harness import MODEL, Options, RunLoad, started
 from bench.scenarios.prefix import TargetCheck
 from bench.section import PeerRun, Table
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, request_prefix
@@ -84,6 +88,44 @@ def cpu_per_request(runs: list[PeerRun]) -> float:
     return 1000 * cpu / requests if requests else float("nan")
 
 
+async def alternate(
+    keys: list[str], opts: Options, fleet: SimFleet, run: RunLoad, rounds: int
+) -> dict[str, list[PeerRun]]:
+    """Start each router once, run a warm-up round through each (not kept), then ``rounds``
+    rounds in which each runs the load once, in turn; stop them however it ends. A router
+    that did not start has one unavailable run."""
+    peers: dict[str, Peer] = {}
+    runs: dict[str, list[PeerRun]] = {key: [] for key in keys}
+    try:
+        for key in keys:
+            peer = make_peer(key, opts.workdir / "peers", opts.python)
+            try:
+                await peer.start(fleet.urls)
+            except PeerUnavailable as exc:
+                failed = PeerRun(key, peer.name, peer.settings, peer.version())
+                failed.unavailable = str(exc)
+                runs[key].append(failed)
+                continue
+            peers[key] = peer
+        for round_ in range(rounds + 1):
+            for key, peer in peers.items():
+                await fleet.wait_idle()
+                cpu_before = peer.cpu_seconds()
+                records = await run(peer.target(), peer)
+                cpu_after = peer.cpu_seconds()
+                if round_ == 0:
+                    continue  # warm-up: the index fills, the router's caches too
+                result = PeerRun(key, peer.name, peer.settings, peer.version())
+                result.records = records
+                if cpu_before is not None and cpu_after is not None:
+                    result.cpu_s = cpu_after - cpu_before
+                runs[key].append(result)
+    finally:
+        for peer in peers.values():
+            peer.stop()
+    return runs
+
+
 def round_ratios(on: list[PeerRun], off: list[PeerRun]) -> list[float]:
     """CPU per request with the index over without it, round by round (runs that did not
     start, or ran no request, are left out with their pair)."""
@@ -98,11 +140,11 @@ def round_ratios(on: list[PeerRun], off: list[PeerRun]) -> list[float]:
 
 
 async def index_overhead(opts: Options) -> Overhead:
-    duration = 3.0 if opts.quick else 6.0
+    duration = 2.0 if opts.quick else 4.0
     # Rounds of one run each, alternating; the target reads the median of the rounds' ratios,
     # so one run slowed by the machine does not decide it (two rounds of totals gave -1 %,
     # +3 % and +16 % in three benchmark runs of the same router, bench/findings.md).
-    rounds = 1 if opts.quick else 5
+    rounds = 1 if opts.quick else 9
 
     async def closed(target: Target, peer: Peer) -> list[RequestRecord]:
         return await run_closed_loop(
@@ -111,11 +153,8 @@ async def index_overhead(opts: Options) -> Overhead:
 
     run: RunLoad = closed
     fleet = SimFleet.of([INSTANT_LONG, INSTANT_LONG], opts.workdir / "s8-cpu", opts.python)
-    runs: dict[str, list[PeerRun]] = {"ours-cost": [], "ours-cost-noindex": []}
     async with started(fleet):
-        for _ in range(rounds):
-            for key in runs:
-                runs[key].append(await measure(key, opts, fleet, run))
+        runs = await alternate(["ours-cost", "ours-cost-noindex"], opts, fleet, run, rounds)
     rows = []
     per_request: dict[str, float] = {}
     for key, done in runs.items():
@@ -153,8 +192,9 @@ async def index_overhead(opts: Options) -> Overhead:
         )
     text = (
         f"Router CPU check: 2 simulated replicas that answer at once (0.1 ms steps), closed "
-        f"loop at {CONCURRENCY} in flight for {duration:g} s per run, {rounds} round(s) of "
-        f"one run each, alternating (the target: the median of the rounds' ratios); prompts "
+        f"loop at {CONCURRENCY} in flight for {duration:g} s per run; both routers started "
+        f"once, a warm-up round not counted, then {rounds} round(s) of one run each, "
+        f"alternating (the target: the median of the rounds' ratios); prompts "
         f"are one of {GROUPS} shared ~{PROMPT_TOKENS - 100:,}-token system "
         f"prompts and a ~100-token question ({OUTPUT_TOKENS} tokens out, streamed). "
         '"prefix index off" is the same router with `vllm_fleet.router.parse.request_prefix` '
