@@ -204,11 +204,7 @@ class Pump:
             self._pending.append(data)
             self.flush()
             return
-        self._watchdog.read_since = self._loop.time()
-        self._on_bytes()
-        stitcher = self._stitcher
-        if stitcher is not None:
-            data = stitcher.feed(data)  # whole events only
+        data = self._stitched(data)
         if data and not self.client_gone:
             self._write(data)
 
@@ -220,15 +216,20 @@ class Pump:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
-        self._watchdog.read_since = self._loop.time()
-        self._on_bytes()
-        if self._stitcher is not None:
-            data = self._stitcher.feed(data)  # whole events only
+        data = self._stitched(data)
         if self._content.is_eof():
             self.tail += data  # goes out with the end of the stream, in the relay's write
             return
         if data and not self.client_gone:
             self._write(data)
+
+    def _stitched(self, data: bytes) -> bytes:
+        """One upstream read's bytes noted (watchdog, progress monitor) and stitched: whole
+        events only, as the client gets them."""
+        self._watchdog.read_since = self._loop.time()
+        self._on_bytes()
+        stitcher = self._stitcher
+        return data if stitcher is None else stitcher.feed(data)
 
     def _write(self, data: bytes) -> None:
         """``data`` as one HTTP chunk to the client; pause the upstream when its buffer fills."""

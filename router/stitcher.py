@@ -61,10 +61,14 @@ _FAST: Final[Mapping[Kind, re.Pattern[bytes]]] = {
 
 def fast_match(kind: Kind, event: bytes) -> re.Match[bytes] | None:
     """The fast path's reading of a token event, or None for any other event (parsed whole)."""
+    return _read_token(_FAST[kind], event)
+
+
+def _read_token(pattern: re.Pattern[bytes], event: bytes) -> re.Match[bytes] | None:
     if not event.startswith(b"data: {"):
         return None
     start = event.find(_CHOICES)
-    return _FAST[kind].fullmatch(event, start) if start > 0 else None
+    return pattern.fullmatch(event, start) if start > 0 else None
 
 
 _CHUNK_OBJECT: Final[Mapping[Kind, str]] = {
@@ -143,18 +147,11 @@ class Stitcher:
         (``_text_so_far``).
         """
         fast = self._fast
-        if (
-            fast is not None
-            and not self._buffer
-            and chunk.startswith(b"data: {")
-            and chunk.find(b"\n\n") == len(chunk) - 2
-        ):
+        if fast is not None and not self._buffer and chunk.find(b"\n\n") == len(chunk) - 2:
             # the usual chunk: one whole token event (no split, no list, no join)
-            event = chunk[:-2]
-            start = event.find(_CHOICES)
-            match = fast.fullmatch(event, start) if start > 0 else None
-            if match is not None:
-                return self._fast_token(event, match)
+            relayed = self._fast_token(fast, chunk[:-2])
+            if relayed is not None:
+                return relayed
         data = self._buffer + chunk if self._buffer else chunk
         events = data.split(b"\n\n")
         rest = events.pop()
@@ -173,13 +170,11 @@ class Stitcher:
             # the first event (parsed whole) sets _fast: the events after it, in the same
             # chunk too, take the fast path
             fast = self._fast
-            if fast is not None and event.startswith(b"data: {"):
-                start = event.find(_CHOICES)
-                match = fast.fullmatch(event, start) if start > 0 else None
-                if match is not None:
-                    out.append(self._fast_token(event, match))
-                    continue
-            self._parsed(event, out)
+            relayed = self._fast_token(fast, event) if fast is not None else None
+            if relayed is None:
+                self._parsed(event, out)
+            else:
+                out.append(relayed)
         return b"".join(out)
 
     def end(self) -> bytes:
@@ -189,9 +184,13 @@ class Stitcher:
         self._buffer = b""
         return rest
 
-    def _fast_token(self, event: bytes, match: re.Match[bytes]) -> bytes:
-        """A token event of the first replica's stream, read by its fast_match: the bytes to
-        relay for it (with any held before it; none while it is held)."""
+    def _fast_token(self, fast: re.Pattern[bytes], event: bytes) -> bytes | None:
+        """A token event of the first replica's stream, read by ``fast`` (fast_match): the
+        bytes to relay for it (with any held before it; none while it is held), or None when
+        the event is not of that shape (the caller parses it whole)."""
+        match = _read_token(fast, event)
+        if match is None:
+            return None
         raw, finish, tokens = match.group("text", "finish", "tokens")
         if not self.plan.client_continuous:
             start, end = match.span("usage")

@@ -67,6 +67,8 @@ class UpstreamProtocol(ResponseHandler):
     def data_received(self, data: bytes) -> None:
         mode = self._mode
         if mode == _BODY:
+            if self._read_timeout or self._read_timeout_handle is not None:
+                self._reschedule_timeout()  # sock_read, as aiohttp keeps it per read
             if not (self._left or self._partial):
                 # The usual read of a stream: exactly one whole chunk, not the last. Decoded
                 # in a few C calls; at scenario 1's rate each chunk wakes the router on its
@@ -156,13 +158,9 @@ class UpstreamProtocol(ResponseHandler):
         self._left = left
         if out:
             self._deliver(out[0] if len(out) == 1 else b"".join(out), last=False)
-        elif self._read_timeout or self._read_timeout_handle is not None:
-            self._reschedule_timeout()  # a read without data is a read all the same
 
     def _deliver(self, data: bytes, *, last: bool) -> None:
         """One read's data: to the stream's pump when one relays it, else to the reader."""
-        if self._read_timeout or self._read_timeout_handle is not None:
-            self._reschedule_timeout()  # sock_read, as aiohttp keeps it per read
         payload = self._payload
         if payload is None:
             return
