@@ -20,6 +20,11 @@ in turn: two versions compared on the same replicas, interleaved):
 - ``idle``: no requests, what the background loops (health checks, scrapes, the hung-replica
   monitor) cost per second: it is in every scenario's figure, spread over its requests.
 
+With ``--references`` the same loads also go, interleaved, through two proxies that only relay
+(bench.floor_proxies: on httptools, and on aiohttp's server and client) and through
+vllm-router round_robin: what a Python data path cannot go below, what aiohttp alone costs,
+and the target.
+
 With ``--profile DIR`` py-spy samples the router during each load and writes its collapsed
 stacks there (DIR/<load>-<round>.txt; bench.dataplane_profile summarizes them).
 """
@@ -39,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.cpu import tree_cpu_seconds
+from bench.floor_proxies import FloorPeer
 from bench.load import FixedTarget, RequestSpec, run_closed_loop
-from bench.peers import OursPeer
+from bench.peers import OursPeer, Peer, PeerUnavailable, VllmRouterPeer
 from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL
 from bench.scenarios.s5_overhead import INSTANT, overhead_spec
@@ -148,6 +154,16 @@ async def _start_router(
     return peer
 
 
+def _references(workdir: Path, python: str) -> list[tuple[str, Peer]]:
+    """What ``--references`` runs beside our router: the two floor proxies (bench.floor_proxies:
+    relaying only, on httptools and on aiohttp) and vllm-router round_robin."""
+    return [
+        ("floor-httptools", FloorPeer(workdir / "httptools", "httptools", python)),
+        ("floor-aiohttp", FloorPeer(workdir / "aiohttp", "aiohttp", python)),
+        ("vllm-router-rr", VllmRouterPeer(workdir / "vllm-router", "round_robin")),
+    ]
+
+
 async def main_async(args: argparse.Namespace) -> list[Result]:
     workdir = Path(tempfile.mkdtemp(prefix="dataplane-"))
     names = args.loads.split(",")
@@ -157,7 +173,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
         for kind, settings in (("instant", INSTANT), ("paced", PACED))
         if kind in wanted
     }
-    routers: dict[tuple[str, str], OursPeer] = {}
+    routers: dict[tuple[str, str], Peer] = {}
     results: list[Result] = []
     try:
         for kind, fleet in fleets.items():
@@ -167,17 +183,27 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                 routers[(kind, label)] = await _start_router(
                     where, args.policy, args.python, tree, fleet.urls
                 )
+            if args.references:
+                for label, reference in _references(workdir / f"refs-{kind}", args.python):
+                    try:
+                        await reference.start(fleet.urls)
+                    except PeerUnavailable as exc:
+                        print(f"{label}: not started ({exc})", flush=True)
+                        continue
+                    routers[(kind, label)] = reference
+        labelled = list(dict.fromkeys(label for _, label in routers))
         for round_ in range(args.repeats):
-            labels = list(args.trees)
+            labels = list(labelled)
             if round_ % 2:
                 labels.reverse()  # alternate which tree goes first
             for name in names:
                 kind = LOADS[name].fleet if name in LOADS else "instant"
                 for label in labels:
-                    peer = routers[(kind, label)]
-                    assert peer.child is not None
+                    peer = routers.get((kind, label))
+                    if peer is None or peer.child is None:
+                        continue
                     await fleets[kind].wait_idle()
-                    tag = f"{name}@{label}" if len(args.trees) > 1 else name
+                    tag = f"{name}@{label}" if len(labelled) > 1 else name
                     profile = args.profile / f"{tag}-{round_}.txt" if args.profile else None
                     result = await run_load(name, peer.child.pid, peer.url, args.duration, profile)
                     result.load = tag
@@ -236,6 +262,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "first on PYTHONPATH), the loads interleaved over them; default: the installed one",
     )
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also run the floor proxies (bench.floor_proxies) and vllm-router round_robin",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.loads.split(",")) - {*LOADS, "idle"}
     if unknown:

@@ -37,10 +37,11 @@ if [ ! -x .env/bin/python ]; then
     }
 fi
 pip=(.env/bin/python -m pip install --quiet --disable-pip-version-check)
-# vllm-fleet itself (editable, so the benchmark measures the working tree), plus matplotlib.
-"${pip[@]}" -e .. "matplotlib>=3.8" 2>&1 | grep -v "^WARNING: Location" \
+# vllm-fleet itself (editable, so the benchmark measures the working tree), plus matplotlib
+# and httptools (bench.floor_proxies).
+"${pip[@]}" -e .. "matplotlib>=3.8" "httptools>=0.6" 2>&1 | grep -v "^WARNING: Location" \
     || true
-.env/bin/python -c "import matplotlib, aiohttp, vllm_fleet.launcher, vllm_fleet.router" \
+.env/bin/python -c "import matplotlib, aiohttp, httptools, vllm_fleet.launcher, vllm_fleet.router" \
     || { echo "bench: installing vllm-fleet/matplotlib into bench/.env failed"; exit 1; }
 # The Rust routers each ship a binary in their wheel; either may be unavailable for a platform.
 for package in vllm-router sglang-router; do
