@@ -8,8 +8,10 @@ partial body), so the cap is enforced over the whole stream instead.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable
+from typing import Any
 
 import aiohttp
 
@@ -32,6 +34,22 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
             raise BodyTooLarge(f"body is over the {cap}-byte cap")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def fetch_json(
+    session: aiohttp.ClientSession, url: str, timeout_s: float, cap: int
+) -> Any | None:
+    """A replica's small JSON answer to a GET (model cards, KV event sources), decoded; None
+    when the replica cannot say now: not reachable, slow, not 200, over ``cap`` bytes or not
+    JSON. Redirects are not followed (a replica's answer comes from the replica)."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
+            if resp.status != 200:
+                return None
+            return json.loads(await read_capped(resp, cap))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
 
 
 async def read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:

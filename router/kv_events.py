@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.bounded_read import fetch_json
 from vllm_fleet.router.precise import LiveBlockSet, fetch_models
 from vllm_fleet.router.state import Fleet, ReplicaState
 
@@ -142,15 +141,8 @@ async def discover_endpoint(
     session: aiohttp.ClientSession, replica_url: str, timeout_s: float = DISCOVERY_TIMEOUT_S
 ) -> str | None:
     """Ask the replica where it publishes KV events; None when it does not (or cannot say)."""
-    try:
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
-        url = f"{replica_url}/kv_event_sources"
-        async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
-            if resp.status != 200:
-                return None
-            payload = json.loads(await read_capped(resp, MAX_SOURCES_BYTES))
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        return None
+    url = f"{replica_url}/kv_event_sources"
+    payload = await fetch_json(session, url, timeout_s, MAX_SOURCES_BYTES)
     return endpoint_from_sources(payload, replica_url)
 
 

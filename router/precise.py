@@ -10,8 +10,6 @@ index (vllm_fleet.router.prefix_index) elsewhere.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from vllm_fleet.router.block_hashes import PromptBlocks, external_hash, none_hash, sha256_pickle
-from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.bounded_read import fetch_json
 from vllm_fleet.router.prefix_index import KvBlockSet
 from vllm_fleet.router.state import ReplicaState
 
@@ -203,13 +201,7 @@ async def fetch_models(
     session: aiohttp.ClientSession, replica_url: str, timeout_s: float = MODELS_TIMEOUT_S
 ) -> dict[str, ModelCard] | None:
     """The replica's model cards; None when it cannot say now."""
-    try:
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
-        url = f"{replica_url}/v1/models"
-        async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
-            if resp.status != 200:
-                return None
-            payload = json.loads(await read_capped(resp, MAX_MODELS_BYTES))
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+    payload = await fetch_json(session, f"{replica_url}/v1/models", timeout_s, MAX_MODELS_BYTES)
+    if payload is None:
         return None
     return models_from(payload)

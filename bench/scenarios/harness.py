@@ -59,11 +59,7 @@ async def measure(key: str, opts: Options, fleet: Fleet, run: RunLoad) -> PeerRu
     try:
         await fleet.wait_idle()
         before = await fleet.received()
-        cpu_before = peer.cpu_seconds()
-        result.records = await run(peer.target(), peer)
-        cpu_after = peer.cpu_seconds()
-        if cpu_before is not None and cpu_after is not None:
-            result.cpu_s = cpu_after - cpu_before
+        await timed_run(peer, run, result)
         result.shares = shares(before, await fleet.received())
     finally:
         peer.stop()
@@ -74,6 +70,16 @@ async def measure(key: str, opts: Options, fleet: Fleet, run: RunLoad) -> PeerRu
         flush=True,
     )
     return result
+
+
+async def timed_run(peer: Peer, run: RunLoad, result: PeerRun) -> None:
+    """One load through a started peer (its replicas idle): the records and the CPU the peer
+    used meanwhile go into ``result``."""
+    cpu_before = peer.cpu_seconds()
+    result.records = await run(peer.target(), peer)
+    cpu_after = peer.cpu_seconds()
+    if cpu_before is not None and cpu_after is not None:
+        result.cpu_s = cpu_after - cpu_before
 
 
 def open_loop(schedule: list[RequestSpec], model: str = MODEL) -> RunLoad:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bench.load import RequestRecord, RequestSpec, Target, request_body, run_closed_loop
 from bench.peers import Peer, PeerUnavailable, make_peer
 from bench.replicas import SimFleet, SimSettings
-from bench.scenarios.harness import MODEL, Options, RunLoad, started
+from bench.scenarios.harness import MODEL, Options, RunLoad, started, timed_run
 from bench.scenarios.prefix import TargetCheck
 from bench.section import PeerRun, Table
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, request_prefix
@@ -110,16 +110,10 @@ async def alternate(
         for round_ in range(rounds + 1):
             for key, peer in peers.items():
                 await fleet.wait_idle()
-                cpu_before = peer.cpu_seconds()
-                records = await run(peer.target(), peer)
-                cpu_after = peer.cpu_seconds()
-                if round_ == 0:
-                    continue  # warm-up: the index fills, the router's caches too
                 result = PeerRun(key, peer.name, peer.settings, peer.version())
-                result.records = records
-                if cpu_before is not None and cpu_after is not None:
-                    result.cpu_s = cpu_after - cpu_before
-                runs[key].append(result)
+                await timed_run(peer, run, result)
+                if round_:  # round 0 warms up: the index fills, the router's caches too
+                    runs[key].append(result)
     finally:
         for peer in peers.values():
             peer.stop()
