@@ -177,9 +177,20 @@ def test_the_router_matches_prefixes_by_the_replicas_kv_events(stack: Stack) -> 
             )
         return kv_events()
 
+    probes = 0
+
     def predicted_cached() -> bool:
-        view = ask(0)  # one system prompt, again and again
-        return any(v.get("precise_cached_tokens", 0) > 0 for v in view.values())
+        # A fresh system prompt each probe, asked three times: its blocks are stored (and
+        # published) by the first ask, so the later ones are predicted cached once the router
+        # is subscribed and its tokenizer loaded. One prompt asked again and again would wait
+        # forever on a router that subscribed after the prompt was cached: cached blocks are
+        # not stored again while they stay cached (docs/prefix-routing.md, "Limits").
+        nonlocal probes
+        probes += 1
+        views = [ask(1000 + probes) for _ in range(3)]
+        return any(
+            v.get("precise_cached_tokens", 0) > 0 for view in views[1:] for v in view.values()
+        )
 
     def confirmed() -> bool:
         view = ask(asked)  # a new system prompt: the router expects its first block stored
