@@ -160,6 +160,7 @@ def _references(workdir: Path, python: str) -> list[tuple[str, Peer]]:
     return [
         ("floor-httptools", FloorPeer(workdir / "httptools", "httptools", python)),
         ("floor-aiohttp", FloorPeer(workdir / "aiohttp", "aiohttp", python)),
+        ("floor-aiohttp-server", FloorPeer(workdir / "aiohttp-srv", "aiohttp-server", python)),
         ("vllm-router-rr", VllmRouterPeer(workdir / "vllm-router", "round_robin")),
     ]
 

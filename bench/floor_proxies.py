@@ -9,6 +9,9 @@
   bytes written to the client as each read brings them (chunked framing passed through).
 - ``aiohttp``: an aiohttp server and one ClientSession, round robin, the answer relayed with
   ``iter_any`` and ``StreamResponse.write``: what any aiohttp proxy pays before its own logic.
+- ``aiohttp-server``: aiohttp's server, but the upstream side on pooled protocol connections
+  read with httptools (each read's decoded body handed to the handler, which writes it with
+  ``StreamResponse.write``): the two above differ in both halves, this one in the client only.
 
 Neither balances, checks health, retries, counts or logs anything: ``bench.dataplane
 --references`` runs them beside our router and vllm-router, so each figure can be read as
@@ -32,7 +35,7 @@ from aiohttp import web
 from bench.peers import Peer
 from tests.support.ports import free_port
 
-KINDS = ("httptools", "aiohttp")
+KINDS = ("httptools", "aiohttp", "aiohttp-server")
 #: Request headers not passed on (the proxy sets its own framing and host).
 _HOP = frozenset({"host", "connection", "content-length", "transfer-encoding", "keep-alive"})
 
@@ -134,6 +137,104 @@ async def serve_httptools(port: int, backends: list[str]) -> None:
     await server.serve_forever()
 
 
+class _LeanUpstream(asyncio.Protocol):
+    """One keep-alive connection to a replica, its answer's body decoded by httptools and
+    handed to the waiting handler a read at a time."""
+
+    def __init__(self, pool: list[_LeanUpstream]) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.pieces: list[bytes] = []
+        self.status = 0
+        self.content_type = b"application/json"
+        self.done = False
+        self.waiter: asyncio.Future[None] | None = None
+        self._header_name = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def send(self, request: bytes) -> None:
+        self.pieces, self.done, self.status = [], False, 0
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+        waiter = self.waiter
+        if waiter is not None and (self.pieces or self.done or self.status) and not waiter.done():
+            waiter.set_result(None)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self.content_type = value
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    async def wait(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+        self.waiter = None
+
+
+async def serve_aiohttp_server(port: int, backends: list[str]) -> None:
+    places = [_hostport(url) for url in backends]
+    pools: list[list[_LeanUpstream]] = [[] for _ in places]
+    turn = itertools.cycle(range(len(places)))
+    loop = asyncio.get_running_loop()
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = b"".join(
+            b"%s: %s\r\n" % (k.encode(), v.encode())
+            for k, v in request.headers.items()
+            if k.lower() not in _HOP
+        )
+        index = next(turn)
+        pool = pools[index]
+        if pool:
+            upstream = pool.pop()
+        else:
+            host, port = places[index]
+            _, upstream = await loop.create_connection(lambda: _LeanUpstream(pool), host, port)
+        upstream.send(
+            b"%s %s HTTP/1.1\r\nhost: replica\r\n%scontent-length: %d\r\n\r\n%s"
+            % (request.method.encode(), request.path_qs.encode(), headers, len(body), body)
+        )
+        while not upstream.status:
+            await upstream.wait()
+        response = web.StreamResponse(status=upstream.status)
+        response.content_type = upstream.content_type.decode().split(";")[0]
+        await response.prepare(request)
+        while True:
+            if upstream.pieces:
+                data = b"".join(upstream.pieces)
+                upstream.pieces = []
+                await response.write(data)
+            elif upstream.done:
+                break
+            else:
+                await upstream.wait()
+        await response.write_eof()
+        pool.append(upstream)
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
 async def serve_aiohttp(port: int, backends: list[str]) -> None:
     turn = itertools.cycle(backends)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
@@ -178,9 +279,14 @@ class FloorPeer(Peer):
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[0] not in KINDS or not argv[1].isdigit():
-        print("usage: python -m bench.floor_proxies httptools|aiohttp PORT URL...", file=sys.stderr)
+        kinds = "|".join(KINDS)
+        print(f"usage: python -m bench.floor_proxies {kinds} PORT URL...", file=sys.stderr)
         return 2
-    serve = serve_httptools if argv[0] == "httptools" else serve_aiohttp
+    serve = {
+        "httptools": serve_httptools,
+        "aiohttp": serve_aiohttp,
+        "aiohttp-server": serve_aiohttp_server,
+    }[argv[0]]
     uvloop.run(serve(int(argv[1]), argv[2:]))
     return 0
 

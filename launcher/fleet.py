@@ -35,6 +35,7 @@ from vllm_fleet.launcher.supervisor import (
     UnitState,
     units_for,
 )
+from vllm_fleet.launcher.vllm_args import kv_replay_port
 
 #: how often a loading replica's newest log line is echoed at most (state changes always are).
 LOG_ECHO_INTERVAL_S = 5.0
@@ -108,11 +109,11 @@ def ensure_no_fleet(run_dir: RunDir) -> None:
 def ensure_ports_free(replicas: Sequence[ReplicaSpec], config: FleetConfig) -> None:
     """Fail before starting anything: a taken port would otherwise become a crash loop."""
     wanted = [(spec.name, config.host, spec.port, "--base-port") for spec in replicas]
-    wanted += [
-        (f"{spec.name} KV events", config.host, spec.kv_events_port, "--base-port")
-        for spec in replicas
-        if spec.kv_events_port is not None
-    ]
+    for spec in replicas:
+        if spec.kv_events_port is not None:
+            events, replay = spec.kv_events_port, kv_replay_port(spec.kv_events_port)
+            wanted.append((f"{spec.name} KV events", config.host, events, "--base-port"))
+            wanted.append((f"{spec.name} KV events replay", config.host, replay, "--base-port"))
     wanted.append((ROUTER_NAME, config.router.host, config.router.port, "--port"))
     for name, host, port, flag in wanted:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

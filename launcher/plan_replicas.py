@@ -12,6 +12,7 @@ from vllm_fleet.launcher.plan_types import PlanOptions
 from vllm_fleet.launcher.vllm_args import (
     has_kv_events_config,
     kv_events_port,
+    kv_replay_port,
     scheduling_args,
     vllm_command,
 )
@@ -34,10 +35,11 @@ def replica_kv_events_port(options: PlanOptions, port: int) -> int | None:
     if has_kv_events_config(options.extra_args):
         return None
     events = kv_events_port(port)
-    if events > 65535:
+    if kv_replay_port(events) > 65535:
         raise PlanError(
             f"--base-port {options.base_port}: replica port {port} would publish KV events on "
-            f"port {events}, past 65535; use a lower --base-port"
+            f"ports {events} and {kv_replay_port(events)} (replay), past 65535; use a lower "
+            "--base-port"
         )
     return events
 

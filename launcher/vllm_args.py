@@ -28,12 +28,13 @@ vllm_fleet.launcher.tiny_model):
   fraction of all RAM, and with it and eager mode vLLM also skips its memory-profiling run.
 
 Every replica publishes vLLM KV events (``--kv-events-config``, a ZMQ publisher on its own port:
-its HTTP port + KV_EVENTS_PORT_OFFSET) so the router can match requests by vLLM's own block
-hashes (``vllm-fleet router --kv-events auto``; docs/prefix-routing.md). No hash seed is set:
-vLLM 0.32 hashes blocks with ``sha256`` by default and derives the first block's parent from
-the fixed seed "vllm-none-hash", so every process computes the same hashes (PYTHONHASHSEED
-would override that seed; only the ``xxhash`` algorithms draw a random one). Extra arguments
-holding their own ``--kv-events-config`` replace ours.
+its HTTP port + KV_EVENTS_PORT_OFFSET, with its replay socket that much higher again) so the
+router can match requests by vLLM's own block hashes (``vllm-fleet router --kv-events auto``;
+docs/prefix-routing.md). No hash seed is set: vLLM 0.32 hashes blocks with ``sha256`` by default
+and derives the first block's parent from the fixed seed "vllm-none-hash", so every process
+computes the same hashes (PYTHONHASHSEED would override that seed; only the ``xxhash``
+algorithms draw a random one). Extra arguments holding their own ``--kv-events-config`` replace
+ours.
 
 Every replica runs with ``--disable-uvicorn-access-log``: the router health-checks and scrapes
 each replica every second, so vLLM's access log would be mostly ``GET /health`` and
@@ -77,7 +78,9 @@ OWNED_FLAGS = {
 #: internet (and it saves the time-outs). Not a default: a hub model must download.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-#: a replica's KV-events port is its HTTP port plus this (one port per replica on one host).
+#: a replica's KV-events port is its HTTP port plus this (one port per replica on one host),
+#: and its replay port (the publisher's buffered batches, vllm_fleet.router.kv_replay) the
+#: KV-events port plus the same again.
 KV_EVENTS_PORT_OFFSET = 1000
 KV_EVENTS_FLAG = "--kv-events-config"
 
@@ -94,9 +97,20 @@ def kv_events_port(http_port: int) -> int:
     return http_port + KV_EVENTS_PORT_OFFSET
 
 
+def kv_replay_port(events_port: int) -> int:
+    """Where the replica publishing KV events on ``events_port`` answers replay requests."""
+    return events_port + KV_EVENTS_PORT_OFFSET
+
+
 def kv_events_config(port: int) -> str:
-    """vLLM's ``--kv-events-config`` JSON: a ZMQ publisher bound on every interface."""
-    config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}"}
+    """vLLM's ``--kv-events-config`` JSON: a ZMQ publisher bound on every interface, and its
+    replay socket, so a router that subscribes late reads what the replica cached before."""
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}",
+        "replay_endpoint": f"tcp://*:{kv_replay_port(port)}",
+    }
     return json.dumps(config, separators=(",", ":"))
 
 

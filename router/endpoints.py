@@ -154,6 +154,7 @@ def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:
             "removed": events.removed,
             "cleared": events.cleared,
             "batches": events.batches,
+            "replayed": events.replayed,
             "missed": events.missed,
             "overflows": events.overflows,
             "last_seq": events.last_seq,

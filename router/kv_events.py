@@ -26,8 +26,10 @@ here: a replica that hashes with another algorithm or seed (``--prefix-caching-h
 xxhash``, a PYTHONHASHSEED) is matched approximately instead, with one warning.
 
 Only device blocks count (medium GPU, or none given): blocks offloaded to CPU or disk are not
-what the prefix cache of the engine reuses without a transfer. A gap in the sequence numbers
-(the subscriber fell behind the publisher's high-water mark) is counted in ``missed``.
+what the prefix cache of the engine reuses without a transfer. Where the replica has a replay
+socket (``replay_endpoint``, found by ``--kv-events auto``), the subscriber asks it for the
+publisher's buffered history when it subscribes and for the batches of any gap in the sequence
+numbers (vllm_fleet.router.kv_replay); what no replay brought is counted in ``missed``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import zmq
 import zmq.asyncio
 
 from vllm_fleet.router.bounded_read import fetch_json
+from vllm_fleet.router.kv_replay import replay
 from vllm_fleet.router.precise import LiveBlockSet, fetch_models
 from vllm_fleet.router.state import Fleet, ReplicaState
 
@@ -116,16 +119,16 @@ def parse_kv_events_spec(values: Sequence[str]) -> KvEventsSpec:
     return KvEventsSpec(port=port, endpoints=endpoints, auto=auto)
 
 
-def endpoint_from_sources(payload: Any, replica_url: str) -> str | None:
-    """The subscribe address in a GET /kv_event_sources answer (``{"0": {"endpoint":
-    "tcp://*:5557", "publisher": "zmq", ...}}``, one entry per data-parallel rank; rank 0 is
-    used): a bound wildcard address means the replica's own host."""
-    if not isinstance(payload, dict):
-        return None
-    source = payload.get("0")
-    if not isinstance(source, dict) or source.get("publisher", "zmq") != "zmq":
-        return None
-    endpoint = source.get("endpoint")
+@dataclass(frozen=True)
+class KvSource:
+    """Where one replica publishes: its PUB endpoint, and its replay socket when it has one."""
+
+    endpoint: str
+    replay: str | None = None
+
+
+def _address(endpoint: object, replica_url: str) -> str | None:
+    """A tcp:// address as vLLM reports it, a bound wildcard host made the replica's own."""
     if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
         return None
     parts = urlsplit(endpoint.replace("*", "0.0.0.0", 1))
@@ -137,13 +140,28 @@ def endpoint_from_sources(payload: Any, replica_url: str) -> str | None:
     return f"tcp://[{host}]:{parts.port}" if ":" in str(host) else f"tcp://{host}:{parts.port}"
 
 
-async def discover_endpoint(
+def source_from_sources(payload: Any, replica_url: str) -> KvSource | None:
+    """The addresses in a GET /kv_event_sources answer (``{"0": {"endpoint": "tcp://*:5557",
+    "replay_endpoint": "tcp://*:5558", "publisher": "zmq", ...}}``, one entry per
+    data-parallel rank; rank 0 is used): a bound wildcard address means the replica's host."""
+    if not isinstance(payload, dict):
+        return None
+    source = payload.get("0")
+    if not isinstance(source, dict) or source.get("publisher", "zmq") != "zmq":
+        return None
+    endpoint = _address(source.get("endpoint"), replica_url)
+    if endpoint is None:
+        return None
+    return KvSource(endpoint, _address(source.get("replay_endpoint"), replica_url))
+
+
+async def discover_source(
     session: aiohttp.ClientSession, replica_url: str, timeout_s: float = DISCOVERY_TIMEOUT_S
-) -> str | None:
+) -> KvSource | None:
     """Ask the replica where it publishes KV events; None when it does not (or cannot say)."""
     url = f"{replica_url}/kv_event_sources"
     payload = await fetch_json(session, url, timeout_s, MAX_SOURCES_BYTES)
-    return endpoint_from_sources(payload, replica_url)
+    return source_from_sources(payload, replica_url)
 
 
 @dataclass(frozen=True)
@@ -235,7 +253,7 @@ def apply_batch(replica: ReplicaState, seq: int, events: Iterable[Event]) -> Non
 async def subscribe(
     ctx: zmq.asyncio.Context,
     replica: ReplicaState,
-    endpoint: str,
+    source: KvSource,
     fleet: Fleet,
     session: aiohttp.ClientSession | None = None,
 ) -> None:
@@ -244,10 +262,11 @@ async def subscribe(
     ZMQ reconnects by itself when the replica restarts; a restarted engine's first batch
     has a lower sequence number, which starts the count again (its cache is empty: vLLM
     publishes no AllBlocksCleared for a fresh engine, so the block set is dropped here).
-    From the moment of subscribing the replica's block set is live (a LiveBlockSet): what it
-    held before is unknown, so precise matching under-predicts until its blocks are stored
-    again. With a ``session`` its GET /v1/models is read every REDISCOVER_S (model roots and
-    LoRA paths for precise matching).
+    With a replay socket the publisher's buffered history is read first (blocks cached before
+    we subscribed), and a gap in the sequence numbers is filled from it; without one what the
+    replica held before is unknown, so precise matching under-predicts until its blocks are
+    stored again. With a ``session`` its GET /v1/models is read every REDISCOVER_S (model
+    roots and LoRA paths for precise matching).
     """
     prefixes = replica.prefixes
     if not isinstance(prefixes.events, LiveBlockSet):
@@ -258,11 +277,13 @@ async def subscribe(
     socket = ctx.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SUBSCRIBE, b"")
-    socket.connect(endpoint)
-    log.info("kv events subscribed url=%s endpoint=%s", replica.url, endpoint)
+    socket.connect(source.endpoint)
+    log.info("kv events subscribed url=%s endpoint=%s", replica.url, source.endpoint)
+    order = BatchOrder(replica, source.replay)
     loop = asyncio.get_running_loop()
     models_at = -1e9
     try:
+        await order.catch_up(ctx, 0)  # what the replica cached before we subscribed
         while fleet.replicas.get(replica.url) is replica:
             events = prefixes.events
             if session is not None and loop.time() - models_at > REDISCOVER_S:
@@ -272,26 +293,88 @@ async def subscribe(
             if not await socket.poll(int(RECEIVE_TIMEOUT_S * 1000)):
                 continue
             frames = await socket.recv_multipart()
-            _receive(replica, frames)
+            if len(frames) != 3 or len(frames[1]) != 8:
+                log.warning(
+                    "kv events: unexpected message url=%s frames=%d", replica.url, len(frames)
+                )
+                continue
+            seq = int.from_bytes(frames[1], "big", signed=True)
+            if order.gap_before(seq):
+                await order.catch_up(ctx, order.next_seq)
+            order.take(seq, frames[2])
     finally:
         socket.close(linger=0)
 
 
-def _receive(replica: ReplicaState, frames: Sequence[bytes]) -> None:
-    if len(frames) != 3 or len(frames[1]) != 8:
-        log.warning("kv events: unexpected message url=%s frames=%d", replica.url, len(frames))
-        return
-    seq = int.from_bytes(frames[1], "big", signed=True)
-    try:
-        events = decode_batch(frames[2])
-    except ValueError as exc:
-        log.warning("kv events: bad batch url=%s error=%s", replica.url, exc)
-        return
-    known = replica.prefixes.events
-    if known is not None and 0 <= seq < known.last_seq:  # the engine restarted
-        replica.prefixes.correct("AllBlocksCleared", ())
-        known.last_seq = -1
-    apply_batch(replica, seq, events)
+class BatchOrder:
+    """One replica's batches applied once each and in sequence order, live or replayed.
+
+    A replay and the live socket overlap: the SUB socket queues what is published while the
+    replay is answered, so batches from the replay's start up to its last one arrive twice
+    and the live copies are skipped (``_floor`` is the replay's start). A batch numbered
+    below that is a restarted engine counting from 0 again.
+    """
+
+    def __init__(self, replica: ReplicaState, replay_endpoint: str | None) -> None:
+        self.replica = replica
+        #: The replay socket; None when there is none or it stopped answering.
+        self.replay_endpoint = replay_endpoint
+        self._floor = 0
+
+    @property
+    def next_seq(self) -> int:
+        events = self.replica.prefixes.events
+        return 0 if events is None else events.last_seq + 1
+
+    def gap_before(self, seq: int) -> bool:
+        """Whether batches before ``seq`` are missing and a replay socket may have them."""
+        return self.replay_endpoint is not None and seq > self.next_seq
+
+    async def catch_up(self, ctx: zmq.asyncio.Context, start: int) -> None:
+        """Apply the publisher's buffered batches from ``start`` (nothing without a replay
+        socket). A publisher that does not answer in time is not asked again."""
+        endpoint = self.replay_endpoint
+        if endpoint is None:
+            return
+        events = self.replica.prefixes.events
+        before = events.batches if events is not None else 0
+        complete = await replay(ctx, endpoint, start, self._take_replayed)
+        events = self.replica.prefixes.events
+        if events is not None:
+            events.replayed += events.batches - before
+        self._floor = start
+        if not complete:
+            self.replay_endpoint = None
+            log.warning(
+                "kv events: replay socket did not answer url=%s endpoint=%s; "
+                "gaps are counted as missed from now on",
+                self.replica.url,
+                endpoint,
+            )
+
+    def _take_replayed(self, seq: int, payload: bytes) -> None:
+        if seq >= self.next_seq:
+            self._apply(seq, payload)
+
+    def take(self, seq: int, payload: bytes) -> None:
+        """One live batch: skipped when a replay brought it already."""
+        events = self.replica.prefixes.events
+        if events is not None and 0 <= seq <= events.last_seq:
+            if seq >= self._floor:
+                return  # a replay brought it
+            self.replica.prefixes.correct("AllBlocksCleared", ())  # the engine restarted
+            events.last_seq = -1
+        self._apply(seq, payload)
+        self._floor = seq + 1
+
+    def _apply(self, seq: int, payload: bytes) -> None:
+        replica = self.replica
+        try:
+            events = decode_batch(payload)
+        except ValueError as exc:
+            log.warning("kv events: bad batch url=%s error=%s", replica.url, exc)
+            events = []  # counted as received: a replay would bring the same bytes
+        apply_batch(replica, seq, events)
 
 
 async def kv_events_loop(
@@ -306,7 +389,7 @@ async def kv_events_loop(
     every REDISCOVER_S."""
     ctx = zmq.asyncio.Context()
     tasks: dict[str, asyncio.Task[None]] = {}
-    found: dict[str, str] = {}
+    found: dict[str, KvSource] = {}
     asked: dict[str, float] = {}
     loop = asyncio.get_running_loop()
     try:
@@ -316,8 +399,8 @@ async def kv_events_loop(
                 if auto and replica.check_ok and loop.time() - asked.get(url, -1e9) > REDISCOVER_S:
                     asked[url] = loop.time()
                     assert session is not None
-                    if (endpoint := await discover_endpoint(session, url)) is not None:
-                        found[url] = endpoint
+                    if (discovered := await discover_source(session, url)) is not None:
+                        found[url] = discovered
                 task = tasks.get(url)
                 if task is not None and not task.done():
                     continue
@@ -325,10 +408,11 @@ async def kv_events_loop(
                     log.warning(
                         "kv events: subscriber failed url=%s error=%r", url, task.exception()
                     )
-                endpoint = spec.endpoint(url) or found.get(url)
-                if endpoint is not None:
+                named = spec.endpoint(url)
+                source = KvSource(named) if named is not None else found.get(url)
+                if source is not None:
                     tasks[url] = asyncio.create_task(
-                        subscribe(ctx, replica, endpoint, fleet, session),
+                        subscribe(ctx, replica, source, fleet, session),
                         name=f"kv-events {url}",
                     )
             for url in [u for u in tasks if u not in fleet.replicas]:

@@ -403,8 +403,10 @@ class KvBlockSet:
     #: Sequence number of the last batch, and batches the publisher sent that we never got.
     last_seq: int = -1
     missed: int = 0
-    #: Batches received (the subscriber is alive when this grows).
+    #: Batches received (the subscriber is alive when this grows), and of them those a replay
+    #: brought (vllm_fleet.router.kv_replay).
     batches: int = 0
+    replayed: int = 0
     #: Times the set outgrew MAX_EVENT_BLOCKS and was dropped.
     overflows: int = 0
 

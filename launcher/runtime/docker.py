@@ -49,6 +49,7 @@ from vllm_fleet.launcher.errors import ConfigError
 from vllm_fleet.launcher.plan_types import ReplicaSpec, ServerSpec
 from vllm_fleet.launcher.runtime.base import Runtime, ServerHandle, ServerStatus
 from vllm_fleet.launcher.runtime.process import HEADER_PREFIX, ProcessRuntime, last_line, rotate_log
+from vllm_fleet.launcher.vllm_args import kv_replay_port
 
 LABEL_FLEET = "vllm-fleet.fleet"
 LABEL_REPLICA = "vllm-fleet.replica"
@@ -190,11 +191,12 @@ def container_config(
 
 
 def published_ports(spec: ServerSpec) -> dict[str, tuple[str, int]]:
-    """The server's port and, for a replica publishing KV events, that port too, both on
-    ``spec.host`` (the router subscribes to the events from the host)."""
+    """The server's port and, for a replica publishing KV events, those ports (events and
+    replay) too, all on ``spec.host`` (the router subscribes to the events from the host)."""
     ports = {f"{spec.port}/tcp": (spec.host, spec.port)}
     if isinstance(spec, ReplicaSpec) and spec.kv_events_port is not None:
-        ports[f"{spec.kv_events_port}/tcp"] = (spec.host, spec.kv_events_port)
+        for port in (spec.kv_events_port, kv_replay_port(spec.kv_events_port)):
+            ports[f"{port}/tcp"] = (spec.host, port)
     return ports
 
 

@@ -54,4 +54,4 @@ async def test_a_floor_proxy_relays_plain_and_streamed_answers_over_both_replica
 
 def test_a_wrong_command_line_gets_its_usage_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["nginx", "8000", "http://127.0.0.1:1"]) == 2
-    assert "usage: python -m bench.floor_proxies httptools|aiohttp" in capsys.readouterr().err
+    assert "usage: python -m bench.floor_proxies httptools|aiohttp|" in capsys.readouterr().err

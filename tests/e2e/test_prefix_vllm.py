@@ -333,3 +333,40 @@ async def test_precise_prediction_equals_the_replicas_prefix_cache_hits(
             assert sum(v["ids_confirmed"] for v in view.values()) >= 3
     finally:
         stop_all([router])
+
+
+async def test_a_router_started_after_the_replicas_cached_prompts_replays_their_blocks(
+    replicas_with_events: list[tuple[Server, int]], tmp_path: Path
+) -> None:
+    """Prompts cached on a replica before any router runs (a router that restarted, the
+    second router pod of a rolling update): the router asks the replica's replay socket
+    (launcher/vllm_args.py starts vLLM with one) for its buffered KV events when it
+    subscribes, so with no request sent after it started, its block set already holds those
+    prompts' blocks. Without the replay it would hold none of them."""
+    servers = [s for s, _ in replicas_with_events]
+    first = servers[0]
+    longest = 0
+    async with AsyncOpenAI(
+        base_url=f"{first.url}/v1", api_key="unused", max_retries=0, timeout=120
+    ) as client:
+        for group in (300, 301, 302):
+            reply = await client.chat.completions.create(
+                model=MODEL, messages=shared_prefix_chat(group, 0), max_tokens=2
+            )
+            assert reply.usage is not None
+            longest = max(longest, reply.usage.prompt_tokens)
+    router = router_over(servers, tmp_path, "--kv-events", "auto", name="late-router")
+    try:
+
+        def replayed() -> bool:
+            view = kv_events_view(router).get(first.url, {})
+            return bool(view.get("replayed", 0) > 0 and view.get("blocks", 0) > 0)
+
+        await until(replayed, 60, "the replica's buffered KV events replayed")
+        view = kv_events_view(router)[first.url]
+        print(f"{first.url}: {view}", file=sys.stderr)
+        assert view["block_size"] > 0
+        assert view["blocks"] >= longest // view["block_size"]  # at least one whole prompt
+        assert view["missed"] == 0
+    finally:
+        stop_all([router])

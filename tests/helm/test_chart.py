@@ -740,6 +740,7 @@ def test_network_policy_lets_only_the_router_reach_the_engines(
     assert api_rule["ports"] == [
         {"port": "http", "protocol": "TCP"},
         {"port": 5557, "protocol": "TCP"},
+        {"port": 5558, "protocol": "TCP"},
     ]
     peers = api_rule["from"]
     assert selects(peers[0]["podSelector"]["matchLabels"], router_pods)
@@ -838,8 +839,9 @@ def test_bad_router_workers_are_refused(chart: helm.Chart, workers: object) -> N
 
 
 def test_engines_publish_kv_events_and_the_router_subscribes(chart: helm.Chart) -> None:
-    """As launcher/vllm_args.py starts vLLM: a ZMQ publisher of KV events on 5557 in every
-    engine, and the router asking each engine where (FLEET_KV_EVENTS=auto)."""
+    """As launcher/vllm_args.py starts vLLM: a ZMQ publisher of KV events on 5557 and its
+    replay socket on 5558 in every engine, and the router asking each engine where
+    (FLEET_KV_EVENTS=auto)."""
     out = render(chart, with_model())
     (engine,) = [o for o in out.of_kind("Deployment") if _component(o) == "engine"]
     (container,) = engine["spec"]["template"]["spec"]["containers"]
@@ -849,8 +851,10 @@ def test_engines_publish_kv_events_and_the_router_subscribes(chart: helm.Chart) 
         "enable_kv_cache_events": True,
         "publisher": "zmq",
         "endpoint": "tcp://*:5557",
+        "replay_endpoint": "tcp://*:5558",
     }
     assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in container["ports"]
+    assert {"name": "kv-replay", "containerPort": 5558, "protocol": "TCP"} in container["ports"]
     (router,) = out.one("Deployment", "router")["spec"]["template"]["spec"]["containers"]
     assert {"name": "FLEET_KV_EVENTS", "value": "auto"} in router["env"]
     own = with_model({"engine": {"extraArgs": ["--kv-events-config", "{}"]}})

@@ -59,7 +59,8 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
         "--host", "127.0.0.1", "--port", "9001", "--tensor-parallel-size", "4",
         "--max-model-len", "131072", "--gpu-memory-utilization", "0.9",
         "--kv-events-config",
-        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10001"}',
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10001",'
+        '"replay_endpoint":"tcp://*:11001"}',
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
     assert data["replicas"][1]["env"] == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}

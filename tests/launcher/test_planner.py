@@ -306,7 +306,8 @@ def test_replica_command_and_env() -> None:
         "--tensor-parallel-size", "4", "--served-model-name", "llama", "--dtype", "bfloat16",
         "--max-model-len", "131072", "--gpu-memory-utilization", "0.9", "--max-num-seqs", "64",
         "--kv-events-config",
-        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10001"}',
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10001",'
+        '"replay_endpoint":"tcp://*:11001"}',
         "--disable-uvicorn-access-log", "--enable-prefix-caching",
     )  # fmt: skip
     assert second.kv_events_port == 10001
@@ -336,7 +337,8 @@ def test_cpu_plan_uses_the_cpu_engine() -> None:
         "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "tiny",
         "--host", "127.0.0.1", "--port", "8001", "--tensor-parallel-size", "1",
         "--kv-events-config",
-        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:9001"}',
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:9001",'
+        '"replay_endpoint":"tcp://*:10001"}',
         "--disable-uvicorn-access-log", "--enforce-eager",
     )  # fmt: skip
     assert any("no GPU found" in n and "CPU engine" in n for n in result.notes)

@@ -35,6 +35,7 @@ from vllm_fleet.launcher.vllm_args import (
     VLLM_VERSION,
     cpu_engine_env,
     kv_events_port,
+    kv_replay_port,
     threads_per_replica,
     vllm_command,
 )
@@ -136,7 +137,8 @@ def test_e2e_and_bench_replicas_are_the_planners() -> None:
         "--tensor-parallel-size", "1", "--served-model-name", SERVED_MODEL_NAME,
         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "64",
         "--kv-events-config",
-        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10100"}',
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:10100",'
+        '"replay_endpoint":"tcp://*:11100"}',
         "--disable-uvicorn-access-log", "--enforce-eager",
     )  # fmt: skip
     assert first.kv_events_port == kv_events_port(9100) == 10100
@@ -213,6 +215,7 @@ def test_replicas_publish_kv_events_on_their_own_port_unless_the_user_configures
             "enable_kv_cache_events": True,
             "publisher": "zmq",
             "endpoint": f"tcp://*:{spec.kv_events_port}",
+            "replay_endpoint": f"tcp://*:{kv_replay_port(kv_events_port(spec.port))}",
         }
     own = '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:7000"}'
     mine = plan(
@@ -225,3 +228,5 @@ def test_replicas_publish_kv_events_on_their_own_port_unless_the_user_configures
     assert spec.command.count("--kv-events-config") == 1
     with pytest.raises(PlanError, match="--base-port"):
         plan(Inventory(gpus=(), cpus=4), None, PlanOptions(model="m", base_port=65000))
+    with pytest.raises(PlanError, match="past 65535"):  # the replay port, 2,000 above HTTP
+        plan(Inventory(gpus=(), cpus=4), None, PlanOptions(model="m", base_port=64000))

@@ -28,7 +28,6 @@ from vllm_fleet.router.kv_events import (
     apply_batch,
     block_hashes,
     decode_batch,
-    endpoint_from_sources,
     parse_kv_events_spec,
 )
 from vllm_fleet.router.prefix_index import MAX_EVENT_BLOCKS, prefix_keys
@@ -50,18 +49,6 @@ def test_spec_port_named_endpoints_and_auto() -> None:
 def test_a_bad_spec_names_the_flag(bad: str) -> None:
     with pytest.raises(ConfigError, match="--kv-events"):
         RouterConfig(backends=("http://a:1",), kv_events=(bad,))
-
-
-def test_kv_event_sources_answer_gives_the_endpoint() -> None:
-    """vLLM's GET /kv_event_sources, as the tiny model's replica answered it."""
-    answer = {
-        "0": {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:18432"}
-    }
-    assert endpoint_from_sources(answer, "http://10.1.2.3:8000") == "tcp://10.1.2.3:18432"
-    named = {"0": {"publisher": "zmq", "endpoint": "tcp://events.local:7000"}}
-    assert endpoint_from_sources(named, "http://a:1") == "tcp://events.local:7000"
-    assert endpoint_from_sources({}, "http://a:1") is None
-    assert endpoint_from_sources({"0": {"endpoint": "ipc:///tmp/x"}}, "http://a:1") is None
 
 
 # --- decoding -------------------------------------------------------------------------------

@@ -354,7 +354,7 @@ vLLM server arguments of one model, shared by single-node engines and multi-node
 {{- if not (has "--kv-events-config" $e.extraArgs) }}
 {{- /* KV events for the router's prefix matching, as launcher/vllm_args.py starts them */}}
 - --kv-events-config
-- {{ `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557"}` | quote }}
+- {{ `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}` | quote }}
 {{- end }}
 {{- range $e.extraArgs }}
 {{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}

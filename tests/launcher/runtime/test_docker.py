@@ -106,11 +106,12 @@ def test_server_listens_on_all_container_interfaces_and_is_published_on_the_plan
     # only the spec's own --host pair is rewritten; nothing else is parsed or touched
     assert config.entrypoint[3:] == ("--host=0.0.0.0", "--port=9000", "--hostname", "10.0.0.5")
     assert config.ports == {"9000/tcp": ("10.0.0.5", 9000)}
-    # a replica publishing KV events: that port too, for the router on the host
+    # a replica publishing KV events: that port and its replay port too, for the router
     events = dataclasses.replace(spec, kv_events_port=10000)
     assert container_config(events, SETTINGS).ports == {
         "9000/tcp": ("10.0.0.5", 9000),
         "10000/tcp": ("10.0.0.5", 10000),
+        "11000/tcp": ("10.0.0.5", 11000),
     }
 
 

@@ -1,0 +1,260 @@
+"""The replay socket of a KV-event publisher (vllm_fleet.router.kv_replay): a router that
+subscribes after its replica cached prompts learns them at once, and a gap in the sequence
+numbers is filled from the publisher's buffer instead of being lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+
+from tests.support.ports import free_port
+from tests.support.router import eventually, running_router
+from tests.support.sim import SIM_MODEL, running_sim
+from vllm_fleet.launcher.sim.config import KvEventsConfig
+from vllm_fleet.launcher.sim.kv_events import KVEventBatch, to_wire
+from vllm_fleet.launcher.sim.kvcache import StoredEvent
+from vllm_fleet.router.kv_events import KvSource, source_from_sources, subscribe
+from vllm_fleet.router.kv_replay import REPLAY_TIMEOUT_S, replay
+from vllm_fleet.router.state import Fleet, ReplicaState
+
+
+def test_kv_event_sources_answer_gives_both_addresses() -> None:
+    """vLLM's GET /kv_event_sources as a replica started by vllm_args answers it."""
+    answer = {
+        "0": {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": "tcp://*:18432",
+            "replay_endpoint": "tcp://*:19432",
+        }
+    }
+    assert source_from_sources(answer, "http://10.1.2.3:8000") == KvSource(
+        "tcp://10.1.2.3:18432", "tcp://10.1.2.3:19432"
+    )
+    plain = {"0": {"publisher": "zmq", "endpoint": "tcp://events.local:7000"}}
+    assert source_from_sources(plain, "http://a:1") == KvSource("tcp://events.local:7000")
+    bad_replay = {"0": {"endpoint": "tcp://*:1", "replay_endpoint": "ipc:///tmp/r"}}
+    assert source_from_sources(bad_replay, "http://a:1") == KvSource("tcp://a:1")
+    assert source_from_sources({}, "http://a:1") is None
+    assert source_from_sources({"0": {"endpoint": "ipc:///tmp/x"}}, "http://a:1") is None
+
+
+# --- a publisher of our own, which can leave batches out of its live stream ----------------
+
+
+def _payload(block: int) -> bytes:
+    """One batch storing one 4-token block whose hash is ``block`` (a child block: the
+    router checks the hash of a prompt's first block, which these are not)."""
+    stored = StoredEvent((block,), 1, (1, 2, 3, 4), 4)
+    batch = KVEventBatch(ts=0.0, events=[to_wire(stored)], data_parallel_rank=0)
+    return msgspec.msgpack.encode(batch)
+
+
+class Publisher:
+    """vLLM's wire format: PUB ``[topic, seq, payload]`` and a ROUTER replay socket answering
+    from a buffer. ``send(seq, live=False)`` buffers a batch without publishing it (a batch
+    lost at the high-water mark)."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.replay_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.pub.bind(self.endpoint)
+        self.router.bind(self.replay_endpoint)
+        self.buffer: list[tuple[int, bytes]] = []
+        self.requests: list[int] = []
+
+    async def send(self, seq: int, block: int, *, live: bool = True) -> None:
+        payload = _payload(block)
+        self.buffer.append((seq, payload))
+        if live:
+            await self.pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
+
+    async def serve_replay(self) -> None:
+        while True:
+            client, _, start = await self.router.recv_multipart()
+            first = int.from_bytes(start, "big")
+            self.requests.append(first)
+            for seq, payload in self.buffer:
+                if seq >= first:
+                    await self.router.send_multipart(
+                        (client, b"", b"", seq.to_bytes(8, "big"), payload)
+                    )
+            await self.router.send_multipart(
+                (client, b"", b"", (-1).to_bytes(8, "big", signed=True), b"")
+            )
+
+    def close(self) -> None:
+        self.pub.close(linger=0)
+        self.router.close(linger=0)
+        self.ctx.term()
+
+
+@asynccontextmanager
+async def publishing() -> AsyncIterator[Publisher]:
+    publisher = Publisher()
+    task = asyncio.create_task(publisher.serve_replay())
+    try:
+        yield publisher
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        publisher.close()
+
+
+@asynccontextmanager
+async def subscribed(source: KvSource) -> AsyncIterator[ReplicaState]:
+    """The router's subscriber following ``source`` for one replica."""
+    fleet = Fleet()
+    fleet.set_backends(["http://replica:1"])
+    replica = fleet.replicas["http://replica:1"]
+    ctx = zmq.asyncio.Context()
+    task = asyncio.create_task(subscribe(ctx, replica, source, fleet))
+    try:
+        yield replica
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ctx.term()
+
+
+def _held(replica: ReplicaState) -> set[int | bytes]:
+    events = replica.prefixes.events
+    return set() if events is None else events.hashes
+
+
+async def test_a_replay_hands_over_the_buffered_batches_from_its_start() -> None:
+    async with publishing() as publisher:
+        for seq in range(3):
+            await publisher.send(seq, 100 + seq, live=False)
+        got: list[int] = []
+        assert await replay(publisher.ctx, publisher.replay_endpoint, 1, lambda s, _: got.append(s))
+        assert got == [1, 2]
+
+
+async def test_a_replay_socket_that_never_answers_gives_up_after_the_default_timeout() -> None:
+    ctx = zmq.asyncio.Context()
+    started = time.monotonic()
+    try:
+        complete = await replay(ctx, f"tcp://127.0.0.1:{free_port()}", 0, lambda s, p: None)
+    finally:
+        ctx.term()
+    assert not complete
+    assert REPLAY_TIMEOUT_S <= time.monotonic() - started < REPLAY_TIMEOUT_S + 2
+
+
+async def test_history_on_subscribing_and_a_gap_are_replayed_and_duplicates_skipped() -> None:
+    """Batches 0-1 were published before the router subscribed; then the live stream skips
+    3-4 (lost at the high-water mark). Every block is held, none counted missed, and the
+    live copies of replayed batches are not applied twice."""
+    async with publishing() as publisher:
+        await publisher.send(0, 100, live=False)
+        await publisher.send(1, 101, live=False)
+        source = KvSource(publisher.endpoint, publisher.replay_endpoint)
+        async with subscribed(source) as replica:
+            await eventually(lambda: _held(replica) == {100, 101}, what="the history")
+            events = replica.prefixes.events
+            assert events is not None
+            # the SUB socket joins a little after connect(): publish until it hears one (what
+            # it missed meanwhile is a gap too, filled by a replay)
+            seq = 1
+            while events.last_seq < seq:
+                seq += 1
+                assert seq < 200, "the subscriber never heard a live batch"
+                await publisher.send(seq, 100 + seq)
+                await asyncio.sleep(0.05)
+            await publisher.send(seq + 1, 100 + seq + 1, live=False)
+            await publisher.send(seq + 2, 100 + seq + 2, live=False)
+            await publisher.send(seq + 3, 100 + seq + 3)
+            await eventually(lambda: 100 + seq + 3 in _held(replica), what="the live batch")
+            assert _held(replica) == {100 + s for s in range(seq + 4)}
+            assert events.missed == 0
+            assert events.replayed >= 4  # 0-1 on subscribing, seq+1 and seq+2 for the gap
+            assert events.batches == seq + 4  # each batch applied once
+            assert publisher.requests[0] == 0 and publisher.requests[-1] == seq + 1
+
+
+async def test_a_publisher_without_replay_counts_the_gap_as_missed() -> None:
+    """The same gap with no replay socket known: the batches are lost and counted."""
+    async with publishing() as publisher, subscribed(KvSource(publisher.endpoint)) as replica:
+        seq = 0
+        while not _held(replica):
+            await publisher.send(seq, 100 + seq)
+            await asyncio.sleep(0.05)
+            seq += 1
+            assert seq < 200, "the subscriber never heard a live batch"
+        await eventually(
+            lambda: (e := replica.prefixes.events) is not None and e.last_seq == seq - 1,
+            what="every live batch heard",
+        )
+        await publisher.send(seq, 100 + seq, live=False)
+        await publisher.send(seq + 1, 100 + seq + 1)
+        await eventually(lambda: 100 + seq + 1 in _held(replica), what="the live batch")
+        events = replica.prefixes.events
+        assert events is not None and events.missed == 1 and events.replayed == 0
+        assert 100 + seq not in _held(replica)
+        assert publisher.requests == []
+
+
+# --- a router that starts after its replica cached prompts ----------------------------------
+
+
+async def _chat(url: str, group: int) -> None:
+    body: dict[str, Any] = {
+        "model": SIM_MODEL,
+        "messages": [{"role": "system", "content": f"Group {group} system prompt. " * 20}],
+        "max_tokens": 2,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v1/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+@pytest.mark.parametrize("with_replay", [True, False])
+async def test_a_router_started_after_the_replica_cached_prompts(with_replay: bool) -> None:
+    """Three prompts cached on the replica before the router exists. With the replica's
+    replay socket (as vllm_args starts vLLM) the router's block set is the replica's whole
+    cache as soon as it subscribed; without it, only what is stored afterwards."""
+    port = free_port()
+    replay_endpoint = f"tcp://*:{free_port()}" if with_replay else None
+    events = KvEventsConfig(endpoint=f"tcp://*:{port}", replay_endpoint=replay_endpoint)
+    async with running_sim(
+        step_ms=1.0, kv_cache_tokens=64 * 16, max_model_len=512, kv_events=events
+    ) as sim:
+        for group in range(3):
+            await _chat(sim.url, group)
+        pool = sim.state.engine.pool
+        before = pool.num_cached
+        assert before > 0
+        async with running_router([sim.url], kv_events=("auto",)) as router:
+            replica = router.fleet.replicas[sim.url]
+            # a fresh prompt after subscribing: every router hears it once its SUB joined
+            group, deadline = 100, time.monotonic() + 15
+            while not (replica.prefixes.events and replica.prefixes.events.batches):
+                assert time.monotonic() < deadline, "the router never received a KV batch"
+                await _chat(sim.url, group)
+                await asyncio.sleep(0.05)
+                group += 1
+            await eventually(lambda: len(_held(replica)) > 0, what="blocks held")
+            held = len(_held(replica))
+            if with_replay:
+                await eventually(
+                    lambda: len(_held(replica)) == pool.num_cached, what="the whole cache"
+                )
+            else:
+                assert held <= pool.num_cached - before
