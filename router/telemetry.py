@@ -160,6 +160,11 @@ class PrefixCollector(Collector):
             "KV event batches the replica published that the router did not receive",
             labels=labels,
         )
+        replayed = CounterMetricFamily(
+            "vllm_fleet_kv_event_batches_replayed",
+            "KV event batches the router read from the replica's replay socket",
+            labels=labels,
+        )
         records = []
         for r in list(self._fleet.replicas.values()):
             key, prefixes = [r.url], r.prefixes
@@ -174,12 +179,13 @@ class PrefixCollector(Collector):
             if (events := prefixes.events) is not None:
                 blocks.add_metric(key, len(events.hashes))
                 missed.add_metric(key, events.missed)
+                replayed.add_metric(key, events.replayed)
         memory = GaugeMetricFamily(
             "vllm_fleet_prefix_index_bytes",
             "Approximate memory of the prefix index over all replicas",
             value=memory_bytes(records),
         )
-        yield from (predicted, measured, trust, keys, resets, blocks, missed, memory)
+        yield from (predicted, measured, trust, keys, resets, blocks, missed, replayed, memory)
 
 
 class Telemetry:

@@ -258,3 +258,11 @@ async def test_a_router_started_after_the_replica_cached_prompts(with_replay: bo
                 )
             else:
                 assert held <= pool.num_cached - before
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{router.url}/metrics") as resp,
+            ):
+                text = await resp.text()
+            line = f'vllm_fleet_kv_event_batches_replayed_total{{replica="{sim.url}"}}'
+            (value,) = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
+            assert (value > 0) is with_replay
