@@ -183,8 +183,8 @@ def test_the_router_matches_prefixes_by_the_replicas_kv_events(stack: Stack) -> 
         # A fresh system prompt each probe, asked three times: its blocks are stored (and
         # published) by the first ask, so the later ones are predicted cached once the router
         # is subscribed and its tokenizer loaded. One prompt asked again and again would wait
-        # forever on a router that subscribed after the prompt was cached: cached blocks are
-        # not stored again while they stay cached (docs/prefix-routing.md, "Limits").
+        # forever on a router that subscribed after the prompt was cached if the replay below
+        # failed: cached blocks are not stored again while they stay cached.
         nonlocal probes
         probes += 1
         views = [ask(1000 + probes) for _ in range(3)]
@@ -207,6 +207,22 @@ def test_the_router_matches_prefixes_by_the_replicas_kv_events(stack: Stack) -> 
     view = kv_events()
     assert all(v.get("hashes_match") is not False for v in view.values()), view
     assert all(v.get("ids_match") is not False for v in view.values()), view
+
+    # A restarted router (a rolling update, a crash) reads what the replicas cached before it
+    # from their replay sockets (port 5558): blocks held with no request sent since.
+    (router,) = stack.project.containers(stack.client, "router")
+    router.restart(timeout=10)
+
+    def replayed() -> dict[str, dict[str, Any]] | None:
+        try:
+            view = kv_events()
+        except OSError:  # the router is still starting
+            return None
+        held = [v for v in view.values() if v.get("replayed", 0) > 0 and v.get("blocks", 0) > 0]
+        return view if held else None
+
+    view = poll(replayed, "the restarted router to replay the replicas' KV events", 90)
+    assert all(v.get("missed", 0) == 0 for v in view.values()), view
 
 
 def test_crashed_replica_restarts_and_rejoins(stack: Stack) -> None:
