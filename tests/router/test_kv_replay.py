@@ -5,6 +5,7 @@ numbers is filled from the publisher's buffer instead of being lost."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -143,6 +144,42 @@ async def test_a_replay_hands_over_the_buffered_batches_from_its_start() -> None
         got: list[int] = []
         assert await replay(publisher.ctx, publisher.replay_endpoint, 1, lambda s, _: got.append(s))
         assert got == [1, 2]
+
+
+def _serve_like_vllm(endpoint: str, batches: int, size: int, ready: threading.Event) -> None:
+    """vLLM's replay side: a plain ROUTER socket in a thread, every buffered batch sent in a
+    tight loop (ZmqEventPublisher._service_replay), default socket options."""
+    ctx = zmq.Context()
+    socket = ctx.socket(zmq.ROUTER)
+    socket.bind(endpoint)
+    ready.set()
+    try:
+        client, _, _ = socket.recv_multipart()
+        payload = bytes(size)
+        for seq in range(batches):
+            socket.send_multipart((client, b"", b"", seq.to_bytes(8, "big"), payload))
+        socket.send_multipart((client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""))
+    finally:
+        socket.close(linger=1000)
+        ctx.term()
+
+
+async def test_vllms_whole_default_buffer_replays_complete_within_the_default_timeout() -> None:
+    """10,000 batches (vLLM's default buffer_steps) of 3 KB, sent as fast as vLLM's thread
+    sends them: every one arrives, in order, before REPLAY_TIMEOUT_S."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ready = threading.Event()
+    server = threading.Thread(target=_serve_like_vllm, args=(endpoint, 10_000, 3_000, ready))
+    server.start()
+    ctx = zmq.asyncio.Context()
+    got: list[int] = []
+    try:
+        assert await asyncio.to_thread(ready.wait, 5)
+        assert await replay(ctx, endpoint, 0, lambda seq, _: got.append(seq))
+    finally:
+        ctx.term()
+        await asyncio.to_thread(server.join, 10)
+    assert got == list(range(10_000))
 
 
 async def test_a_replay_socket_that_never_answers_gives_up_after_the_default_timeout() -> None:
