@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -137,6 +137,18 @@ async def serve_httptools(port: int, backends: list[str]) -> None:
     await server.serve_forever()
 
 
+async def _serve_forever(
+    relay: Callable[[web.Request], Awaitable[web.StreamResponse]], port: int
+) -> None:
+    """An aiohttp server on ``port`` sending every request to ``relay``, until cancelled."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
 class _LeanUpstream(asyncio.Protocol):
     """One keep-alive connection to a replica, its answer's body decoded by httptools and
     handed to the waiting handler a read at a time."""
@@ -227,12 +239,7 @@ async def serve_aiohttp_server(port: int, backends: list[str]) -> None:
         pool.append(upstream)
         return response
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", relay)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.Event().wait()
+    await _serve_forever(relay, port)
 
 
 async def serve_aiohttp(port: int, backends: list[str]) -> None:
@@ -252,12 +259,7 @@ async def serve_aiohttp(port: int, backends: list[str]) -> None:
             await response.write_eof()
             return response
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", relay)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.Event().wait()
+    await _serve_forever(relay, port)
 
 
 class FloorPeer(Peer):

@@ -57,6 +57,8 @@ log = logging.getLogger("vllm_fleet.router")
 #: Largest payload we decode: vLLM batches one engine step's events (a few KB, or a few MB
 #: when a long prompt stores thousands of blocks); anything bigger is not vLLM.
 MAX_PAYLOAD_BYTES = 16 << 20
+#: Replays one catch-up may ask for, each from the first batch the one before it lost.
+REPLAY_ROUNDS = 3
 #: How long one receive waits before the loop looks at the fleet again (seconds).
 RECEIVE_TIMEOUT_S = 1.0
 #: Device tiers whose blocks the engine's prefix cache reuses directly.
@@ -313,6 +315,12 @@ class BatchOrder:
     replay is answered, so batches from the replay's start up to its last one arrive twice
     and the live copies are skipped (``_floor`` is the replay's start). A batch numbered
     below that is a restarted engine counting from 0 again.
+
+    A replay can itself lose batches: vLLM's ROUTER socket drops what its send queue cannot
+    take when a long replay outruns its I/O thread (tests/router/test_kv_replay.py saw 87 of
+    10,000 go on a loaded 2-core box). Past such a hole the replay's batches are not applied,
+    and the replay is asked again from the hole, up to REPLAY_ROUNDS times; the first batch
+    of a round may jump ahead (the buffer no longer reaches back that far: counted missed).
     """
 
     def __init__(self, replica: ReplicaState, replay_endpoint: str | None) -> None:
@@ -320,6 +328,9 @@ class BatchOrder:
         #: The replay socket; None when there is none or it stopped answering.
         self.replay_endpoint = replay_endpoint
         self._floor = 0
+        #: Within one replay round: no batch seen yet; a batch missing before the last seen.
+        self._round_start = True
+        self._hole = False
 
     @property
     def next_seq(self) -> int:
@@ -338,11 +349,17 @@ class BatchOrder:
             return
         events = self.replica.prefixes.events
         before = events.batches if events is not None else 0
-        complete = await replay(ctx, endpoint, start, self._take_replayed)
+        complete, first = True, start
+        for _ in range(REPLAY_ROUNDS):
+            self._round_start, self._hole = True, False
+            complete = await replay(ctx, endpoint, start, self._take_replayed)
+            if not complete or not self._hole:
+                break
+            start = self.next_seq  # the batch the replay's own socket dropped
         events = self.replica.prefixes.events
         if events is not None:
             events.replayed += events.batches - before
-        self._floor = start
+        self._floor = first
         if not complete:
             self.replay_endpoint = None
             log.warning(
@@ -353,8 +370,14 @@ class BatchOrder:
             )
 
     def _take_replayed(self, seq: int, payload: bytes) -> None:
-        if seq >= self.next_seq:
-            self._apply(seq, payload)
+        expected = self.next_seq
+        first, self._round_start = self._round_start, False
+        if seq < expected or self._hole:
+            return  # had it already, or past a hole (asked again from the hole)
+        if seq > expected and not first:
+            self._hole = True
+            return
+        self._apply(seq, payload)
 
     def take(self, seq: int, payload: bytes) -> None:
         """One live batch: skipped when a replay brought it already."""

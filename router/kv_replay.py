@@ -13,9 +13,10 @@ payload]``, then an end marker ``[b"", b"", -1, b""]``. The subscriber
 - when the sequence numbers jump: batches lost at the publisher's high-water mark, or
   published while the SUB socket was still joining.
 
-A replay is best effort, as vLLM's is: the ROUTER socket drops what a slow peer's queue cannot
-take, so our DEALER takes everything into its queue at once (no receive limit) and the caller
-counts what still did not come as missed.
+A replay is best effort, as vLLM's is: the ROUTER socket drops what its send queue cannot take
+when a long replay outruns it. Our DEALER takes everything into its queue at once (no receive
+limit); the caller asks again from a hole (vllm_fleet.router.kv_events.BatchOrder) and counts
+what still did not come as missed.
 """
 
 from __future__ import annotations
