@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,8 +58,13 @@ log = logging.getLogger("vllm_fleet.router")
 #: Largest payload we decode: vLLM batches one engine step's events (a few KB, or a few MB
 #: when a long prompt stores thousands of blocks); anything bigger is not vLLM.
 MAX_PAYLOAD_BYTES = 16 << 20
-#: Replays one catch-up may ask for, each from the first batch the one before it lost.
-REPLAY_ROUNDS = 3
+#: Replays one catch-up may ask for, each from the first batch the one before it lost (vLLM's
+#: ROUTER socket queues 1,000 messages per peer: a replay of its whole 10,000-batch buffer lost
+#: some past the first 1,000-2,500 in most tries on a loaded 2-core box). It stops early when a
+#: round brings nothing new.
+REPLAY_ROUNDS = 16
+#: Live batches the SUB socket queues while a replay runs (vLLM's publisher queues as many).
+LIVE_QUEUE = 100_000
 #: How long one receive waits before the loop looks at the fleet again (seconds).
 RECEIVE_TIMEOUT_S = 1.0
 #: Device tiers whose blocks the engine's prefix cache reuses directly.
@@ -278,6 +284,7 @@ async def subscribe(
         prefixes.events = live
     socket = ctx.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, LIVE_QUEUE)
     socket.setsockopt(zmq.SUBSCRIBE, b"")
     socket.connect(source.endpoint)
     log.info("kv events subscribed url=%s endpoint=%s", replica.url, source.endpoint)
@@ -300,10 +307,11 @@ async def subscribe(
                     "kv events: unexpected message url=%s frames=%d", replica.url, len(frames)
                 )
                 continue
-            seq = int.from_bytes(frames[1], "big", signed=True)
+            seq, payload = int.from_bytes(frames[1], "big", signed=True), frames[2]
+            order.check_restart(seq, payload)
             if order.gap_before(seq):
                 await order.catch_up(ctx, order.next_seq)
-            order.take(seq, frames[2])
+            order.take(seq, payload)
     finally:
         socket.close(linger=0)
 
@@ -312,22 +320,25 @@ class BatchOrder:
     """One replica's batches applied once each and in sequence order, live or replayed.
 
     A replay and the live socket overlap: the SUB socket queues what is published while the
-    replay is answered, so batches from the replay's start up to its last one arrive twice
-    and the live copies are skipped (``_floor`` is the replay's start). A batch numbered
-    below that is a restarted engine counting from 0 again.
+    replay is answered, so some batches arrive twice. A live batch numbered at or below the
+    last one applied is skipped when it is the copy of a replayed one (the same bytes, by
+    checksum); any other is a restarted engine counting from 0 again (its batches carry a
+    later timestamp, so they never equal the old ones).
 
     A replay can itself lose batches: vLLM's ROUTER socket drops what its send queue cannot
-    take when a long replay outruns its I/O thread (tests/router/test_kv_replay.py saw 87 of
-    10,000 go on a loaded 2-core box). Past such a hole the replay's batches are not applied,
-    and the replay is asked again from the hole, up to REPLAY_ROUNDS times; the first batch
-    of a round may jump ahead (the buffer no longer reaches back that far: counted missed).
+    take when a long replay outruns its I/O thread (a replay of 10,000 batches lost some past
+    the first 1,000-2,500 in 3 of 10 tries on a loaded 2-core box). Past such a hole the
+    replay's batches are not applied, and the replay is asked again from the hole (also when
+    its end marker was the message dropped), up to REPLAY_ROUNDS times; the first batch of a
+    round may jump ahead (the buffer no longer reaches back that far: counted missed).
     """
 
     def __init__(self, replica: ReplicaState, replay_endpoint: str | None) -> None:
         self.replica = replica
         #: The replay socket; None when there is none or it stopped answering.
         self.replay_endpoint = replay_endpoint
-        self._floor = 0
+        #: Checksums of the batches replayed since the last live one: what may arrive again.
+        self._replayed: dict[int, int] = {}
         #: Within one replay round: no batch seen yet; a batch missing before the last seen.
         self._round_start = True
         self._hole = False
@@ -349,18 +360,18 @@ class BatchOrder:
             return
         events = self.replica.prefixes.events
         before = events.batches if events is not None else 0
-        complete, first = True, start
+        answered = True
         for _ in range(REPLAY_ROUNDS):
             self._round_start, self._hole = True, False
-            complete = await replay(ctx, endpoint, start, self._take_replayed)
-            if not complete or not self._hole:
+            ended, received = await replay(ctx, endpoint, start, self._take_replayed)
+            answered = ended or received > 0
+            if not answered or (ended and not self._hole) or self.next_seq == start:
                 break
-            start = self.next_seq  # the batch the replay's own socket dropped
+            start = self.next_seq  # the first batch (or the end marker) the socket dropped
         events = self.replica.prefixes.events
         if events is not None:
             events.replayed += events.batches - before
-        self._floor = first
-        if not complete:
+        if not answered:
             self.replay_endpoint = None
             log.warning(
                 "kv events: replay socket did not answer url=%s endpoint=%s; "
@@ -378,17 +389,27 @@ class BatchOrder:
             self._hole = True
             return
         self._apply(seq, payload)
+        self._replayed[seq] = zlib.crc32(payload)
+
+    def check_restart(self, seq: int, payload: bytes) -> None:
+        """Before a live batch: when it says the engine restarted, start the count again (its
+        cache is empty; a gap before ``seq`` is then asked from the new engine's replay)."""
+        events = self.replica.prefixes.events
+        if events is None or not 0 <= seq <= events.last_seq:
+            return
+        if self._replayed.get(seq) == zlib.crc32(payload):
+            return  # a replay brought it: a copy, not a restart
+        self.replica.prefixes.correct("AllBlocksCleared", ())
+        events.last_seq = -1
+        self._replayed.clear()
 
     def take(self, seq: int, payload: bytes) -> None:
-        """One live batch: skipped when a replay brought it already."""
+        """One live batch (after check_restart): skipped when a replay brought it already."""
         events = self.replica.prefixes.events
         if events is not None and 0 <= seq <= events.last_seq:
-            if seq >= self._floor:
-                return  # a replay brought it
-            self.replica.prefixes.correct("AllBlocksCleared", ())  # the engine restarted
-            events.last_seq = -1
+            return
+        self._replayed.clear()  # the live stream is past the replay: no copy comes after this
         self._apply(seq, payload)
-        self._floor = seq + 1
 
     def _apply(self, seq: int, payload: bytes) -> None:
         replica = self.replica

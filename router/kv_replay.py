@@ -27,8 +27,11 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-#: How long a whole replay may take before what came is kept and the rest counted as missed.
-REPLAY_TIMEOUT_S = 5.0
+#: How long a replay may go without a message before what came is kept and the rest counted
+#: as missed (a publisher without a replay socket there, or a dead one), and how long a whole
+#: replay may take at most. Idle, not total: 10,000 batches take 1-3 s on a loaded 2-core box.
+REPLAY_IDLE_S = 5.0
+REPLAY_MAX_S = 60.0
 #: The end marker's sequence number.
 END_SEQ = -1
 
@@ -38,29 +41,34 @@ async def replay(
     endpoint: str,
     start: int,
     take: Callable[[int, bytes], None],
-    timeout_s: float = REPLAY_TIMEOUT_S,
-) -> bool:
-    """Hand every buffered batch from ``start`` to ``take(seq, payload)``, in order; True when
-    the publisher's end marker came (all it had was sent), False on a timeout or a malformed
-    answer (what came before is kept)."""
+    idle_s: float = REPLAY_IDLE_S,
+) -> tuple[bool, int]:
+    """Hand every buffered batch from ``start`` to ``take(seq, payload)``, in order.
+
+    Returns (ended, received): ``ended`` when the publisher's end marker came (all it had
+    was sent); not when nothing came for ``idle_s`` (no replay socket there, a dead one, or
+    the end marker itself dropped), the replay ran past REPLAY_MAX_S, or an answer was
+    malformed. What came before is kept either way."""
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 0)  # a replay is thousands of messages sent at once
     socket.connect(endpoint)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    end = loop.time() + REPLAY_MAX_S
+    received = 0
     try:
         await socket.send_multipart((b"", max(0, start).to_bytes(8, "big")))
         while True:
-            left = deadline - loop.time()
-            if left <= 0 or not await socket.poll(max(1, int(left * 1000))):
-                return False
+            wait = min(idle_s, end - loop.time())
+            if wait <= 0 or not await socket.poll(max(1, int(wait * 1000))):
+                return False, received
             frames = await socket.recv_multipart()
             if len(frames) != 4 or frames[0] or len(frames[2]) != 8:
-                return False
+                return False, received
             seq = int.from_bytes(frames[2], "big", signed=True)
             if seq == END_SEQ:
-                return True
+                return True, received
+            received += 1
             take(seq, frames[3])
     finally:
         socket.close(linger=0)

@@ -5,7 +5,7 @@ numbers is filled from the publisher's buffer instead of being lost."""
 from __future__ import annotations
 
 import asyncio
-import threading
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +24,7 @@ from vllm_fleet.launcher.sim.config import KvEventsConfig
 from vllm_fleet.launcher.sim.kv_events import KVEventBatch, to_wire
 from vllm_fleet.launcher.sim.kvcache import StoredEvent
 from vllm_fleet.router.kv_events import KvSource, source_from_sources, subscribe
-from vllm_fleet.router.kv_replay import REPLAY_TIMEOUT_S, replay
+from vllm_fleet.router.kv_replay import REPLAY_IDLE_S, replay
 from vllm_fleet.router.state import Fleet, ReplicaState
 
 
@@ -144,84 +144,98 @@ async def test_a_replay_hands_over_the_buffered_batches_from_its_start() -> None
         for seq in range(3):
             await publisher.send(seq, 100 + seq, live=False)
         got: list[int] = []
-        assert await replay(publisher.ctx, publisher.replay_endpoint, 1, lambda s, _: got.append(s))
+        take = lambda s, _: got.append(s)  # noqa: E731
+        assert await replay(publisher.ctx, publisher.replay_endpoint, 1, take) == (True, 2)
         assert got == [1, 2]
 
 
-def _serve_like_vllm(
-    endpoint: str, buffer: list[bytes], stop: threading.Event, asked: list[int], lost: range
-) -> None:
-    """vLLM's replay side: a plain ROUTER socket in a thread with default options, each
-    request answered by sending every buffered batch from its start in a tight loop
-    (ZmqEventPublisher._service_replay). The batches in ``lost`` are left out of the first
-    answer, as the ROUTER socket drops what its full send queue cannot take."""
-    ctx = zmq.Context()
-    socket = ctx.socket(zmq.ROUTER)
-    socket.bind(endpoint)
-    try:
-        while not stop.is_set():
-            if not socket.poll(50):
-                continue
-            client, _, start = socket.recv_multipart()
-            first = int.from_bytes(start, "big")
-            asked.append(first)
-            for seq in range(first, len(buffer)):
-                if len(asked) == 1 and seq in lost:
-                    continue
-                socket.send_multipart((client, b"", b"", seq.to_bytes(8, "big"), buffer[seq]))
-            socket.send_multipart((client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""))
-    finally:
-        socket.close(linger=0)
-        ctx.term()
+#: vLLM's replay side in a process of its own, as in vLLM: a plain ROUTER socket with default
+#: options, each request answered by sending every buffered batch from its start in a tight
+#: loop (ZmqEventPublisher._service_replay). The batches LOST_FROM..LOST_TO are left out of
+#: the first answer, as the ROUTER socket drops what its full send queue cannot take. Prints
+#: the start of every request it answered, one per line, when its stdin closes.
+_VLLM_REPLAY = """
+import sys, threading, msgspec, zmq
+from vllm_fleet.launcher.sim.kv_events import KVEventBatch, to_wire
+from vllm_fleet.launcher.sim.kvcache import StoredEvent
+endpoint, batches, tokens, lost_from, lost_to = sys.argv[1], *map(int, sys.argv[2:6])
+encode = msgspec.msgpack.Encoder().encode
+buffer = [
+    encode(KVEventBatch(ts=0.0, events=[to_wire(StoredEvent(
+        (100 + seq,), 1, tuple(range(1000, 1000 + tokens)), tokens))], data_parallel_rank=0))
+    for seq in range(batches)
+]
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+ctx = zmq.Context()
+socket = ctx.socket(zmq.ROUTER)
+socket.bind(endpoint)
+asked = []
+print("ready", flush=True)
+while not stop.is_set():
+    if not socket.poll(50):
+        continue
+    client, _, start = socket.recv_multipart()
+    first = int.from_bytes(start, "big")
+    asked.append(first)
+    for seq in range(first, batches):
+        if len(asked) == 1 and lost_from <= seq < lost_to:
+            continue
+        socket.send_multipart((client, b"", b"", seq.to_bytes(8, "big"), buffer[seq]))
+    socket.send_multipart((client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""))
+print(*asked, sep="\\n", flush=True)
+socket.close(linger=0)
+"""
 
 
 async def test_vllms_whole_default_buffer_is_replayed_whole_on_subscribing() -> None:
-    """10,000 batches (vLLM's default buffer_steps) of ~3 KB, sent as fast as vLLM's thread
-    sends them. Its ROUTER socket may drop some of a replay this long (it did here, 87 of
-    10,000 in one run of six), so the first answer here leaves 5,000-5,086 out: the
-    subscriber asks again from 5,000 and ends up with every block, each batch applied
-    once, none counted missed."""
-    buffer = [_payload(100 + seq, tokens=1000) for seq in range(10_000)]
-    assert len(buffer[0]) > 2_000
+    """10,000 batches (vLLM's default buffer_steps) of ~3 KB, from another process sending
+    them as fast as vLLM's thread does. Its ROUTER socket drops what its send queue cannot
+    take, and the first answer here leaves 5,000-5,086 out anyway: the subscriber asks
+    again from each first batch lost and ends up with every block, each batch applied once,
+    none counted missed."""
     replay_endpoint = f"tcp://127.0.0.1:{free_port()}"
-    stop = threading.Event()
-    asked: list[int] = []
-    lost = range(5_000, 5_087)
-    server = threading.Thread(
-        target=_serve_like_vllm, args=(replay_endpoint, buffer, stop, asked, lost)
+    argv = [sys.executable, "-c", _VLLM_REPLAY, replay_endpoint, "10000", "1000", "5000", "5087"]
+    server = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
     )
-    server.start()
+    assert server.stdin is not None and server.stdout is not None
     ctx = zmq.asyncio.Context()
     pub = ctx.socket(zmq.PUB)  # the live socket: nothing is published on it
     live = f"tcp://127.0.0.1:{free_port()}"
     pub.bind(live)
     try:
+        assert await asyncio.wait_for(server.stdout.readline(), 60) == b"ready\n"
         async with subscribed(KvSource(live, replay_endpoint)) as replica:
             await eventually(
-                lambda: len(_held(replica)) == 10_000, deadline_s=20, what="all 10,000 blocks"
+                lambda: (e := replica.prefixes.events) is not None and e.replayed == 10_000,
+                deadline_s=60,
+                what="all 10,000 batches replayed",
             )
             events = replica.prefixes.events
             assert events is not None
-            assert events.batches == events.replayed == 10_000
+            assert len(events.hashes) == events.batches == 10_000
             assert events.missed == 0
-            assert asked[:2] == [0, 5_000]
-            assert all(later > 5_000 for later in asked[2:])  # what a later answer lost
     finally:
-        stop.set()
-        await asyncio.to_thread(server.join, 10)
+        server.stdin.close()
+        out, _ = await asyncio.wait_for(server.communicate(), 30)
         pub.close(linger=0)
         ctx.term()
+    asked = [int(line) for line in out.split()]
+    # asked again from each first batch lost (5,000 at the latest), always further on
+    assert asked[0] == 0 and 0 < asked[1] <= 5_000
+    assert asked == sorted(set(asked))
 
 
-async def test_a_replay_socket_that_never_answers_gives_up_after_the_default_timeout() -> None:
+async def test_a_replay_socket_that_never_answers_is_given_up_after_the_default_idle_time() -> None:
     ctx = zmq.asyncio.Context()
     started = time.monotonic()
     try:
-        complete = await replay(ctx, f"tcp://127.0.0.1:{free_port()}", 0, lambda s, p: None)
+        answer = await replay(ctx, f"tcp://127.0.0.1:{free_port()}", 0, lambda s, p: None)
     finally:
         ctx.term()
-    assert not complete
-    assert REPLAY_TIMEOUT_S <= time.monotonic() - started < REPLAY_TIMEOUT_S + 2
+    assert answer == (False, 0)
+    assert REPLAY_IDLE_S <= time.monotonic() - started < REPLAY_IDLE_S + 2
 
 
 async def test_history_on_subscribing_and_a_gap_are_replayed_and_duplicates_skipped() -> None:
@@ -253,6 +267,34 @@ async def test_history_on_subscribing_and_a_gap_are_replayed_and_duplicates_skip
             assert events.replayed >= 4  # 0-1 on subscribing, seq+1 and seq+2 for the gap
             assert events.batches == seq + 4  # each batch applied once
             assert publisher.requests[0] == 0 and publisher.requests[-1] == seq + 1
+
+
+async def test_an_engine_restarted_right_after_the_replay_starts_the_block_set_again() -> None:
+    """The replica's history (batches 0-9) is replayed when the router subscribes; then the
+    engine restarts before any live batch came (an empty cache, its count from 0 again). Its
+    batches 1, 2, ... are numbered below the last one applied but are not copies of replayed
+    ones: the router drops the old blocks and reads the new engine's from its replay."""
+    async with publishing() as publisher:
+        for seq in range(10):
+            await publisher.send(seq, 100 + seq, live=False)
+        source = KvSource(publisher.endpoint, publisher.replay_endpoint)
+        async with subscribed(source) as replica:
+            await eventually(lambda: len(_held(replica)) == 10, what="the history")
+            publisher.buffer.clear()  # the engine restarts
+            await publisher.send(0, 200, live=False)
+            seq = 0
+            while not _held(replica) & {200 + s for s in range(seq + 1)}:
+                seq += 1
+                assert seq < 10, "the subscriber heard none of the new engine's batches"
+                await publisher.send(seq, 200 + seq)
+                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: _held(replica) == {200 + s for s in range(seq + 1)},
+                what="only the new engine's blocks",
+            )
+            events = replica.prefixes.events
+            assert events is not None and events.missed == 0 and events.last_seq == seq
+            assert publisher.requests[-1] == 0  # the new engine's history, from its start
 
 
 async def test_a_publisher_without_replay_counts_the_gap_as_missed() -> None:
