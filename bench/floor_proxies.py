@@ -162,7 +162,6 @@ class _LeanUpstream(asyncio.Protocol):
         self.content_type = b"application/json"
         self.done = False
         self.waiter: asyncio.Future[None] | None = None
-        self._header_name = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -190,6 +189,10 @@ class _LeanUpstream(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.done = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.pool:
+            self.pool.remove(self)
 
     async def wait(self) -> None:
         self.waiter = asyncio.get_running_loop().create_future()

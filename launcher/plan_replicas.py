@@ -35,11 +35,11 @@ def replica_kv_events_port(options: PlanOptions, port: int) -> int | None:
     if has_kv_events_config(options.extra_args):
         return None
     events = kv_events_port(port)
-    if kv_replay_port(events) > 65535:
+    replay = kv_replay_port(events)
+    if replay > 65535:
         raise PlanError(
             f"--base-port {options.base_port}: replica port {port} would publish KV events on "
-            f"ports {events} and {kv_replay_port(events)} (replay), past 65535; use a lower "
-            "--base-port"
+            f"ports {events} and {replay} (replay), past 65535; use a lower --base-port"
         )
     return events
 

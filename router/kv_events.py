@@ -358,8 +358,6 @@ class BatchOrder:
         endpoint = self.replay_endpoint
         if endpoint is None:
             return
-        events = self.replica.prefixes.events
-        before = events.batches if events is not None else 0
         answered = True
         for _ in range(REPLAY_ROUNDS):
             self._round_start, self._hole = True, False
@@ -368,9 +366,6 @@ class BatchOrder:
             if not answered or (ended and not self._hole) or self.next_seq == start:
                 break
             start = self.next_seq  # the first batch (or the end marker) the socket dropped
-        events = self.replica.prefixes.events
-        if events is not None:
-            events.replayed += events.batches - before
         if not answered:
             self.replay_endpoint = None
             log.warning(
@@ -390,6 +385,9 @@ class BatchOrder:
             return
         self._apply(seq, payload)
         self._replayed[seq] = zlib.crc32(payload)
+        events = self.replica.prefixes.events
+        if events is not None:
+            events.replayed += 1
 
     def check_restart(self, seq: int, payload: bytes) -> None:
         """Before a live batch: when it says the engine restarted, start the count again (its

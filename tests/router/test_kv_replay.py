@@ -144,7 +144,10 @@ async def test_a_replay_hands_over_the_buffered_batches_from_its_start() -> None
         for seq in range(3):
             await publisher.send(seq, 100 + seq, live=False)
         got: list[int] = []
-        take = lambda s, _: got.append(s)  # noqa: E731
+
+        def take(seq: int, payload: bytes) -> None:
+            got.append(seq)
+
         assert await replay(publisher.ctx, publisher.replay_endpoint, 1, take) == (True, 2)
         assert got == [1, 2]
 
