@@ -48,7 +48,7 @@ from vllm_fleet.router.proxy import proxy_handler
 from vllm_fleet.router.scrape import scrape_loop
 from vllm_fleet.router.state import Fleet
 from vllm_fleet.router.telemetry import Telemetry
-from vllm_fleet.router.upstream_protocol import UpstreamConnector
+from vllm_fleet.router.upstream_client import UpstreamClient
 from vllm_fleet.router.worker import (
     SIBLING_HOST,
     WORKER,
@@ -105,7 +105,8 @@ def peer_link(config: RouterConfig, worker: WorkerLink | None) -> PeerLink | Non
 
 
 def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
-    """One pooled session for every upstream call (requests, health checks, scrapes).
+    """One pooled session for the upstream calls other than proxied requests (health checks,
+    scrapes, model lists, LoRA calls; a proxied POST goes through upstream_client).
 
     No connection limit: vLLM batches hundreds of concurrent requests and queues the rest
     itself. No decompression: bodies are relayed as bytes, and no Accept-Encoding is sent, so
@@ -117,7 +118,9 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
     replica's answer and health are its own, never another server's.
     """
     headers = {"Authorization": f"Bearer {key}"} if (key := config.upstream_api_key) else None
-    connector = UpstreamConnector(limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S
+    )
     timeout = aiohttp.ClientTimeout(
         total=None,
         sock_connect=config.connect_timeout_s,
@@ -133,10 +136,23 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
     )
 
 
+def upstream_client(config: RouterConfig) -> UpstreamClient:
+    """The proxied requests' client (router.upstream_client), with the session's limits: the
+    connect timeout, --first-byte-timeout for the answer's head, the same keep-alive."""
+    return UpstreamClient(
+        connect_timeout_s=config.connect_timeout_s,
+        head_timeout_s=config.first_byte_timeout_s,
+        keepalive_s=UPSTREAM_KEEPALIVE_S,
+        api_key=config.upstream_api_key,
+    )
+
+
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     ctx = app[ROUTER]
     ctx._session = upstream_session(ctx.config)
+    ctx._client = upstream_client(ctx.config)
     yield
+    await ctx.client.close()
     await ctx.session.close()
     ctx._session = None
 

@@ -20,6 +20,7 @@ from vllm_fleet.router.priority import BatchGate
 from vllm_fleet.router.prompt_tokens import PromptTokenizers
 from vllm_fleet.router.state import Fleet
 from vllm_fleet.router.telemetry import Telemetry
+from vllm_fleet.router.upstream_client import UpstreamClient
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RouterContext:
     #: vllm_fleet.router.peers); None when this router has no peers.
     peers: PeerLink | None = None
     _session: aiohttp.ClientSession | None = None
+    _client: UpstreamClient | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -48,6 +50,13 @@ class RouterContext:
         if self._session is None:
             raise RuntimeError("the upstream session exists only while the app is running")
         return self._session
+
+    @property
+    def client(self) -> UpstreamClient:
+        """The proxied requests' client (router.upstream_client); exists while the app runs."""
+        if self._client is None:
+            raise RuntimeError("the upstream client exists only while the app is running")
+        return self._client
 
 
 ROUTER: web.AppKey[RouterContext] = web.AppKey("router", RouterContext)

@@ -24,6 +24,7 @@ from vllm_fleet.router.outliers import is_gateway_failure, is_outlier, may_eject
 from vllm_fleet.router.precise import note_sent
 from vllm_fleet.router.progress import first_byte_due_s
 from vllm_fleet.router.state import Attempt, ReplicaState
+from vllm_fleet.router.upstream_client import ConnectFailed, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -67,23 +68,23 @@ class Reply:
     """A replica's answer we committed to. ``body`` is None for a stream still to relay."""
 
     replica: ReplicaState
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     body: bytes | None
 
 
 def failure_of(replica: str, exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's ServerTimeoutError is one too
         return UpstreamFailure(replica, "timeout", str(exc) or "no answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (ConnectFailed, aiohttp.ClientConnectorError)):
         refused = isinstance(exc.os_error, ConnectionRefusedError)
         return UpstreamFailure(replica, "connect", str(exc.os_error), refused=refused)
     return UpstreamFailure(replica, "disconnect", f"{type(exc).__name__}: {exc}")
 
 
 async def exchange_with(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     replica: ReplicaState,
-    url: str,
+    path: str,
     headers: CIMultiDict[str],
     body: bytes,
     idle_s: float,
@@ -91,7 +92,7 @@ async def exchange_with(
     """POST to the replica; a 5xx is a failure, any other answer a Reply (read whole unless
     it is an event stream). Body reads are bounded by ``idle_s`` (see _read_bounded).
     Redirects go back to the client: following one would send its body outside the fleet."""
-    response = await session.post(url, data=body, headers=headers, allow_redirects=False)
+    response = await client.post(replica.url, path, headers, body)
     try:
         if response.status >= 500:
             data = await read_bounded(response.read(), idle_s)
@@ -136,16 +137,10 @@ class IdleWatchdog:
 
     @classmethod
     def of(
-        cls, response: aiohttp.ClientResponse, idle_s: float, loop: asyncio.AbstractEventLoop
+        cls, response: UpstreamResponse, idle_s: float, loop: asyncio.AbstractEventLoop
     ) -> IdleWatchdog:
-        """The watchdog of a stream being relayed, in place of the session's sock_read.
-
-        sock_read bounds the same wait, but aiohttp re-arms its timer on every packet received
-        (a cancel and a call_later per chunk); from here on this one timer per stream does.
-        """
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = None  # reset for the connection's next request
+        """The watchdog of a stream being relayed (the client bounds only the wait for the
+        head: router.upstream_client)."""
         return cls(response.content, idle_s, loop)
 
     def _check(self) -> None:
@@ -196,7 +191,7 @@ async def send_once(
         note_sent(replica, info.blocks)
     try:
         reply = await exchange_with(
-            ctx.session, replica, replica.url + path, headers, body, ctx.config.first_byte_timeout_s
+            ctx.client, replica, path, headers, body, ctx.config.first_byte_timeout_s
         )
     except UpstreamFailure as exc:
         failure = exc

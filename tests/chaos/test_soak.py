@@ -282,10 +282,12 @@ async def inject(fleet: Fleet4, load: Load, faults: list[Fault], applied: list[s
 
 
 def pooled(router: RouterHandle) -> tuple[int, int]:
-    """(idle pooled, acquired) upstream connections of the router's session."""
+    """(idle pooled, acquired) upstream connections: the router's session (health checks,
+    scrapes) and its proxied requests' client."""
     connector = router.ctx.session.connector
     assert isinstance(connector, aiohttp.TCPConnector)
-    return sum(len(c) for c in connector._conns.values()), len(connector._acquired)
+    idle, busy = router.ctx.client.counts()
+    return sum(len(c) for c in connector._conns.values()) + idle, len(connector._acquired) + busy
 
 
 def diagnose(router: RouterHandle, fleet: Fleet4) -> dict[str, object]:

@@ -12,6 +12,7 @@ from aiohttp.streams import StreamReader
 
 from vllm_fleet.router.pump import _PUMPS, Pump, PumpedReader
 from vllm_fleet.router.upstream import IdleWatchdog
+from vllm_fleet.router.upstream_client import UpstreamResponse
 
 
 class FakeUpstream:
@@ -58,7 +59,7 @@ def _pump(
     loop = asyncio.get_running_loop()
     upstream = FakeUpstream()
     reader = StreamReader(cast(Any, upstream), 1 << 16, loop=loop)
-    response = SimpleNamespace(content=reader, connection=SimpleNamespace(protocol=upstream))
+    response = SimpleNamespace(content=reader, protocol=upstream)
     watchdog = IdleWatchdog(reader, 60.0, loop)
     notes: list[int] = []
 
@@ -66,7 +67,7 @@ def _pump(
         transport.buffered = 0
 
     pump = Pump(
-        cast(aiohttp.ClientResponse, response),
+        cast(UpstreamResponse, response),
         cast(asyncio.Transport, transport),
         None,
         watchdog,
