@@ -105,8 +105,8 @@ def peer_link(config: RouterConfig, worker: WorkerLink | None) -> PeerLink | Non
 
 
 def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
-    """One pooled session for the upstream calls other than proxied requests (health checks,
-    scrapes, model lists, LoRA calls; a proxied POST goes through upstream_client).
+    """One pooled session for the rare upstream calls (KV event source discovery, LoRA loads);
+    proxied requests, health checks and scrapes go through upstream_client.
 
     No connection limit: vLLM batches hundreds of concurrent requests and queues the rest
     itself. No decompression: bodies are relayed as bytes, and no Accept-Encoding is sent, so
@@ -159,7 +159,7 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def watch_fleet(
     fleet: Fleet,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     sources: list[Discovery],
     config: RouterConfig,
     breaker: BreakerPolicy,
@@ -174,7 +174,7 @@ def watch_fleet(
         asyncio.create_task(
             health_loop(
                 fleet,
-                session,
+                client,
                 interval_s=config.health_interval_s,
                 timeout_s=config.health_timeout_s,
                 breaker=breaker,
@@ -184,7 +184,7 @@ def watch_fleet(
         asyncio.create_task(
             scrape_loop(
                 fleet,
-                session,
+                client,
                 interval_s=config.scrape_interval_s,
                 timeout_s=config.health_timeout_s,
                 prefix_memory_bytes=config.prefix_index_mb << 20,
@@ -203,7 +203,7 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
     link = app.get(WORKER)
     if link is None:
         await refresh_once(ctx.fleet, sources)
-        tasks = watch_fleet(ctx.fleet, ctx.session, sources, config, ctx.breaker)
+        tasks = watch_fleet(ctx.fleet, ctx.client, sources, config, ctx.breaker)
     else:
         link.sync(ctx.fleet, ctx.breaker)
         tasks = [asyncio.create_task(link.sync_loop(ctx.fleet, ctx.breaker), name="board")]

@@ -11,11 +11,12 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 CHUNK_BYTES = 64 << 10
+T = TypeVar("T")
 
 
 class BodyTooLarge(ValueError):
@@ -50,6 +51,15 @@ async def fetch_json(
             return json.loads(await read_capped(resp, cap))
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return None
+
+
+async def within(work: Awaitable[T], seconds: float) -> T:
+    """``await work`` for at most ``seconds`` (asyncio.TimeoutError after), in this task: no
+    task of its own whose failure could go unretrieved when this one is cancelled."""
+    if sys.version_info < (3, 11):  # no asyncio.timeout yet
+        return await asyncio.wait_for(work, seconds)
+    async with asyncio.timeout(seconds):
+        return await work
 
 
 async def read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:

@@ -35,9 +35,10 @@ from typing import Any
 
 import aiohttp
 
-from vllm_fleet.router.bounded_read import read_capped
+from vllm_fleet.router.bounded_read import within
 from vllm_fleet.router.replica_tasks import ReplicaTasks
 from vllm_fleet.router.state import Breaker, Fleet, ReplicaState
+from vllm_fleet.router.upstream_client import ConnectFailed, UpstreamClient
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -211,13 +212,11 @@ class CheckOutcome:
     detail: str = ""
 
 
-async def _get_json(
-    session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout
-) -> Any:
-    async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
-        if resp.status != 200:
-            raise _BadStatus(resp.status)
-        return json.loads(await read_capped(resp, MAX_MODELS_BYTES))
+async def _get_json(client: UpstreamClient, base: str, path: str, timeout_s: float) -> Any:
+    answer = await client.get(base, path, timeout_s, MAX_MODELS_BYTES)
+    if answer.status != 200:
+        raise _BadStatus(answer.status)
+    return json.loads(answer.body)
 
 
 class _BadStatus(Exception):
@@ -243,16 +242,13 @@ def _model_parents(payload: Any) -> dict[str, str]:
     }
 
 
-async def _probe(
-    session: aiohttp.ClientSession, r: ReplicaState, timeout: aiohttp.ClientTimeout
-) -> CheckOutcome:
-    async with session.get(f"{r.url}/health", timeout=timeout, allow_redirects=False) as resp:
-        await read_capped(resp, MAX_HEALTH_BYTES)
-        if resp.status != 200:
-            return CheckOutcome(False, detail=f"/health HTTP {resp.status}")
+async def _probe(client: UpstreamClient, r: ReplicaState, timeout_s: float) -> CheckOutcome:
+    answer = await client.get(r.url, "/health", timeout_s, MAX_HEALTH_BYTES)
+    if answer.status != 200:
+        return CheckOutcome(False, detail=f"/health HTTP {answer.status}")
     r.health_checks += 1
     if not r.models or r.health_checks % MODELS_REFRESH_EVERY == 0:
-        payload = await _get_json(session, f"{r.url}/v1/models", timeout)
+        payload = await _get_json(client, r.url, "/v1/models", timeout_s)
         models = _model_ids(payload)
         r.parents = _model_parents(payload)
         if not models:
@@ -263,19 +259,16 @@ async def _probe(
     return CheckOutcome(True)
 
 
-async def probe_replica(
-    session: aiohttp.ClientSession, r: ReplicaState, timeout_s: float
-) -> CheckOutcome:
+async def probe_replica(client: UpstreamClient, r: ReplicaState, timeout_s: float) -> CheckOutcome:
     """GET /health (and /v1/models when due); never raises except on cancellation.
 
     The model list is fetched when unknown and every MODELS_REFRESH_EVERY checks; failing to
     fetch it fails the check, since a replica that cannot list its models cannot be routed to.
     Each request is bounded by ``timeout_s`` and the whole check by twice that.
     """
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        return await asyncio.wait_for(_probe(session, r, timeout), timeout_s * 2)
-    except aiohttp.ClientConnectorError as exc:
+        return await within(_probe(client, r, timeout_s), timeout_s * 2)
+    except (ConnectFailed, aiohttp.ClientConnectorError) as exc:
         refused = isinstance(exc.os_error, ConnectionRefusedError)
         return CheckOutcome(False, refused=refused, detail=f"connect: {exc.os_error}")
     except asyncio.TimeoutError:
@@ -286,14 +279,14 @@ async def probe_replica(
         return CheckOutcome(False, detail=f"{type(exc).__name__}: {exc}")
 
 
-async def check_replica(session: aiohttp.ClientSession, r: ReplicaState, timeout_s: float) -> bool:
+async def check_replica(client: UpstreamClient, r: ReplicaState, timeout_s: float) -> bool:
     """One active check of ``r``: True when /health (and /v1/models when due) answered 200."""
-    return (await probe_replica(session, r, timeout_s)).ok
+    return (await probe_replica(client, r, timeout_s)).ok
 
 
 async def check_and_apply(
     fleet: Fleet,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     r: ReplicaState,
     *,
     timeout_s: float,
@@ -305,7 +298,7 @@ async def check_and_apply(
     Logs the first failure of a streak (not every second) and every admission; ejections are
     logged by record_failure.
     """
-    outcome = await probe_replica(session, r, timeout_s)
+    outcome = await probe_replica(client, r, timeout_s)
     if fleet.replicas.get(r.url) is not r:
         return  # removed (or replaced) by discovery while we were checking
     was_healthy = r.healthy
@@ -326,7 +319,7 @@ async def check_and_apply(
 
 async def check_round(
     fleet: Fleet,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     *,
     timeout_s: float,
     breaker: BreakerPolicy = BreakerPolicy(),
@@ -343,7 +336,7 @@ async def check_round(
         begin_check(r, now)
     await asyncio.gather(
         *(
-            check_and_apply(fleet, session, r, timeout_s=timeout_s, breaker=breaker, clock=clock)
+            check_and_apply(fleet, client, r, timeout_s=timeout_s, breaker=breaker, clock=clock)
             for r in due
         )
     )
@@ -351,7 +344,7 @@ async def check_round(
 
 async def health_loop(
     fleet: Fleet,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     *,
     interval_s: float = 1.0,
     timeout_s: float = 1.0,
@@ -375,7 +368,7 @@ async def health_loop(
                 running.start(
                     r.url,
                     check_and_apply(
-                        fleet, session, r, timeout_s=timeout_s, breaker=breaker, clock=clock
+                        fleet, client, r, timeout_s=timeout_s, breaker=breaker, clock=clock
                     ),
                 )
             await asyncio.sleep(max(0.0, interval_s - (clock() - started)))

@@ -14,7 +14,7 @@ client that went away.
 
 The reader is switched to PumpedReader (same layout, so its class can be swapped in place)
 only while a pump is registered for it; without one it behaves exactly as aiohttp's. An
-answer's body is decoded by the connection's own protocol (router.upstream_client),
+answer's body is decoded by the connection's own protocol (router.upstream_connection),
 which hands each read's data to the pump in one piece (``relay_now``: written in that same
 call, no call_soon); the feed_data path serves any other stream.
 """
@@ -31,9 +31,9 @@ from aiohttp.streams import StreamReader
 from vllm_fleet.router.state import ReplicaState
 from vllm_fleet.router.stitcher import Stitcher
 
-if TYPE_CHECKING:  # router.upstream_client imports this module
+if TYPE_CHECKING:  # router.upstream_connection imports this module
     from vllm_fleet.router.upstream import IdleWatchdog
-    from vllm_fleet.router.upstream_client import UpstreamConnection, UpstreamResponse
+    from vllm_fleet.router.upstream_connection import UpstreamConnection, UpstreamResponse
 
 #: The pump of each reader being pumped, by id(reader): registered by Pump.start, removed by
 #: Pump.stop (always, in the relay's finally), so an id is never looked up after reuse.
@@ -66,7 +66,7 @@ class PumpedReader(StreamReader):
 
 
 def pump_of(content: StreamReader) -> Pump | None:
-    """The pump relaying ``content``, if one does (router.upstream_client feeds it)."""
+    """The pump relaying ``content``, if one does (router.upstream_connection feeds it)."""
     return _PUMPS.get(id(content))
 
 
@@ -196,7 +196,7 @@ class Pump:
             self._loop.call_soon(self.flush)
 
     def relay_now(self, data: bytes) -> None:
-        """One upstream read's data, decoded by router.upstream_client: relayed in this turn
+        """One upstream read's data, decoded by router.upstream_connection: relayed in this turn
         (it comes in one piece, so there is nothing to collect and no call_soon to wait for).
 
         The path of nearly every streamed token: kept to a few lines, because a token usually

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from vllm_fleet.router.bounded_read import read_capped
 from vllm_fleet.router.peers import peer_in_flight
 from vllm_fleet.router.prefix_index import DEFAULT_CACHE_TOKENS, DEFAULT_MEMORY_BYTES, fit_budget
 from vllm_fleet.router.replica_tasks import ReplicaTasks
 from vllm_fleet.router.speed import CounterSample
 from vllm_fleet.router.state import Fleet, ReplicaState
+from vllm_fleet.router.upstream_client import UpstreamClient
 
 log = logging.getLogger("vllm_fleet.router")
 
@@ -338,18 +338,16 @@ def apply_prefix_metrics(r: ReplicaState, m: EngineMetrics, now: float, budget: 
         prefixes.observe_counters(m.prefix_cache_hits_total, m.prefix_cache_queries_total, now)
 
 
-async def fetch_metrics_text(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
-    """GET ``url`` and return the body, refusing bodies over MAX_METRICS_BYTES."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
-        if resp.status != 200:
-            raise ValueError(f"HTTP {resp.status}")
-        body = await read_capped(resp, MAX_METRICS_BYTES)
-    return body.decode("utf-8", errors="replace")
+async def fetch_metrics_text(client: UpstreamClient, base: str, timeout_s: float) -> str:
+    """GET ``base``/metrics and return the body, refusing bodies over MAX_METRICS_BYTES."""
+    answer = await client.get(base, "/metrics", timeout_s, MAX_METRICS_BYTES)
+    if answer.status != 200:
+        raise ValueError(f"HTTP {answer.status}")
+    return answer.body.decode("utf-8", errors="replace")
 
 
 async def scrape_replica(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     r: ReplicaState,
     timeout_s: float,
     *,
@@ -364,9 +362,7 @@ async def scrape_replica(
     # of our two counts errs toward "that load was ours", never toward phantom external load.
     in_flight_before = r.in_flight
     try:
-        text = await asyncio.wait_for(
-            fetch_metrics_text(session, f"{r.url}/metrics", timeout_s), timeout_s + 0.5
-        )
+        text = await fetch_metrics_text(client, r.url, timeout_s)
         metrics = parse_vllm_metrics(text)
     except asyncio.TimeoutError:
         _scrape_failed(r, f"timeout after {timeout_s:g}s")
@@ -388,7 +384,7 @@ def _scrape_failed(r: ReplicaState, reason: str) -> None:
 
 async def scrape_round(
     fleet: Fleet,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     *,
     timeout_s: float,
     clock: Callable[[], float] = time.monotonic,
@@ -398,13 +394,13 @@ async def scrape_round(
     targets = [r for r in list(fleet.replicas.values()) if r.check_ok]
     budget = fit_budget(len(fleet.replicas), prefix_memory_bytes)
     await asyncio.gather(
-        *(scrape_replica(session, r, timeout_s, clock=clock, prefix_budget=budget) for r in targets)
+        *(scrape_replica(client, r, timeout_s, clock=clock, prefix_budget=budget) for r in targets)
     )
 
 
 async def scrape_loop(
     fleet: Fleet,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     *,
     interval_s: float = 1.0,
     timeout_s: float = 1.0,
@@ -424,9 +420,7 @@ async def scrape_loop(
             budget = fit_budget(len(fleet.replicas), prefix_memory_bytes)
             for r in list(fleet.replicas.values()):
                 if r.check_ok and not running.busy(r.url):
-                    scrape = scrape_replica(
-                        session, r, timeout_s, clock=clock, prefix_budget=budget
-                    )
+                    scrape = scrape_replica(client, r, timeout_s, clock=clock, prefix_budget=budget)
                     running.start(r.url, scrape)
             await asyncio.sleep(max(0.0, interval_s - (clock() - started)))
     finally:

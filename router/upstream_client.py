@@ -1,7 +1,8 @@
-"""The proxied requests' HTTP client: pooled keep-alive connections, answers read with httptools.
+"""The router's HTTP client for replicas: pooled keep-alive connections, answers read by httptools.
 
-Every ``POST /v1/*`` a client sends is re-sent to a replica from here; health checks, scrapes
-and the other GETs keep aiohttp's ClientSession. Why a client of our own for this one call:
+Every ``POST /v1/*`` a client sends is re-sent to a replica from here, and every replica's
+health check and /metrics scrape (each second) is a ``get`` here; the rare calls (KV event
+source discovery, LoRA loads) keep aiohttp's ClientSession. Why a client of our own:
 aiohttp's builds a ClientRequest, its auto headers, a connection through the connector's
 bookkeeping, a ClientResponse and its parser callbacks for every request, and it cost ~0.09 ms
 of CPU a request at scenario 5's 64 in flight, a quarter of vllm-router's whole cost
@@ -29,22 +30,24 @@ import asyncio
 import ssl
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
 
 import aiohttp
-import httptools
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from vllm_fleet.router.pump import pump_of
+from vllm_fleet.router.bounded_read import BodyTooLarge, within
+from vllm_fleet.router.upstream_connection import Origin, UpstreamConnection, UpstreamResponse
 
-#: Bytes an answer's reader buffers before the connection stops reading (aiohttp's default).
-READ_LIMIT = 1 << 16
-#: Request bodies shorter than this are sent in one buffer with the head.
-ONE_WRITE_BYTES = 1 << 16
-#: Most bytes of response head (status line and headers) accepted.
-MAX_HEAD_BYTES = 1 << 16
+__all__ = [
+    "ConnectFailed",
+    "Fetched",
+    "UpstreamClient",
+    "UpstreamConnection",
+    "UpstreamResponse",
+    "origin_of",
+    "read_at_most",
+]
 
 
 class ConnectFailed(aiohttp.ClientConnectionError):
@@ -55,18 +58,29 @@ class ConnectFailed(aiohttp.ClientConnectionError):
         self.os_error = os_error
 
 
-class BadAnswer(aiohttp.ClientError):
-    """The replica's answer is not HTTP this client reads (a parse error, an upgrade)."""
-
-
 @dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a replica's base URL connects, and the Host header it is sent."""
+class Fetched:
+    """A whole answer to a GET (UpstreamClient.get)."""
 
-    host: str
-    port: int
-    ssl: ssl.SSLContext | None
-    host_header: bytes
+    status: int
+    body: bytes
+
+
+async def read_at_most(content: StreamReader, headers: CIMultiDictProxy[str], cap: int) -> bytes:
+    """The whole body, or BodyTooLarge once it is over ``cap`` bytes (announced or read)."""
+    length = headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise BodyTooLarge(f"body of {length} bytes is over the {cap}-byte cap")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            raise BodyTooLarge(f"body is over the {cap}-byte cap")
+        chunks.append(chunk)
 
 
 def origin_of(base: str) -> Origin:
@@ -80,283 +94,6 @@ def origin_of(base: str) -> Origin:
     shown = f"[{host}]" if ":" in host else host
     header = shown if url.port == default else f"{shown}:{url.port}"
     return Origin(url.host, url.port, context, header.encode("idna"))
-
-
-class UpstreamResponse:
-    """A replica's answer: status and headers read, the body arriving in ``content``."""
-
-    __slots__ = ("_connection", "content", "headers", "status")
-
-    def __init__(
-        self,
-        connection: UpstreamConnection,
-        status: int,
-        headers: CIMultiDictProxy[str],
-        content: StreamReader,
-    ) -> None:
-        self._connection = connection
-        self.status = status
-        self.headers = headers
-        self.content = content
-
-    @property
-    def protocol(self) -> UpstreamConnection:
-        """The connection the body is read from (router.pump pauses and resumes it)."""
-        return self._connection
-
-    @property
-    def content_type(self) -> str:
-        """The media type, lowercased, without parameters (aiohttp's default when absent)."""
-        value = self.headers.get("Content-Type")
-        if not value:
-            return "application/octet-stream"
-        return value.split(";", 1)[0].strip().lower()
-
-    async def read(self) -> bytes:
-        """The whole body (callers bound the wait: router.bounded_read.read_bounded)."""
-        return await self.content.read()
-
-    def release(self) -> None:
-        """The body was read to its end: the connection goes back to the pool if it may."""
-        self._connection.finished()
-
-    def close(self) -> None:
-        """Drop the connection (the replica sees it close and aborts the request)."""
-        self._connection.close()
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to a replica: one request at a time, its answer parsed by
-    httptools in the read callback."""
-
-    __slots__ = (
-        "_body",
-        "_complete",
-        "_eof_delimited",
-        "_head_size",
-        "_headers",
-        "_keep_alive",
-        "_loop",
-        "_parser",
-        "_pool",
-        "_reading_paused",
-        "_response",
-        "_waiter",
-        "idle_since",
-        "origin",
-        "transport",
-    )
-
-    def __init__(self, pool: UpstreamClient, origin: Origin, loop: asyncio.AbstractEventLoop):
-        self._pool = pool
-        self._loop = loop
-        self.origin = origin
-        self.transport: asyncio.Transport | None = None
-        self.idle_since = 0.0
-        self._parser: httptools.HttpResponseParser | None = None
-        self._waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._response: UpstreamResponse | None = None
-        self._headers: list[tuple[str, str]] = []
-        self._head_size = 0
-        self._body: list[bytes] = []
-        self._complete = False
-        self._keep_alive = False
-        self._eof_delimited = False
-        self._reading_paused = False
-
-    # -- asyncio.Protocol --
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None or self._complete:  # nothing asked, or more than one answer
-            self.close()
-            return
-        why = ""
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            why = "an upgrade in answer to a POST"
-        except httptools.HttpParserError as exc:
-            why = f"not valid HTTP ({exc})"
-        if self._body:
-            body = self._body
-            data = body[0] if len(body) == 1 else b"".join(body)
-            body.clear()
-            self._deliver(data)
-        if self._complete:
-            self._ended()
-        if why:  # after a complete answer: bytes that belong to none (not pooled)
-            self._broken(why)
-
-    def eof_received(self) -> bool:
-        return False  # the transport closes; connection_lost follows
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.transport = None
-        self._pool.forget(self)
-        self._keep_alive = False
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(
-                aiohttp.ServerDisconnectedError("the replica closed the connection")
-                if exc is None
-                else aiohttp.ClientOSError(f"the connection to the replica broke: {exc}")
-            )
-        response = self._response
-        if response is None or self._complete:
-            return
-        if exc is None and self._eof_delimited:  # a body that ends with the connection
-            self._complete = True
-            self._ended()
-            return
-        content = response.content
-        if content.exception() is None and not content.is_eof():
-            content.set_exception(
-                aiohttp.ClientPayloadError(
-                    "the replica's answer ended before its body did"
-                    + (f" ({exc})" if exc is not None else "")
-                )
-            )
-
-    # -- flow control (aiohttp's StreamReader calls these) --
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        """``resume_parser`` is aiohttp's (its parser can pause; httptools here cannot)."""
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
-
-    # -- httptools callbacks --
-
-    @property
-    def connected(self) -> bool:
-        return self.transport is not None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_HEAD_BYTES:
-            raise httptools.HttpParserError("a response head over 64 KiB")
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        if parser is None or self._response is not None:
-            raise httptools.HttpParserError("a second answer to one request")
-        headers = CIMultiDictProxy(CIMultiDict(self._headers))
-        self._headers = []
-        framing = headers.get("Transfer-Encoding", "")
-        self._eof_delimited = "Content-Length" not in headers and "chunked" not in framing
-        content = StreamReader(self, READ_LIMIT, loop=self._loop)  # type: ignore[arg-type]
-        response = UpstreamResponse(self, parser.get_status_code(), headers, content)
-        self._response = response
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
-
-    def on_body(self, body: bytes) -> None:
-        if self._complete:
-            raise httptools.HttpParserError("a second answer to one request")
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        parser = self._parser
-        self._complete = True
-        self._keep_alive = parser is not None and parser.should_keep_alive()
-
-    # -- the request --
-
-    async def request(self, head: bytes, body: bytes, head_timeout_s: float) -> UpstreamResponse:
-        """Send one request; its answer once the head has come (TimeoutError after
-        ``head_timeout_s``). Cancelled or failed before that, the connection is closed."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise aiohttp.ServerDisconnectedError("the pooled connection was closed")
-        self._parser = httptools.HttpResponseParser(self)
-        self._response = None
-        self._complete = self._keep_alive = self._eof_delimited = False
-        self._head_size = 0
-        waiter: asyncio.Future[UpstreamResponse] = self._loop.create_future()
-        self._waiter = waiter
-        timer = self._loop.call_later(head_timeout_s, _expire, waiter, head_timeout_s)
-        try:
-            if len(body) < ONE_WRITE_BYTES:  # one send, not two: a copy is cheaper
-                transport.write(head + body)
-            else:
-                transport.writelines((head, body))
-            return await waiter
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            timer.cancel()
-            self._waiter = None
-
-    def _deliver(self, data: bytes) -> None:
-        """One read's body bytes: to the stream's pump when one relays it, else the reader."""
-        response = self._response
-        if response is None:
-            return
-        content = response.content
-        pump = pump_of(content)
-        if pump is None:
-            content.feed_data(data)
-        elif self._complete:
-            pump.take(data)  # written with the stream's end, after the reader's eof
-        else:
-            pump.relay_now(data)
-
-    def _ended(self) -> None:
-        """The answer's body is complete: the reader ends; the pool gets the connection back
-        when the response is released."""
-        response = self._response
-        if response is not None and not response.content.is_eof():
-            response.content.feed_eof()
-
-    def _broken(self, why: str) -> None:
-        exc = BadAnswer(f"the replica's answer is broken: {why}")
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-        response = self._response
-        if response is not None and not self._complete:
-            response.content.set_exception(aiohttp.ClientPayloadError(str(exc)))
-        self.close()
-
-    def finished(self) -> None:
-        """The response was released: pooled when its answer ended and may be followed."""
-        if self._complete and self._keep_alive and self.transport is not None:
-            self._parser = None
-            self._response = None
-            self._pool.put(self)
-        else:
-            self.close()
-
-    def close(self) -> None:
-        self._keep_alive = False
-        self._parser = None
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-
-    @property
-    def reusable(self) -> bool:
-        transport = self.transport
-        return transport is not None and not transport.is_closing()
-
-
-def _expire(waiter: asyncio.Future[UpstreamResponse], after_s: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(asyncio.TimeoutError(f"no answer from the replica in {after_s:g} s"))
 
 
 class UpstreamClient:
@@ -388,14 +125,52 @@ class UpstreamClient:
         head in time) or another aiohttp.ClientError (the connection broke, the answer is
         not HTTP).
         """
-        origin = self._origins.get(base)
-        if origin is None:
-            origin = self._origins[base] = origin_of(base)
+        origin = self._origin(base)
         head = self._head(origin, path, headers, len(body))
         connection = self._pooled(origin)
         if connection is None:
             connection = await self._connect(origin)
         return await connection.request(head, body, self._head_timeout_s)
+
+    async def get(self, base: str, path: str, timeout_s: float, cap: int) -> Fetched:
+        """GET ``base + path`` and read the whole answer, all within ``timeout_s``: the
+        health checks' and scrapes' call (every replica, every second, so it shares the
+        proxied requests' pool rather than paying aiohttp's client: bench/findings.md).
+
+        Raises what ``post`` raises, asyncio.TimeoutError, and BodyTooLarge past ``cap``.
+        """
+        return await within(self._get(base, path, timeout_s, cap), timeout_s)
+
+    async def _get(self, base: str, path: str, timeout_s: float, cap: int) -> Fetched:
+        origin = self._origin(base)
+        head = b"GET %s HTTP/1.1\r\nHost: %s\r\n%b\r\n" % (
+            path.encode(),
+            origin.host_header,
+            self._auth,
+        )
+        connection = self._pooled(origin)
+        if connection is None:
+            response = await (await self._connect(origin)).request(head, b"", timeout_s)
+        else:
+            try:
+                response = await connection.request(head, b"", timeout_s)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # the replica closed the idle connection as it was reused: a GET is safe to
+                # send again, once, on a new one (aiohttp's client does the same)
+                response = await (await self._connect(origin)).request(head, b"", timeout_s)
+        try:
+            body = await read_at_most(response.content, response.headers, cap)
+        except BaseException:
+            response.close()
+            raise
+        response.release()
+        return Fetched(response.status, body)
+
+    def _origin(self, base: str) -> Origin:
+        origin = self._origins.get(base)
+        if origin is None:
+            origin = self._origins[base] = origin_of(base)
+        return origin
 
     def _head(self, origin: Origin, path: str, headers: CIMultiDict[str], length: int) -> bytes:
         lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])

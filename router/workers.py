@@ -46,10 +46,9 @@ import tempfile
 import time
 from multiprocessing.process import BaseProcess
 
-import aiohttp
 from prometheus_client import multiprocess
 
-from vllm_fleet.router.app import discovery_sources, make_app, upstream_session, watch_fleet
+from vllm_fleet.router.app import discovery_sources, make_app, upstream_client, watch_fleet
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.discovery import Discovery, refresh_once
 from vllm_fleet.router.errors import ConfigError
@@ -64,6 +63,7 @@ from vllm_fleet.router.shared_board import (
     replica_numbers,
 )
 from vllm_fleet.router.state import Fleet, ReplicaState
+from vllm_fleet.router.upstream_client import UpstreamClient
 from vllm_fleet.router.worker import SIBLING_HOST, SYNC_INTERVAL_S, WorkerLink
 
 log = logging.getLogger("vllm_fleet.router")
@@ -265,8 +265,9 @@ async def _supervise(
         cooldown_s=config.breaker_cooldown_s,
         max_ejection_percent=config.max_ejection_percent,
     )
-    async with upstream_session(config) as session:
-        tasks = await _watch(fleet, session, sources, config, breaker, publisher)
+    client = upstream_client(config)
+    try:
+        tasks = await _watch(fleet, client, sources, config, breaker, publisher)
         for w in supervisor.workers:
             supervisor.start(w)
         log.info("router supervisor workers=%d port=%d", config.workers, config.port)
@@ -282,11 +283,13 @@ async def _supervise(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await client.close()
 
 
 async def _watch(
     fleet: Fleet,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     sources: list[Discovery],
     config: RouterConfig,
     breaker: BreakerPolicy,
@@ -294,7 +297,7 @@ async def _watch(
 ) -> list[asyncio.Task[None]]:
     await refresh_once(fleet, sources)
     publisher.publish(fleet)
-    tasks = watch_fleet(fleet, session, sources, config, breaker)
+    tasks = watch_fleet(fleet, client, sources, config, breaker)
     tasks.append(asyncio.create_task(publisher.loop(fleet), name="publish"))
     return tasks
 

@@ -13,6 +13,9 @@ from aiohttp.test_utils import TestServer
 
 from tests.support.router import RouterHandle, running_router
 from tests.support.sim import SimHandle, running_sims
+from vllm_fleet.router.app import upstream_client
+from vllm_fleet.router.config import RouterConfig
+from vllm_fleet.router.upstream_client import UpstreamClient
 
 
 @pytest.fixture
@@ -61,3 +64,11 @@ async def serve_fake() -> AsyncIterator[ServeFake]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    """The router's client for replicas, with the router's defaults (router.app)."""
+    c = upstream_client(RouterConfig(backends=("http://unused:1",)))
+    yield c
+    await c.close()

@@ -8,7 +8,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -27,6 +26,7 @@ from vllm_fleet.router.health import (
     record_success,
 )
 from vllm_fleet.router.state import Breaker, Fleet, ReplicaState
+from vllm_fleet.router.upstream_client import UpstreamClient
 
 POLICY = BreakerPolicy(failure_threshold=3, cooldown_s=5.0, max_cooldown_s=40.0, stable_s=60.0)
 DEADLINE_S = 10.0
@@ -261,19 +261,19 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 async def test_check_passes_and_learns_models(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     fake, url = await start_fake(models=["m", "m-alias"])
     r = ReplicaState(url=url)
-    assert await check_replica(session, r, 1.0)
+    assert await check_replica(client, r, 1.0)
     assert r.models == frozenset({"m", "m-alias"})
     assert fake.models_hits == 1
     # models are known now: the next checks only hit /health until the refresh is due
-    assert await check_replica(session, r, 1.0)
+    assert await check_replica(client, r, 1.0)
     assert fake.models_hits == 1
     r.health_checks = MODELS_REFRESH_EVERY - 1
     fake.models = ["m2"]
-    assert await check_replica(session, r, 1.0)
+    assert await check_replica(client, r, 1.0)
     assert (fake.models_hits, r.models) == (2, frozenset({"m2"}))
 
 
@@ -286,49 +286,49 @@ async def test_check_passes_and_learns_models(
     ],
 )
 async def test_check_fails_on_bad_model_list(
-    start_fake: StartFake, session: aiohttp.ClientSession, models_body: bytes
+    start_fake: StartFake, client: UpstreamClient, models_body: bytes
 ) -> None:
     _, url = await start_fake(models_body=models_body)
-    assert not await check_replica(session, ReplicaState(url=url), 1.0)
+    assert not await check_replica(client, ReplicaState(url=url), 1.0)
 
 
-async def test_check_fails_on_500(start_fake: StartFake, session: aiohttp.ClientSession) -> None:
+async def test_check_fails_on_500(start_fake: StartFake, client: UpstreamClient) -> None:
     _, url = await start_fake(mode="error")
-    outcome = await probe_replica(session, ReplicaState(url=url), 1.0)
+    outcome = await probe_replica(client, ReplicaState(url=url), 1.0)
     assert not outcome.ok and not outcome.refused
     assert "500" in outcome.detail
 
 
 async def test_check_fails_on_a_redirect_even_to_a_healthy_server(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     """A replica's health is its own: a redirect is not followed to another server's answer."""
     healthy, elsewhere = await start_fake()
     _, url = await start_fake(mode="redirect", redirect_to=f"{elsewhere}/health")
-    outcome = await probe_replica(session, ReplicaState(url=url), 1.0)
+    outcome = await probe_replica(client, ReplicaState(url=url), 1.0)
     assert not outcome.ok
     assert "307" in outcome.detail
     assert healthy.health_hits == 0
 
 
 async def test_check_respects_timeout_on_hanging_server(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     _, url = await start_fake(mode="hang")
     started = time.monotonic()
-    outcome = await probe_replica(session, ReplicaState(url=url), 0.2)
+    outcome = await probe_replica(client, ReplicaState(url=url), 0.2)
     assert not outcome.ok
     assert "timeout" in outcome.detail
     assert time.monotonic() - started < 2.0
 
 
-async def test_check_reports_refused_connection(session: aiohttp.ClientSession) -> None:
-    outcome = await probe_replica(session, ReplicaState(url=refused_url()), 1.0)
+async def test_check_reports_refused_connection(client: UpstreamClient) -> None:
+    outcome = await probe_replica(client, ReplicaState(url=refused_url()), 1.0)
     assert not outcome.ok and outcome.refused
 
 
 async def test_health_loop_sorts_good_from_bad(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     good_fake, good = await start_fake()
     hanging_fake, hanging = await start_fake(mode="hang")
@@ -337,7 +337,7 @@ async def test_health_loop_sorts_good_from_bad(
     fleet = Fleet()
     fleet.set_backends([good, hanging, failing, down])
     task = asyncio.create_task(
-        health_loop(fleet, session, interval_s=0.02, timeout_s=5.0, breaker=POLICY)
+        health_loop(fleet, client, interval_s=0.02, timeout_s=5.0, breaker=POLICY)
     )
     try:
         await wait_until(lambda: good_fake.health_hits >= 5, "five checks")
@@ -360,14 +360,14 @@ async def test_health_loop_sorts_good_from_bad(
 
 
 async def test_health_loop_ejects_failing_replica_and_readmits_after_cooldown(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     fake, url = await start_fake()
     fleet = Fleet()
     fleet.set_backends([url])
     policy = BreakerPolicy(failure_threshold=2, cooldown_s=0.3, max_cooldown_s=0.3)
     task = asyncio.create_task(
-        health_loop(fleet, session, interval_s=0.02, timeout_s=0.2, breaker=policy)
+        health_loop(fleet, client, interval_s=0.02, timeout_s=0.2, breaker=policy)
     )
     try:
         r = fleet.replicas[url]
@@ -388,13 +388,13 @@ async def test_health_loop_ejects_failing_replica_and_readmits_after_cooldown(
 
 
 async def test_health_loop_follows_fleet_membership(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     first_fake, first = await start_fake()
     second_fake, second = await start_fake()
     fleet = Fleet()
     fleet.set_backends([first])
-    task = asyncio.create_task(health_loop(fleet, session, interval_s=0.02, timeout_s=0.2))
+    task = asyncio.create_task(health_loop(fleet, client, interval_s=0.02, timeout_s=0.2))
     try:
         await wait_until(lambda: fleet.replicas[first].healthy, "first admitted")
         fleet.set_backends([second])
@@ -410,24 +410,24 @@ async def test_health_loop_follows_fleet_membership(
 
 
 async def test_check_round_makes_the_fleet_ready_in_one_call(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     _, first = await start_fake(models=["a"])
     _, second = await start_fake(models=["b"])
     fleet = Fleet()
     fleet.set_backends([first, second, refused_url()])
-    await check_round(fleet, session, timeout_s=1.0)
+    await check_round(fleet, client, timeout_s=1.0)
     assert [r.url for r in fleet.healthy()] == [first, second]
     assert fleet.served_models() == ["a", "b"]
 
 
 async def test_cancelling_health_loop_cancels_pending_checks(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     fake, url = await start_fake(mode="hang")
     fleet = Fleet()
     fleet.set_backends([url])
-    task = asyncio.create_task(health_loop(fleet, session, interval_s=0.02, timeout_s=5.0))
+    task = asyncio.create_task(health_loop(fleet, client, interval_s=0.02, timeout_s=5.0))
     await wait_until(lambda: fake.health_hits == 1, "check started")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -359,12 +359,15 @@ async def test_a_router_started_after_the_replica_cached_prompts(with_replay: bo
             replica = router.fleet.replicas[sim.url]
             if with_replay:
                 # no request since the router started: what it holds, the replay brought
+                # (the replay's batches are applied as they come: wait for all of them)
                 await eventually(
-                    lambda: (e := replica.prefixes.events) is not None and e.replayed > 0,
+                    lambda: len(_held(replica)) == before,
                     deadline_s=15,
                     what="the replica's buffered events replayed",
                 )
-                assert len(_held(replica)) == pool.num_cached == before
+                block_set = replica.prefixes.events
+                assert block_set is not None and block_set.replayed > 0
+                assert pool.num_cached == before
             else:
                 # a fresh prompt after subscribing: the router hears it once its SUB joined
                 group, deadline = 100, time.monotonic() + 15

