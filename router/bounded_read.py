@@ -11,7 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -23,7 +23,17 @@ class BodyTooLarge(ValueError):
     """The body exceeded the cap; raised before reading more than the cap (plus one chunk)."""
 
 
-async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+class Answer(Protocol):
+    """What read_capped reads: aiohttp's ClientResponse, or router.upstream_connection's."""
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def content(self) -> aiohttp.StreamReader: ...
+
+
+async def read_capped(resp: Answer, cap: int) -> bytes:
     """The whole body of ``resp``, or BodyTooLarge once it exceeds ``cap`` bytes."""
     if resp.content_length is not None and resp.content_length > cap:
         raise BodyTooLarge(f"body of {resp.content_length} bytes is over the {cap}-byte cap")
@@ -65,13 +75,8 @@ async def within(work: Awaitable[T], seconds: float) -> T:
 async def read_bounded(read: Awaitable[bytes], idle_s: float) -> bytes:
     """``await read`` for at most ``idle_s`` seconds (asyncio.TimeoutError after).
 
-    Used for client bodies (--body-timeout) and upstream bodies. For the latter, the
-    session's sock_read timeout should already bound every read, but aiohttp's C parser drops
-    it when a replica breaks the chunked framing in the middle of a body: the parser error
-    closes the connection without failing the body's reader, so the read would wait forever
-    (tests/chaos/test_network_faults.py). This timer does not depend on the parser.
+    Used for client bodies (--body-timeout) and whole upstream bodies: router.upstream_client
+    bounds only the wait for an answer's head, and a replica that sends a head and then
+    nothing would otherwise hold the read forever (tests/chaos/test_network_faults.py).
     """
-    if sys.version_info < (3, 11):  # no asyncio.timeout yet; wait_for costs a task per read
-        return await asyncio.wait_for(read, idle_s)
-    async with asyncio.timeout(idle_s):
-        return await read
+    return await within(read, idle_s)

@@ -32,11 +32,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp.streams import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
-from vllm_fleet.router.bounded_read import BodyTooLarge, within
+from vllm_fleet.router.bounded_read import read_capped, within
 from vllm_fleet.router.upstream_connection import Origin, UpstreamConnection, UpstreamResponse
 
 __all__ = [
@@ -46,7 +45,6 @@ __all__ = [
     "UpstreamConnection",
     "UpstreamResponse",
     "origin_of",
-    "read_at_most",
 ]
 
 
@@ -64,23 +62,6 @@ class Fetched:
 
     status: int
     body: bytes
-
-
-async def read_at_most(content: StreamReader, headers: CIMultiDictProxy[str], cap: int) -> bytes:
-    """The whole body, or BodyTooLarge once it is over ``cap`` bytes (announced or read)."""
-    length = headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > cap:
-        raise BodyTooLarge(f"body of {length} bytes is over the {cap}-byte cap")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > cap:
-            raise BodyTooLarge(f"body is over the {cap}-byte cap")
-        chunks.append(chunk)
 
 
 def origin_of(base: str) -> Origin:
@@ -148,18 +129,17 @@ class UpstreamClient:
             origin.host_header,
             self._auth,
         )
-        connection = self._pooled(origin)
-        if connection is None:
-            response = await (await self._connect(origin)).request(head, b"", timeout_s)
-        else:
-            try:
-                response = await connection.request(head, b"", timeout_s)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                # the replica closed the idle connection as it was reused: a GET is safe to
-                # send again, once, on a new one (aiohttp's client does the same)
-                response = await (await self._connect(origin)).request(head, b"", timeout_s)
+        pooled = self._pooled(origin)
         try:
-            body = await read_at_most(response.content, response.headers, cap)
+            response = await (pooled or await self._connect(origin)).request(head, b"", timeout_s)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if pooled is None:
+                raise
+            # the replica closed the idle connection as it was reused: a GET is safe to send
+            # again, once, on a new one (aiohttp's client does the same)
+            response = await (await self._connect(origin)).request(head, b"", timeout_s)
+        try:
+            body = await read_capped(response, cap)
         except BaseException:
             response.close()
             raise
@@ -203,7 +183,7 @@ class UpstreamClient:
         connection = UpstreamConnection(self, origin, loop)
         shown = origin.host_header.decode()
         try:
-            await asyncio.wait_for(
+            await within(
                 loop.create_connection(
                     lambda: connection,
                     origin.host,

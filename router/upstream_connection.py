@@ -75,6 +75,12 @@ class UpstreamResponse:
         return self._connection
 
     @property
+    def content_length(self) -> int | None:
+        """The Content-Length the replica announced, if any (httptools checked its form)."""
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
     def content_type(self) -> str:
         """The media type, lowercased, without parameters (aiohttp's default when absent)."""
         value = self.headers.get("Content-Type")
@@ -148,7 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            why = "an upgrade in answer to a POST"
+            why = "an upgrade in answer to a request"
         except httptools.HttpParserError as exc:
             why = f"not valid HTTP ({exc})"
         if self._body:
@@ -204,11 +210,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    # -- httptools callbacks --
-
     @property
     def connected(self) -> bool:
         return self.transport is not None
+
+    # -- httptools callbacks --
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
