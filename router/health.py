@@ -4,7 +4,9 @@ Two signals feed one record per replica:
 
 - the active check (this module's loop) GETs /health every second; its last outcome is
   ``check_ok``. A failed check takes the replica out of rotation at once and a passing check
-  puts it back at once, so a replica that is starting or restarting joins as soon as it is up;
+  puts it back at once, so a replica that is starting or restarting joins as soon as it is up.
+  While a replica's answers are flowing it is checked only every MAX_UNCHECKED_S (check_due):
+  its bytes already say it is up;
 - passive outcomes of real traffic (the proxy calls record_success / record_failure).
 
 Both kinds of failure count toward the breaker. After ``failure_threshold`` consecutive
@@ -42,8 +44,10 @@ from vllm_fleet.router.upstream_client import ConnectFailed, UpstreamClient
 
 log = logging.getLogger("vllm_fleet.router")
 
-#: Refresh the model list every this many successful checks (aliases / LoRA adapters change).
-MODELS_REFRESH_EVERY = 30
+#: Refresh the model list this often, in seconds (aliases / LoRA adapters change).
+MODELS_REFRESH_S = 30.0
+#: A replica whose answers are flowing is still checked at least this often, in seconds.
+MAX_UNCHECKED_S = 10.0
 #: Cap on the /v1/models body: it lists a handful of ids, never megabytes.
 MAX_MODELS_BYTES = 1 << 20
 #: Cap on the /health body (vLLM's is empty).
@@ -170,6 +174,30 @@ def probe_due(r: ReplicaState, now: float) -> bool:
     return True
 
 
+def check_due(r: ReplicaState, now: float, interval_s: float) -> bool:
+    """Should the active loop check ``r`` now? Not while OPEN and cooling down (probe_due),
+    and not while traffic already shows it well.
+
+    A replica whose breaker is CLOSED, whose last check passed and which sent bytes of an
+    answer within the last half ``interval_s`` is alive by the best evidence there is: a
+    /health GET then costs CPU (a request and its answer every second per replica, about a
+    third of an idle router's work) and tells nothing new. It is still checked every
+    MAX_UNCHECKED_S. When its answers stop (a hang, a crash, no traffic), the checks resume at
+    the next tick, at most half an interval later than they would have run: a hung replica's
+    check still fails before the progress monitor has waited long for it
+    (vllm_fleet.router.progress: its ejection waits for a failed check).
+    """
+    if not probe_due(r, now):
+        return False
+    flowing = (
+        r.breaker is Breaker.CLOSED
+        and r.check_ok
+        and now - r.last_byte_at < interval_s / 2
+        and now - r.checked_at < MAX_UNCHECKED_S
+    )
+    return not flowing
+
+
 def begin_check(r: ReplicaState, now: float) -> None:
     """Move an OPEN breaker whose cool-down has passed to HALF_OPEN: this check is the probe."""
     if r.breaker is Breaker.OPEN and now - r.opened_at >= r.cooldown_s:
@@ -246,8 +274,9 @@ async def _probe(client: UpstreamClient, r: ReplicaState, timeout_s: float) -> C
     answer = await client.get(r.url, "/health", timeout_s, MAX_HEALTH_BYTES)
     if answer.status != 200:
         return CheckOutcome(False, detail=f"/health HTTP {answer.status}")
-    r.health_checks += 1
-    if not r.models or r.health_checks % MODELS_REFRESH_EVERY == 0:
+    now = time.monotonic()
+    if not r.models or now - r.models_at >= MODELS_REFRESH_S:
+        r.models_at = now
         payload = await _get_json(client, r.url, "/v1/models", timeout_s)
         models = _model_ids(payload)
         r.parents = _model_parents(payload)
@@ -262,7 +291,7 @@ async def _probe(client: UpstreamClient, r: ReplicaState, timeout_s: float) -> C
 async def probe_replica(client: UpstreamClient, r: ReplicaState, timeout_s: float) -> CheckOutcome:
     """GET /health (and /v1/models when due); never raises except on cancellation.
 
-    The model list is fetched when unknown and every MODELS_REFRESH_EVERY checks; failing to
+    The model list is fetched when unknown and every MODELS_REFRESH_S; failing to
     fetch it fails the check, since a replica that cannot list its models cannot be routed to.
     Each request is bounded by ``timeout_s`` and the whole check by twice that.
     """
@@ -362,8 +391,9 @@ async def health_loop(
         while True:
             started = clock()
             for r in list(fleet.replicas.values()):
-                if running.busy(r.url) or not probe_due(r, started):
+                if running.busy(r.url) or not check_due(r, started, interval_s):
                     continue
+                r.checked_at = started
                 begin_check(r, started)
                 running.start(
                     r.url,

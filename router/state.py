@@ -110,8 +110,10 @@ class ReplicaState:
     #: True once the replica has passed a health check: failures before that mean "still
     #: starting" (loading weights can take minutes) and do not trip the breaker.
     ever_healthy: bool = False
-    #: Active health checks run so far (the model list is refreshed every few checks).
-    health_checks: int = 0
+    #: monotonic time the model list was last fetched (it is refreshed every
+    #: vllm_fleet.router.health.MODELS_REFRESH_S) and the last active check started.
+    models_at: float = 0.0
+    checked_at: float = 0.0
     #: Consecutive re-openings without a stable CLOSED period; doubles the cool-down.
     open_streak: int = 0
     #: Cool-down (seconds) that applies to the current OPEN period.

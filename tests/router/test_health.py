@@ -13,10 +13,12 @@ from aiohttp import web
 
 from tests.router.conftest import ServeFake
 from vllm_fleet.router.health import (
-    MODELS_REFRESH_EVERY,
+    MAX_UNCHECKED_S,
+    MODELS_REFRESH_S,
     BreakerPolicy,
     apply_check,
     begin_check,
+    check_due,
     check_replica,
     check_round,
     health_loop,
@@ -271,7 +273,7 @@ async def test_check_passes_and_learns_models(
     # models are known now: the next checks only hit /health until the refresh is due
     assert await check_replica(client, r, 1.0)
     assert fake.models_hits == 1
-    r.health_checks = MODELS_REFRESH_EVERY - 1
+    r.models_at -= MODELS_REFRESH_S
     fake.models = ["m2"]
     assert await check_replica(client, r, 1.0)
     assert (fake.models_hits, r.models) == (2, frozenset({"m2"}))
@@ -419,6 +421,56 @@ async def test_check_round_makes_the_fleet_ready_in_one_call(
     await check_round(fleet, client, timeout_s=1.0)
     assert [r.url for r in fleet.healthy()] == [first, second]
     assert fleet.served_models() == ["a", "b"]
+
+
+def test_a_replica_whose_answers_flow_is_checked_only_every_max_unchecked() -> None:
+    r = admitted(now=100.0)
+    r.checked_at = 100.0
+    r.last_byte_at = 100.6
+    assert not check_due(r, 101.0, 1.0)  # bytes 0.4 s ago: alive
+    assert check_due(r, 101.1, 1.0)  # silent for half an interval: checked again
+    r.last_byte_at = 109.9
+    assert not check_due(r, 109.95, 1.0)
+    assert check_due(r, 100.0 + MAX_UNCHECKED_S, 1.0)  # flowing, but unchecked too long
+    r.check_ok = False  # the last check failed: bytes do not overrule it
+    assert check_due(r, 109.95, 1.0)
+
+
+def test_a_replica_cooling_down_is_not_checked_whatever_its_bytes() -> None:
+    r = admitted(now=100.0)
+    record_failure(r, 101.0, POLICY, refused=True)
+    r.last_byte_at = 101.5  # a late answer from before the ejection
+    assert not check_due(r, 102.0, 1.0)
+    assert check_due(r, 101.0 + POLICY.cooldown_s, 1.0)  # the probe after the cool-down
+
+
+async def test_health_loop_rests_while_answers_flow_and_resumes_when_they_stop(
+    start_fake: StartFake, client: UpstreamClient
+) -> None:
+    """The loop's /health GETs stop while the replica's bytes keep coming (as a relay notes
+    them) and start again one interval after the bytes stop."""
+    fake, url = await start_fake()
+    fleet = Fleet()
+    fleet.set_backends([url])
+    r = fleet.replicas[url]
+    interval_s = 0.2
+    task = asyncio.create_task(health_loop(fleet, client, interval_s=interval_s, timeout_s=1.0))
+    try:
+        await wait_until(lambda: r.healthy, "replica admitted")
+        await wait_until(lambda: fake.health_hits >= 2, "a second check")
+        r.last_byte_at = time.monotonic()
+        hits = fake.health_hits
+        for _ in range(50):  # 10 intervals with bytes arriving all along
+            r.last_byte_at = time.monotonic()
+            await asyncio.sleep(interval_s / 5)
+        # at most the check already under way, and one more if the loop ran late once (every
+        # interval would be 10)
+        assert fake.health_hits <= hits + 2
+        await wait_until(lambda: fake.health_hits >= hits + 3, "checks again once silent")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 async def test_cancelling_health_loop_cancels_pending_checks(
