@@ -64,6 +64,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from vllm_fleet.router.bounded_read import within
 from vllm_fleet.router.discovery import Discovery
 from vllm_fleet.router.state import Fleet, ReplicaState
 
@@ -251,7 +252,7 @@ class PeerLink:
     batches_received: int = 0
     requests_received: int = 0
     #: Open sockets: to each peer (this router sends), and from peers (this router takes).
-    outbound: dict[str, aiohttp.ClientWebSocketResponse] = field(default_factory=dict)
+    outbound: dict[str, aiohttp.ClientWebSocketResponse[bool]] = field(default_factory=dict)
     inbound: set[web.WebSocketResponse] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _resolved_at: float = field(default=-RESOLVE_S, repr=False)
@@ -324,7 +325,7 @@ def hello(link: PeerLink) -> str:
 
 async def _connect(
     session: aiohttp.ClientSession, link: PeerLink, peer: str
-) -> aiohttp.ClientWebSocketResponse | None:
+) -> aiohttp.ClientWebSocketResponse[bool] | None:
     """A socket to ``peer``, or None when the peer turned out to be this router."""
     headers = {"Authorization": f"Bearer {link.auth_key}"} if link.auth_key else None
     ws = await session.ws_connect(
@@ -348,15 +349,24 @@ async def _connect(
     return ws
 
 
-async def _send(session: aiohttp.ClientSession, link: PeerLink, peer: str, body: bytes) -> None:
+async def _connect_and_send(
+    session: aiohttp.ClientSession, link: PeerLink, peer: str, body: bytes
+) -> bool:
+    """Send ``body`` on the peer's socket, connecting first if needed; False when the peer
+    is this router."""
     ws = link.outbound.get(peer)
+    if ws is None or ws.closed:
+        ws = await _connect(session, link, peer)
+        if ws is None:
+            return False
+    await ws.send_bytes(body)
+    return True
+
+
+async def _send(session: aiohttp.ClientSession, link: PeerLink, peer: str, body: bytes) -> None:
     try:
-        async with asyncio.timeout(SEND_TIMEOUT_S):
-            if ws is None or ws.closed:
-                ws = await _connect(session, link, peer)
-                if ws is None:
-                    return
-            await ws.send_bytes(body)
+        if not await within(_connect_and_send(session, link, peer, body), SEND_TIMEOUT_S):
+            return
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
         link.batches_failed += 1
         link.skip_until[peer] = time.monotonic() + RETRY_S
