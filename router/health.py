@@ -176,7 +176,7 @@ def probe_due(r: ReplicaState, now: float) -> bool:
 
 def check_due(r: ReplicaState, now: float, interval_s: float) -> bool:
     """Should the active loop check ``r`` now? Not while OPEN and cooling down (probe_due),
-    and not while traffic already shows it well.
+    and not while traffic already shows it is up.
 
     A replica whose breaker is CLOSED, whose last check passed and which sent bytes of an
     answer within the last half ``interval_s`` is alive by the best evidence there is: a
