@@ -137,8 +137,8 @@ def upstream_session(config: RouterConfig) -> aiohttp.ClientSession:
 
 
 def upstream_client(config: RouterConfig) -> UpstreamClient:
-    """The proxied requests' client (router.upstream_client), with the session's limits: the
-    connect timeout, --first-byte-timeout for the answer's head, the same keep-alive."""
+    """The client for replicas (router.upstream_client): proxied requests, health checks and
+    scrapes; the connect timeout, --first-byte-timeout for an answer's head, one keep-alive."""
     return UpstreamClient(
         connect_timeout_s=config.connect_timeout_s,
         head_timeout_s=config.first_byte_timeout_s,
