@@ -41,6 +41,7 @@ from vllm_fleet.router.kv_events import kv_events_loop, parse_kv_events_spec
 from vllm_fleet.router.lora import fleet_lora
 from vllm_fleet.router.middleware import make_outer_middleware
 from vllm_fleet.router.peers import PEER_PATH, PeerLink, close_sockets, peer_loop
+from vllm_fleet.router.precise import ModelCard
 from vllm_fleet.router.priority import BatchAware, BatchGate
 from vllm_fleet.router.progress import progress_loop
 from vllm_fleet.router.prompt_tokens import PromptTokenizers
@@ -215,7 +216,12 @@ async def _loops_ctx(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(peers, name="peers"))
     if config.kv_events:
         spec = parse_kv_events_spec(config.kv_events)
-        events = kv_events_loop(ctx.fleet, spec, ctx.session)
+
+        def preload(cards: dict[str, ModelCard]) -> None:
+            if ctx.tokenizers is not None:
+                ctx.tokenizers.preload(cards)
+
+        events = kv_events_loop(ctx.fleet, spec, ctx.session, on_models=preload)
         tasks.append(asyncio.create_task(events, name="kv-events"))
     log.info(
         "router started replicas=%d policy=%s auth=%s",

@@ -38,26 +38,23 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import msgspec
 import zmq
 import zmq.asyncio
 
 from vllm_fleet.router.bounded_read import fetch_json
+from vllm_fleet.router.kv_batches import apply_batch, decode_batch
 from vllm_fleet.router.kv_replay import replay
-from vllm_fleet.router.precise import LiveBlockSet, fetch_models
+from vllm_fleet.router.precise import LiveBlockSet, ModelCard, fetch_models
 from vllm_fleet.router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
 
-#: Largest payload we decode: vLLM batches one engine step's events (a few KB, or a few MB
-#: when a long prompt stores thousands of blocks); anything bigger is not vLLM.
-MAX_PAYLOAD_BYTES = 16 << 20
 #: Replays one catch-up may ask for, each from the first batch the one before it lost (vLLM's
 #: ROUTER socket queues 1,000 messages per peer: a replay of its whole 10,000-batch buffer lost
 #: some past the first 1,000-2,500 in most tries on a loaded 2-core box). It stops early when a
@@ -67,14 +64,15 @@ REPLAY_ROUNDS = 16
 LIVE_QUEUE = 100_000
 #: How long one receive waits before the loop looks at the fleet again (seconds).
 RECEIVE_TIMEOUT_S = 1.0
-#: Device tiers whose blocks the engine's prefix cache reuses directly.
-DEVICE_MEDIA = frozenset({None, "GPU"})
-EVENT_KINDS = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
 #: GET /kv_event_sources (``--kv-events auto``): its timeout, answer cap, and how often a
 #: replica that publishes nothing (or was down) is asked again.
 DISCOVERY_TIMEOUT_S = 2.0
 MAX_SOURCES_BYTES = 64 << 10
 REDISCOVER_S = 30.0
+
+
+#: Called with a subscribed replica's model cards each time they are read.
+ModelsHook = Callable[[dict[str, ModelCard]], None]
 
 
 @dataclass(frozen=True)
@@ -172,98 +170,13 @@ async def discover_source(
     return source_from_sources(payload, replica_url)
 
 
-@dataclass(frozen=True)
-class Event:
-    """One KV event, whichever encoding it came in."""
-
-    kind: str
-    hashes: tuple[int | bytes, ...] = ()
-    block_size: int = 0
-    medium: str | None = None
-    #: A BlockStored that starts a prompt (no parent, no LoRA, no extra keys): its first
-    #: block's token ids, to check the replica hashes as the router does.
-    root_tokens: tuple[int, ...] | None = None
-
-
-_DECODER = msgspec.msgpack.Decoder()
-
-
-def decode_batch(payload: bytes) -> list[Event]:
-    """The events of one KVEventBatch payload; ValueError when it is not one."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ValueError(f"event batch of {len(payload)} bytes, over {MAX_PAYLOAD_BYTES}")
-    try:
-        batch = _DECODER.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"not msgpack: {exc}") from None
-    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
-        raise ValueError("not a KVEventBatch: expected [ts, [events...], ...]")
-    return [e for raw in batch[1] if (e := _event(raw)) is not None]
-
-
-def _event(raw: Any) -> Event | None:
-    """One event from its map (``{"type": ...}``) or array (``["BlockStored", ...]``) form;
-    None for kinds we do not use or malformed entries."""
-    parent: Any = None
-    tokens: Any = None
-    lora: Any = None
-    extra: Any = None
-    if isinstance(raw, dict):
-        kind = raw.get("type")
-        hashes, size, medium = raw.get("block_hashes"), raw.get("block_size"), raw.get("medium")
-        parent, tokens = raw.get("parent_block_hash"), raw.get("token_ids")
-        lora = raw.get("lora_id") or raw.get("lora_name")
-        extra = raw.get("extra_keys")
-    elif isinstance(raw, list) and raw:
-        kind = raw[0]
-        hashes = raw[1] if len(raw) > 1 else None
-        if kind == "BlockStored":  # tag, hashes, parent, token_ids, block_size, lora_id, medium
-            parent, tokens = (raw[2], raw[3]) if len(raw) > 3 else (None, None)
-            size = raw[4] if len(raw) > 4 else None
-            lora = raw[5] if len(raw) > 5 else None
-            medium = raw[6] if len(raw) > 6 else None
-            lora = lora or (raw[7] if len(raw) > 7 else None)
-            extra = raw[8] if len(raw) > 8 else None
-        else:  # BlockRemoved: tag, hashes, medium
-            size, medium = None, raw[2] if len(raw) > 2 else None
-    else:
-        return None
-    if kind not in EVENT_KINDS:
-        return None
-    if kind == "AllBlocksCleared":
-        return Event(kind)
-    if not isinstance(hashes, list) or not all(isinstance(h, (int, bytes)) for h in hashes):
-        return None
-    size = size if isinstance(size, int) and size > 0 else 0
-    root = None
-    plain = parent is None and not lora and not (extra and any(k is not None for k in extra))
-    stored = kind == "BlockStored" and plain and size and isinstance(tokens, list)
-    if stored and len(tokens) >= size and all(isinstance(t, int) for t in tokens[:size]):
-        root = tuple(tokens[:size])
-    return Event(kind, tuple(hashes), size, medium if isinstance(medium, str) else None, root)
-
-
-def apply_batch(replica: ReplicaState, seq: int, events: Iterable[Event]) -> None:
-    """Fold one batch into the replica's block set and correct its prefix record."""
-    prefixes = replica.prefixes
-    for event in events:
-        if event.medium in DEVICE_MEDIA:
-            prefixes.correct(event.kind, event.hashes, event.block_size)
-            held = prefixes.events
-            if isinstance(held, LiveBlockSet) and event.kind == "BlockStored":
-                held.confirm(event.hashes)
-                if event.root_tokens is not None and event.hashes:
-                    held.check_root(event.hashes[0], event.root_tokens, replica.url)
-    if prefixes.events is not None:
-        prefixes.events.note_seq(seq)
-
-
 async def subscribe(
     ctx: zmq.asyncio.Context,
     replica: ReplicaState,
     source: KvSource,
     fleet: Fleet,
     session: aiohttp.ClientSession | None = None,
+    on_models: ModelsHook | None = None,
 ) -> None:
     """Receive ``replica``'s events until it leaves the fleet or the task is cancelled.
 
@@ -274,7 +187,7 @@ async def subscribe(
     we subscribed), and a gap in the sequence numbers is filled from it; without one what the
     replica held before is unknown, so precise matching under-predicts until its blocks are
     stored again. With a ``session`` its GET /v1/models is read every REDISCOVER_S (model
-    roots and LoRA paths for precise matching).
+    roots and LoRA paths for precise matching), and handed to ``on_models``.
     """
     prefixes = replica.prefixes
     if not isinstance(prefixes.events, LiveBlockSet):
@@ -292,13 +205,19 @@ async def subscribe(
     loop = asyncio.get_running_loop()
     models_at = -1e9
     try:
-        await order.catch_up(ctx, 0)  # what the replica cached before we subscribed
+        if isinstance(prefixes.events, LiveBlockSet):
+            prefixes.events.synced = False  # approximate until the history is read
+        await order.catch_up(ctx, 0, history=True)  # what it cached before we subscribed
+        if isinstance(prefixes.events, LiveBlockSet):
+            prefixes.events.synced = True
         while fleet.replicas.get(replica.url) is replica:
             events = prefixes.events
             if session is not None and loop.time() - models_at > REDISCOVER_S:
                 cards = await fetch_models(session, replica.url)
                 if cards is not None and isinstance(events, LiveBlockSet):
                     events.models, models_at = cards, loop.time()
+                    if on_models is not None:
+                        on_models(cards)
             if not await socket.poll(int(RECEIVE_TIMEOUT_S * 1000)):
                 continue
             frames = await socket.recv_multipart()
@@ -342,6 +261,8 @@ class BatchOrder:
         #: Within one replay round: no batch seen yet; a batch missing before the last seen.
         self._round_start = True
         self._hole = False
+        #: The replay being read is the replica's history (catch_up).
+        self._history = False
 
     @property
     def next_seq(self) -> int:
@@ -352,12 +273,16 @@ class BatchOrder:
         """Whether batches before ``seq`` are missing and a replay socket may have them."""
         return self.replay_endpoint is not None and seq > self.next_seq
 
-    async def catch_up(self, ctx: zmq.asyncio.Context, start: int) -> None:
+    async def catch_up(
+        self, ctx: zmq.asyncio.Context, start: int, *, history: bool = False
+    ) -> None:
         """Apply the publisher's buffered batches from ``start`` (nothing without a replay
-        socket). A publisher that does not answer in time is not asked again."""
+        socket); ``history``: the replica's past on subscribing (apply_batch says why it is
+        told apart). A publisher that does not answer in time is not asked again."""
         endpoint = self.replay_endpoint
         if endpoint is None:
             return
+        self._history = history
         answered = True
         for _ in range(REPLAY_ROUNDS):
             self._round_start, self._hole = True, False
@@ -383,7 +308,7 @@ class BatchOrder:
         if seq > expected and not first:
             self._hole = True
             return
-        self._apply(seq, payload)
+        self._apply(seq, payload, history=self._history)
         self._replayed[seq] = zlib.crc32(payload)
         events = self.replica.prefixes.events
         if events is not None:
@@ -409,14 +334,14 @@ class BatchOrder:
         self._replayed.clear()  # the live stream is past the replay: no copy comes after this
         self._apply(seq, payload)
 
-    def _apply(self, seq: int, payload: bytes) -> None:
+    def _apply(self, seq: int, payload: bytes, *, history: bool = False) -> None:
         replica = self.replica
         try:
             events = decode_batch(payload)
         except ValueError as exc:
             log.warning("kv events: bad batch url=%s error=%s", replica.url, exc)
             events = []  # counted as received: a replay would bring the same bytes
-        apply_batch(replica, seq, events)
+        apply_batch(replica, seq, events, history=history)
 
 
 async def kv_events_loop(
@@ -424,11 +349,13 @@ async def kv_events_loop(
     spec: KvEventsSpec,
     session: aiohttp.ClientSession | None = None,
     interval_s: float = 1.0,
+    on_models: ModelsHook | None = None,
 ) -> None:
     """One subscriber task per replica that has an endpoint, following fleet changes; cancel
     the task to stop (every subscriber is cancelled and its socket closed). With
     ``spec.auto`` a reachable replica without a configured endpoint is asked for it at most
-    every REDISCOVER_S."""
+    every REDISCOVER_S. ``on_models`` gets each subscribed replica's model cards (the
+    router starts loading their tokenizers then, not at the first request)."""
     ctx = zmq.asyncio.Context()
     tasks: dict[str, asyncio.Task[None]] = {}
     found: dict[str, KvSource] = {}
@@ -454,7 +381,7 @@ async def kv_events_loop(
                 source = KvSource(named) if named is not None else found.get(url)
                 if source is not None:
                     tasks[url] = asyncio.create_task(
-                        subscribe(ctx, replica, source, fleet, session),
+                        subscribe(ctx, replica, source, fleet, session, on_models),
                         name=f"kv-events {url}",
                     )
             for url in [u for u in tasks if u not in fleet.replicas]:
@@ -468,10 +395,3 @@ async def kv_events_loop(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         ctx.term()
-
-
-def block_hashes(events: Iterable[Event]) -> Iterator[int | bytes]:
-    """Hashes of the stored device blocks in ``events`` (for tests and tools)."""
-    for e in events:
-        if e.kind == "BlockStored" and e.medium in DEVICE_MEDIA:
-            yield from e.hashes

@@ -36,6 +36,11 @@ MAX_MODELS_BYTES = 1 << 20
 CONFIRM_S = 30.0
 MIN_UNCONFIRMED = 8
 MAX_EXPECTED = 64
+#: Blocks a request was sent to compute count as held by its replica until its BlockStored
+#: event arrives, for at most PENDING_S (a prompt's blocks are stored once its prefill ends:
+#: its wait in the queue plus its prefill); at most MAX_PENDING per replica, oldest dropped.
+PENDING_S = 10.0
+MAX_PENDING = 65_536
 
 
 @dataclass
@@ -67,6 +72,39 @@ class LiveBlockSet(KvBlockSet):
     ids_confirmed: int = 0
     ids_unconfirmed: int = 0
     ids_match: bool | None = None
+    #: Blocks sent to be computed here and not stored yet (hash -> monotonic time sent):
+    #: matched as held. Without them the next request of a prefix whose first request is
+    #: still in prefill (or whose BlockStored is still on its way) found no replica holding
+    #: it, while the approximate record, written at sending, did.
+    pending: dict[int | bytes, float] = field(default_factory=dict, repr=False)
+    #: False while the subscriber reads the replica's history (vllm_fleet.router.kv_replay):
+    #: until then the set lacks what was cached before, so the replica is matched
+    #: approximately.
+    synced: bool = True
+
+    def __contains__(self, block_hash: object) -> bool:
+        """Held: stored, or sent to be computed here within PENDING_S."""
+        return block_hash in self.hashes or block_hash in self.pending
+
+    def expire(self, now: float) -> None:
+        """Forget pending blocks sent more than PENDING_S ago (their request failed, or was
+        cancelled before its prefill ended)."""
+        pending = self.pending
+        while pending:
+            oldest, at = next(iter(pending.items()))
+            if now - at <= PENDING_S:
+                return
+            del pending[oldest]
+
+    def send(self, hashes: Sequence[int | bytes], now: float) -> None:
+        """A request will compute ``hashes`` here."""
+        pending = self.pending
+        for block_hash in hashes:
+            if block_hash not in self.hashes:
+                pending.pop(block_hash, None)  # re-sent: its time starts again
+                pending[block_hash] = now
+        while len(pending) > MAX_PENDING:
+            del pending[next(iter(pending))]
 
     def expect(self, block_hash: int, now: float, url: str) -> None:
         """A request was sent that will store ``block_hash`` here if the router's token ids
@@ -94,8 +132,12 @@ class LiveBlockSet(KvBlockSet):
             )
 
     def confirm(self, hashes: Sequence[int | bytes]) -> None:
-        """BlockStored: the awaited blocks among ``hashes`` are confirmed."""
-        expected = self.expected
+        """BlockStored: the awaited blocks among ``hashes`` are confirmed, and no longer
+        pending."""
+        pending, expected = self.pending, self.expected
+        if pending:
+            for block_hash in hashes:
+                pending.pop(block_hash, None)
         if not expected:
             return
         for block_hash in hashes:
@@ -120,19 +162,29 @@ class LiveBlockSet(KvBlockSet):
 
 
 def live_events(replica: ReplicaState) -> LiveBlockSet | None:
-    """The replica's block set when this router follows its events and can match its hashes."""
+    """The replica's block set when this router follows its events, has read its history and
+    can match its hashes."""
     events = replica.prefixes.events
-    if isinstance(events, LiveBlockSet) and False not in (events.hashes_match, events.ids_match):
+    if (
+        isinstance(events, LiveBlockSet)
+        and events.synced
+        and False not in (events.hashes_match, events.ids_match)
+    ):
         return events
     return None
 
 
 def _precise_hit(replica: ReplicaState, blocks: PromptBlocks) -> int | None:
+    """Prompt tokens of ``blocks`` the replica holds or is computing (None: not live)."""
     events = live_events(replica)
     if events is None:
         return None
     size = events.block_size or replica.prefixes.block_tokens
-    return blocks.cached_tokens(size, events.hashes) if size > 0 else None
+    if size <= 0:
+        return None
+    if events.pending:
+        events.expire(time.monotonic())
+    return blocks.cached_tokens(size, events)
 
 
 def cached_prefix_tokens(
@@ -165,8 +217,10 @@ def note_sent(replica: ReplicaState, blocks: PromptBlocks | None) -> None:
     size = events.block_size or replica.prefixes.block_tokens
     hashes = blocks.hashes.get(size, ())
     first = hit // size  # the first block the replica computes, unless it holds it already
+    now = time.monotonic()
     if first < len(hashes) and hashes[first] not in events.hashes:
-        events.expect(hashes[first], time.monotonic(), replica.url)
+        events.expect(hashes[first], now, replica.url)
+    events.send(hashes[first:], now)
 
 
 def live_view(events: KvBlockSet) -> dict[str, Any]:
@@ -174,7 +228,9 @@ def live_view(events: KvBlockSet) -> dict[str, Any]:
     if not isinstance(events, LiveBlockSet):
         return {}
     return {
+        "synced": events.synced,
         "hashes_match": events.hashes_match,
+        "pending_blocks": len(events.pending),
         "precise_requests": events.precise_requests,
         "precise_cached_tokens": events.precise_cached_tokens,
         "ids_match": events.ids_match,

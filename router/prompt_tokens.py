@@ -38,7 +38,7 @@ from typing import Any
 
 from vllm_fleet.router.balancer import RequestInfo
 from vllm_fleet.router.block_hashes import PromptBlocks, prompt_blocks
-from vllm_fleet.router.precise import live_events
+from vllm_fleet.router.precise import ModelCard, live_events
 from vllm_fleet.router.state import Fleet
 
 log = logging.getLogger("vllm_fleet.router")
@@ -77,6 +77,7 @@ def load_tokenizer(root: str) -> Tokenizer | None:
     if not os.path.isdir(root) and ("/" not in root or os.path.isabs(root)):
         log.info("precise prefix matching off for model root=%s: no tokenizer there", root)
         return None
+    started = time.monotonic()
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -85,7 +86,6 @@ def load_tokenizer(root: str) -> Tokenizer | None:
             "(pip install 'vllm-fleet[precise]'); using the approximate prefix index"
         )
         return None
-    started = time.monotonic()
     # Local first (a --model directory, or the Hugging Face cache the replicas on this host
     # filled); the Hub only for an ``org/name`` id: a bare name is no Hub model we could use.
     hub = "/" in root and not os.path.isabs(root) and not os.path.exists(root)
@@ -218,6 +218,15 @@ class PromptTokenizers:
             self._loading[root] = future
             future.add_done_callback(lambda f: self._loaded(root, f))
         return None
+
+    def preload(self, cards: Mapping[str, ModelCard]) -> None:
+        """Start loading the tokenizers of a replica's models (a LoRA adapter's is its base
+        model's): importing transformers alone takes ~5 s of CPU, and a router that loaded
+        only at the first request matched a whole 32-request run approximately."""
+        for card in cards.values():
+            base = cards.get(card.parent) if card.parent is not None else card
+            if base is not None:
+                self.tokenizer(base.root)
 
     def _loaded(self, root: str, future: asyncio.Future[Tokenizer | None]) -> None:
         self._loading.pop(root, None)

@@ -25,6 +25,7 @@ from vllm_fleet.launcher.sim.kv_events import KVEventBatch, to_wire
 from vllm_fleet.launcher.sim.kvcache import StoredEvent
 from vllm_fleet.router.kv_events import KvSource, source_from_sources, subscribe
 from vllm_fleet.router.kv_replay import REPLAY_IDLE_S, replay
+from vllm_fleet.router.precise import LiveBlockSet, live_events
 from vllm_fleet.router.state import Fleet, ReplicaState
 
 
@@ -239,6 +240,31 @@ async def test_a_replay_socket_that_never_answers_is_given_up_after_the_default_
         ctx.term()
     assert answer == (False, 0)
     assert REPLAY_IDLE_S <= time.monotonic() - started < REPLAY_IDLE_S + 2
+
+
+async def test_the_block_set_is_used_only_once_the_history_is_read() -> None:
+    """Precise matching waits for the replay: while the replay socket has not answered, the
+    block set lacks the replica's history (vllm_fleet.router.precise.live_events)."""
+    publisher = Publisher()
+    try:
+        await publisher.send(0, 100, live=False)
+        source = KvSource(publisher.endpoint, publisher.replay_endpoint)
+        async with subscribed(source) as replica:
+            await eventually(
+                lambda: isinstance(replica.prefixes.events, LiveBlockSet), what="the block set"
+            )
+            events = replica.prefixes.events
+            assert isinstance(events, LiveBlockSet)
+            assert events.synced is False and live_events(replica) is None
+            serving = asyncio.create_task(publisher.serve_replay())  # the replay answers now
+            try:
+                await eventually(lambda: events.synced, what="the history read")
+                assert events.hashes == {100}
+                assert live_events(replica) is events
+            finally:
+                await _cancelled(serving)
+    finally:
+        publisher.close()
 
 
 async def test_history_on_subscribing_and_a_gap_are_replayed_and_duplicates_skipped() -> None:

@@ -23,10 +23,11 @@ from vllm_fleet.router.block_hashes import (
     leading_hits,
     prompt_blocks,
 )
-from vllm_fleet.router.kv_events import apply_batch, decode_batch
+from vllm_fleet.router.kv_batches import apply_batch, decode_batch
 from vllm_fleet.router.precise import (
     CONFIRM_S,
     MIN_UNCONFIRMED,
+    PENDING_S,
     LiveBlockSet,
     ModelCard,
     cached_prefix_tokens,
@@ -248,6 +249,30 @@ async def test_attach_hashes_the_request_for_live_replicas_with_the_models_token
         tokenizers.close()
 
 
+async def test_a_replicas_model_cards_start_their_tokenizers_loading() -> None:
+    """The subscriber hands each replica's models over as it reads them (preload): the
+    tokenizer loads before the first request needs it; an adapter's is its base model's."""
+    loaded: list[str] = []
+
+    def loader(root: str) -> Any:
+        loaded.append(root)
+        return WordTokenizer()
+
+    tokenizers = PromptTokenizers(loader)
+    cards = {
+        "m": ModelCard("/models/m"),
+        "ad": ModelCard("/adapters/ad", parent="m"),
+        "orphan": ModelCard("/adapters/o", parent="gone"),
+    }
+    try:
+        tokenizers.preload(cards)
+        assert await tokenizers.wait_loaded("/models/m")
+        tokenizers.preload(cards)  # read again later: nothing loads twice
+        assert loaded == ["/models/m"]
+    finally:
+        tokenizers.close()
+
+
 async def test_a_tokenizer_that_does_not_load_leaves_requests_approximate() -> None:
     tokenizers = PromptTokenizers(lambda root: None)
     fleet = Fleet()
@@ -319,3 +344,52 @@ def test_blocks_a_request_should_store_confirm_the_token_ids_or_turn_matching_of
     assert events.ids_match is False
     assert live_events(bad) is None
     assert "never appeared" in caplog.text
+
+
+def test_blocks_sent_to_be_computed_count_as_held_until_stored_or_expired(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prefix's second request, sent while the first is still in prefill (no BlockStored
+    yet), goes where the first went: its blocks are pending there. They stay held once
+    stored, and stop counting PENDING_S after sending when no event came."""
+    clock = [1000.0]
+    monkeypatch.setattr("vllm_fleet.router.precise.time.monotonic", lambda: clock[0])
+    blocks = prompt_blocks(list(range(200)), [16])
+    replicas = [live_replica(f"http://r{i}") for i in range(3)]
+    request = RequestInfo(model="m", prompt_tokens=200, max_tokens=8, prefix=(1,), blocks=blocks)
+    policy = CostAware()
+    first = policy.pick(replicas, request)
+    note_sent(first, blocks)
+    events = first.prefixes.events
+    assert isinstance(events, LiveBlockSet)
+    assert len(events.pending) == len(blocks.hashes[16])
+    assert cached_prefix_tokens(first, (1,), blocks, 200) == 192  # 12 of 12 usable blocks
+    assert all(cached_prefix_tokens(r, (1,), blocks, 200) == 0 for r in replicas if r is not first)
+    assert {policy.pick(replicas, request).url for _ in range(20)} == {first.url}
+    # stored: no longer pending, still held
+    payload = msgspec.msgpack.encode(
+        [0.0, [["BlockStored", list(blocks.hashes[16][:6]), None, [], 16, None, "GPU"]], 0]
+    )
+    apply_batch(first, 0, decode_batch(payload))
+    assert len(events.pending) == len(blocks.hashes[16]) - 6
+    assert cached_prefix_tokens(first, (1,), blocks, 200) == 192
+    # the rest never came (the request failed): after PENDING_S only the stored six count
+    clock[0] += PENDING_S + 1
+    assert cached_prefix_tokens(first, (1,), blocks, 200) == 96
+    assert events.pending == {}
+
+
+def test_a_replica_is_matched_approximately_while_its_history_is_read() -> None:
+    """Until the subscriber has read the replay socket, the block set lacks what the replica
+    cached before: an empty set must not outvote the approximate record."""
+    blocks = prompt_blocks(list(range(65)), [16])
+    replica = live_replica("http://a")
+    keys = (11, 12, 13)
+    replica.prefixes.record(keys, 0.0)
+    events = replica.prefixes.events
+    assert isinstance(events, LiveBlockSet)
+    events.synced = False
+    assert live_events(replica) is None
+    assert cached_prefix_tokens(replica, keys, blocks, 130) > 0  # the record's
+    events.synced = True
+    assert cached_prefix_tokens(replica, keys, blocks, 130) == 0.0  # the (empty) block set

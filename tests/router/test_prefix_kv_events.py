@@ -22,14 +22,8 @@ from tests.support.sim import SIM_MODEL, running_sim
 from vllm_fleet.launcher.sim.config import KvEventsConfig
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.errors import ConfigError
-from vllm_fleet.router.kv_events import (
-    Event,
-    KvEventsSpec,
-    apply_batch,
-    block_hashes,
-    decode_batch,
-    parse_kv_events_spec,
-)
+from vllm_fleet.router.kv_batches import Event, apply_batch, block_hashes, decode_batch
+from vllm_fleet.router.kv_events import KvEventsSpec, parse_kv_events_spec
 from vllm_fleet.router.prefix_index import MAX_EVENT_BLOCKS, prefix_keys
 from vllm_fleet.router.state import ReplicaState
 
@@ -107,6 +101,22 @@ def test_events_keep_the_block_set_and_correct_the_record() -> None:
     assert events.hashes == {3, 4} and events.missed == 1
     apply_batch(replica, 4, [Event("AllBlocksCleared")])
     assert events.hashes == set() and len(replica.prefixes) == 0 and events.cleared == 1
+
+
+def test_the_replayed_history_fills_the_block_set_and_leaves_the_record() -> None:
+    """What a replica did before the router subscribed (a reset, evictions) is older than
+    what the router sent it since: the history corrects nothing, the live stream does."""
+    replica = ReplicaState(url="http://a:1")
+    keys = prefix_keys("m", "x" * 128 * 40)
+    replica.prefixes.record(keys, 0.0)
+    history = [Event("AllBlocksCleared"), Event("BlockStored", (1, 2), 16, "GPU")]
+    apply_batch(replica, 0, history, history=True)
+    apply_batch(replica, 1, [Event("BlockRemoved", (1,), 0, "GPU")], history=True)
+    events = replica.prefixes.events
+    assert events is not None and events.hashes == {2} and events.cleared == 1
+    assert len(replica.prefixes) == len(keys)  # the record kept every key
+    apply_batch(replica, 2, [Event("AllBlocksCleared")])
+    assert len(replica.prefixes) == 0
 
 
 def test_a_block_set_that_outgrows_any_cache_is_dropped() -> None:
