@@ -189,6 +189,7 @@ class OursPeer(Peer):
         workers: int = 1,
         port: int | None = None,
         peers: tuple[str, ...] = (),
+        kv_events: bool = False,
     ) -> None:
         super().__init__(workdir)
         self.policy = policy
@@ -197,11 +198,15 @@ class OursPeer(Peer):
         self.workers = workers
         self.port = port
         self.peers = peers
+        self.kv_events = kv_events
         self.name = f"ours {policy}"
         self.settings = f"`vllm-fleet router --policy {policy}`, defaults otherwise"
         if workers != 1:
             self.name += f", {workers} workers"
             self.settings = self.settings.replace("`,", f" --workers {workers}`,")
+        if kv_events:  # as `vllm-fleet up` starts it: precise matching by vLLM's KV events
+            self.name += ", precise (KV events)"
+            self.settings = self.settings.replace("`,", " --kv-events auto`,")
         if not prefix_index:
             self.name += " (prefix index off)"
             self.settings += (
@@ -229,6 +234,8 @@ class OursPeer(Peer):
             argv += ["--workers", str(self.workers)]
         for peer in self.peers:
             argv += ["--peer", peer]
+        if self.kv_events:
+            argv += ["--kv-events", "auto"]
         for backend in backends:
             argv += ["--backend", backend]
         url = await self._launch(argv)
@@ -512,7 +519,7 @@ class SglangRouterPeer(Peer):
 #: Every peer by its key on the command line (`--peers ours-lb,nginx-lc`).
 PEER_KEYS = (
     "ours-cost", "ours-lb", "ours-rr", "ours-cost-x2", "ours-cost-x2-peered",
-    "ours-cost-noindex", "ours-cost-w2",
+    "ours-cost-noindex", "ours-cost-w2", "ours-cost-precise",
     "ideal", "chash",
     "direct-rr", "direct",
     "nginx-lc", "nginx-rr", "haproxy-lc", "haproxy-rr",
@@ -531,6 +538,7 @@ def make_peer(key: str, workdir: Path, python: str) -> Peer:
         "ours-cost-x2-peered": lambda: OursPairPeer(d, "cost", python, peered=True),
         "ours-cost-noindex": lambda: OursPeer(d, "cost", python, prefix_index=False),
         "ours-cost-w2": lambda: OursPeer(d, "cost", python, workers=2),
+        "ours-cost-precise": lambda: OursPeer(d, "cost", python, kv_events=True),
         "ideal": lambda: IdealPeer(d),
         "chash": lambda: AffinityPeer(d),
         "direct-rr": lambda: ClientRoundRobinPeer(d),

@@ -49,6 +49,8 @@ class SimReplica:
     workdir: Path
     python: str = sys.executable
     port: int = field(default_factory=free_port)
+    #: VLLM_SERVER_DEV_MODE=1: serves POST /reset_prefix_cache (the prefix scenario's reset).
+    dev_mode: bool = False
     child: ChildProcess | None = None
 
     @property
@@ -109,37 +111,10 @@ class SimFleet:
             return out
 
     async def prefix_counters(self) -> list[tuple[float, float]]:
-        """Per replica, its `vllm:prefix_cache_hits_total` and `queries_total` (tokens) so far:
-        the hit rate a scenario reports is the replicas' own, not a router's estimate."""
-        out = []
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            for replica in self.replicas:
-                async with session.get(f"{replica.url}/metrics") as response:
-                    samples = parse_samples(await response.text())
-                out.append(
-                    (
-                        metric_value(samples, "vllm:prefix_cache_hits_total"),
-                        metric_value(samples, "vllm:prefix_cache_queries_total"),
-                    )
-                )
-        return out
+        return await prefix_counters(self.urls)
 
     async def reset_prefix_caches(self, deadline_s: float = 30.0) -> None:
-        """Empty every replica's prefix cache (`POST /reset_prefix_cache`), so a router never
-        finds what the one before it left cached. The replicas refuse (409) while requests
-        run: wait for idle and retry, bounded."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + deadline_s
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            for replica in self.replicas:
-                while True:
-                    async with session.post(f"{replica.url}/reset_prefix_cache") as response:
-                        if response.status == 200:
-                            break
-                        if response.status != 409 or loop.time() > deadline:
-                            response.raise_for_status()
-                            raise TimeoutError(f"{replica.url} kept refusing to reset its cache")
-                    await asyncio.sleep(0.2)
+        await reset_prefix_caches(self.urls, deadline_s)
 
     async def reset_speeds(self) -> None:
         for replica in self.replicas:
@@ -161,6 +136,41 @@ class SimFleet:
                 if busy == 0:
                     return
                 await asyncio.sleep(0.1)
+
+
+async def prefix_counters(urls: list[str]) -> list[tuple[float, float]]:
+    """Per replica, its `vllm:prefix_cache_hits_total` and `queries_total` (tokens) so far:
+    the hit rate a scenario reports is the replicas' own, not a router's estimate."""
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for url in urls:
+            async with session.get(f"{url}/metrics") as response:
+                samples = parse_samples(await response.text())
+            out.append(
+                (
+                    metric_value(samples, "vllm:prefix_cache_hits_total"),
+                    metric_value(samples, "vllm:prefix_cache_queries_total"),
+                )
+            )
+    return out
+
+
+async def reset_prefix_caches(urls: list[str], deadline_s: float = 30.0) -> None:
+    """Empty every replica's prefix cache (`POST /reset_prefix_cache`; real vLLM serves it in
+    dev mode), so a router never finds what the one before it left cached. Replicas refuse
+    (409) while requests run: wait for idle and retry, bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for url in urls:
+            while True:
+                async with session.post(f"{url}/reset_prefix_cache") as response:
+                    if response.status == 200:
+                        break
+                    if response.status != 409 or loop.time() > deadline:
+                        response.raise_for_status()
+                        raise TimeoutError(f"{url} kept refusing to reset its cache")
+                await asyncio.sleep(0.2)
 
 
 # -- real vLLM on the CPU -------------------------------------------------------------------
@@ -197,6 +207,8 @@ class VllmReplica:
     replicas: int
     workdir: Path
     port: int = field(default_factory=free_port)
+    #: VLLM_SERVER_DEV_MODE=1: serves POST /reset_prefix_cache (the prefix scenario's reset).
+    dev_mode: bool = False
     child: ChildProcess | None = None
 
     @property
@@ -212,7 +224,10 @@ class VllmReplica:
         )  # fmt: skip
         spec = layout.replicas[0]
         log = self.workdir / f"vllm-{self.port}.log"
-        self.child = ChildProcess(list(spec.command), log, env={**os.environ, **spec.env})
+        env = {**os.environ, **spec.env}
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        self.child = ChildProcess(list(spec.command), log, env=env)
         await wait_http(f"{self.url}/health", deadline_s, self.child)
 
     def stop(self) -> None:
@@ -254,6 +269,12 @@ class VllmFleet:
                 out.append(sum(metric_value(samples, name) for name in names))
         return out
 
+    async def prefix_counters(self) -> list[tuple[float, float]]:
+        return await prefix_counters(self.urls)
+
+    async def reset_prefix_caches(self, deadline_s: float = 60.0) -> None:
+        await reset_prefix_caches(self.urls, deadline_s)
+
     async def received(self) -> list[int]:
         totals = await self._gauges(
             (
@@ -283,3 +304,11 @@ class Fleet(Protocol):
     async def received(self) -> list[int]: ...
 
     async def wait_idle(self, deadline_s: float = ...) -> None: ...
+
+
+class PrefixFleet(Fleet, Protocol):
+    """Replicas whose prefix caches a scenario empties and counts (simulated or real)."""
+
+    async def prefix_counters(self) -> list[tuple[float, float]]: ...
+
+    async def reset_prefix_caches(self, deadline_s: float = ...) -> None: ...

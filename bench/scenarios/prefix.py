@@ -13,7 +13,7 @@ from typing import TypeVar
 from bench.fmt import fmt_ms, fmt_pct, fmt_s
 from bench.load import ConversationMix, PrefixMix, RequestSpec
 from bench.prefix_oracle import prompt_ids
-from bench.replicas import SimFleet, SimSettings
+from bench.replicas import PrefixFleet, SimFleet, SimSettings
 from bench.scenarios.harness import MODEL, Options, line_up, measure, open_loop, started
 from bench.scenarios.tables import not_started_row
 from bench.section import PeerRun, Table
@@ -96,7 +96,7 @@ class CacheUse:
 
 
 async def measure_cached(
-    key: str, opts: Options, fleet: SimFleet, schedule: list[RequestSpec]
+    key: str, opts: Options, fleet: PrefixFleet, schedule: list[RequestSpec], model: str = MODEL
 ) -> PeerRun:
     """One router through `schedule`, starting from empty prefix caches (so no router finds
     what the one before it left); the replicas' hit and query counters are kept in
@@ -104,7 +104,7 @@ async def measure_cached(
     await fleet.wait_idle()
     await fleet.reset_prefix_caches()
     before = await fleet.prefix_counters()
-    run = await measure(key, opts, fleet, open_loop(schedule))
+    run = await measure(key, opts, fleet, open_loop(schedule, model))
     if run.unavailable:
         return run
     await fleet.wait_idle()

@@ -25,12 +25,13 @@ from bench.load import (
     request_body,
     run_open_loop,
 )
-from bench.peers import OursPairPeer, OursPeer
+from bench.peers import OursPairPeer, OursPeer, make_peer
 from bench.prefix_oracle import best_hit_rate, prompt_ids, reply_text
 from bench.replicas import SimFleet, SimReplica, SimSettings
 from bench.scenarios.prefix import by_key, cache_use, offered_load, prefix_table
 from bench.scenarios.prefix_overhead import round_ratios
 from bench.scenarios.s8_shared_prefix import shared_prefix_targets
+from bench.scenarios.s12_real_prefix import real_prefix_table, real_prefix_targets
 from bench.section import PeerRun
 from tests.support.metrics import metric_value, scrape_metrics
 from tests.support.sim import SIM_MODEL, running_sims
@@ -250,3 +251,43 @@ def test_the_index_overhead_reads_round_by_round_ratios() -> None:
     ratios = round_ratios(on, off)
     assert ratios == pytest.approx([1.0, 3.0, 1.1])
     assert statistics.median(ratios) == pytest.approx(1.1)
+
+
+def test_the_real_vllm_prefix_scenario_grades_ours_against_chash_and_the_cache_aware_peers() -> (
+    None
+):
+    """Scenario 12's table and targets from runs: hit rates as a share of chash's (the best
+    possible when the caches hold every prompt), each of our routers against each peer."""
+    record = RequestRecord(0, True, 16, 0.0, 0.05, 0.2, 16, 200, "", "")
+
+    def run(key: str, hits: float, unavailable: str = "") -> PeerRun:
+        extra = {"cache_hits": hits, "cache_queries": 100.0}
+        return PeerRun(key, key, extra=extra, records=[record] * 4, unavailable=unavailable)
+
+    runs = [
+        run("chash", 80.0),
+        run("sglang-ca", 70.0),
+        run("vllm-ca", 0.0, unavailable="not installed"),
+        run("ours-cost", 75.0),
+        run("ours-cost-precise", 60.0),
+    ]
+    table = real_prefix_table(runs)
+    assert [row[3:5] for row in table.rows if not row[1].startswith("not")] == [
+        ["80%", "100%"], ["70%", "87%"], ["75%", "94%"], ["60%", "75%"],
+    ]  # fmt: skip
+    checks = {t.text: t.met for t in real_prefix_targets(runs)}
+    assert checks == {
+        "ours-cost: hit rate >= 90 % of the best possible (chash)": True,
+        "ours-cost: hit rate >= sglang-ca's": True,
+        "ours-cost: hit rate >= vllm-ca's": None,
+        "ours-cost-precise: hit rate >= 90 % of the best possible (chash)": False,
+        "ours-cost-precise: hit rate >= sglang-ca's": False,
+        "ours-cost-precise: hit rate >= vllm-ca's": None,
+    }
+
+
+def test_the_precise_peer_starts_our_router_as_up_does() -> None:
+    """`ours-cost-precise` is the router `vllm-fleet up` starts: --kv-events auto."""
+    peer = make_peer("ours-cost-precise", Path("/unused"), "python")
+    assert isinstance(peer, OursPeer) and peer.kv_events
+    assert "--kv-events auto" in peer.settings
