@@ -77,6 +77,9 @@ class LiveBlockSet(KvBlockSet):
     #: still in prefill (or whose BlockStored is still on its way) found no replica holding
     #: it, while the approximate record, written at sending, did.
     pending: dict[int | bytes, float] = field(default_factory=dict, repr=False)
+    #: When a request was last sent here without its block hashes (the tokenizer still
+    #: loading, or busy): its blocks are in no pending set, only in the approximate record.
+    unhashed_at: float = -1e9
     #: False while the subscriber reads the replica's history (vllm_fleet.router.kv_replay):
     #: until then the set lacks what was cached before, so the replica is matched
     #: approximately.
@@ -200,13 +203,25 @@ def cached_prefix_tokens(
     if blocks is not None and blocks.tokens > 0:
         hit = _precise_hit(replica, blocks)
         if hit is not None:
-            return prompt_tokens * hit / blocks.tokens
+            precise = prompt_tokens * hit / blocks.tokens
+            events = replica.prefixes.events
+            assert isinstance(events, LiveBlockSet)  # _precise_hit answered from it
+            if prefix and time.monotonic() - events.unhashed_at < PENDING_S:
+                # a request went here unhashed lately: what it will store is only in the
+                # approximate record (one turn of a conversation sent while the tokenizer
+                # loaded, say, and the next sent before its prefill ended)
+                return max(precise, replica.prefixes.cached_tokens(prefix))
+            return precise
     return replica.prefixes.cached_tokens(prefix) if prefix else 0.0
 
 
 def note_sent(replica: ReplicaState, blocks: PromptBlocks | None) -> None:
-    """Count a precise prediction for a request sent to ``replica`` (for /fleet/replicas)."""
+    """Count a precise prediction for a request sent to ``replica`` (for /fleet/replicas),
+    and keep the blocks it will store pending; note a request sent without hashes."""
     if blocks is None:
+        events = replica.prefixes.events
+        if isinstance(events, LiveBlockSet):
+            events.unhashed_at = time.monotonic()
         return
     hit = _precise_hit(replica, blocks)
     events = replica.prefixes.events

@@ -393,3 +393,23 @@ def test_a_replica_is_matched_approximately_while_its_history_is_read() -> None:
     assert cached_prefix_tokens(replica, keys, blocks, 130) > 0  # the record's
     events.synced = True
     assert cached_prefix_tokens(replica, keys, blocks, 130) == 0.0  # the (empty) block set
+
+
+def test_a_request_sent_without_hashes_leaves_the_approximate_record_in_the_match(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request sent while the tokenizer loaded (no hashes, no pending blocks) will store its
+    prefix all the same: for PENDING_S the replica is matched by the larger of its block set
+    and its approximate record, so the next request of that prefix follows it."""
+    clock = [1000.0]
+    monkeypatch.setattr("vllm_fleet.router.precise.time.monotonic", lambda: clock[0])
+    blocks = prompt_blocks(list(range(200)), [16])
+    replica = live_replica("http://a")
+    keys = (11, 12, 13)
+    replica.prefixes.record(keys, clock[0])
+    note_sent(replica, None)  # the unhashed request
+    approximate = replica.prefixes.cached_tokens(keys)
+    assert approximate > 0
+    assert cached_prefix_tokens(replica, keys, blocks, 200) == approximate
+    clock[0] += PENDING_S + 1  # its blocks have been stored (or never will be) by now
+    assert cached_prefix_tokens(replica, keys, blocks, 200) == 0.0
