@@ -23,6 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -240,7 +241,34 @@ class OursPeer(Peer):
             argv += ["--backend", backend]
         url = await self._launch(argv)
         await self._wait_all_healthy(len(backends))
+        if self.kv_events:
+            await self._wait_precise(len(backends))
         return url
+
+    async def _wait_precise(self, count: int, deadline_s: float = 120.0) -> None:
+        """Wait until every replica's events are read (history included) and its models'
+        tokenizers loaded (/fleet/replicas): loading one is a one-off of seconds of CPU at the
+        router's start (importing transformers), which a run would otherwise charge to its
+        first requests."""
+        deadline = time.monotonic() + deadline_s
+        states: list[dict[str, Any]] = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                    async with session.get(f"{self.url}/fleet/replicas") as response:
+                        rows = await response.json()
+                    states = [(r["prefix_cache"] or {}).get("kv_events") or {} for r in rows]
+                    tokenizers = [s.get("tokenizers") or {} for s in states]
+                    if "failed" in (v for t in tokenizers for v in t.values()):
+                        raise PeerUnavailable(f"a tokenizer did not load: {tokenizers}")
+                    ready = [
+                        s.get("synced") and t and all(v == "loaded" for v in t.values())
+                        for s, t in zip(states, tokenizers, strict=True)
+                    ]
+                    if len(ready) >= count and all(ready):
+                        return
+                await asyncio.sleep(0.2)
+        raise PeerUnavailable(f"precise matching not ready after {deadline_s:.0f}s: {states}")
 
     async def _wait_all_healthy(self, count: int) -> None:
         """Wait until /fleet/replicas shows every replica healthy (so no run starts lopsided)."""

@@ -13,8 +13,9 @@ from vllm_fleet.router.context import ROUTER
 from vllm_fleet.router.failover import RETRY_AFTER_S, no_replica_error
 from vllm_fleet.router.openai_errors import ApiError, error_response
 from vllm_fleet.router.peers import MAX_BATCH_BYTES, BadBatch, decode_batch, hello, take_batch
-from vllm_fleet.router.precise import live_view
+from vllm_fleet.router.precise import LiveBlockSet, live_view
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, memory_bytes
+from vllm_fleet.router.prompt_tokens import PromptTokenizers
 
 
 async def health(request: web.Request) -> web.Response:
@@ -77,7 +78,7 @@ async def fleet_replicas(request: web.Request) -> web.Response:
                 "tokens_per_request": r.speed.tokens_per_request,
                 "prefill_s_per_token": r.speed.prefill_s_per_token,
             },
-            "prefix_cache": prefix_view(r.prefixes),
+            "prefix_cache": prefix_view(r.prefixes, ctx.tokenizers),
         }
         for r in ctx.fleet.replicas.values()
     ]
@@ -131,11 +132,17 @@ async def peer_socket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:
+def prefix_view(p: ReplicaPrefixes, tokenizers: PromptTokenizers | None = None) -> dict[str, Any]:
     """The replica's prefix record as /fleet/replicas shows it: the router's predicted hit
     rate next to the replica's measured one, the trust derived from them, the record's size,
-    and the KV-event block set where the replica publishes events."""
+    and the KV-event block set where the replica publishes events, with the state of its
+    models' tokenizers (precise matching needs them loaded)."""
     events = p.events
+    tokenizer_states = (
+        tokenizers.states(events.models)
+        if tokenizers is not None and isinstance(events, LiveBlockSet)
+        else {}
+    )
     return {
         "predicted_hit_rate": p.predicted_hit_rate,
         "measured_hit_rate": p.measured_hit_rate,
@@ -159,6 +166,7 @@ def prefix_view(p: ReplicaPrefixes) -> dict[str, Any]:
             "overflows": events.overflows,
             "last_seq": events.last_seq,
             **live_view(events),
+            **({"tokenizers": tokenizer_states} if isinstance(events, LiveBlockSet) else {}),
         },
     }
 

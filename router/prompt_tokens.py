@@ -219,6 +219,23 @@ class PromptTokenizers:
             future.add_done_callback(lambda f: self._loaded(root, f))
         return None
 
+    def state(self, root: str) -> str:
+        """``loaded``, ``loading``, ``failed`` (matched approximately; tried again after
+        RETRY_LOAD_S) or ``not asked``: for /fleet/replicas."""
+        if root in self._loading:
+            return "loading"
+        if root not in self._tokenizers:
+            return "not asked"
+        return "failed" if self._tokenizers[root] is None else "loaded"
+
+    def states(self, cards: Mapping[str, ModelCard]) -> dict[str, str]:
+        """Each model's tokenizer state (an adapter's is its base model's)."""
+        out = {}
+        for model, card in cards.items():
+            base = cards.get(card.parent) if card.parent is not None else card
+            out[model] = "no base model" if base is None else self.state(base.root)
+        return out
+
     def preload(self, cards: Mapping[str, ModelCard]) -> None:
         """Start loading the tokenizers of a replica's models (a LoRA adapter's is its base
         model's): importing transformers alone takes ~5 s of CPU, and a router that loaded

@@ -58,7 +58,7 @@ SCENARIOS: dict[str, Scenario] = {m.KEY: m.run_scenario for m in MODULES}
 
 #: What `--quick` runs unless --scenarios says otherwise.
 QUICK_DEFAULT = ("1", "5")
-#: Scenario 7 needs real vLLM and a few minutes more: run it by name (`--scenarios 7`).
+#: Scenarios 7 and 12 need real vLLM and a few minutes more: run them by name (`--scenarios 7,12`).
 FULL_DEFAULT = ("1", "2", "3", "4", "5", "6")
 
 __all__ = ["FULL_DEFAULT", "QUICK_DEFAULT", "SCENARIOS", "Options", "Scenario", "finish"]

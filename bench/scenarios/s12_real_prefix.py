@@ -81,7 +81,10 @@ async def run_scenario(opts: Options) -> Section:
         "misses. Client-side picks, no proxy: consistent hashing by system prompt with "
         "bounded load (`chash`) and the least-busy ideal (exact in-flight counts: what "
         "ignoring the cache gives). Two replicas on two cores are not faster than one, so "
-        "`direct`'s latency is no floor here: latencies compare the routers with each other."
+        "`direct`'s latency is no floor here: latencies compare the routers with each other. "
+        "`ours cost, precise` runs once `/fleet/replicas` shows its subscribers caught up and "
+        "the model's tokenizer loaded (importing transformers: seconds of CPU, once, at the "
+        "router's start; every peer is started before its run)."
     )
     section.tables.append(real_prefix_table(section.runs))
     section.tables.append(targets_table(real_prefix_targets(section.runs)))

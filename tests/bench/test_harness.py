@@ -159,7 +159,7 @@ async def test_router_cpu_time_is_measured(tmp_path: Path) -> None:
 
 
 def test_every_scenario_module_is_registered_with_known_peers(tmp_path: Path) -> None:
-    assert list(SCENARIOS) == [m.KEY for m in MODULES] == [str(n) for n in range(1, 12)]
+    assert list(SCENARIOS) == [m.KEY for m in MODULES] == [str(n) for n in range(1, 13)]
     assert set(FULL_DEFAULT) | set(QUICK_DEFAULT) <= set(SCENARIOS)
     for module in MODULES:
         assert set(module.PEERS) | set(module.QUICK_PEERS) <= set(PEER_KEYS), module.__name__

@@ -134,8 +134,9 @@ async def until(predicate: Callable[[], bool], deadline_s: float, what: str) -> 
 
 
 def tokenizer_loaded(router: Server) -> bool:
-    """The router loaded the model's tokenizer (precise matching; its log says so)."""
-    return "tokenizer loaded" in router.log.read_text(errors="replace")
+    """Every replica's models have their tokenizer loaded in the router (/fleet/replicas)."""
+    states = [v.get("tokenizers") or {} for v in kv_events_view(router).values()]
+    return all(states) and all(s == "loaded" for t in states for s in t.values())
 
 
 def kv_events_view(router: Server) -> dict[str, dict[str, Any]]:

@@ -265,12 +265,25 @@ async def test_a_replicas_model_cards_start_their_tokenizers_loading() -> None:
         "orphan": ModelCard("/adapters/o", parent="gone"),
     }
     try:
+        assert tokenizers.states(cards)["m"] == "not asked"
         tokenizers.preload(cards)
+        assert tokenizers.states(cards)["ad"] == "loading"  # the thread runs the loader
         assert await tokenizers.wait_loaded("/models/m")
         tokenizers.preload(cards)  # read again later: nothing loads twice
         assert loaded == ["/models/m"]
+        assert tokenizers.states(cards) == {
+            "m": "loaded",
+            "ad": "loaded",
+            "orphan": "no base model",
+        }
     finally:
         tokenizers.close()
+    failing = PromptTokenizers(lambda root: None)
+    try:
+        assert not await failing.wait_loaded("/models/m")
+        assert failing.states({"m": ModelCard("/models/m")}) == {"m": "failed"}
+    finally:
+        failing.close()
 
 
 async def test_a_tokenizer_that_does_not_load_leaves_requests_approximate() -> None:
