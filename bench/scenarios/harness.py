@@ -3,6 +3,7 @@ every scenario keeps of its runs (`finish`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from bench.load import RequestRecord, RequestSpec, Target, run_open_loop
 from bench.peers import Peer, PeerUnavailable, make_peer
-from bench.replicas import Fleet, SimFleet, VllmFleet
+from bench.replicas import Fleet, SimFleet, VllmFleet, find_vllm_python
 from bench.section import PeerRun, Section
 from bench.stats import shares
 
@@ -126,3 +127,24 @@ def finish(section: Section) -> Section:
             **run.extra,
         }
     return section
+
+
+async def tiny_vllm(opts: Options) -> tuple[str, Path] | str:
+    """The interpreter with vLLM and the tiny model it built (scenarios 7 and 12), or why a
+    real-vLLM scenario cannot run (a line for its section)."""
+    python = opts.vllm_python or find_vllm_python(Path.cwd())
+    if not python:
+        return (
+            "Not run: no interpreter with vLLM found (set BENCH_VLLM_PYTHON, or install the "
+            "project's .venv with `bash .ci/install`)."
+        )
+    model_dir = opts.workdir / "tiny-model"
+    # Built by the vLLM interpreter: it has the model builder's dependencies (tokenizers,
+    # safetensors), which the bench venv does not need.
+    build = await asyncio.create_subprocess_exec(
+        python, "-m", "vllm_fleet.launcher.tiny_model", str(model_dir),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    if await build.wait() != 0:
+        return f"Not run: `{python} -m vllm_fleet.launcher.tiny_model` failed."
+    return python, model_dir

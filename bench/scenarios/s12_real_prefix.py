@@ -10,14 +10,12 @@ the model's tokenizer and so cannot run against the simulator.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
-from pathlib import Path
 
 from bench.fmt import fmt_ms, fmt_pct, fmt_s
 from bench.load import PrefixMix, make_prefix_schedule
-from bench.replicas import TINY_MODEL, VllmFleet, VllmReplica, find_vllm_python
-from bench.scenarios.harness import Options, line_up, started
+from bench.replicas import TINY_MODEL, VllmFleet, VllmReplica
+from bench.scenarios.harness import Options, line_up, started, tiny_vllm
 from bench.scenarios.prefix import TargetCheck, by_key, cache_use, measure_cached, targets_table
 from bench.scenarios.tables import not_started_row
 from bench.section import PeerRun, Section, Table
@@ -39,21 +37,11 @@ MIX = PrefixMix(
 
 async def run_scenario(opts: Options) -> Section:
     section = Section(KEY, "Shared prefixes on real vLLM: two CPU replicas of the tiny model")
-    python = opts.vllm_python or find_vllm_python(Path.cwd())
-    if not python:
-        section.text.append(
-            "Not run: no interpreter with vLLM found (set BENCH_VLLM_PYTHON, or install the "
-            "project's .venv with `bash .ci/install`)."
-        )
+    found = await tiny_vllm(opts)
+    if isinstance(found, str):
+        section.text.append(found)
         return section
-    model_dir = opts.workdir / "tiny-model"
-    build = await asyncio.create_subprocess_exec(
-        python, "-m", "vllm_fleet.launcher.tiny_model", str(model_dir),
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    if await build.wait() != 0:
-        section.text.append(f"Not run: `{python} -m vllm_fleet.launcher.tiny_model` failed.")
-        return section
+    python, model_dir = found
     workdir = opts.workdir / "s12"
     replicas = [VllmReplica(model_dir, python, 2, workdir, dev_mode=True) for _ in range(2)]
     fleet = VllmFleet(replicas)

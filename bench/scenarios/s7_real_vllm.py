@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
-from pathlib import Path
 
 from bench.load import RequestMix, RequestSpec, RoundRobinTarget, make_schedule, run_closed_loop
-from bench.replicas import TINY_MODEL, VllmFleet, VllmReplica, find_vllm_python
-from bench.scenarios.harness import Options, line_up, measure, open_loop, started
+from bench.replicas import TINY_MODEL, VllmFleet, VllmReplica
+from bench.scenarios.harness import Options, line_up, measure, open_loop, started, tiny_vllm
 from bench.scenarios.tables import latency_table
 from bench.section import Section
 from bench.stats import summarize
@@ -24,26 +22,11 @@ MIX = RequestMix(
 
 async def run_scenario(opts: Options) -> Section:
     section = Section("7", "Real vLLM on the CPU: two replicas of the tiny model")
-    python = opts.vllm_python or find_vllm_python(Path.cwd())
-    if not python:
-        section.text.append(
-            "Not run: no interpreter with vLLM found (set BENCH_VLLM_PYTHON, or install the "
-            "project's .venv with `bash .ci/install`)."
-        )
+    found = await tiny_vllm(opts)
+    if isinstance(found, str):
+        section.text.append(found)
         return section
-    model_dir = opts.workdir / "tiny-model"
-    # Built by the vLLM interpreter: it has the model builder's dependencies (tokenizers,
-    # safetensors), which the bench venv does not need.
-    build = await asyncio.create_subprocess_exec(
-        python,
-        "-m",
-        "vllm_fleet.launcher.tiny_model",
-        str(model_dir),
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    if await build.wait() != 0:
-        section.text.append(f"Not run: `{python} -m vllm_fleet.launcher.tiny_model` failed.")
-        return section
+    python, model_dir = found
     workdir = opts.workdir / "s7"
     fleet = VllmFleet([VllmReplica(model_dir, python, 2, workdir) for _ in range(2)])
     duration = 10.0 if opts.quick else MIX.duration

@@ -28,6 +28,7 @@ from bench.peers import (
     program_path,
 )
 from bench.scenarios import FULL_DEFAULT, MODULES, QUICK_DEFAULT, SCENARIOS
+from bench.scenarios.harness import Options, tiny_vllm
 from bench.scenarios.tables import latency_table
 from bench.section import PeerRun
 from bench.stats import percentile, replica_index, shares, summarize
@@ -165,3 +166,12 @@ def test_every_scenario_module_is_registered_with_known_peers(tmp_path: Path) ->
         assert set(module.PEERS) | set(module.QUICK_PEERS) <= set(PEER_KEYS), module.__name__
     for key in PEER_KEYS:
         assert make_peer(key, tmp_path, "python").name
+
+
+async def test_a_real_vllm_scenario_says_why_it_cannot_run(tmp_path: Path) -> None:
+    """Scenarios 7 and 12 build the tiny model with the vLLM interpreter; when that fails the
+    section says so in one line instead of starting replicas."""
+    opts = Options(quick=True, workdir=tmp_path, python="python", vllm_python="/bin/false")
+    assert (
+        await tiny_vllm(opts) == "Not run: `/bin/false -m vllm_fleet.launcher.tiny_model` failed."
+    )
