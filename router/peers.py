@@ -66,6 +66,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from vllm_fleet.router.bounded_read import within
 from vllm_fleet.router.discovery import Discovery
+from vllm_fleet.router.precise import note_sent
 from vllm_fleet.router.state import Fleet, ReplicaState
 
 log = logging.getLogger("vllm_fleet.router")
@@ -160,12 +161,15 @@ def decode_batch(body: bytes) -> Batch:
 
 def apply_batch(fleet: Fleet, entries: Iterable[tuple[str, Sequence[int]]], now: float) -> int:
     """Record a peer's sent prefixes on the replicas this router knows; how many it recorded
-    (a replica this router does not know, or not yet, is skipped)."""
+    (a replica this router does not know, or not yet, is skipped). A peer's request is, to
+    this router, one sent without its block hashes: where the replica is matched precisely,
+    the record joins its match until the request's blocks are stored (note_sent)."""
     applied = 0
     for url, keys in entries:
         replica = fleet.replicas.get(url)
         if replica is not None and keys:
             replica.prefixes.record(keys, now)
+            note_sent(replica, None)
             applied += 1
     return applied
 

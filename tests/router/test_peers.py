@@ -15,6 +15,7 @@ from tests.router.test_prefix_router import _round, chat, post, scraped
 from tests.support.ports import free_port
 from tests.support.router import DEFAULT_TIMINGS, eventually, running_router
 from tests.support.sim import SIM_MODEL, running_sims
+from vllm_fleet.router.block_hashes import prompt_blocks
 from vllm_fleet.router.config import RouterConfig
 from vllm_fleet.router.errors import ConfigError
 from vllm_fleet.router.load import load_score
@@ -31,6 +32,7 @@ from vllm_fleet.router.peers import (
     encode_batch,
     peer_in_flight,
 )
+from vllm_fleet.router.precise import LiveBlockSet, cached_prefix_tokens
 from vllm_fleet.router.prefix_index import request_prefix
 from vllm_fleet.router.state import Fleet
 
@@ -70,6 +72,22 @@ def test_a_batch_is_recorded_on_the_replicas_this_router_knows() -> None:
     assert applied == 1
     assert fleet.replicas["http://a:1"].prefixes.match(keys) == len(keys)
     assert fleet.replicas["http://b:1"].prefixes.match(keys) == 0
+
+
+def test_a_peers_request_to_a_precisely_matched_replica_counts_until_its_blocks_are_stored() -> (
+    None
+):
+    """The peer's request has no hashes here: for PENDING_S the replica's match is the larger
+    of its block set (empty: nothing stored yet) and the record the batch wrote."""
+    fleet = Fleet()
+    fleet.set_backends(["http://a:1"])
+    replica = fleet.replicas["http://a:1"]
+    replica.prefixes.events = LiveBlockSet(block_size=16)
+    keys = request_prefix(SIM_MODEL, chat(3, "q" * 600))
+    blocks = prompt_blocks(list(range(200)), [16])
+    assert cached_prefix_tokens(replica, keys, blocks, 200) == 0.0
+    apply_batch(fleet, [("http://a:1", keys)], time.monotonic())
+    assert cached_prefix_tokens(replica, keys, blocks, 200) > 0
 
 
 def test_peer_counts_add_in_flight_while_fresh_and_prompt_growth_once() -> None:
