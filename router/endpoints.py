@@ -13,7 +13,7 @@ from vllm_fleet.router.context import ROUTER
 from vllm_fleet.router.failover import RETRY_AFTER_S, no_replica_error
 from vllm_fleet.router.openai_errors import ApiError, error_response
 from vllm_fleet.router.peers import MAX_BATCH_BYTES, BadBatch, decode_batch, hello, take_batch
-from vllm_fleet.router.precise import LiveBlockSet, live_view
+from vllm_fleet.router.precise import live_view
 from vllm_fleet.router.prefix_index import ReplicaPrefixes, memory_bytes
 from vllm_fleet.router.prompt_tokens import PromptTokenizers
 
@@ -138,11 +138,6 @@ def prefix_view(p: ReplicaPrefixes, tokenizers: PromptTokenizers | None = None) 
     and the KV-event block set where the replica publishes events, with the state of its
     models' tokenizers (precise matching needs them loaded)."""
     events = p.events
-    tokenizer_states = (
-        tokenizers.states(events.models)
-        if tokenizers is not None and isinstance(events, LiveBlockSet)
-        else {}
-    )
     return {
         "predicted_hit_rate": p.predicted_hit_rate,
         "measured_hit_rate": p.measured_hit_rate,
@@ -165,8 +160,7 @@ def prefix_view(p: ReplicaPrefixes, tokenizers: PromptTokenizers | None = None) 
             "missed": events.missed,
             "overflows": events.overflows,
             "last_seq": events.last_seq,
-            **live_view(events),
-            **({"tokenizers": tokenizer_states} if isinstance(events, LiveBlockSet) else {}),
+            **live_view(events, tokenizers.states if tokenizers is not None else None),
         },
     }
 

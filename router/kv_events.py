@@ -190,7 +190,8 @@ async def subscribe(
     roots and LoRA paths for precise matching), and handed to ``on_models``.
     """
     prefixes = replica.prefixes
-    if not isinstance(prefixes.events, LiveBlockSet):
+    live = prefixes.events
+    if not isinstance(live, LiveBlockSet):
         live = LiveBlockSet()
         if prefixes.events is not None:
             live.hashes, live.block_size = prefixes.events.hashes, prefixes.events.block_size
@@ -205,11 +206,9 @@ async def subscribe(
     loop = asyncio.get_running_loop()
     models_at = -1e9
     try:
-        if isinstance(prefixes.events, LiveBlockSet):
-            prefixes.events.synced = False  # approximate until the history is read
+        live.synced = False  # approximate until the history is read
         await order.catch_up(ctx, 0, history=True)  # what it cached before we subscribed
-        if isinstance(prefixes.events, LiveBlockSet):
-            prefixes.events.synced = True
+        live.synced = True
         while fleet.replicas.get(replica.url) is replica:
             events = prefixes.events
             if session is not None and loop.time() - models_at > REDISCOVER_S:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +164,12 @@ class LiveBlockSet(KvBlockSet):
             )
 
 
+def base_card(cards: Mapping[str, ModelCard], card: ModelCard) -> ModelCard | None:
+    """The card whose tokenizer ``card``'s model uses: its own, or a LoRA adapter's base
+    model's (None when the replica does not list the base)."""
+    return card if card.parent is None else cards.get(card.parent)
+
+
 def live_events(replica: ReplicaState) -> LiveBlockSet | None:
     """The replica's block set when this router follows its events, has read its history and
     can match its hashes."""
@@ -238,8 +244,12 @@ def note_sent(replica: ReplicaState, blocks: PromptBlocks | None) -> None:
     events.send(hashes[first:], now)
 
 
-def live_view(events: KvBlockSet) -> dict[str, Any]:
-    """The precise-matching fields of a block set, for /fleet/replicas."""
+def live_view(
+    events: KvBlockSet,
+    tokenizer_states: Callable[[Mapping[str, ModelCard]], dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """The precise-matching fields of a block set, for /fleet/replicas; ``tokenizer_states``
+    (vllm_fleet.router.prompt_tokens.PromptTokenizers.states) names its models' tokenizers'."""
     if not isinstance(events, LiveBlockSet):
         return {}
     return {
@@ -251,6 +261,7 @@ def live_view(events: KvBlockSet) -> dict[str, Any]:
         "ids_match": events.ids_match,
         "ids_confirmed": events.ids_confirmed,
         "ids_unconfirmed": events.ids_unconfirmed,
+        "tokenizers": tokenizer_states(events.models) if tokenizer_states is not None else {},
     }
 
 

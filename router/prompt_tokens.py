@@ -38,7 +38,7 @@ from typing import Any
 
 from vllm_fleet.router.balancer import RequestInfo
 from vllm_fleet.router.block_hashes import PromptBlocks, prompt_blocks
-from vllm_fleet.router.precise import ModelCard, live_events
+from vllm_fleet.router.precise import ModelCard, base_card, live_events
 from vllm_fleet.router.state import Fleet
 
 log = logging.getLogger("vllm_fleet.router")
@@ -232,7 +232,7 @@ class PromptTokenizers:
         """Each model's tokenizer state (an adapter's is its base model's)."""
         out = {}
         for model, card in cards.items():
-            base = cards.get(card.parent) if card.parent is not None else card
+            base = base_card(cards, card)
             out[model] = "no base model" if base is None else self.state(base.root)
         return out
 
@@ -241,8 +241,7 @@ class PromptTokenizers:
         model's): importing transformers alone takes ~5 s of CPU, and a router that loaded
         only at the first request matched a whole 32-request run approximately."""
         for card in cards.values():
-            base = cards.get(card.parent) if card.parent is not None else card
-            if base is not None:
+            if (base := base_card(cards, card)) is not None:
                 self.tokenizer(base.root)
 
     def _loaded(self, root: str, future: asyncio.Future[Tokenizer | None]) -> None:
@@ -303,13 +302,12 @@ class PromptTokenizers:
             size = events.block_size or replica.prefixes.block_tokens
             if card is None or size <= 0:
                 continue
-            if card.parent is not None:  # a LoRA adapter: the base model's tokenizer
-                base = events.models.get(card.parent)
-                if base is None:
-                    continue
-                root, lora = base.root, (model, card.root)
-            else:
-                root = card.root
+            base = base_card(events.models, card)  # an adapter: its base model's tokenizer
+            if base is None:
+                continue
+            root = base.root
+            if card.parent is not None:
+                lora = (model, card.root)
             sizes.add(size)
         if root is None:
             return info
