@@ -20,10 +20,10 @@ in turn: two versions compared on the same replicas, interleaved):
 - ``idle``: no requests, what the background loops (health checks, scrapes, the hung-replica
   monitor) cost per second: it is in every scenario's figure, spread over its requests.
 
-With ``--references`` the same loads also go, interleaved, through two proxies that only relay
-(bench.floor_proxies: on httptools, and on aiohttp's server and client) and through
-vllm-router round_robin: what a Python data path cannot go below, what aiohttp alone costs,
-and the target.
+With ``--references`` the same loads also go, interleaved, through proxies that only relay
+(bench.floor_proxies: on httptools, and on aiohttp's server and client), through vllm-router
+round_robin and through nginx round robin: what a Python data path cannot go below, what
+aiohttp alone costs, and the targets.
 
 With ``--profile DIR`` py-spy samples the router during each load and writes its collapsed
 stacks there (DIR/<load>-<round>.txt; bench.dataplane_profile summarizes them).
@@ -46,7 +46,7 @@ from pathlib import Path
 from bench.cpu import tree_cpu_seconds
 from bench.floor_proxies import FloorPeer
 from bench.load import FixedTarget, RequestSpec, run_closed_loop
-from bench.peers import OursPeer, Peer, PeerUnavailable, VllmRouterPeer
+from bench.peers import NginxPeer, OursPeer, Peer, PeerUnavailable, VllmRouterPeer
 from bench.replicas import SimFleet, SimSettings
 from bench.scenarios.harness import MODEL
 from bench.scenarios.s5_overhead import INSTANT, overhead_spec
@@ -155,13 +155,15 @@ async def _start_router(
 
 
 def _references(workdir: Path, python: str) -> list[tuple[str, Peer]]:
-    """What ``--references`` runs beside our router: the two floor proxies (bench.floor_proxies:
-    relaying only, on httptools and on aiohttp) and vllm-router round_robin."""
+    """What ``--references`` runs beside our router: the floor proxies (bench.floor_proxies:
+    relaying only, on httptools and on aiohttp), vllm-router round_robin (scenario 5's target)
+    and nginx round robin (scenario 1's bound: 1.5 times its CPU)."""
     return [
         ("floor-httptools", FloorPeer(workdir / "httptools", "httptools", python)),
         ("floor-aiohttp", FloorPeer(workdir / "aiohttp", "aiohttp", python)),
         ("floor-aiohttp-server", FloorPeer(workdir / "aiohttp-srv", "aiohttp-server", python)),
         ("vllm-router-rr", VllmRouterPeer(workdir / "vllm-router", "round_robin")),
+        ("nginx-rr", NginxPeer(workdir / "nginx", "round_robin")),
     ]
 
 
@@ -266,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--references",
         action="store_true",
-        help="also run the floor proxies (bench.floor_proxies) and vllm-router round_robin",
+        help="also run the floor proxies (bench.floor_proxies), vllm-router and nginx round robin",
     )
     args = parser.parse_args(argv)
     unknown = set(args.loads.split(",")) - {*LOADS, "idle"}
