@@ -80,10 +80,14 @@ async def send_with_failover(
     replicas it is returned to the client (a poison request costs two attempts, never an
     ejection). When no other replica is left, the one that answered may take the retry
     (within --max-attempts): a replica failing some requests is still worth asking again.
-    When no healthy replica is left, the least-bad ones are used (panic mode,
+    A replica suspected of hanging is not retried while one that answered is left. When no
+    healthy replica is left, the least-bad ones are used (panic mode,
     vllm_fleet.router.state.Fleet.panic_candidates): 503 only when none is reachable at all.
-    Attempts abandoned on a hung replica (reason "stalled") are not counted toward
-    --max-attempts: the request was never answered, through no fault of its own.
+    Attempts abandoned on a hung replica (reason "stalled") and connections a replica refused
+    (nothing listens: a replica that just died) are not counted toward --max-attempts: the
+    request was never answered, through no fault of its own, and the attempts left go to
+    replicas that can answer. Both end: each replica is tried once, and only one that answered
+    is asked again.
     """
     tried: list[str] = list(exclude)  # a continuation never goes back to a replica that broke
     failures: list[UpstreamFailure] = []
@@ -93,6 +97,10 @@ async def send_with_failover(
         if len({f.replica for f in answered_5xx}) >= 2:  # failed on two: the request's problem
             raise ReplicasExhausted(answered_5xx[-1])
         candidates = ctx.fleet.candidates(info.model, tried)
+        if answered_5xx and all(r.suspect for r in candidates):
+            # A replica that answered is fine next to one that owes bytes: a suspect gets no
+            # retry either while the replica that answered may take it (below).
+            candidates = []
         if not candidates:
             candidates = ctx.fleet.panic_candidates(info.model, tried, time.monotonic())
             if candidates:
@@ -124,13 +132,12 @@ async def send_with_failover(
     try:
         return await attempt()
     except UpstreamFailure as failure:
-        if ctx.config.max_attempts == 1 and failure.reason != "stalled":
+        if ctx.config.max_attempts == 1 and not _free(failure):
             raise
         ctx.telemetry.retries.labels(failure.reason).inc()
 
     def spent(state: RetryCallState) -> bool:
-        stalled = sum(1 for f in failures if f.reason == "stalled")
-        return len(failures) - stalled >= ctx.config.max_attempts
+        return sum(1 for f in failures if not _free(f)) >= ctx.config.max_attempts
 
     retrying = AsyncRetrying(
         stop=spent,
@@ -143,6 +150,11 @@ async def send_with_failover(
         with retry:
             return await attempt()
     raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+
+def _free(failure: UpstreamFailure) -> bool:
+    """An attempt that does not count toward --max-attempts: no replica answered it."""
+    return failure.reason == "stalled" or failure.refused
 
 
 def failure_response(failure: UpstreamFailure, attempts: int) -> web.Response:

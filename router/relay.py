@@ -12,7 +12,8 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
@@ -171,18 +172,18 @@ async def _stream_broke(
     replica (``reply`` now holds it), else False once the stream is ended, complete or with
     the SSE error event."""
     note_failure(ctx, reply.replica, failure)
+    message = f"The replica failed mid-stream ({failure.reason}); the response is incomplete."
     if resume is not None:
-        why = await _continue_stream(response, reply, exchange, ctx, resume)
-        if why is None:
+        outcome = await _continue_stream(response, reply, exchange, ctx, resume)
+        if outcome == "continued":
             return True
-        if not why:
+        if outcome == "complete":
             return False  # every token had been sent: the stream was ended properly
-        ctx.telemetry.continuations_failed.labels(why).inc()
+        ctx.telemetry.continuations_failed.labels(outcome.reason).inc()
+        message += f" It could not be continued on another replica: {outcome.detail}."
     ctx.telemetry.stream_errors.labels(failure.reason).inc()
     exchange.status = 502
-    event = sse_error_event(
-        502, f"The replica failed mid-stream ({failure.reason}); the response is incomplete."
-    )
+    event = sse_error_event(502, message)
     try:
         await response.write(event)
         await response.write_eof()
@@ -191,34 +192,43 @@ async def _stream_broke(
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class NotContinued:
+    """Why a cut stream did not go on: ``reason`` a telemetry.CONTINUATION_FAILURES label,
+    ``detail`` what the client's error event says of it."""
+
+    reason: str
+    detail: str
+
+
 async def _continue_stream(
     response: web.StreamResponse,
     reply: Reply,
     exchange: Exchange,
     ctx: RouterContext,
     resume: Continuation,
-) -> str | None:
+) -> NotContinued | Literal["continued", "complete"]:
     """Ask another replica for the rest of a cut stream (vllm_fleet.router.continuation).
 
-    None when its stream is to be relayed next (``reply`` is switched to it in place, and the
-    broken one released), "" when the answer was already complete and has been ended here,
-    else why the stream cannot go on (a telemetry.CONTINUATION_FAILURES label).
+    "continued" when its stream is to be relayed next (``reply`` is switched to it in place,
+    and the broken one released), "complete" when the answer was already complete and has been
+    ended here, else why the stream cannot go on.
     """
     stitcher = resume.stitcher
     if stitcher is None:
         log.info("stream not continued: %s", resume.refusal)
-        return "request"
+        return NotContinued("request", resume.refusal)
     resume.broken.append(reply.replica.url)
     point = stitcher.resume_at_break()
     if isinstance(point, Refused):
         log.warning("stream not continued: %s", point.detail)
-        return point.reason
+        return NotContinued(point.reason, point.detail)
     ctx.telemetry.continuations.inc()
     if point.body is None:
         await response.write(point.tail)
         await response.write_eof()
         ctx.telemetry.continuations_succeeded.inc()
-        return ""
+        return "complete"
     info = replace(resume.info, max_tokens=stitcher.plan.limit - point.sent)
     try:
         new = await send_with_failover(
@@ -226,17 +236,27 @@ async def _continue_stream(
         )
     except (UpstreamFailure, ReplicasExhausted, ApiError) as exc:
         log.warning("stream not continued: no replica took the rest (%s)", exc)
-        return "replica"
+        return NotContinued("replica", f"no replica took the rest ({_said(exc)})")
     if new.body is not None or new.response.status != 200:
         log.warning("stream not continued: the continuation got HTTP %s", new.response.status)
         finish(new, False)
-        return "replica"
+        return NotContinued("replica", f"the continuation got HTTP {new.response.status}")
     broken = replace(reply)
     reply.replica, reply.response = new.replica, new.response
     finish(broken, False)
     stitcher.next_segment()
     log.info("stream continued replica=%s after %d tokens", new.replica.url, point.sent)
-    return None
+    return "continued"
+
+
+def _said(exc: UpstreamFailure | ReplicasExhausted | ApiError) -> str:
+    """Why no replica took a continuation, in a few words for the client's error event."""
+    if isinstance(exc, ApiError):
+        return exc.message.rstrip(".")
+    failure = exc.last if isinstance(exc, ReplicasExhausted) else exc
+    if failure.reason == "status":
+        return f"HTTP {failure.status}"
+    return failure.reason
 
 
 def buffered_response(reply: Reply, exchange: Exchange, ctx: RouterContext) -> web.Response:

@@ -235,6 +235,8 @@ async def test_a_stream_that_cannot_be_continued_exactly_keeps_the_error_event(
     async with recording_sims(2) as (sims, bodies), running_router([s.url for s in sims]) as router:
         message = await cut_stream(router, sims, **extra)
         assert "mid-stream" in message
+        # the event says why: the request is of a kind that is not continued (plan_for's words)
+        assert "It could not be continued on another replica: " in message, message
         assert len(bodies) == 1 and "stream_options" not in bodies[0]  # forwarded untouched
         assert counter(router, "vllm_fleet_stream_continuations_failed", reason="request") == 1
         assert counter(router, "vllm_fleet_stream_continuations_attempted") == 0
@@ -246,14 +248,20 @@ async def test_with_continuation_off_a_cut_stream_ends_with_the_error_event() ->
         recording_sims(2) as (sims, bodies),
         running_router([s.url for s in sims], stream_continuation=False) as router,
     ):
-        assert "mid-stream" in await cut_stream(router, sims)
+        message = await cut_stream(router, sims)
+        assert "mid-stream" in message and "continued" not in message, message
         assert len(bodies) == 1 and "stream_options" not in bodies[0]
         assert counter(router, "vllm_fleet_stream_continuations_failed", reason="request") == 0
 
 
 async def test_with_no_other_replica_the_stream_ends_with_the_error_event() -> None:
     async with recording_sims(1) as (sims, _), running_router([sims[0].url]) as router:
-        assert "mid-stream" in await cut_stream(router, sims)
+        message = await cut_stream(router, sims)
+        assert "mid-stream" in message
+        assert (
+            "could not be continued on another replica: no replica took the rest (No "
+            "healthy replica" in message
+        ), message
         assert counter(router, "vllm_fleet_stream_continuations_attempted") == 1
         assert counter(router, "vllm_fleet_stream_continuations_failed", reason="replica") == 1
         await eventually(lambda: router.fleet.replicas[sims[0].url].in_flight == 0)

@@ -264,6 +264,26 @@ async def test_failover_tries_each_replica_at_most_once_up_to_max_attempts() -> 
             assert router.ctx.telemetry.retries.labels("status")._value.get() == 0
 
 
+async def test_a_refused_connection_does_not_spend_an_attempt() -> None:
+    """A replica that just died refuses the connection: the request reached nobody, so the
+    attempts it would have spent go to the replica that answers (here one failing every
+    request: it gets all --max-attempts of them whatever the pick's order)."""
+    # No health check between the death and the request: the router still counts the dead
+    # replica as up, as it does in the second after a crash.
+    async with (
+        running_sims(2) as (failing, dying),
+        running_router([failing.url, dying.url], max_attempts=3, health_interval_s=60.0) as router,
+    ):
+        await failing.control(fail_rate=1.0)
+        await dying.stop()
+        async with router.openai() as client:
+            with pytest.raises(openai.InternalServerError):
+                await client.completions.create(model=SIM_MODEL, prompt="x", max_tokens=1)
+        retries = router.ctx.telemetry.retries
+        assert retries.labels("connect")._value.get() >= 1  # the dead replica was tried
+        assert failing.stats().failed == 3
+
+
 async def test_stream_headers_reach_the_client_before_any_chunk() -> None:
     """The upstream sends its SSE headers, then holds the body: the client sees 200 already."""
     release = asyncio.Event()
