@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal
 
 import aiohttp
@@ -192,22 +192,13 @@ async def _stream_broke(
     return False
 
 
-@dataclass(frozen=True, slots=True)
-class NotContinued:
-    """Why a cut stream did not go on: ``reason`` a telemetry.CONTINUATION_FAILURES label,
-    ``detail`` what the client's error event says of it."""
-
-    reason: str
-    detail: str
-
-
 async def _continue_stream(
     response: web.StreamResponse,
     reply: Reply,
     exchange: Exchange,
     ctx: RouterContext,
     resume: Continuation,
-) -> NotContinued | Literal["continued", "complete"]:
+) -> Refused | Literal["continued", "complete"]:
     """Ask another replica for the rest of a cut stream (vllm_fleet.router.continuation).
 
     "continued" when its stream is to be relayed next (``reply`` is switched to it in place,
@@ -217,12 +208,12 @@ async def _continue_stream(
     stitcher = resume.stitcher
     if stitcher is None:
         log.info("stream not continued: %s", resume.refusal)
-        return NotContinued("request", resume.refusal)
+        return Refused("request", resume.refusal)
     resume.broken.append(reply.replica.url)
     point = stitcher.resume_at_break()
     if isinstance(point, Refused):
         log.warning("stream not continued: %s", point.detail)
-        return NotContinued(point.reason, point.detail)
+        return point
     ctx.telemetry.continuations.inc()
     if point.body is None:
         await response.write(point.tail)
@@ -236,11 +227,11 @@ async def _continue_stream(
         )
     except (UpstreamFailure, ReplicasExhausted, ApiError) as exc:
         log.warning("stream not continued: no replica took the rest (%s)", exc)
-        return NotContinued("replica", f"no replica took the rest ({_said(exc)})")
+        return Refused("replica", f"no replica took the rest ({_said(exc)})")
     if new.body is not None or new.response.status != 200:
         log.warning("stream not continued: the continuation got HTTP %s", new.response.status)
         finish(new, False)
-        return NotContinued("replica", f"the continuation got HTTP {new.response.status}")
+        return Refused("replica", f"the continuation got HTTP {new.response.status}")
     broken = replace(reply)
     reply.replica, reply.response = new.replica, new.response
     finish(broken, False)

@@ -85,9 +85,11 @@ class Spoiled(Exception):
 @dataclass(frozen=True, slots=True)
 class Refused:
     """Why a cut stream cannot go on: ``reason`` is a metric label (telemetry's
-    CONTINUATION_FAILURES), ``detail`` a line for the log."""
+    CONTINUATION_FAILURES), ``detail`` a line for the log and the client's error event. The
+    stitcher refuses for the stream and the limit; router.relay for the request and the
+    replicas."""
 
-    reason: Literal["stream", "limit"]
+    reason: Literal["request", "stream", "replica", "limit"]
     detail: str
 
 
