@@ -8,8 +8,9 @@ the client holds is exactly ``sent`` tokens and their text. Overview: router.con
 
 CPU: each event of the first replica's stream is matched by one compiled regular expression
 against vLLM's own serialization (one C call: text, finish reason, token count and the usage
-span); an event of any other shape is parsed with ``json.loads``. Events of a continuation are
-always parsed and rewritten, which is the rare path.
+span; the first event's envelope and the final usage event by patterns of their own); an
+event of any other shape is parsed with ``json.loads``. Events of a continuation are always
+parsed and rewritten, which is the rare path.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _CHOICE_END = (
     rb'(?:,"[a-z_]+":' + _SCALAR + rb")*\}\]"
 )
 _USAGE = (
-    rb'(?P<usage>,"usage":\{"prompt_tokens":\d+,"total_tokens":\d+,'
+    rb'(?P<usage>,"usage":\{"prompt_tokens":(?P<prompt>\d+),"total_tokens":\d+,'
     rb'"completion_tokens":(?P<tokens>\d+)(?:,"[a-z_]+":(?:null|\{[^{}]*\}))*\})'
 )
 _ENVELOPE_END = rb'(?:,"[a-z_]+":(?:null|' + _STR + rb"))*\}"
@@ -57,6 +58,22 @@ _FAST: Final[Mapping[Kind, re.Pattern[bytes]]] = {
         re.escape(_CHOICES) + rb'"text":' + _TEXT + b"," + _CHOICE_END + _USAGE + _ENVELOPE_END
     ),
 }  # fmt: skip
+
+
+#: The envelope of a stream's first event, as vLLM serializes it: read once per stream (id,
+#: created and model are what every continuation chunk is stamped with). An id or model with
+#: an escape in it does not match: that event is parsed whole.
+_ENVELOPE = re.compile(
+    rb'data: \{"id":"(?P<id>[^"\\]+)","object":"[a-z_.]+","created":(?P<created>\d+),'
+    rb'"model":"(?P<model>[^"\\]+)"' + re.escape(_CHOICES)
+)
+#: vLLM's first chat event: the role, no text, no tokens yet (groups as in _FAST's).
+_ROLE = re.compile(
+    re.escape(_CHOICES) + rb'"delta":\{"role":"assistant","content":"(?P<text>)"\},'
+    + _CHOICE_END + _USAGE + _ENVELOPE_END
+)  # fmt: skip
+#: The final usage-only event (stream_options.include_usage) after an envelope.
+_USAGE_ONLY = re.compile(rb',"choices":\[\]' + _USAGE + _ENVELOPE_END)
 
 
 def fast_match(kind: Kind, event: bytes) -> re.Match[bytes] | None:
@@ -191,8 +208,10 @@ class Stitcher:
         bytes to relay for it (with any held before it; none while it is held), or None when
         the event is not of that shape (the caller parses it whole)."""
         match = _read_token(fast, event)
-        if match is None:
-            return None
+        return None if match is None else self._relay_token(match, event)
+
+    def _relay_token(self, match: re.Match[bytes], event: bytes) -> bytes:
+        """A token event of the first replica's stream, as read by a fast pattern."""
         raw, finish, tokens = match.group("text", "finish", "tokens")
         if not self.plan.client_continuous:
             start, end = match.span("usage")
@@ -238,8 +257,47 @@ class Stitcher:
             self._held.clear()
         out.append(event + b"\n\n")
 
+    def _read_other(self, event: bytes, out: list[bytes]) -> bool:
+        """The first replica's first event and its final usage event, read by a match as its
+        token events are (True), or False for an event to parse whole.
+
+        The first event's envelope (id, created, model) and prompt size are what the stream's
+        continuations are stamped with; it is a token event, or vLLM's role event for chat.
+        """
+        if self._fast is None:
+            envelope = _ENVELOPE.match(event)
+            if envelope is None:
+                return False
+            start = envelope.end() - len(_CHOICES)
+            fast = _FAST[self.plan.kind]
+            match = fast.fullmatch(event, start)
+            role = match is None and self.plan.kind == "chat"
+            if role:
+                match = _ROLE.fullmatch(event, start)
+            if match is None:
+                return False
+            try:
+                self._id, self._model = envelope["id"].decode(), envelope["model"].decode()
+            except UnicodeDecodeError:
+                return False  # parsed whole: spoils the stream
+            self._created, self._prompt_tokens = int(envelope["created"]), int(match["prompt"])
+            self._fast = fast
+            self._role_sent = role
+            relayed = self._relay_token(match, event)
+            if relayed:
+                out.append(relayed)
+            return True
+        start = event.find(b',"choices":[],')
+        if start < 0 or not event.startswith(b"data: {") or not _USAGE_ONLY.fullmatch(event, start):
+            return False
+        if self.plan.client_usage:
+            self._release(event, out)
+        return True
+
     def _parsed(self, event: bytes, out: list[bytes]) -> None:
         """Any event the fast path did not take: parsed, checked, rewritten when needed."""
+        if self.segment == 0 and self._read_other(event, out):
+            return
         if not event.startswith(b"data:"):
             self._release(event, out)  # a comment or another SSE field: relayed as is
             return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import signal
 from typing import Any
+from unittest.mock import patch
 
 import aiohttp
 import pytest
@@ -52,7 +53,7 @@ async def stream_events(url: str, path: str, body: dict[str, Any]) -> list[bytes
 
 
 def check_continuation_stream(kind: Kind, events: list[bytes], tokens: int) -> None:
-    """Running usage on every chunk, token events on the fast path, and a Stitcher that
+    """Running usage on every chunk, every event on the fast path, and a Stitcher that
     counts ``tokens`` and could continue the stream again."""
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert events[-1] == b"data: [DONE]"
@@ -60,14 +61,16 @@ def check_continuation_stream(kind: Kind, events: list[bytes], tokens: int) -> N
     assert counts == sorted(counts) and counts[-1] == tokens
     token_events = [e for e, c in zip(events, chunks, strict=False) if c["choices"]]
     if kind == "chat":
-        token_events = token_events[1:]  # the role chunk is parsed in full
+        token_events = token_events[1:]  # the role chunk has a pattern of its own
     assert all(fast_match(kind, e) for e in token_events), token_events[:2]
     request = {"model": MODEL, "stream": True, "max_tokens": tokens + 10}
     request |= {"prompt": "p"} if kind == "completion" else {"messages": MESSAGES}
     plan = plan_for(kind, request)
     assert isinstance(plan, Plan)
     stitcher = Stitcher(plan)
-    stitcher.feed(b"".join(e + b"\n\n" for e in events))
+    # every event of real vLLM's stream, the first and the usage one too, is read by a match
+    with patch.object(json, "loads", side_effect=AssertionError("parsed")):
+        stitcher.feed(b"".join(e + b"\n\n" for e in events))
     assert stitcher.sent == tokens and not stitcher.spoiled
 
 
