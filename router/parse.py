@@ -61,8 +61,12 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if length is not None and length > limit:
         raise _too_large(limit)
     try:
-        if request.content.is_eof():  # the body came whole with the headers: no wait, no timer
-            return await request.read()
+        content = request.content
+        if content.is_eof():  # the body came whole with the headers: no wait, no timer
+            body = content.read_nowait()  # what request.read() gives, without its loop
+            if len(body) > limit:  # a chunked body (no Content-Length) larger than allowed
+                raise _too_large(limit)
+            return body
         return await read_bounded(request.read(), timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None

@@ -207,7 +207,11 @@ class Pump:
             self._pending.append(data)
             self.flush()
             return
-        data = self._stitched(data)
+        self._watchdog.read_since = self._loop.time()  # _stitched's lines, inline
+        self._on_bytes()
+        stitcher = self._stitcher
+        if stitcher is not None:
+            data = stitcher.feed(data)
         if data and not self.client_gone:
             self._write(data)
 

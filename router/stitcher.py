@@ -167,10 +167,14 @@ class Stitcher:
         """
         fast = self._fast
         if fast is not None and not self._buffer and chunk.find(b"\n\n") == len(chunk) - 2:
-            # the usual chunk: one whole token event (no split, no list, no join)
-            relayed = self._fast_token(fast, chunk[:-2])
-            if relayed is not None:
-                return relayed
+            # the usual chunk: one whole token event (no split, no list, no join, and
+            # _fast_token's lines inline: this runs once per streamed token)
+            event = chunk[:-2]
+            start = event.find(_CHOICES)
+            if start > 0 and event.startswith(b"data: {"):
+                match = fast.fullmatch(event, start)
+                if match is not None:
+                    return self._relay_token(match, event)
         data = self._buffer + chunk if self._buffer else chunk
         events = data.split(b"\n\n")
         rest = events.pop()

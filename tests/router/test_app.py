@@ -190,6 +190,18 @@ async def test_body_over_the_limit_is_413(sims: list[SimHandle]) -> None:
         status, _, body = await post_raw(f"{router.url}/v1/completions", big, JSON)
         assert status == 413
         assert "--max-body-bytes" in assert_openai_error(body)["message"]
+        # the same body chunked (no Content-Length), arriving whole with its head
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(router.url.rsplit(":")[-1]))
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + b"%x\r\n%b\r\n0\r\n\r\n"
+            % (len(big), big)
+        )
+        head, _, answer = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+        assert head.split(b" ")[1] == b"413", head
+        assert "--max-body-bytes" in assert_openai_error(answer)["message"]
 
 
 @pytest.mark.parametrize(
