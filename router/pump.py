@@ -207,11 +207,7 @@ class Pump:
             self._pending.append(data)
             self.flush()
             return
-        self._watchdog.read_since = self._loop.time()  # _stitched's lines, inline
-        self._on_bytes()
-        stitcher = self._stitcher
-        if stitcher is not None:
-            data = stitcher.feed(data)
+        data = self._stitched(data)
         if data and not self.client_gone:
             self._write(data)
 

@@ -72,8 +72,10 @@ _ROLE = re.compile(
     re.escape(_CHOICES) + rb'"delta":\{"role":"assistant","content":"(?P<text>)"\},'
     + _CHOICE_END + _USAGE + _ENVELOPE_END
 )  # fmt: skip
-#: The final usage-only event (stream_options.include_usage) after an envelope.
-_USAGE_ONLY = re.compile(rb',"choices":\[\]' + _USAGE + _ENVELOPE_END)
+#: Where the part of the final usage-only event (stream_options.include_usage) that its
+#: pattern reads begins (the envelope before it is relayed as it is, as for _CHOICES).
+_NO_CHOICES = b',"choices":[]'
+_USAGE_ONLY = re.compile(re.escape(_NO_CHOICES) + _USAGE + _ENVELOPE_END)
 
 
 def fast_match(kind: Kind, event: bytes) -> re.Match[bytes] | None:
@@ -81,10 +83,13 @@ def fast_match(kind: Kind, event: bytes) -> re.Match[bytes] | None:
     return _read_token(_FAST[kind], event)
 
 
-def _read_token(pattern: re.Pattern[bytes], event: bytes) -> re.Match[bytes] | None:
+def _read_token(
+    pattern: re.Pattern[bytes], event: bytes, anchor: bytes = _CHOICES
+) -> re.Match[bytes] | None:
+    """``pattern`` read from ``anchor`` on, in a data event (None when it does not match)."""
     if not event.startswith(b"data: {"):
         return None
-    start = event.find(_CHOICES)
+    start = event.find(anchor)
     return pattern.fullmatch(event, start) if start > 0 else None
 
 
@@ -167,14 +172,10 @@ class Stitcher:
         """
         fast = self._fast
         if fast is not None and not self._buffer and chunk.find(b"\n\n") == len(chunk) - 2:
-            # the usual chunk: one whole token event (no split, no list, no join, and
-            # _fast_token's lines inline: this runs once per streamed token)
-            event = chunk[:-2]
-            start = event.find(_CHOICES)
-            if start > 0 and event.startswith(b"data: {"):
-                match = fast.fullmatch(event, start)
-                if match is not None:
-                    return self._relay_token(match, event)
+            # the usual chunk: one whole token event (no split, no list, no join)
+            relayed = self._fast_token(fast, chunk[:-2])
+            if relayed is not None:
+                return relayed
         data = self._buffer + chunk if self._buffer else chunk
         events = data.split(b"\n\n")
         rest = events.pop()
@@ -291,8 +292,7 @@ class Stitcher:
             if relayed:
                 out.append(relayed)
             return True
-        start = event.find(b',"choices":[],')
-        if start < 0 or not event.startswith(b"data: {") or not _USAGE_ONLY.fullmatch(event, start):
+        if _read_token(_USAGE_ONLY, event, _NO_CHOICES) is None:
             return False
         if self.plan.client_usage:
             self._release(event, out)
