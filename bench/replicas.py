@@ -18,7 +18,7 @@ from typing import Protocol
 import aiohttp
 
 from tests.support.metrics import metric_value, parse_samples
-from tests.support.ports import free_port
+from tests.support.ports import free_port, free_port_run
 from tests.support.procs import ChildProcess, wait_http
 from tests.support.sim import get_stats, post_control, sim_command
 from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
@@ -206,7 +206,8 @@ class VllmReplica:
     #: how many replicas share the machine (sizes each one's OpenMP threads).
     replicas: int
     workdir: Path
-    port: int = field(default_factory=free_port)
+    #: its HTTP port, with its KV events and replay ports free too (tests.support.ports).
+    port: int = field(default_factory=lambda: free_port_run(1))
     #: VLLM_SERVER_DEV_MODE=1: serves POST /reset_prefix_cache (the prefix scenario's reset).
     dev_mode: bool = False
     child: ChildProcess | None = None

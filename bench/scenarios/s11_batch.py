@@ -49,7 +49,7 @@ from bench.scenarios.harness import MODEL, Options, started
 from bench.section import Plot, Section, Table
 from bench.stats import summarize
 from tests.support.batch import batch_argv
-from tests.support.ports import free_port
+from tests.support.ports import free_port, free_port_run
 from tests.support.procs import ChildProcess, wait_http
 from vllm_fleet.launcher.commands.demo import tiny_cpu_plan
 from vllm_fleet.launcher.vllm_args import run_batch_command
@@ -200,7 +200,7 @@ def _run_batch_command(
 ) -> tuple[list[str], dict[str, str]]:
     """`vllm run-batch` for the engine the planner gives one tiny CPU replica, and its
     environment (vllm_args.run_batch_command: the one builder of vLLM command lines)."""
-    spec = tiny_cpu_plan(str(model_dir), replicas=1, base_port=free_port(), python=python,
+    spec = tiny_cpu_plan(str(model_dir), replicas=1, base_port=free_port_run(1), python=python,
                          cpus=os.cpu_count() or 1).replicas[0]  # fmt: skip
     argv = run_batch_command(spec.command, str(source), str(output))
     return list(argv), {**os.environ, **spec.env}

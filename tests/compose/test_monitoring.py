@@ -16,6 +16,7 @@ import math
 import time
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,19 @@ class Monitored:
                     )
                     assert reply.choices
 
+    def send_burst(self, count: int) -> None:
+        """``count`` chats at once (each its own connection), so the policy spreads them."""
+        with ThreadPoolExecutor(count) as pool:
+            list(pool.map(lambda i: self._chat(f"Burst {i}?"), range(count)))
+
+    def _chat(self, content: str) -> None:
+        with OpenAI(base_url=f"{self.router}/v1", api_key="unused", max_retries=0) as client:
+            messages = [ChatCompletionUserMessageParam(role="user", content=content)]
+            reply = client.chat.completions.create(
+                model=TINY_MODEL, messages=messages, max_tokens=64
+            )
+            assert reply.choices
+
 
 @pytest.fixture(scope="module")
 def monitored() -> Iterator[Monitored]:
@@ -155,8 +169,16 @@ def test_every_dashboard_query_returns_data(monitored: Monitored) -> None:
     assert empty == [], "dashboard queries without data:\n" + "\n".join(
         f"  {title}: {expr}" for title, expr in empty
     )
-    # The share panel sums to one over the replicas: both got traffic, nothing else did.
+    # The share panel sums to one over the replicas: both got traffic, nothing else did. One
+    # request at a time may all go to one replica (the policy's pick with nothing in flight);
+    # a burst of concurrent ones is spread, and the share panel then has both.
     (share_expr,) = [e for t, e in queries if t == "Share of requests per replica"]
-    shares = monitored.query(share_expr)
-    assert len(shares) == 2
+    monitored.send_burst(8)
+
+    def both_shares() -> list[dict[str, Any]] | None:
+        found = monitored.query(share_expr)
+        return found if len(found) == 2 else None
+
+    # the next scrape (5 s interval) brings the burst's samples
+    shares = poll(both_shares, "both replicas in the share panel", QUERIES_ANSWER_S, 2.0)
     assert math.isclose(sum(float(s["value"][1]) for s in shares), 1.0, rel_tol=1e-6)

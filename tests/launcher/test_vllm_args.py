@@ -21,6 +21,7 @@ import tomllib
 import yaml
 
 from tests.helm.render import load_chart, render, with_model
+from tests.support.ports import TEST_PORTS, free_port_run, replica_ports
 from vllm_fleet.launcher.commands.demo import tiny_cpu_config, tiny_cpu_options, tiny_cpu_plan
 from vllm_fleet.launcher.config import FleetConfig
 from vllm_fleet.launcher.errors import PlanError
@@ -230,3 +231,16 @@ def test_replicas_publish_kv_events_on_their_own_port_unless_the_user_configures
         plan(Inventory(gpus=(), cpus=4), None, PlanOptions(model="m", base_port=65000))
     with pytest.raises(PlanError, match="past 65535"):  # the replay port, 2,000 above HTTP
         plan(Inventory(gpus=(), cpus=4), None, PlanOptions(model="m", base_port=64000))
+
+
+def test_test_replica_ports_keep_their_kv_ports_out_of_the_ephemeral_range() -> None:
+    """tests.support.ports hands out replica base ports whose KV events and replay ports
+    (offsets above the HTTP port) are free and below Linux's ephemeral range too, where an
+    outgoing connection could hold them (a CI run once lost a replica that way)."""
+    low, high = TEST_PORTS
+    for _ in range(50):
+        base = free_port_run(3)
+        ports = [p for i in range(3) for p in replica_ports(base + i)]
+        assert all(low <= p <= high for p in ports), ports
+        assert len(set(ports)) == len(ports)
+    assert replica_ports(20000) == (20000, 21000, 22000)

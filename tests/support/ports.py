@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import socket
 
+from vllm_fleet.launcher.vllm_args import kv_events_port, kv_replay_port
+
 #: Ports handed out here: below Linux's ephemeral range (32768-60999), so the kernel cannot give
 #: a port we picked to an outgoing connection before our server binds it (port 0 picks from that
 #: very range; a run failed that way, once).
@@ -26,11 +28,21 @@ def free_port() -> int:
     return free_port_run(1)
 
 
+def replica_ports(port: int) -> tuple[int, int, int]:
+    """The ports a replica serving on ``port`` binds: HTTP, KV events and their replay."""
+    events = kv_events_port(port)
+    return port, events, kv_replay_port(events)
+
+
 def free_port_run(count: int, attempts: int = 100) -> int:
-    """First of `count` consecutive free ports (the launcher numbers replicas from a base)."""
+    """First of `count` consecutive free ports for replicas (the launcher numbers them from a
+    base), each with its KV events and replay ports free and in TEST_PORTS too: a run once lost
+    a replica whose replay port, derived above the range, was an outgoing connection's."""
     low, high = TEST_PORTS
+    top = max(replica_ports(high)) - high  # how far above its HTTP port a replica binds
     for _ in range(attempts):
-        base = _rng.randint(low, high - count + 1)
-        if all(port_free(base + i) for i in range(count)):
+        base = _rng.randint(low, high - top - count + 1)
+        ports = [p for i in range(count) for p in replica_ports(base + i)]
+        if all(port_free(p) for p in ports):
             return base
     raise RuntimeError(f"no {count} consecutive free ports in {TEST_PORTS} after {attempts} tries")
