@@ -87,32 +87,35 @@ class Monitored:
     def send_requests(self, count: int) -> None:
         """A few chats, streamed and not, so histograms, token counters and the router's
         learned speeds all move."""
-        with OpenAI(base_url=f"{self.router}/v1", api_key="unused", max_retries=0) as client:
+        with self._client() as client:
             for i in range(count):
-                messages = [ChatCompletionUserMessageParam(role="user", content=f"Question {i}?")]
                 if i % 2:
                     stream = client.chat.completions.create(
-                        model=TINY_MODEL, messages=messages, max_tokens=16, stream=True
+                        model=TINY_MODEL,
+                        messages=[{"role": "user", "content": f"Question {i}?"}],
+                        max_tokens=16,
+                        stream=True,
                     )
                     assert sum(1 for _ in stream) > 0
                 else:
-                    reply = client.chat.completions.create(
-                        model=TINY_MODEL, messages=messages, max_tokens=16
-                    )
-                    assert reply.choices
+                    self._chat(client, f"Question {i}?", 16)
 
     def send_burst(self, count: int) -> None:
-        """``count`` chats at once (each its own connection), so the policy spreads them."""
-        with ThreadPoolExecutor(count) as pool:
-            list(pool.map(lambda i: self._chat(f"Burst {i}?"), range(count)))
+        """``count`` chats at once (the client's pool gives each its own connection), so the
+        policy spreads them."""
+        with self._client() as client, ThreadPoolExecutor(count) as pool:
+            list(pool.map(lambda i: self._chat(client, f"Burst {i}?", 64), range(count)))
 
-    def _chat(self, content: str) -> None:
-        with OpenAI(base_url=f"{self.router}/v1", api_key="unused", max_retries=0) as client:
-            messages = [ChatCompletionUserMessageParam(role="user", content=content)]
-            reply = client.chat.completions.create(
-                model=TINY_MODEL, messages=messages, max_tokens=64
-            )
-            assert reply.choices
+    def _client(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.router}/v1", api_key="unused", max_retries=0)
+
+    @staticmethod
+    def _chat(client: OpenAI, content: str, max_tokens: int) -> None:
+        messages = [ChatCompletionUserMessageParam(role="user", content=content)]
+        reply = client.chat.completions.create(
+            model=TINY_MODEL, messages=messages, max_tokens=max_tokens
+        )
+        assert reply.choices
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Callable, Iterable
 
 from vllm_fleet.launcher.vllm_args import kv_events_port, kv_replay_port
 
@@ -25,7 +26,7 @@ def port_free(port: int) -> bool:
 
 def free_port() -> int:
     """A port that was free a moment ago."""
-    return free_port_run(1)
+    return _free_base(1, lambda port: (port,))
 
 
 def replica_ports(port: int) -> tuple[int, int, int]:
@@ -34,15 +35,19 @@ def replica_ports(port: int) -> tuple[int, int, int]:
     return port, events, kv_replay_port(events)
 
 
-def free_port_run(count: int, attempts: int = 100) -> int:
+def free_port_run(count: int) -> int:
     """First of `count` consecutive free ports for replicas (the launcher numbers them from a
     base), each with its KV events and replay ports free and in TEST_PORTS too: a run once lost
     a replica whose replay port, derived above the range, was an outgoing connection's."""
+    return _free_base(count, replica_ports)
+
+
+def _free_base(count: int, ports_of: Callable[[int], Iterable[int]], attempts: int = 100) -> int:
+    """A base whose ``count`` consecutive servers find every port ``ports_of`` names free."""
     low, high = TEST_PORTS
-    top = max(replica_ports(high)) - high  # how far above its HTTP port a replica binds
+    top = max(ports_of(high)) - high  # how far above its own port a server binds
     for _ in range(attempts):
         base = _rng.randint(low, high - top - count + 1)
-        ports = [p for i in range(count) for p in replica_ports(base + i)]
-        if all(port_free(p) for p in ports):
+        if all(port_free(p) for i in range(count) for p in ports_of(base + i)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports in {TEST_PORTS} after {attempts} tries")
