@@ -376,7 +376,12 @@ class CostAware(_Scored):
                 cached=k,
                 held_elsewhere=held,
                 backlog=self.backlog.follow(
-                    r.url, now, r.prompt_sent + r.peer_prompt_sent, r.speed.prefill_s_per_token
+                    r.url,
+                    now,
+                    r.prompt_sent,
+                    r.speed.prefill_s_per_token,
+                    peer_sent=r.peer_prompt_sent,
+                    peer_at=r.peer_prompt_at,
                 ),
             )
             for r, sp, k in zip(replicas, speeds, cached, strict=True)

@@ -15,10 +15,11 @@ to each router for up to a second, and so was half of the prompt each replica st
 prefill (vllm_fleet.router.prefill_backlog).
 
 How, the way sglang's model gateway mesh and Dynamo's router replica sync share their
-routers' decisions: each router batches the (replica URL, prefix keys) of the requests it
-sends, for FLUSH_S after the first one, and sends the batch to every peer with its own counts
-per replica (requests in flight, prompt tokens sent); while it has requests in flight it also
-sends its counts every LOAD_S when they changed, so finished requests reach the peers too.
+routers' decisions: each router sends the (replica URL, prefix keys) of the requests it
+sends, at once after a quiet spell and batched to one message per FLUSH_S in a burst, to
+every peer with its own counts per replica (requests in flight, prompt tokens sent); a request
+that finishes sends the counts the same way, and while it has requests in flight a router
+also sends its counts every LOAD_S when they changed.
 Batches go over one WebSocket per peer (GET PEER_PATH, opened by the sender, kept open): a
 message costs a frame, where a POST per batch cost a whole HTTP exchange on both sides (two
 routers in scenario 8 spent 14.1 ms of CPU per request with POSTs, 11.9 over sockets and 10.8
@@ -55,6 +56,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -73,9 +75,13 @@ log = logging.getLogger("vllm_fleet.router")
 
 #: Where a router takes its peers' batches (a WebSocket).
 PEER_PATH = "/fleet/peers/ws"
-#: A batch goes out this long after its first request: a burst shares one message, and a peer
-#: learns of a placement ~20 ms after it was made (a new group's next request seldom follows
-#: sooner; when it does, both routers still pick the group's rendezvous home on a tie).
+#: Batches go out at most this often. The first request after a quiet spell goes out at once
+#: (with whatever was noted in the same turn of the event loop), the ones that follow it
+#: within FLUSH_S share the next message: a burst costs one message per FLUSH_S, and a peer
+#: learns of a new group's placement within a round trip, not FLUSH_S later. A trailing-only
+#: flush (every batch FLUSH_S after its first request) let a group's next request reach the
+#: other router first when requests are shorter than that: two peered routers in
+#: test_two_peered_routers_find_what_one_router_finds placed a group twice 0-3 times a run.
 FLUSH_S = 0.02
 #: Requests a batch holds at most; past it the oldest are dropped (a peer that cannot keep up
 #: must not grow this router's memory).
@@ -193,6 +199,7 @@ class PeerCounts:
                 replica = fleet.replicas.get(url)
                 if before is not None and replica is not None and sent > before[1]:
                     replica.peer_prompt_sent += sent - before[1]
+                    replica.peer_prompt_at = now
         self.by_router[router] = (now, counts)
         for gone in [r for r, (at, _) in self.by_router.items() if now - at > LOAD_TTL_S]:
             del self.by_router[gone]
@@ -272,6 +279,14 @@ class PeerLink:
         pending.append((replica_url, tuple(keys)))
         self._wake.set()
 
+    def count_changed(self) -> None:
+        """A request of this router's finished: its counts go out with the next message (at
+        once after a quiet spell, within FLUSH_S in a burst) rather than LOAD_S later. A peer
+        that still counted the request in flight sent the next request for the same prefix
+        elsewhere when it came within LOAD_S."""
+        if self.share_counts:
+            self._wake.set()
+
     def relay(self, sent: Sequence[tuple[str, tuple[int, ...]]]) -> None:
         """Another router's entries, taken by this worker: its siblings get them too."""
         room = MAX_PENDING - len(self.relayed)
@@ -320,6 +335,12 @@ class PeerLink:
             "batches_received": self.batches_received,
             "requests_received": self.requests_received,
         }
+
+
+def flush_delay(last_flush: float, now: float) -> float:
+    """How long a batch noted at ``now`` waits: nothing after a quiet spell, else until
+    FLUSH_S after the last message (what is noted meanwhile goes with it)."""
+    return max(0.0, last_flush + FLUSH_S - now)
 
 
 def hello(link: PeerLink) -> str:
@@ -393,11 +414,13 @@ async def close_sockets(link: PeerLink) -> None:
 
 
 async def peer_loop(link: PeerLink, fleet: Fleet) -> None:
-    """Send what this router sent, and its counts, to its peers: a batch FLUSH_S after a
-    request was sent, and every LOAD_S while requests are in flight when the counts changed
-    (the last time after the last request ended); asleep (no timer) otherwise. Its own
-    session: the upstream one carries the replicas' key as a default header."""
+    """Send what this router sent, and its counts, to its peers: a batch as soon as a request
+    was sent or finished but at most one every FLUSH_S, and every LOAD_S while requests are
+    in flight when the counts changed (the last time after the last request ended); asleep
+    (no timer) otherwise. Its own session: the upstream one carries the replicas' key as a default
+    header."""
     last_counts: Counts | None = None
+    last_flush = -math.inf
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=SEND_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         try:
@@ -408,7 +431,9 @@ async def peer_loop(link: PeerLink, fleet: Fleet) -> None:
                 )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(link.wait(), LOAD_S if busy else None)
-                await asyncio.sleep(FLUSH_S)
+                # 0 still yields once: the notes of requests routed in this turn go together
+                await asyncio.sleep(flush_delay(last_flush, time.monotonic()))
+                last_flush = time.monotonic()
                 sent, relayed = link.take(), link.take_relayed()
                 peers = await link.refresh(time.monotonic())
                 if not peers:

@@ -64,8 +64,10 @@ class PendingPrefill:
     tokens: float = 0.0
     at: float = 0.0
     s_per_token: float = PREFILL_S_PER_TOKEN_PRIOR
-    #: The replica's ``prompt_sent`` counter when last followed (see PrefillBacklog.follow).
+    #: The replica's ``prompt_sent`` and ``peer_prompt_sent`` counters when last followed (see
+    #: PrefillBacklog.follow).
     seen: int = 0
+    seen_peer: int = 0
 
     def ahead(self, now: float) -> float:
         """Prompt tokens still ahead of a request sent at ``now``."""
@@ -83,19 +85,40 @@ class PrefillBacklog:
         pending = self._by_url.get(url)
         return pending.ahead(now) if pending is not None else 0.0
 
-    def follow(self, url: str, now: float, sent: int, s_per_token: float) -> float:
+    def follow(
+        self,
+        url: str,
+        now: float,
+        sent: int,
+        s_per_token: float,
+        *,
+        peer_sent: int = 0,
+        peer_at: float = 0.0,
+    ) -> float:
         """Prompt tokens still ahead at ``now`` on ``url``, whose ``prompt_sent`` counter reads
-        ``sent``. What the counter grew by beyond this backlog's own sends (``send``) was sent
-        by another worker since the last call: it joins the queue now, a little late (when it
-        was sent is not recorded), which errs toward a longer backlog. The first call for a URL
-        only notes the counter (what was sent before this backlog existed is taken as
+        ``sent`` and whose other routers' counter (``peer_prompt_sent``) read ``peer_sent``
+        when it last grew, at ``peer_at``.
+
+        What ``sent`` grew by beyond this backlog's own sends (``send``) was sent by another
+        worker since the last call: it joins the queue now, a little late (when it was sent
+        is not recorded), which errs toward a longer backlog. What the peers' counter grew by
+        was heard of at ``peer_at`` and has drained since: only what is left of it joins. When
+        it joined at the next pick whole, a router that picked seldom took a prompt its peer
+        had sent half a second before, long prefilled, for a fresh one, and sent the group's
+        next request away from the replica that held it (two peered routers in
+        test_two_peered_routers_find_what_one_router_finds). The first call for a URL only
+        notes the counters (what was sent before this backlog existed is taken as
         prefilled)."""
         pending = self._by_url.get(url)
         if pending is None:
-            self._new(url, now).seen = sent
+            pending = self._new(url, now)
+            pending.seen, pending.seen_peer = sent, peer_sent
             return 0.0
-        grown = sent - pending.seen
-        pending.seen = sent
+        grown, peer_grown = sent - pending.seen, peer_sent - pending.seen_peer
+        pending.seen, pending.seen_peer = sent, peer_sent
+        if peer_grown > 0:
+            rate = s_per_token if s_per_token > 0.0 else PREFILL_S_PER_TOKEN_PRIOR
+            grown += max(0, round(peer_grown - max(0.0, now - peer_at) / rate))
         if grown > 0:
             self.add(url, now, float(grown), s_per_token)
         return pending.ahead(now)

@@ -56,3 +56,5 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         finish(reply, succeeded)
+        if ctx.peers is not None:
+            ctx.peers.count_changed()

@@ -99,11 +99,13 @@ class ReplicaState:
     #: What the other routers (vllm_fleet.router.peers) last said they have in flight here, when
     #: that was (monotonic; counts older than peers.LOAD_TTL_S are not counted), and how many
     #: of them the last scrape's gauges already held; and the prompt tokens they sent here
-    #: since this router first heard from them (the prefill backlog follows it too).
+    #: since this router first heard from them, and when that last grew (the prefill backlog
+    #: follows it too, from when it was heard of, not from this router's next pick).
     peer_in_flight: int = 0
     peer_counts_at: float = 0.0
     peer_in_flight_at_scrape: int = 0
     peer_prompt_sent: int = 0
+    peer_prompt_at: float = 0.0
     #: Outcome of the last active health check (GET /health). ``healthy`` is kept equal to
     #: ``breaker is CLOSED and check_ok`` by vllm_fleet.router.health.
     check_ok: bool = False

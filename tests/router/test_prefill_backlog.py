@@ -128,3 +128,37 @@ def test_with_workers_each_backlog_holds_every_worker_s_prompts() -> None:
                 link.board.close()
         finally:
             board.close()
+
+
+def test_a_peers_prompt_counts_from_when_it_was_heard_of() -> None:
+    """Another router's prompt (``peer_prompt_sent``) joins the backlog with what is left of it
+    since its counts arrived, not whole at this router's next pick: a router that picks seldom
+    took a prompt prefilled half a second before for a fresh one."""
+    backlog = PrefillBacklog()
+    assert backlog.follow("http://a:1", NOW, 0, 1e-3) == 0.0  # the first call notes the counters
+    # heard of 0.25 s ago, 1,000 tokens at 1,000 tokens/s: 750 are left
+    left = backlog.follow("http://a:1", NOW + 0.5, 0, 1e-3, peer_sent=1000, peer_at=NOW + 0.25)
+    assert left == pytest.approx(750.0)
+    assert backlog.follow("http://a:1", NOW + 0.5, 0, 1e-3, peer_sent=1000) == pytest.approx(750.0)
+    # one heard of 2 s ago is long prefilled; this router's own workers' sends count whole
+    left = backlog.follow("http://a:1", NOW + 3.0, 400, 1e-3, peer_sent=2000, peer_at=NOW + 1.0)
+    assert left == pytest.approx(400.0)
+
+
+def test_a_peers_fresh_prompt_sends_the_next_cold_one_elsewhere_and_an_old_one_does_not() -> None:
+    """Two replicas equally busy by count; another router's counts say it just sent a cold
+    1,600-token prompt to one of them (0.22 s of prefill): this router sends the next cold
+    prompt to the other. Heard of 1 s before this router's pick, the same prompt is prefilled
+    and either replica may get the next one."""
+    picked: dict[float, set[str]] = {0.05: set(), 1.0: set()}
+    for heard_ago, urls in picked.items():
+        for seed in range(16):
+            clock = Clock()
+            policy = CostAware(random.Random(seed), clock=clock)
+            a, b = replica("http://a:1"), replica("http://b:1")
+            policy.pick([a, b], WARM)  # this router has picked before: its backlogs exist
+            clock.now += 2.0
+            a.peer_prompt_sent, a.peer_prompt_at = 1600, clock.now - heard_ago
+            urls.add(policy.pick([a, b], COLD).url)
+    assert picked[0.05] == {"http://b:1"}
+    assert picked[1.0] == {"http://a:1", "http://b:1"}
