@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from bench.cpu import machine_busy_seconds, own_cpu_seconds
 from bench.page import Pages, machine, stale, write
 from bench.section import Section
-from bench.stamp import Stamp, current_stamp
+from bench.stamp import Stamp, run_stamp
 from bench.store import save_section
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: --peers: unknown {wrong}; use {','.join(PEER_KEYS)}", file=sys.stderr)
         return 2
     # Taken once, before this run writes anything: its own results must not make the tree dirty.
-    code = current_stamp(REPO)
+    code = run_stamp(REPO)
     if code.dirty:
         print(f"bench: the tree has uncommitted changes; results are stamped {code.label}")
     workdir = BENCH_DIR / ".work" / time.strftime("%Y%m%d-%H%M%S")

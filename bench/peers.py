@@ -29,7 +29,7 @@ import aiohttp
 
 from bench.cpu import tree_cpu_seconds
 from bench.load import BoundedLoadHash, FixedTarget, JoinShortestQueue, RoundRobinTarget, Target
-from bench.stamp import current_stamp
+from bench.stamp import run_stamp
 from tests.support.ports import free_port
 from tests.support.procs import ChildProcess, wait_http
 
@@ -285,7 +285,7 @@ class OursPeer(Peer):
         raise PeerUnavailable(f"not all {count} replicas healthy in /fleet/replicas after 30s")
 
     def version(self) -> str:
-        return f"git {current_stamp(REPO).label}"
+        return f"git {run_stamp(REPO).label}"
 
 
 class OursPairPeer(Peer):

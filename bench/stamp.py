@@ -6,6 +6,7 @@ say which commit each figure comes from, and a run on uncommitted code says so.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,14 @@ def current_stamp(repo: Path) -> Stamp:
         return Stamp("", None)
     status = _git(repo, "status", "--porcelain", "--", ".", *NOT_MEASURED)
     return Stamp(commit, None if status is None else bool(status))
+
+
+@functools.cache
+def run_stamp(repo: Path) -> Stamp:
+    """The stamp of the code this process measures: taken at the first call and kept. A run
+    lasts an hour; commits made meanwhile (prose, results) must not relabel what it measured:
+    the versions table once named a later commit than the sections' stamps."""
+    return current_stamp(repo)
 
 
 def _git(repo: Path, *args: str) -> str | None:

@@ -14,7 +14,7 @@ from bench.headline import END, START, headline_block, headline_table, splice
 from bench.page import Pages, findings_note, render_page, rendered
 from bench.scenarios import Options
 from bench.section import Section, Table
-from bench.stamp import Stamp, current_stamp
+from bench.stamp import Stamp, current_stamp, run_stamp
 from bench.store import load_sections, save_section
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,6 +136,21 @@ def test_the_stamp_is_head_and_only_code_changes_make_it_dirty(tmp_path: Path) -
     (tmp_path / "new_module.py").write_text("y = 2\n")
     assert current_stamp(tmp_path) == Stamp(head, True)  # untracked code counts
     assert current_stamp(tmp_path).label == f"{head}+dirty"
+
+
+def test_a_run_keeps_its_stamp_when_commits_are_made_while_it_lasts(tmp_path: Path) -> None:
+    """The versions table names what the run measured, as the sections' stamps do, not the
+    commit HEAD reached by the time a scenario asked (bench.peers.OursPeer.version)."""
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    first = run_stamp(tmp_path)
+    (tmp_path / "notes.md").write_text("written while the run lasts\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "two")
+    assert current_stamp(tmp_path).commit != first.commit
+    assert run_stamp(tmp_path) == first
 
 
 def test_a_run_stamps_every_stored_section_and_the_page(tmp_path: Path) -> None:
