@@ -47,7 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="short runs, fewer routers (default scenarios 1,5)"
     )
     parser.add_argument(
-        "--scenarios", default="", help="comma-separated, e.g. 1,5 (default 1-6; 7 = real vLLM)"
+        "--scenarios",
+        default="",
+        help="comma-separated, e.g. 1,5 (default 1-6 of 1-12; 7, 11 and 12 use real vLLM)",
     )
     parser.add_argument("--peers", default="", help="comma-separated peer keys (default: each "
                         "scenario's line-up); see bench/peers.py PEER_KEYS")  # fmt: skip
