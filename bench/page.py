@@ -135,13 +135,16 @@ def render_page(sections: Sequence[Section], image_prefix: str, findings: str = 
 
 REPRODUCE = """\
 ```
-python -m bench                    # scenarios 1-6 (under 25 minutes): bench/results, this page,
+python -m bench                    # scenarios 1-6 (~26 minutes): bench/results, this page,
                                    # the README's headline
-python -m bench --scenarios 7      # real vLLM on the CPU (needs an interpreter with vllm)
+python -m bench --scenarios 7      # real vLLM on the CPU (~5 minutes; needs an interpreter
+                                   # with vllm)
 python -m bench --scenarios 8,9,10 # prefix caching: shared prefixes, multi-turn, Zipf groups
                                    # (~15 minutes)
 python -m bench --scenarios 11     # batch jobs: TTFT beside a batch, throughput sweep, vllm
-                                   # run-batch (~6 minutes; the last part needs vllm)
+                                   # run-batch (~7 minutes; the last part needs vllm)
+python -m bench --scenarios 12     # shared prefixes on real vLLM, precise matching against
+                                   # the peers (~7 minutes; needs vllm)
 python -m bench --scenarios 1,5    # only these; the other sections keep their last results
 python -m bench --peers ours-lb,nginx-lc --scenarios 1
 python -m bench --quick            # a couple of minutes, writes bench/.work/benchmarks-quick.md
