@@ -417,8 +417,8 @@ async def peer_loop(link: PeerLink, fleet: Fleet) -> None:
     """Send what this router sent, and its counts, to its peers: a batch as soon as a request
     was sent or finished but at most one every FLUSH_S, and every LOAD_S while requests are
     in flight when the counts changed (the last time after the last request ended); asleep
-    (no timer) otherwise. Its own session: the upstream one carries the replicas' key as a default
-    header."""
+    (no timer) otherwise. Its own session: the upstream one carries the replicas' key as a
+    default header."""
     last_counts: Counts | None = None
     last_flush = -math.inf
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=SEND_TIMEOUT_S)

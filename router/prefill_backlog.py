@@ -56,6 +56,12 @@ PREFILL_S_PER_TOKEN_PRIOR = 1e-4
 MAX_REPLICAS = 4096
 
 
+def drain_s_per_token(measured: float) -> float:
+    """Seconds per token a backlog drains at: the replica's measured prefill speed, or
+    PREFILL_S_PER_TOKEN_PRIOR while it has none (0)."""
+    return measured if measured > 0.0 else PREFILL_S_PER_TOKEN_PRIOR
+
+
 @dataclass
 class PendingPrefill:
     """One replica's backlog: ``tokens`` left to prefill at monotonic time ``at``, draining at
@@ -117,8 +123,8 @@ class PrefillBacklog:
         grown, peer_grown = sent - pending.seen, peer_sent - pending.seen_peer
         pending.seen, pending.seen_peer = sent, peer_sent
         if peer_grown > 0:
-            rate = s_per_token if s_per_token > 0.0 else PREFILL_S_PER_TOKEN_PRIOR
-            grown += max(0, round(peer_grown - max(0.0, now - peer_at) / rate))
+            drained = max(0.0, now - peer_at) / drain_s_per_token(s_per_token)
+            grown += max(0, round(peer_grown - drained))
         if grown > 0:
             self.add(url, now, float(grown), s_per_token)
         return pending.ahead(now)
@@ -147,7 +153,7 @@ class PrefillBacklog:
         pending = self._by_url.get(url) or self._new(url, now)
         pending.tokens = pending.ahead(now) + tokens
         pending.at = now
-        pending.s_per_token = s_per_token if s_per_token > 0.0 else PREFILL_S_PER_TOKEN_PRIOR
+        pending.s_per_token = drain_s_per_token(s_per_token)
 
     def _drop_drained(self, now: float) -> None:
         for url in [u for u, p in self._by_url.items() if p.ahead(now) <= 0.0]:
